@@ -1,0 +1,21 @@
+//! kagami's configuration layer: `registries.yaml` loading and checking, image
+//! references, the resolution plan and containerd `hosts.toml` rendering.
+//!
+//! Invariant: this crate does no network I/O. It reads files only to load the
+//! configuration and the certificates it names, and writes only through
+//! [`containerd::write_hosts_dir`].
+
+pub mod config;
+pub mod containerd;
+pub mod diag;
+pub mod endpoint;
+pub mod plan;
+pub mod raw;
+pub mod reference;
+pub mod yaml;
+
+pub use config::{Auth, Config, HostConfig, LoadError, Mirror, Report, Rewrite, Tls, check_file, check_str};
+pub use diag::{Diagnostic, Severity};
+pub use endpoint::Endpoint;
+pub use plan::{Attempt, EndpointAttempt, Plan, PlanOptions, Source, plan};
+pub use reference::{Digest, Reference, ReferenceError};
