@@ -222,7 +222,10 @@ pub fn check_str(text: &str, path: &Path) -> Report {
         }
     };
     let raw = raw::decode(root.as_ref(), &mut diags);
-    let base = path.parent().unwrap_or(Path::new("."));
+    let base = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let config = build(raw, path, base, &mut diags);
     let ok = !diags.has_errors();
     diags.items.sort_by_key(|d| (d.line, d.column));
@@ -251,12 +254,11 @@ pub fn check_file(path: &Path) -> Report {
 /// An unquoted `*` is a YAML alias indicator: point at the fix.
 fn star_hint(text: &str, pos: Pos) -> Option<String> {
     let lines: Vec<&str> = text.lines().collect();
-    let from = pos.line.saturating_sub(2);
+    let from = pos.line.saturating_sub(3);
     let to = pos.line.min(lines.len());
-    lines[from..to]
-        .iter()
-        .any(|l| l.trim_start().starts_with("*:") || l.trim_start().starts_with("- *"))
-        .then(|| "an unquoted * starts a YAML alias; quote the wildcard registry: \"*\":".to_string())
+    (from..to)
+        .find(|&i| lines[i].trim_start().starts_with("*:"))
+        .map(|i| format!("the unquoted * on line {} starts a YAML alias; quote the wildcard registry: \"*\":", i + 1))
 }
 
 fn build(raw: raw::RawRegistries, path: &Path, base: &Path, diags: &mut Diagnostics) -> Config {
@@ -560,7 +562,7 @@ fn build_tls(t: &Spanned<RawTls>, base: &Path, diags: &mut Diagnostics) -> Optio
         if Path::new(&f.value).is_relative() {
             diags
                 .warning(f.pos, &f.path, format!("relative path {:?}", f.value))
-                .hint(format!("kagami resolves it against the file's directory ({}); K3s against its working directory: use an absolute path", base.display()));
+                .hint(format!("kagami resolves it against the directory of registries.yaml ({}), K3s against its own working directory: use an absolute path", base.display()));
         }
     }
     if let Some(ca) = &r.ca_file {
@@ -646,7 +648,9 @@ fn keys_match(chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>) -
         .load_private_key(key.clone_key())
         .map_err(|e| format!("unsupported private key: {e}"))?;
     let certified = rustls::sign::CertifiedKey::new(chain.to_vec(), signing);
-    certified.keys_match().map_err(|e| e.to_string())
+    certified
+        .keys_match()
+        .map_err(|_| "the certificate's public key is not the private key's".to_string())
 }
 
 /// Checks that need the whole file.

@@ -1,1 +1,65 @@
-fn main() {}
+//! The `kagami` binary: a thin CLI over the library crates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod cmd;
+
+/// kagami (鏡, "mirror"): a node-local OCI registry mirror for Kubernetes and K3s.
+///
+/// kagami reads a K3s-style registries.yaml (mirrors with ordered endpoints, rewrites of
+/// repository names, per-host auth and TLS) and checks it, explains where each pull
+/// goes, writes containerd's hosts.toml files, and pulls and copies images.
+#[derive(Debug, Parser)]
+#[command(name = "kagami", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output formats for commands that report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// The registries.yaml every command reads.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// registries.yaml to read (K3s format). Without it, kagami uses its embedded
+    /// default, which mirrors every registry from its default endpoint.
+    #[arg(long, short = 'c', env = "KAGAMI_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a registries.yaml and report every problem with file, line, column and key.
+    ///
+    /// Exits 0 when the file is usable (warnings go to stderr), 1 when it has errors.
+    Check(cmd::check::Args),
+    /// Print the ordered list of places a pull of IMAGE goes to: peers, mirror endpoints
+    /// (with rewrites, auth and TLS) and the default endpoint.
+    Explain(cmd::explain::Args),
+    /// Write containerd's certs.d/<registry>/hosts.toml files for a registries.yaml.
+    ContainerdConfig(cmd::containerd_config::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(a) => cmd::check::run(a),
+        Command::Explain(a) => cmd::explain::run(a),
+        Command::ContainerdConfig(a) => cmd::containerd_config::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kagami: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! One module per subcommand: each has an `Args` struct (what the user typed) and a
+//! `run` function.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use kagami_config::{Config, Diagnostic, LoadError, Severity};
+
+use crate::ConfigArgs;
+
+pub mod check;
+pub mod containerd_config;
+pub mod explain;
+
+/// Loads the configuration named by `--config`, or the embedded default. Warnings are
+/// printed to stderr; errors stop the command.
+pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let Some(path) = &args.config else {
+        return Ok(Config::embedded_default());
+    };
+    match Config::load(path) {
+        Ok((config, diags)) => {
+            print_diagnostics(&diags);
+            Ok(config)
+        }
+        Err(LoadError::Invalid { errors, path }) => {
+            print_diagnostics(&errors);
+            anyhow::bail!(
+                "{} has errors; run `kagami check --config {}` for details",
+                path.display(),
+                path.display()
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("loading {}", Path::new(path).display())),
+    }
+}
+
+pub fn print_diagnostics(diags: &[Diagnostic]) {
+    for d in diags {
+        eprintln!("{d}");
+    }
+}
+
+pub fn count(diags: &[Diagnostic], sev: Severity) -> usize {
+    diags.iter().filter(|d| d.severity == sev).count()
+}
