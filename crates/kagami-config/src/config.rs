@@ -123,7 +123,9 @@ pub struct Report {
 
 impl Report {
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.diagnostics.iter().filter(|d| d.severity == Severity::Error)
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
     }
     pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics
@@ -287,11 +289,24 @@ fn check_name(name: &Spanned<String>, what: &str, diags: &mut Diagnostics) -> bo
     match validate_host(&name.value) {
         Ok(()) => true,
         Err(e) => {
-            let d = diags.error(name.pos, &name.path, format!("invalid {what} {:?}: {e}", name.value));
+            let d = diags.error(
+                name.pos,
+                &name.path,
+                format!("invalid {what} {:?}: {e}", name.value),
+            );
             match e {
                 HostError::Url => {
-                    let bare = name.value.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
-                    d.hint(format!("{what}s are bare host[:port] names: write {bare:?}"));
+                    let bare = name
+                        .value
+                        .split("://")
+                        .nth(1)
+                        .unwrap_or("")
+                        .split('/')
+                        .next()
+                        .unwrap_or("");
+                    d.hint(format!(
+                        "{what}s are bare host[:port] names: write {bare:?}"
+                    ));
                 }
                 HostError::Path if what == "registry name" => {
                     d.hint("a mirrors key is a registry name such as \"docker.io\"; to map repository paths use rewrite");
@@ -306,7 +321,11 @@ fn check_name(name: &Spanned<String>, what: &str, diags: &mut Diagnostics) -> bo
     }
 }
 
-fn build_mirror(name: &Spanned<String>, rm: raw::RawMirror, diags: &mut Diagnostics) -> Option<Mirror> {
+fn build_mirror(
+    name: &Spanned<String>,
+    rm: raw::RawMirror,
+    diags: &mut Diagnostics,
+) -> Option<Mirror> {
     let valid = check_name(name, "registry name", diags);
     if name.value == DOCKER_HUB_HOST {
         diags
@@ -317,17 +336,31 @@ fn build_mirror(name: &Spanned<String>, rm: raw::RawMirror, diags: &mut Diagnost
     for raw_ep in &rm.endpoint {
         match Endpoint::parse(&raw_ep.value) {
             Ok(ep) => {
-                if let Some(first) = rm.endpoint.iter().find(|e| Endpoint::parse(&e.value).as_ref() == Ok(&ep))
+                if let Some(first) = rm
+                    .endpoint
+                    .iter()
+                    .find(|e| Endpoint::parse(&e.value).as_ref() == Ok(&ep))
                     && first.pos != raw_ep.pos
                 {
-                    diags
-                        .warning(raw_ep.pos, &raw_ep.path, format!("duplicate endpoint {} (same as line {}); it is ignored", ep.base(), first.pos.line));
+                    diags.warning(
+                        raw_ep.pos,
+                        &raw_ep.path,
+                        format!(
+                            "duplicate endpoint {} (same as line {}); it is ignored",
+                            ep.base(),
+                            first.pos.line
+                        ),
+                    );
                     continue;
                 }
                 endpoints.push(ep);
             }
             Err(e) => {
-                diags.error(raw_ep.pos, &raw_ep.path, format!("invalid endpoint {:?}: {e}", raw_ep.value));
+                diags.error(
+                    raw_ep.pos,
+                    &raw_ep.path,
+                    format!("invalid endpoint {:?}: {e}", raw_ep.value),
+                );
             }
         }
     }
@@ -348,24 +381,43 @@ fn build_mirror(name: &Spanned<String>, rm: raw::RawMirror, diags: &mut Diagnost
             }
             Err(e) => {
                 let msg = e.to_string();
-                let summary = msg.lines().last().unwrap_or(&msg).trim().trim_start_matches("error: ").to_string();
-                diags.error(pattern.pos, &pattern.path, format!("rewrite pattern {:?} does not compile: {summary}", pattern.value));
+                let summary = msg
+                    .lines()
+                    .last()
+                    .unwrap_or(&msg)
+                    .trim()
+                    .trim_start_matches("error: ")
+                    .to_string();
+                diags.error(
+                    pattern.pos,
+                    &pattern.path,
+                    format!(
+                        "rewrite pattern {:?} does not compile: {summary}",
+                        pattern.value
+                    ),
+                );
             }
         }
     }
-    if !rm.rewrite.is_empty() && rm.endpoint.is_empty() {
-        if let Some((p, _)) = rm.rewrite.first() {
-            diags
-                .warning(p.pos, &p.path, "rewrite has no effect: this mirror has no endpoints")
-                .hint("rewrites apply to the mirror's endpoints, never to the default endpoint or to peers");
-        }
+    if rm.endpoint.is_empty()
+        && let Some((p, _)) = rm.rewrite.first()
+    {
+        diags
+            .warning(p.pos, &p.path, "rewrite has no effect: this mirror has no endpoints")
+            .hint("rewrites apply to the mirror's endpoints, never to the default endpoint or to peers");
     }
     if rm.rewrite.len() > 1
         && let Some((p, _)) = rm.rewrite.get(1)
     {
         diags
-            .warning(p.pos, &p.path, "more than one rewrite rule: kagami tries them in file order, K3s in random order")
-            .hint("make the patterns mutually exclusive (anchor them) so that both behave the same");
+            .warning(
+                p.pos,
+                &p.path,
+                "more than one rewrite rule: kagami tries them in file order, K3s in random order",
+            )
+            .hint(
+                "make the patterns mutually exclusive (anchor them) so that both behave the same",
+            );
     }
     valid.then(|| Mirror {
         registry: name.value.clone(),
@@ -400,8 +452,12 @@ pub(crate) fn group_refs(replacement: &str) -> Vec<GroupRef> {
         if b.get(i + 1) == Some(&b'{') {
             if let Some(end) = replacement[i + 2..].find('}') {
                 let name = &replacement[i + 2..i + 2 + end];
-                if !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
-                    out.push(GroupRef { name: name.into(), braced: true });
+                if !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+                {
+                    out.push(GroupRef {
+                        name: name.into(),
+                        braced: true,
+                    });
                 }
                 i += 3 + end;
                 continue;
@@ -415,17 +471,29 @@ pub(crate) fn group_refs(replacement: &str) -> Vec<GroupRef> {
             j += 1;
         }
         if j > start {
-            out.push(GroupRef { name: replacement[start..j].into(), braced: false });
+            out.push(GroupRef {
+                name: replacement[start..j].into(),
+                braced: false,
+            });
         }
         i = j.max(i + 1);
     }
     out
 }
 
-fn check_replacement(re: &Regex, pattern: &Spanned<String>, replacement: &Spanned<String>, diags: &mut Diagnostics) {
+fn check_replacement(
+    re: &Regex,
+    pattern: &Spanned<String>,
+    replacement: &Spanned<String>,
+    diags: &mut Diagnostics,
+) {
     let groups = re.captures_len() - 1;
     for r in group_refs(&replacement.value) {
-        let spelled = if r.braced { format!("${{{}}}", r.name) } else { format!("${}", r.name) };
+        let spelled = if r.braced {
+            format!("${{{}}}", r.name)
+        } else {
+            format!("${}", r.name)
+        };
         if let Ok(n) = r.name.parse::<usize>() {
             if n > groups {
                 let has = match groups {
@@ -481,14 +549,26 @@ fn build_host_config(
     })
 }
 
-fn build_auth(host: &Spanned<String>, a: &Spanned<RawAuth>, diags: &mut Diagnostics) -> Option<Auth> {
+fn build_auth(
+    host: &Spanned<String>,
+    a: &Spanned<RawAuth>,
+    diags: &mut Diagnostics,
+) -> Option<Auth> {
     let r = &a.value;
-    let nonempty = |s: &Option<Spanned<String>>| s.as_ref().filter(|s| !s.value.is_empty()).cloned();
-    let (username, password, auth, token) = (nonempty(&r.username), nonempty(&r.password), nonempty(&r.auth), nonempty(&r.identity_token));
+    let nonempty =
+        |s: &Option<Spanned<String>>| s.as_ref().filter(|s| !s.value.is_empty()).cloned();
+    let (username, password, auth, token) = (
+        nonempty(&r.username),
+        nonempty(&r.password),
+        nonempty(&r.auth),
+        nonempty(&r.identity_token),
+    );
     if host.value == "*" && (username.is_some() || auth.is_some() || token.is_some()) {
         diags
             .warning(a.key_pos, &a.path, "K3s never uses configs.\"*\".auth")
-            .hint("kagami sends these credentials to every host that has no configs entry of its own");
+            .hint(
+                "kagami sends these credentials to every host that has no configs entry of its own",
+            );
     }
     if host.value == DOCKER_HUB && (username.is_some() || auth.is_some() || token.is_some()) {
         diags
@@ -500,7 +580,11 @@ fn build_auth(host: &Spanned<String>, a: &Spanned<RawAuth>, diags: &mut Diagnost
             diags.warning(u.pos, &u.path, "username without a password");
         }
         for other in [&auth, &token].into_iter().flatten() {
-            diags.warning(other.pos, &other.path, "ignored: username is set, and username/password take precedence");
+            diags.warning(
+                other.pos,
+                &other.path,
+                "ignored: username is set, and username/password take precedence",
+            );
         }
         return Some(Auth::Basic {
             username: u.value,
@@ -514,7 +598,11 @@ fn build_auth(host: &Spanned<String>, a: &Spanned<RawAuth>, diags: &mut Diagnost
     }
     if let Some(t) = token {
         if let Some(other) = &auth {
-            diags.warning(other.pos, &other.path, "ignored: identity_token is set and takes precedence");
+            diags.warning(
+                other.pos,
+                &other.path,
+                "ignored: identity_token is set and takes precedence",
+            );
         }
         return Some(Auth::IdentityToken(t.value));
     }
@@ -531,7 +619,11 @@ fn build_auth(host: &Spanned<String>, a: &Spanned<RawAuth>, diags: &mut Diagnost
         };
         let Some((u, p)) = decoded.split_once(':') else {
             diags
-                .error(encoded.pos, &encoded.path, "auth decodes to a string without ':'")
+                .error(
+                    encoded.pos,
+                    &encoded.path,
+                    "auth decodes to a string without ':'",
+                )
                 .hint("auth is base64(\"username:password\")");
             return None;
         };
@@ -540,13 +632,19 @@ fn build_auth(host: &Spanned<String>, a: &Spanned<RawAuth>, diags: &mut Diagnost
             password: p.to_string(),
         });
     }
-    diags.warning(a.key_pos, &a.path, "auth has no credentials (username, auth or identity_token)");
+    diags.warning(
+        a.key_pos,
+        &a.path,
+        "auth has no credentials (username, auth or identity_token)",
+    );
     None
 }
 
 fn resolve(base: &Path, file: &str) -> PathBuf {
-    let p = Path::new(file);
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    let p = base.join(file);
+    // containerd resolves relative paths in hosts.toml against the hosts directory, so
+    // everything kagami hands on is absolute.
+    std::path::absolute(&p).unwrap_or(p)
 }
 
 fn build_tls(t: &Spanned<RawTls>, base: &Path, diags: &mut Diagnostics) -> Option<Tls> {
@@ -558,7 +656,10 @@ fn build_tls(t: &Spanned<RawTls>, base: &Path, diags: &mut Diagnostics) -> Optio
         client: None,
         insecure_skip_verify: r.insecure_skip_verify.as_ref().is_some_and(|b| b.value),
     };
-    for f in [&r.ca_file, &r.cert_file, &r.key_file].into_iter().flatten() {
+    for f in [&r.ca_file, &r.cert_file, &r.key_file]
+        .into_iter()
+        .flatten()
+    {
         if Path::new(&f.value).is_relative() {
             diags
                 .warning(f.pos, &f.path, format!("relative path {:?}", f.value))
@@ -580,32 +681,56 @@ fn build_tls(t: &Spanned<RawTls>, base: &Path, diags: &mut Diagnostics) -> Optio
         if tls.insecure_skip_verify
             && let Some(b) = &r.insecure_skip_verify
         {
-            diags.warning(b.pos, &b.path, "insecure_skip_verify is true, so ca_file is not used to verify anything");
+            diags.warning(
+                b.pos,
+                &b.path,
+                "insecure_skip_verify is true, so ca_file is not used to verify anything",
+            );
         }
     }
     match (&r.cert_file, &r.key_file) {
         (Some(c), None) => {
-            diags.error(c.pos, &c.path, "cert_file is set but key_file is not").hint("a client certificate needs both cert_file and key_file");
+            diags
+                .error(c.pos, &c.path, "cert_file is set but key_file is not")
+                .hint("a client certificate needs both cert_file and key_file");
             ok = false;
         }
         (None, Some(k)) => {
-            diags.error(k.pos, &k.path, "key_file is set but cert_file is not").hint("a client certificate needs both cert_file and key_file");
+            diags
+                .error(k.pos, &k.path, "key_file is set but cert_file is not")
+                .hint("a client certificate needs both cert_file and key_file");
             ok = false;
         }
         (Some(c), Some(k)) => {
             let cert_path = resolve(base, &c.value);
             let key_path = resolve(base, &k.value);
             let chain = load_certs(&cert_path).map_err(|e| {
-                diags.error(c.pos, &c.path, format!("cert_file {}: {e}", cert_path.display()));
+                diags.error(
+                    c.pos,
+                    &c.path,
+                    format!("cert_file {}: {e}", cert_path.display()),
+                );
             });
             let key = load_key(&key_path).map_err(|e| {
-                diags.error(k.pos, &k.path, format!("key_file {}: {e}", key_path.display()));
+                diags.error(
+                    k.pos,
+                    &k.path,
+                    format!("key_file {}: {e}", key_path.display()),
+                );
             });
             match (chain, key) {
                 (Ok(chain), Ok(key)) => {
                     if let Err(e) = keys_match(&chain, &key) {
                         diags
-                            .error(k.pos, &k.path, format!("key_file {} does not belong to cert_file {}: {e}", key_path.display(), cert_path.display()))
+                            .error(
+                                k.pos,
+                                &k.path,
+                                format!(
+                                    "key_file {} does not belong to cert_file {}: {e}",
+                                    key_path.display(),
+                                    cert_path.display()
+                                ),
+                            )
                             .hint("the private key must be the one the certificate was issued for");
                         ok = false;
                     } else {
@@ -638,10 +763,14 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| format!("no PEM private key in the file ({e})"))
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| format!("no PEM private key in the file ({e})"))
 }
 
-fn keys_match(chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>) -> Result<(), String> {
+fn keys_match(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<(), String> {
     let provider = rustls::crypto::ring::default_provider();
     let signing = provider
         .key_provider
@@ -667,7 +796,12 @@ mod tests {
 
     #[test]
     fn group_refs_follow_go_expand() {
-        let names = |s: &str| group_refs(s).into_iter().map(|r| r.name).collect::<Vec<_>>();
+        let names = |s: &str| {
+            group_refs(s)
+                .into_iter()
+                .map(|r| r.name)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names("a/$1"), ["1"]);
         assert_eq!(names("${1}x $name $$ $"), ["1", "name"]);
         assert_eq!(names("$1x"), ["1x"]);

@@ -44,7 +44,11 @@ struct HostsFile<'a> {
 }
 
 fn dir_name(key: &str) -> String {
-    if key == "*" { "_default".into() } else { key.into() }
+    if key == "*" {
+        "_default".into()
+    } else {
+        key.into()
+    }
 }
 
 /// K3s looks configs up by the endpoint's registry name, Docker Hub aliases included,
@@ -84,7 +88,9 @@ pub fn render(config: &Config, options: &RenderOptions) -> BTreeMap<String, Stri
     for m in &config.mirrors {
         let dir = dir_name(&m.registry);
         let file = files.entry(dir).or_insert_with(|| {
-            let own = (m.registry != "*").then(|| k3s_config(config, &m.registry)).flatten();
+            let own = (m.registry != "*")
+                .then(|| k3s_config(config, &m.registry))
+                .flatten();
             HostsFile {
                 server: Some(server_for(&m.registry)),
                 server_tls: own.and_then(|c| c.tls.as_deref()),
@@ -258,7 +264,10 @@ pub fn write_hosts_dir(dir: &Path, files: &BTreeMap<String, String>) -> io::Resu
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if entry.file_type()?.is_dir() && !files.contains_key(&name) && ours(&path.join("hosts.toml"))? == Some(true) {
+        if entry.file_type()?.is_dir()
+            && !files.contains_key(&name)
+            && ours(&path.join("hosts.toml"))? == Some(true)
+        {
             std::fs::remove_dir_all(&path)?;
             report.removed.push(path);
         }

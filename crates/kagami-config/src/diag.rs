@@ -76,7 +76,13 @@ impl Diagnostics {
         self.push(Severity::Warning, pos, key, message.into())
     }
 
-    fn push(&mut self, severity: Severity, pos: Pos, key: &str, message: String) -> &mut Diagnostic {
+    fn push(
+        &mut self,
+        severity: Severity,
+        pos: Pos,
+        key: &str,
+        message: String,
+    ) -> &mut Diagnostic {
         self.items.push(Diagnostic {
             severity,
             file: self.file.clone(),

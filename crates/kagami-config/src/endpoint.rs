@@ -147,7 +147,9 @@ fn explicit_port(rest: &str) -> Option<u16> {
         Some(i) => &authority[i + 1..],
         None => authority,
     };
-    after_host.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+    after_host
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
 }
 
 /// Splits `host[:port]` (IPv6 in brackets).
@@ -197,7 +199,9 @@ pub fn validate_host(name: &str) -> Result<(), HostError> {
     }
     let (host, port) = split_host_port(name);
     if name.len() > host.len() && port.is_none() {
-        return Err(HostError::Invalid("port is not a number from 1 to 65535".into()));
+        return Err(HostError::Invalid(
+            "port is not a number from 1 to 65535".into(),
+        ));
     }
     if port == Some(0) {
         return Err(HostError::Invalid("port 0".into()));
@@ -213,7 +217,9 @@ pub fn validate_host(name: &str) -> Result<(), HostError> {
         return Ok(());
     }
     if host.len() > 253 {
-        return Err(HostError::Invalid("host name longer than 253 characters".into()));
+        return Err(HostError::Invalid(
+            "host name longer than 253 characters".into(),
+        ));
     }
     for label in host.split('.') {
         let ok = !label.is_empty()
@@ -289,7 +295,10 @@ mod tests {
             Endpoint::default_for("127.0.0.1:5000").base(),
             "http://127.0.0.1:5000/v2"
         );
-        assert_eq!(Endpoint::default_for("quay.io").base(), "https://quay.io/v2");
+        assert_eq!(
+            Endpoint::default_for("quay.io").base(),
+            "https://quay.io/v2"
+        );
     }
 
     #[test]
@@ -304,7 +313,10 @@ mod tests {
             Err(EndpointError::Credentials)
         );
         assert!(Endpoint::parse("https://h:99999").is_err());
-        assert_eq!(Endpoint::parse("h?x=1"), Err(EndpointError::QueryOrFragment));
+        assert_eq!(
+            Endpoint::parse("h?x=1"),
+            Err(EndpointError::QueryOrFragment)
+        );
     }
 
     #[test]

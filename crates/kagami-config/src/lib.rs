@@ -14,7 +14,9 @@ pub mod raw;
 pub mod reference;
 pub mod yaml;
 
-pub use config::{Auth, Config, HostConfig, LoadError, Mirror, Report, Rewrite, Tls, check_file, check_str};
+pub use config::{
+    Auth, Config, HostConfig, LoadError, Mirror, Report, Rewrite, Tls, check_file, check_str,
+};
 pub use diag::{Diagnostic, Severity};
 pub use endpoint::Endpoint;
 pub use plan::{Attempt, EndpointAttempt, Plan, PlanOptions, Source, plan};

@@ -59,7 +59,11 @@ pub struct EndpointAttempt {
 impl EndpointAttempt {
     /// `<base>/<repository>/<kind>/<reference>` plus `?ns=` when it applies.
     pub fn url(&self, kind: &str, reference: &str) -> String {
-        let mut u = format!("{}/{}/{kind}/{reference}", self.endpoint.base(), self.repository);
+        let mut u = format!(
+            "{}/{}/{kind}/{reference}",
+            self.endpoint.base(),
+            self.repository
+        );
         if let Some(ns) = &self.ns {
             u.push_str("?ns=");
             u.push_str(ns);
@@ -83,6 +87,7 @@ impl EndpointAttempt {
 }
 
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a handful per plan; boxing buys nothing
 pub enum Attempt {
     Peers,
     Endpoint(EndpointAttempt),
@@ -226,17 +231,34 @@ impl Plan {
         let _ = writeln!(s, "reference  {reference}");
         let _ = writeln!(s, "attempts, in order:");
         if self.attempts.is_empty() {
-            let _ = writeln!(s, "  (none: every endpoint is disabled; pulls of this image fail)");
+            let _ = writeln!(
+                s,
+                "  (none: every endpoint is disabled; pulls of this image fail)"
+            );
         }
         for (i, a) in self.attempts.iter().enumerate() {
             match a {
                 Attempt::Peers => {
-                    let _ = writeln!(s, "  {}. peers    this node's store, then other nodes (registry is shared)", i + 1);
+                    let _ = writeln!(
+                        s,
+                        "  {}. peers    this node's store, then other nodes (registry is shared)",
+                        i + 1
+                    );
                 }
                 Attempt::Endpoint(e) => {
-                    let _ = writeln!(s, "  {}. {:<8} {}", i + 1, e.source.as_str(), e.url("manifests", &reference));
+                    let _ = writeln!(
+                        s,
+                        "  {}. {:<8} {}",
+                        i + 1,
+                        e.source.as_str(),
+                        e.url("manifests", &reference)
+                    );
                     if let Some((p, r)) = &e.rewrite {
-                        let _ = writeln!(s, "     rewrite  {} -> {} (rule {p:?} => {r:?})", self.image.repository, e.repository);
+                        let _ = writeln!(
+                            s,
+                            "     rewrite  {} -> {} (rule {p:?} => {r:?})",
+                            self.image.repository, e.repository
+                        );
                     }
                     let auth = match (&e.auth, &e.config_key) {
                         (Some(a), Some(k)) => format!("{} (configs.{k:?})", a.kind()),

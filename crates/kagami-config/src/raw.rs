@@ -155,7 +155,11 @@ fn decode_mirror(node: &Node, path: &str, diags: &mut Diagnostics) -> RawMirror 
                     }
                     NodeKind::Scalar { text, .. } => {
                         diags
-                            .error(v.pos, &kpath, "endpoint must be a list of URLs, not a single string")
+                            .error(
+                                v.pos,
+                                &kpath,
+                                "endpoint must be a list of URLs, not a single string",
+                            )
                             .hint(format!("write endpoint: [\"{text}\"]"));
                     }
                     _ => type_error(v, &kpath, "a list of URLs", diags),
@@ -274,7 +278,10 @@ fn fields<'a>(
             continue;
         };
         if known.contains(&key) {
-            out.push((spanned(key.to_string(), k.pos, v.pos, &format!("{path}.{key}")), v));
+            out.push((
+                spanned(key.to_string(), k.pos, v.pos, &format!("{path}.{key}")),
+                v,
+            ));
         } else {
             unknown_key(k.pos, path, key, known, diags);
         }
@@ -282,7 +289,11 @@ fn fields<'a>(
     out
 }
 
-fn value_string(field: &Spanned<String>, v: &Node, diags: &mut Diagnostics) -> Option<Spanned<String>> {
+fn value_string(
+    field: &Spanned<String>,
+    v: &Node,
+    diags: &mut Diagnostics,
+) -> Option<Spanned<String>> {
     if v.is_null() {
         return None;
     }
@@ -295,7 +306,11 @@ fn value_string(field: &Spanned<String>, v: &Node, diags: &mut Diagnostics) -> O
     })
 }
 
-fn decode_bool(field: &Spanned<String>, v: &Node, diags: &mut Diagnostics) -> Option<Spanned<bool>> {
+fn decode_bool(
+    field: &Spanned<String>,
+    v: &Node,
+    diags: &mut Diagnostics,
+) -> Option<Spanned<bool>> {
     if v.is_null() {
         return None;
     }
@@ -308,7 +323,11 @@ fn decode_bool(field: &Spanned<String>, v: &Node, diags: &mut Diagnostics) -> Op
     };
     let Some(b) = yaml11_bool(text) else {
         diags
-            .error(v.pos, &field.path, format!("expected true or false, found {text:?}"))
+            .error(
+                v.pos,
+                &field.path,
+                format!("expected true or false, found {text:?}"),
+            )
             .hint("write insecure_skip_verify: true");
         return None;
     };
@@ -342,7 +361,8 @@ fn mapping<'a>(node: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'
         NodeKind::Map(entries) => {
             for (i, (k, _)) in entries.iter().enumerate() {
                 if let Some(name) = k.as_str()
-                    && let Some((first, _)) = entries[..i].iter().find(|(p, _)| p.as_str() == Some(name))
+                    && let Some((first, _)) =
+                        entries[..i].iter().find(|(p, _)| p.as_str() == Some(name))
                 {
                     diags
                         .error(k.pos, path, format!("duplicate key {name:?}"))
@@ -355,7 +375,11 @@ fn mapping<'a>(node: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'
             Some(entries)
         }
         NodeKind::Alias => {
-            diags.error(node.pos, path, "YAML aliases are not supported in registries.yaml");
+            diags.error(
+                node.pos,
+                path,
+                "YAML aliases are not supported in registries.yaml",
+            );
             None
         }
         _ => {
@@ -369,7 +393,11 @@ fn key_str<'a>(k: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'a s
     match &k.kind {
         NodeKind::Scalar { text, .. } => Some(text),
         _ => {
-            diags.error(k.pos, path, format!("keys must be strings, found {}", k.type_name()));
+            diags.error(
+                k.pos,
+                path,
+                format!("keys must be strings, found {}", k.type_name()),
+            );
             None
         }
     }

@@ -95,7 +95,9 @@ pub enum ReferenceError {
     Empty,
     #[error("invalid image reference {reference:?}: {why}")]
     Invalid { reference: String, why: String },
-    #[error("invalid digest {0:?}: expected sha256:<64 lower-case hex> or sha512:<128 lower-case hex>")]
+    #[error(
+        "invalid digest {0:?}: expected sha256:<64 lower-case hex> or sha512:<128 lower-case hex>"
+    )]
     Digest(String),
 }
 
@@ -129,7 +131,9 @@ impl Reference {
             return Err(invalid("contains whitespace"));
         }
         if s.contains("://") {
-            return Err(invalid("an image reference has no scheme (write host/repo:tag)"));
+            return Err(invalid(
+                "an image reference has no scheme (write host/repo:tag)",
+            ));
         }
         let (rest, digest) = match s.split_once('@') {
             Some((rest, d)) => (rest, Some(d.parse::<Digest>()?)),
@@ -291,13 +295,25 @@ mod tests {
     #[test]
     fn normalisation() {
         assert_eq!(norm("alpine"), "docker.io/library/alpine:latest");
-        assert_eq!(norm("rancher/busybox:1.35"), "docker.io/rancher/busybox:1.35");
-        assert_eq!(norm("index.docker.io/alpine"), "docker.io/library/alpine:latest");
-        assert_eq!(norm("quay.io/coreos/etcd:v3.5.0"), "quay.io/coreos/etcd:v3.5.0");
+        assert_eq!(
+            norm("rancher/busybox:1.35"),
+            "docker.io/rancher/busybox:1.35"
+        );
+        assert_eq!(
+            norm("index.docker.io/alpine"),
+            "docker.io/library/alpine:latest"
+        );
+        assert_eq!(
+            norm("quay.io/coreos/etcd:v3.5.0"),
+            "quay.io/coreos/etcd:v3.5.0"
+        );
         assert_eq!(norm("localhost/a"), "localhost/a:latest");
         assert_eq!(norm("127.0.0.1:5000/a/b:t"), "127.0.0.1:5000/a/b:t");
         assert_eq!(norm("localhost:5000/a"), "localhost:5000/a:latest");
-        assert_eq!(norm(&format!("alpine@{D}")), format!("docker.io/library/alpine@{D}"));
+        assert_eq!(
+            norm(&format!("alpine@{D}")),
+            format!("docker.io/library/alpine@{D}")
+        );
         assert_eq!(
             norm(&format!("alpine:3.20@{D}")),
             format!("docker.io/library/alpine:3.20@{D}")
@@ -305,7 +321,10 @@ mod tests {
         let r = Reference::parse(&format!("alpine:3.20@{D}")).unwrap();
         assert_eq!(r.reference(), D);
         assert_eq!(Reference::parse("a").unwrap().reference(), "latest");
-        assert_eq!(norm("a__b/c-----d.e_f"), "docker.io/a__b/c-----d.e_f:latest");
+        assert_eq!(
+            norm("a__b/c-----d.e_f"),
+            "docker.io/a__b/c-----d.e_f:latest"
+        );
     }
 
     #[test]

@@ -17,7 +17,10 @@ pub struct Pos {
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeKind {
     /// A scalar with its text exactly as written; `quoted` is false for plain scalars.
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Map(Vec<(Node, Node)>),
     Seq(Vec<Node>),
     /// An alias (`*name`): K3s resolves these; we keep the file readable by refusing them.

@@ -13,7 +13,12 @@ mod cmd;
 /// repository names, per-host auth and TLS) and checks it, explains where each pull
 /// goes, writes containerd's hosts.toml files, and pulls and copies images.
 #[derive(Debug, Parser)]
-#[command(name = "kagami", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "kagami",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

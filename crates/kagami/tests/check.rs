@@ -10,15 +10,18 @@ use crate::support::{kagami, pki};
 fn check_in(dir: &Path, yaml: &str, json: bool) -> (i32, String, String) {
     std::fs::write(dir.join("registries.yaml"), yaml).unwrap();
     let mut cmd = kagami();
-    cmd.current_dir(dir).args(["check", "--config", "registries.yaml"]);
+    cmd.current_dir(dir)
+        .args(["check", "--config", "registries.yaml"]);
     if json {
         cmd.args(["--format", "json"]);
     }
     let out = cmd.output().unwrap();
+    let dir_text = dir.display().to_string();
+    let clean = |b: Vec<u8>| String::from_utf8(b).unwrap().replace(&dir_text, "<dir>");
     (
         out.status.code().unwrap(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
+        clean(out.stdout),
+        clean(out.stderr),
     )
 }
 
@@ -67,7 +70,10 @@ fn missing_file_is_an_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("nope.yaml") && stderr.contains("cannot read file"), "{stderr}");
+    assert!(
+        stderr.contains("nope.yaml") && stderr.contains("cannot read file"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -217,7 +223,8 @@ fn where_k3s_differs() {
 
 #[test]
 fn yaml11_booleans_are_accepted() {
-    let (code, stderr) = check("configs:\n  m.example.com:\n    tls:\n      insecure_skip_verify: yes\n");
+    let (code, stderr) =
+        check("configs:\n  m.example.com:\n    tls:\n      insecure_skip_verify: yes\n");
     assert_eq!(code, 0, "{stderr}");
 }
 
@@ -252,7 +259,8 @@ fn every_example_checks() {
         }
         let dir = tempfile::tempdir().unwrap();
         pki::generate(&dir.path().join("certs"));
-        let (code, _, stderr) = check_in(dir.path(), &std::fs::read_to_string(&path).unwrap(), false);
+        let (code, _, stderr) =
+            check_in(dir.path(), &std::fs::read_to_string(&path).unwrap(), false);
         assert_eq!(code, 0, "{}:\n{stderr}", path.display());
         n += 1;
     }

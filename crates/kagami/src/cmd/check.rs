@@ -11,7 +11,13 @@ use crate::Format;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// registries.yaml to check.
-    #[arg(long, short = 'c', env = "KAGAMI_CONFIG", value_name = "FILE", default_value = "/etc/rancher/k3s/registries.yaml")]
+    #[arg(
+        long,
+        short = 'c',
+        env = "KAGAMI_CONFIG",
+        value_name = "FILE",
+        default_value = "/etc/rancher/k3s/registries.yaml"
+    )]
     config: PathBuf,
     /// text: one line per problem on stderr; json: a report on stdout.
     #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -43,5 +49,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if report.config.is_some() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.config.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

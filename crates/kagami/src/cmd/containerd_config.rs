@@ -45,13 +45,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             disable_default_endpoint: args.disable_default_registry_endpoint,
         },
     );
-    let report = write_hosts_dir(&args.hosts_dir, &files)
-        .with_context(|| format!("writing hosts.toml files under {}", args.hosts_dir.display()))?;
+    let report = write_hosts_dir(&args.hosts_dir, &files).with_context(|| {
+        format!(
+            "writing hosts.toml files under {}",
+            args.hosts_dir.display()
+        )
+    })?;
     for p in &report.written {
         println!("wrote {}", p.display());
     }
     for p in &report.removed {
-        println!("removed {} (written by kagami earlier, no longer configured)", p.display());
+        println!(
+            "removed {} (written by kagami earlier, no longer configured)",
+            p.display()
+        );
     }
     for p in &report.skipped {
         eprintln!(
@@ -60,7 +67,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(out) = &args.containerd_config_out {
-        std::fs::write(out, render_auth_stanza(&config)).with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(out, render_auth_stanza(&config))
+            .with_context(|| format!("writing {}", out.display()))?;
         println!("wrote {}", out.display());
     }
     Ok(ExitCode::SUCCESS)

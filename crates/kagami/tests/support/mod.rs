@@ -199,7 +199,9 @@ pub fn build_image(dir: &Path, tag: &str, layers: usize, layer_size: usize) -> T
     require(&["umoci"]);
     let layout = dir.join("oci");
     if !layout.exists() {
-        run(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
+        run(Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout));
     }
     let img = format!("{}:{tag}", layout.display());
     run(Command::new("umoci").args(["new", "--image"]).arg(&img));
@@ -217,7 +219,14 @@ pub fn build_image(dir: &Path, tag: &str, layers: usize, layer_size: usize) -> T
     run(Command::new("umoci")
         .args(["config", "--image"])
         .arg(&img)
-        .args(["--architecture", "amd64", "--os", "linux", "--config.cmd", "/layer0.bin"]));
+        .args([
+            "--architecture",
+            "amd64",
+            "--os",
+            "linux",
+            "--config.cmd",
+            "/layer0.bin",
+        ]));
     TestImage {
         layout,
         tag: tag.to_string(),
@@ -264,7 +273,11 @@ pub fn skopeo_digest(reference: &str) -> String {
 pub fn http_get(addr: &str, path: &str) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).unwrap();
     let split = buf
@@ -333,11 +346,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.trac
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.socket.exists() {
-            assert!(Instant::now() < deadline, "containerd did not create its socket");
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not create its socket"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         // The socket appears before the API answers; wait for `ctr version`.
-        while !c.ctr().arg("version").output().is_ok_and(|o| o.status.success()) {
+        while !c
+            .ctr()
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
             assert!(Instant::now() < deadline, "containerd does not answer");
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine: installs the real tools the
+# integration tests drive (docker-registry, containerd, skopeo, umoci, ...), then runs
+# formatting and lint checks and every test. Run from anywhere; needs root for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# Snapshots are compared, never written, in the test run.
+INSTA_UPDATE=no cargo test --workspace --locked
