@@ -1,0 +1,77 @@
+//! The one HTTP error type: renders the OCI error envelope
+//! `{"errors":[{"code":"...","message":"...","detail":...}]}` with the right status.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn name_invalid(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "NAME_INVALID", m)
+    }
+    pub fn name_unknown(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", m)
+    }
+    pub fn digest_invalid(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", m)
+    }
+    pub fn manifest_invalid_tag(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", m)
+    }
+    pub fn manifest_unknown(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", m)
+    }
+    pub fn manifest_too_big(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID", m)
+    }
+    pub fn blob_unknown(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", m)
+    }
+    pub fn unsupported(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", m)
+    }
+    pub fn range_not_satisfiable(size: u64) -> Self {
+        Self::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "BLOB_UNKNOWN",
+            format!("range not satisfiable for a blob of {size} bytes"),
+        )
+    }
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        // 404 rather than 5xx: containerd moves on to its next host fastest on a 404.
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", m)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "errors": [{"code": self.code, "message": self.message, "detail": null}]
+        });
+        let mut resp = (self.status, body.to_string()).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}

@@ -1,0 +1,4 @@
+//! kagami's OCI distribution pull API (work in progress).
+
+pub mod error;
+pub mod path;
