@@ -51,6 +51,11 @@ enum Command {
     Explain(cmd::explain::Args),
     /// Write containerd's certs.d/<registry>/hosts.toml files for a registries.yaml.
     ContainerdConfig(cmd::containerd_config::Args),
+    /// Fetch IMAGE through the resolution plan (mirrors, rewrites, auth, TLS, fallback)
+    /// into an OCI image layout directory.
+    Pull(cmd::pull::Args),
+    /// Copy the images listed in a file (every platform) into another registry.
+    Sync(cmd::sync::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +64,8 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Explain(a) => cmd::explain::run(a),
         Command::ContainerdConfig(a) => cmd::containerd_config::run(a),
+        Command::Pull(a) => cmd::pull::run(a),
+        Command::Sync(a) => cmd::sync::run(a),
     };
     match result {
         Ok(code) => code,

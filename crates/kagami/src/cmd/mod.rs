@@ -11,6 +11,8 @@ use crate::ConfigArgs;
 pub mod check;
 pub mod containerd_config;
 pub mod explain;
+pub mod pull;
+pub mod sync;
 
 /// Loads the configuration named by `--config`, or the embedded default. Warnings are
 /// printed to stderr; errors stop the command.

@@ -1,0 +1,249 @@
+//! The client's error type: one variant per way a request to one endpoint fails, and
+//! [`Error::AllFailed`] that names every attempt of a plan and why it failed.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+/// A failure talking to a registry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Connection refused, DNS, TLS handshake, timeout, reset: anything below HTTP.
+    #[error("{url}: {}", chain(source))]
+    Network {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry answered with an unexpected status. `body` keeps its own error.
+    #[error("{url}: HTTP {status}{}", body.as_ref().map(|b| format!(": {b}")).unwrap_or_default())]
+    Status {
+        url: String,
+        status: u16,
+        body: Option<RegistryError>,
+    },
+    /// The content does not hash to the digest it was asked for.
+    #[error("{url}: digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    /// The content has a different size than its descriptor says.
+    #[error("{url}: size mismatch: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        url: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{url}: manifest is larger than {limit} bytes; refused")]
+    ManifestTooBig { url: String, limit: u64 },
+    #[error("{url}: invalid manifest: {why}")]
+    InvalidManifest { url: String, why: String },
+    /// Authentication could not be completed (bad challenge, token endpoint failure,
+    /// no credentials for a Basic challenge).
+    #[error("{url}: authentication failed: {why}")]
+    Auth { url: String, why: String },
+    #[error("{url}: too many redirects")]
+    Redirects { url: String },
+    #[error("TLS setup for {host}: {why}")]
+    TlsSetup { host: String, why: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Every attempt of a plan failed; each one is listed with its reason.
+    #[error("{}", all_failed(what, attempts))]
+    AllFailed {
+        what: String,
+        attempts: Vec<AttemptError>,
+    },
+}
+
+/// Why one attempt of a plan failed.
+#[derive(Debug)]
+pub struct AttemptError {
+    /// The endpoint's base URL (`https://h/v2`).
+    pub endpoint: String,
+    pub error: Error,
+}
+
+impl Error {
+    /// The HTTP status, when the registry answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True for failures worth retrying on the same endpoint (5xx, network trouble).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Status { status, .. } => *status >= 500,
+            Error::Network { .. } => true,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+fn all_failed(what: &str, attempts: &[AttemptError]) -> String {
+    use fmt::Write as _;
+    if attempts.is_empty() {
+        return format!("{what}: no endpoint to try (every endpoint is disabled)");
+    }
+    let mut s = format!("{what}: all {} attempt(s) failed:", attempts.len());
+    for (i, a) in attempts.iter().enumerate() {
+        let _ = write!(s, "\n  {}. {}: {}", i + 1, a.endpoint, a.error);
+    }
+    s
+}
+
+/// The full cause chain of an error on one line (reqwest hides the interesting part,
+/// "connection refused" or the TLS alert, in its sources).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// The error body a registry returned: the OCI `{"errors":[...]}` envelope when it is
+/// one, else the start of the raw text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    Oci(Vec<OciError>),
+    Text(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct OciError {
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    errors: Vec<OciError>,
+}
+
+/// How much of a non-OCI error body is kept.
+const MAX_TEXT: usize = 512;
+
+impl RegistryError {
+    /// Parses an error body; `None` when it is empty.
+    pub fn parse(body: &[u8]) -> Option<RegistryError> {
+        if let Ok(env) = serde_json::from_slice::<Envelope>(body)
+            && !env.errors.is_empty()
+        {
+            return Some(RegistryError::Oci(env.errors));
+        }
+        let text = String::from_utf8_lossy(body);
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        let mut end = text.len().min(MAX_TEXT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Some(RegistryError::Text(text[..end].to_string()))
+    }
+
+    /// The first OCI error code, e.g. `MANIFEST_UNKNOWN`.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            RegistryError::Oci(v) => v.first().map(|e| e.code.as_str()),
+            RegistryError::Text(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistryError::Oci(errors) => {
+                let parts: Vec<String> = errors
+                    .iter()
+                    .map(|e| {
+                        if e.message.is_empty() {
+                            e.code.clone()
+                        } else {
+                            format!("{} ({})", e.code, e.message)
+                        }
+                    })
+                    .collect();
+                f.write_str(&parts.join("; "))
+            }
+            RegistryError::Text(t) => write!(f, "{t:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oci_body() {
+        let b =
+            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
+        let e = RegistryError::parse(b).unwrap();
+        assert_eq!(e.code(), Some("MANIFEST_UNKNOWN"));
+        assert_eq!(e.to_string(), "MANIFEST_UNKNOWN (manifest unknown)");
+        assert_eq!(RegistryError::parse(b"  "), None);
+        assert_eq!(
+            RegistryError::parse(b"404 page not found\n"),
+            Some(RegistryError::Text("404 page not found".into()))
+        );
+    }
+
+    #[test]
+    fn all_failed_names_every_attempt() {
+        let e = Error::AllFailed {
+            what: "manifest x".into(),
+            attempts: vec![
+                AttemptError {
+                    endpoint: "http://a/v2".into(),
+                    error: Error::Status {
+                        url: "http://a/v2/r/manifests/1".into(),
+                        status: 404,
+                        body: None,
+                    },
+                },
+                AttemptError {
+                    endpoint: "http://b/v2".into(),
+                    error: Error::ManifestTooBig {
+                        url: "http://b/v2/r/manifests/1".into(),
+                        limit: 4,
+                    },
+                },
+            ],
+        };
+        let s = e.to_string();
+        assert!(s.contains("all 2 attempt(s) failed"), "{s}");
+        assert!(
+            s.contains("1. http://a/v2: http://a/v2/r/manifests/1: HTTP 404"),
+            "{s}"
+        );
+        assert!(s.contains("2. http://b/v2"), "{s}");
+    }
+}

@@ -1,0 +1,30 @@
+//! kagami's OCI distribution client.
+//!
+//! It walks a [`kagami_config::Plan`]: for each manifest and blob it tries the plan's
+//! endpoint attempts in order, with each endpoint's own credentials and TLS settings,
+//! and moves on to the next one on any failure (SPEC.md section 3). Everything it
+//! returns has been checked against its digest; blobs are streamed, never held whole
+//! in memory.
+//!
+//! Invariants:
+//! - a token request carries exactly one scope for pulls, the path actually sent to
+//!   that endpoint ([`kagami_config::EndpointAttempt::token_scope`]);
+//! - credentials are sent only to the endpoint's own origin (and to the token realm it
+//!   names); redirects to another origin are followed without them;
+//! - the client knows nothing about peers, the local store or files other than those a
+//!   caller hands it.
+
+pub mod auth;
+mod client;
+pub mod digest;
+pub mod error;
+pub mod manifest;
+mod pull;
+mod push;
+mod tls;
+
+pub use client::{Client, ClientOptions};
+pub use error::{AttemptError, Error, RegistryError};
+pub use manifest::{Descriptor, ManifestView, Platform};
+pub use pull::{BlobStream, Manifest, endpoint_attempts};
+pub use push::{Mount, push_target};

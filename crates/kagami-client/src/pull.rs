@@ -1,0 +1,474 @@
+//! Pulling through a plan: manifests (HEAD then GET, at most 4 MiB, verified) and blobs
+//! (streamed, verified while they stream, resumable with `Range`), each trying the
+//! plan's endpoint attempts in order (SPEC.md section 3).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt as _};
+use kagami_config::{Attempt, Digest, EndpointAttempt, Plan};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE};
+use reqwest::{Method, StatusCode};
+use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
+
+use crate::client::{Client, read_limited, status_error};
+use crate::digest::Hasher;
+use crate::error::{AttemptError, Error};
+use crate::manifest::{MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, ManifestView};
+
+/// A manifest or index, exactly as received, with where it came from.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    /// `sha256:<hex>` (or the algorithm of the digest it was asked by).
+    pub digest: String,
+    /// The endpoint that served it (base URL).
+    pub endpoint: String,
+}
+
+impl Manifest {
+    pub fn view(&self) -> Result<ManifestView, Error> {
+        ManifestView::parse(&self.bytes).map_err(|why| Error::InvalidManifest {
+            url: self.endpoint.clone(),
+            why,
+        })
+    }
+}
+
+/// The endpoint attempts of a plan, in order (the peers attempt is not this client's).
+pub fn endpoint_attempts(plan: &Plan) -> impl Iterator<Item = &EndpointAttempt> {
+    plan.attempts.iter().filter_map(|a| match a {
+        Attempt::Endpoint(e) => Some(e),
+        Attempt::Peers => None,
+    })
+}
+
+fn pull_scopes(a: &EndpointAttempt) -> Vec<String> {
+    vec![a.token_scope()]
+}
+
+impl Client {
+    /// Fetches a manifest by tag or digest, trying every endpoint of the plan in order.
+    pub async fn manifest(&self, plan: &Plan, reference: &str) -> Result<Manifest, Error> {
+        let what = format!("manifest {}:{reference}", plan.image.name());
+        self.with_fallback(plan, what, async |a| self.manifest_from(a, reference).await)
+            .await
+    }
+
+    /// Runs `f` on each endpoint attempt until one succeeds; 5xx and network errors
+    /// are retried once on the last attempt only.
+    async fn with_fallback<T>(
+        &self,
+        plan: &Plan,
+        what: String,
+        mut f: impl AsyncFnMut(&EndpointAttempt) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let attempts: Vec<&EndpointAttempt> = endpoint_attempts(plan).collect();
+        let mut errors = Vec::new();
+        for (i, a) in attempts.iter().enumerate() {
+            let last = i + 1 == attempts.len();
+            let mut result = f(a).await;
+            if last
+                && result
+                    .as_ref()
+                    .is_err_and(|e| e.status().is_some_and(|s| s >= 500))
+            {
+                result = f(a).await;
+            }
+            match result {
+                Ok(v) => return Ok(v),
+                Err(error) => {
+                    tracing::info!(endpoint = %a.endpoint, %error, "attempt failed");
+                    errors.push(AttemptError {
+                        endpoint: a.endpoint.base(),
+                        error,
+                    });
+                }
+            }
+        }
+        Err(Error::AllFailed {
+            what,
+            attempts: errors,
+        })
+    }
+
+    /// Fetches a manifest from one endpoint: HEAD to resolve a tag to a digest, then
+    /// GET, refusing more than 4 MiB and checking the digest.
+    pub async fn manifest_from(
+        &self,
+        a: &EndpointAttempt,
+        reference: &str,
+    ) -> Result<Manifest, Error> {
+        let scopes = pull_scopes(a);
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        let by_digest: Option<Digest> = reference.parse().ok();
+        let mut expected = by_digest.clone();
+        if by_digest.is_none() {
+            let url = a.url("manifests", reference);
+            let resp = self
+                .send(a, &scopes, Method::HEAD, &url, headers.clone(), None)
+                .await?;
+            let status = resp.status();
+            if status == StatusCode::NOT_FOUND
+                || status == StatusCode::UNAUTHORIZED
+                || status == StatusCode::FORBIDDEN
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status.is_server_error()
+            {
+                return Err(status_error(&url, resp).await);
+            }
+            // Other HEAD failures (405 and the like): try GET by tag.
+            if status.is_success() {
+                expected = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+            }
+        }
+        let get_ref = expected
+            .as_ref()
+            .map_or_else(|| reference.to_string(), Digest::to_string);
+        let url = a.url("manifests", &get_ref);
+        let resp = self
+            .send(a, &scopes, Method::GET, &url, headers, None)
+            .await?;
+        if !resp.status().is_success() {
+            return Err(status_error(&url, resp).await);
+        }
+        if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_SIZE) {
+            return Err(Error::ManifestTooBig {
+                url,
+                limit: MAX_MANIFEST_SIZE,
+            });
+        }
+        let header_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+        let Some(body) = read_limited(&url, resp, MAX_MANIFEST_SIZE).await? else {
+            return Err(Error::ManifestTooBig {
+                url,
+                limit: MAX_MANIFEST_SIZE,
+            });
+        };
+        let digest = match &expected {
+            Some(d) => {
+                let actual = crate::digest::digest_like(d, &body);
+                if actual != d.to_string() {
+                    return Err(Error::DigestMismatch {
+                        url,
+                        expected: d.to_string(),
+                        actual,
+                    });
+                }
+                actual
+            }
+            None => crate::digest::sha256(&body),
+        };
+        let view = ManifestView::parse(&body).map_err(|why| Error::InvalidManifest {
+            url: url.clone(),
+            why,
+        })?;
+        // The body's own media type wins over a generic Content-Type.
+        let media_type = match (&view.media_type, header_type) {
+            (Some(m), _) => m.clone(),
+            (None, Some(h)) if h.starts_with("application/vnd.") => h,
+            (None, _) => view.guess_media_type().to_string(),
+        };
+        Ok(Manifest {
+            bytes: Bytes::from(body),
+            media_type,
+            digest,
+            endpoint: a.endpoint.base(),
+        })
+    }
+
+    /// Opens a blob on one endpoint, from `offset` on (a `Range` request). The stream
+    /// checks the digest at its end when it covers the whole blob: give it the hash of
+    /// the first `offset` bytes as `prefix` when resuming.
+    pub async fn open_blob(
+        &self,
+        a: &EndpointAttempt,
+        digest: &Digest,
+        size: Option<u64>,
+        offset: u64,
+        prefix: Option<Hasher>,
+    ) -> Result<BlobStream, Error> {
+        let url = a.url("blobs", &digest.to_string());
+        let mut headers = HeaderMap::new();
+        if offset > 0
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-"))
+        {
+            headers.insert(RANGE, v);
+        }
+        let resp = self
+            .send(a, &pull_scopes(a), Method::GET, &url, headers, None)
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(status_error(&url, resp).await);
+        }
+        let start = if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
+            offset
+        } else {
+            0
+        };
+        let hasher = match (start, prefix) {
+            (0, _) => Some(Hasher::new(digest.algorithm())),
+            (_, p) => p,
+        };
+        let length = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some(size), Some(len)) = (size, length)
+            && start + len != size
+        {
+            return Err(Error::SizeMismatch {
+                url,
+                expected: size,
+                actual: start + len,
+            });
+        }
+        Ok(BlobStream {
+            url,
+            endpoint: a.endpoint.base(),
+            start,
+            position: start,
+            size,
+            digest: digest.to_string(),
+            hasher,
+            inner: Box::pin(resp.bytes_stream()),
+            done: false,
+        })
+    }
+
+    /// Downloads a blob into `file` (truncated first), trying every endpoint of the plan:
+    /// a broken connection resumes on the next endpoint with `Range`; wrong content
+    /// starts over on the next one. `progress` gets the bytes written so far. Returns
+    /// the endpoint that completed it.
+    pub async fn fetch_blob(
+        &self,
+        plan: &Plan,
+        digest: &Digest,
+        size: Option<u64>,
+        file: &mut tokio::fs::File,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<String, Error> {
+        let what = format!("blob {digest} of {}", plan.image.name());
+        let io = |e| Error::io(format!("writing {digest}"), e);
+        file.set_len(0).await.map_err(io)?;
+        file.seek(std::io::SeekFrom::Start(0)).await.map_err(io)?;
+        let mut state = Resume {
+            written: 0,
+            hasher: Hasher::new(digest.algorithm()),
+        };
+        let attempts: Vec<&EndpointAttempt> = endpoint_attempts(plan).collect();
+        let mut errors = Vec::new();
+        for (i, a) in attempts.iter().enumerate() {
+            let last = i + 1 == attempts.len();
+            let mut tries = if last { 2 } else { 1 };
+            loop {
+                tries -= 1;
+                let result = self
+                    .blob_once(a, digest, size, file, &mut state, progress)
+                    .await;
+                let error = match result {
+                    Ok(()) => return Ok(a.endpoint.base()),
+                    Err(e) => e,
+                };
+                tracing::info!(endpoint = %a.endpoint, %error, "blob attempt failed");
+                if matches!(
+                    error,
+                    Error::DigestMismatch { .. } | Error::SizeMismatch { .. }
+                ) {
+                    state.reset(file).await.map_err(io)?;
+                    progress(0);
+                }
+                if tries > 0 && error.is_transient() {
+                    continue;
+                }
+                errors.push(AttemptError {
+                    endpoint: a.endpoint.base(),
+                    error,
+                });
+                break;
+            }
+        }
+        Err(Error::AllFailed {
+            what,
+            attempts: errors,
+        })
+    }
+
+    async fn blob_once(
+        &self,
+        a: &EndpointAttempt,
+        digest: &Digest,
+        size: Option<u64>,
+        file: &mut tokio::fs::File,
+        state: &mut Resume,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<(), Error> {
+        let io = |e| Error::io(format!("writing {digest}"), e);
+        let mut stream = self
+            .open_blob(a, digest, size, state.written, Some(state.hasher.clone()))
+            .await?;
+        if stream.start != state.written {
+            // The endpoint ignored the Range request: start over.
+            state.reset(file).await.map_err(io)?;
+        }
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, &mut *file);
+        let mut result = Ok(());
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => {
+                    if let Err(e) = out.write_all(&c).await {
+                        result = Err(io(e));
+                        break;
+                    }
+                    progress(stream.position);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        out.flush().await.map_err(io)?;
+        match &result {
+            // Keep what arrived intact so that the next endpoint resumes after it.
+            Err(e) if e.is_transient() => {
+                if let Some(h) = stream.hasher_state() {
+                    state.written = stream.position;
+                    state.hasher = h;
+                }
+            }
+            Err(_) => {}
+            Ok(()) => state.written = stream.position,
+        }
+        result
+    }
+}
+
+struct Resume {
+    written: u64,
+    hasher: Hasher,
+}
+
+impl Resume {
+    async fn reset(&mut self, file: &mut tokio::fs::File) -> std::io::Result<()> {
+        self.written = 0;
+        self.hasher = Hasher::new(match self.hasher {
+            Hasher::Sha256(_) => kagami_config::reference::Algorithm::Sha256,
+            Hasher::Sha512(_) => kagami_config::reference::Algorithm::Sha512,
+        });
+        file.set_len(0).await?;
+        file.seek(std::io::SeekFrom::Start(0)).await?;
+        Ok(())
+    }
+}
+
+/// A blob's bytes as they arrive, hashed on the way; the last item is an error if the
+/// digest or size does not match.
+pub struct BlobStream {
+    pub url: String,
+    /// The endpoint serving it (base URL).
+    pub endpoint: String,
+    /// The offset the bytes start at (0 when the server ignored a Range request).
+    pub start: u64,
+    /// The offset after the bytes yielded so far.
+    pub position: u64,
+    size: Option<u64>,
+    digest: String,
+    /// `None` when resuming without the hash of the skipped prefix: not verified.
+    hasher: Option<Hasher>,
+    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    done: bool,
+}
+
+impl BlobStream {
+    /// The hash of everything up to [`BlobStream::position`], to resume elsewhere.
+    pub fn hasher_state(&self) -> Option<Hasher> {
+        self.hasher.clone()
+    }
+
+    /// True when the stream checks the digest at its end.
+    pub fn verified(&self) -> bool {
+        self.hasher.is_some()
+    }
+
+    fn finish(&mut self) -> Result<(), Error> {
+        if let Some(size) = self.size
+            && self.position != size
+        {
+            return Err(Error::SizeMismatch {
+                url: self.url.clone(),
+                expected: size,
+                actual: self.position,
+            });
+        }
+        if let Some(h) = self.hasher.take() {
+            let actual = h.finish();
+            if actual != self.digest {
+                return Err(Error::DigestMismatch {
+                    url: self.url.clone(),
+                    expected: self.digest.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Stream for BlobStream {
+    type Item = Result<Bytes, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(chunk))) => {
+                let this = &mut *self;
+                this.position += chunk.len() as u64;
+                if let Some(size) = this.size
+                    && this.position > size
+                {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(Error::SizeMismatch {
+                        url: this.url.clone(),
+                        expected: size,
+                        actual: this.position,
+                    })));
+                }
+                if let Some(h) = &mut this.hasher {
+                    h.update(&chunk);
+                }
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(source))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(Error::Network {
+                    url: self.url.clone(),
+                    source,
+                })))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                match self.finish() {
+                    Ok(()) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(e))),
+                }
+            }
+        }
+    }
+}
