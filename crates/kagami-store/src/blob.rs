@@ -1,0 +1,554 @@
+//! Writing blobs, sharing a write in flight with its followers, and reading blobs back.
+//!
+//! A write goes to a temp file under `tmp/`; followers read that same file (positional reads
+//! on one shared descriptor, so the rename at commit does not disturb them) as far as the
+//! writer's progress, published on a `watch` channel, allows. The last byte written is held
+//! back until the digest has been verified and the file renamed into `blobs/`.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use kagami_config::Digest;
+use kagami_config::reference::Algorithm;
+use sha2::Digest as _;
+use tokio::sync::watch;
+
+use crate::{Inner, StoreError, StoreEvent};
+
+/// Size of the chunks a follower's stream yields.
+pub const CHUNK: usize = 128 * 1024;
+
+/// A complete blob opened for reading. The blob cannot be evicted while this handle lives.
+#[derive(Debug)]
+pub struct BlobHandle {
+    pub size: u64,
+    pub file: tokio::fs::File,
+    pub(crate) _pin: Pin,
+}
+
+/// Keeps a complete blob from being evicted; released on drop.
+pub(crate) struct Pin {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) digest: Digest,
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Pin").field(&self.digest).finish()
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut st = self.inner.state();
+        if let Some(e) = st.blobs.get_mut(&self.digest) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+    }
+}
+
+/// Where a write stands. `written` is the size once `Committed`.
+#[derive(Debug, Clone)]
+pub(crate) struct Progress {
+    pub written: u64,
+    pub phase: Phase,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Phase {
+    Writing,
+    /// Verified and renamed into `blobs/`.
+    Committed,
+    /// Mismatch, write error or abandoned writer: followers end with this message.
+    Failed(Arc<str>),
+}
+
+/// The state of one write, shared by its writer and followers.
+pub(crate) struct Shared {
+    pub digest: Digest,
+    pub expected_size: Option<u64>,
+    pub tmp_path: PathBuf,
+    pub final_path: PathBuf,
+    /// The temp file, opened read-write; set before any progress is published.
+    pub file: OnceLock<Arc<File>>,
+    pub tx: watch::Sender<Progress>,
+    /// Once committed: keeps the blob from eviction while followers still read it.
+    pub pin: OnceLock<Pin>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        digest: Digest,
+        expected_size: Option<u64>,
+        tmp_path: PathBuf,
+        final_path: PathBuf,
+        progress: Progress,
+    ) -> Shared {
+        Shared {
+            digest,
+            expected_size,
+            tmp_path,
+            final_path,
+            file: OnceLock::new(),
+            tx: watch::Sender::new(progress),
+            pin: OnceLock::new(),
+        }
+    }
+
+    fn is_writing(&self) -> bool {
+        matches!(self.tx.borrow().phase, Phase::Writing)
+    }
+}
+
+/// What [`crate::Store::begin`] returns: the caller writes, or follows a write (or a complete
+/// blob) that is already there.
+pub enum Begin {
+    Writer(BlobWriter),
+    Joined(Inflight),
+}
+
+impl std::fmt::Debug for Begin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Begin::Writer(w) => f.debug_tuple("Writer").field(&w.shared.digest).finish(),
+            Begin::Joined(i) => f.debug_tuple("Joined").field(&i.shared.digest).finish(),
+        }
+    }
+}
+
+enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    fn new(alg: Algorithm) -> Hasher {
+        match alg {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+    fn update(&mut self, b: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(b),
+            Hasher::Sha512(h) => h.update(b),
+        }
+    }
+    fn digest(&self) -> Digest {
+        let (alg, bytes) = match self {
+            Hasher::Sha256(h) => (Algorithm::Sha256, h.clone().finalize().to_vec()),
+            Hasher::Sha512(h) => (Algorithm::Sha512, h.clone().finalize().to_vec()),
+        };
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}:{hex}", alg.name())
+            .parse()
+            .expect("a hash is a valid digest")
+    }
+}
+
+/// The one writer of a blob in flight. Dropping it without [`BlobWriter::commit`] abandons the
+/// write: the temp file is deleted and followers get an error.
+pub struct BlobWriter {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) shared: Arc<Shared>,
+    // Boxed: the sha512 state is large and `Begin` holds a writer by value.
+    hasher: Box<Hasher>,
+    written: u64,
+    /// Set once the write has failed or committed; nothing more may happen.
+    done: bool,
+}
+
+impl BlobWriter {
+    pub(crate) fn new(inner: Arc<Inner>, shared: Arc<Shared>) -> BlobWriter {
+        BlobWriter {
+            hasher: Box::new(Hasher::new(shared.digest.algorithm())),
+            inner,
+            shared,
+            written: 0,
+            done: false,
+        }
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.shared.digest
+    }
+
+    /// Bytes written so far: a fetch that fails mid-blob continues from the next source at
+    /// this offset.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// A reader of this write, for the writer's own client.
+    pub fn follow(&self) -> Inflight {
+        Inflight {
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn aborted(&self) -> StoreError {
+        StoreError::Aborted {
+            digest: self.shared.digest.clone(),
+            reason: "an earlier write or verification failed".into(),
+        }
+    }
+
+    /// Appends `chunk` to the temp file, hashes it, and lets followers see it. On any error
+    /// the write is abandoned (temp file deleted, followers told).
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        if self.done {
+            return Err(self.aborted());
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let file = self.file().await?;
+        let pos = self.written;
+        let buf = chunk.to_vec();
+        let injected = self.inner.injected_failure(pos + buf.len() as u64);
+        // A positional write: if this future is dropped half-way, `written` has not moved and
+        // the next write simply overwrites the same range.
+        let r = tokio::task::spawn_blocking(move || match injected {
+            Some(e) => Err(e),
+            None => file.write_all_at(&buf, pos),
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        if let Err(e) = r {
+            let err = StoreError::io("write", &self.shared.tmp_path, e);
+            self.fail(&err);
+            return Err(err);
+        }
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
+        let written = self.written;
+        self.shared.tx.send_modify(|p| p.written = written);
+        Ok(())
+    }
+
+    /// The temp file, created on first use.
+    async fn file(&mut self) -> Result<Arc<File>, StoreError> {
+        if let Some(f) = self.shared.file.get() {
+            return Ok(f.clone());
+        }
+        let path = self.shared.tmp_path.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        match r {
+            Ok(f) => Ok(self.shared.file.get_or_init(|| Arc::new(f)).clone()),
+            Err(e) => {
+                let err = StoreError::io("create", &self.shared.tmp_path, e);
+                self.fail(&err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Verifies the digest (and the expected size), fsyncs, and renames the temp file into
+    /// `blobs/`. Followers then get the last byte. On mismatch nothing is stored and followers
+    /// get an error. Returns the size.
+    pub async fn commit(mut self) -> Result<u64, StoreError> {
+        if self.done {
+            return Err(self.aborted());
+        }
+        let actual = self.hasher.digest();
+        if actual != self.shared.digest {
+            let err = StoreError::DigestMismatch {
+                expected: self.shared.digest.clone(),
+                actual,
+            };
+            self.fail(&err);
+            return Err(err);
+        }
+        if let Some(expected) = self.shared.expected_size
+            && expected != self.written
+        {
+            let err = StoreError::SizeMismatch {
+                digest: self.shared.digest.clone(),
+                expected,
+                actual: self.written,
+            };
+            self.fail(&err);
+            return Err(err);
+        }
+        let file = self.file().await?;
+        let (inner, shared, size) = (self.inner.clone(), self.shared.clone(), self.written);
+        let r = tokio::task::spawn_blocking(move || commit_blocking(&inner, &shared, &file, size))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::io(
+                    "commit",
+                    &self.shared.tmp_path,
+                    io::Error::other(e),
+                ))
+            });
+        if let Err(err) = r {
+            self.fail(&err);
+            return Err(err);
+        }
+        self.done = true;
+        let _ = self
+            .inner
+            .events
+            .send(StoreEvent::Added(self.shared.digest.clone()));
+        // The pin taken at commit keeps this blob out of its own eviction pass.
+        self.inner.clone().evict_async().await;
+        Ok(size)
+    }
+
+    /// Abandons the write: followers get `err`, the temp file is deleted.
+    fn fail(&mut self, err: &StoreError) {
+        self.done = true;
+        abandon(&self.inner, &self.shared, err.to_string());
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            abandon(
+                &self.inner,
+                &self.shared,
+                format!(
+                    "write of {} was abandoned before commit",
+                    self.shared.digest
+                ),
+            );
+        }
+    }
+}
+
+/// Marks a write failed and deletes its temp file, unless it has committed meanwhile (a
+/// commit whose future was dropped while its blocking part ran).
+fn abandon(inner: &Inner, shared: &Arc<Shared>, msg: String) {
+    {
+        let mut st = inner.state();
+        if !shared.is_writing() {
+            return;
+        }
+        shared
+            .tx
+            .send_modify(|p| p.phase = Phase::Failed(msg.into()));
+        if st
+            .inflight
+            .get(&shared.digest)
+            .is_some_and(|s| Arc::ptr_eq(s, shared))
+        {
+            st.inflight.remove(&shared.digest);
+        }
+    }
+    if let Err(e) = crate::layout::remove_if_exists(&shared.tmp_path) {
+        tracing::warn!(error = %e, "could not delete the temp file of an abandoned write");
+    }
+}
+
+/// fsync, then (under the store lock, so that eviction and other commits see one order)
+/// rename into place, account the blob, and wake followers.
+fn commit_blocking(
+    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
+    file: &File,
+    size: u64,
+) -> Result<(), StoreError> {
+    file.sync_all()
+        .map_err(|e| StoreError::io("sync", &shared.tmp_path, e))?;
+    let dir = inner.layout.blobs_dir(shared.digest.algorithm());
+    std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+    {
+        let mut st = inner.state();
+        if !shared.is_writing() {
+            return Err(StoreError::Aborted {
+                digest: shared.digest.clone(),
+                reason: "the writer was dropped during commit".into(),
+            });
+        }
+        std::fs::rename(&shared.tmp_path, &shared.final_path)
+            .map_err(|e| StoreError::io("rename", &shared.tmp_path, e))?;
+        st.clock += 1;
+        let tick = st.clock;
+        if let Some(old) = st.blobs.insert(
+            shared.digest.clone(),
+            crate::Entry {
+                size,
+                last_used: tick,
+                pins: 1,
+            },
+        ) {
+            // Only possible if the same blob was also stored by another route; keep its pins.
+            st.bytes -= old.size;
+            if let Some(e) = st.blobs.get_mut(&shared.digest) {
+                e.pins += old.pins;
+            }
+        }
+        st.bytes += size;
+        st.inflight.remove(&shared.digest);
+        let _ = shared.pin.set(Pin {
+            inner: inner.clone(),
+            digest: shared.digest.clone(),
+        });
+        shared.tx.send_modify(|p| {
+            p.written = size;
+            p.phase = Phase::Committed;
+        });
+    }
+    // Make the rename durable; the blob is valid either way.
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// A reader of a blob being written (or already complete). Cheap to clone.
+#[derive(Clone)]
+pub struct Inflight {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Inflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflight")
+            .field("digest", &self.shared.digest)
+            .field("progress", &*self.shared.tx.borrow())
+            .finish()
+    }
+}
+
+impl Inflight {
+    pub fn digest(&self) -> &Digest {
+        &self.shared.digest
+    }
+
+    /// The size announced to `begin` by the writer, if any.
+    pub fn expected_size(&self) -> Option<u64> {
+        self.shared.expected_size
+    }
+
+    /// Bytes written so far (the size, once committed).
+    pub fn written(&self) -> u64 {
+        self.shared.tx.borrow().written
+    }
+
+    /// Bytes from `offset` to the end (or `len` bytes), read as they are written and from the
+    /// final file once committed, in chunks of at most [`CHUNK`] bytes. The last byte of the
+    /// blob is yielded only after its digest was verified; if the write fails the stream ends
+    /// with an error. A range past the end of the committed blob ends with an
+    /// `UnexpectedEof` error.
+    pub fn stream(
+        &self,
+        offset: u64,
+        len: Option<u64>,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let reader = Reader {
+            rx: self.shared.tx.subscribe(),
+            shared: self.shared.clone(),
+            pos: offset,
+            end: len.map(|l| offset.saturating_add(l)),
+            file: None,
+            done: false,
+        };
+        futures_util::stream::unfold(reader, |mut r| async move {
+            let item = r.next_chunk().await?;
+            Some((item, r))
+        })
+    }
+}
+
+struct Reader {
+    shared: Arc<Shared>,
+    rx: watch::Receiver<Progress>,
+    pos: u64,
+    end: Option<u64>,
+    file: Option<Arc<File>>,
+    done: bool,
+}
+
+impl Reader {
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        if self.done {
+            return None;
+        }
+        let r = self.next_inner().await;
+        if !matches!(r, Some(Ok(_))) {
+            self.done = true;
+        }
+        r
+    }
+
+    async fn next_inner(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            if self.end.is_some_and(|end| self.pos >= end) {
+                return None;
+            }
+            let p = self.rx.borrow_and_update().clone();
+            let readable = match p.phase {
+                // Any byte might be the last one: hold one back until verified.
+                Phase::Writing => p.written.saturating_sub(1),
+                Phase::Committed => {
+                    let end = self.end.unwrap_or(p.written);
+                    if end > p.written || self.pos > end {
+                        return Some(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "range {}..{end} is past the end of {} ({} bytes)",
+                                self.pos, self.shared.digest, p.written
+                            ),
+                        )));
+                    }
+                    if self.pos == end {
+                        return None;
+                    }
+                    p.written
+                }
+                Phase::Failed(msg) => return Some(Err(io::Error::other(msg.to_string()))),
+            };
+            if self.pos < readable {
+                let limit = self.end.map_or(readable, |e| e.min(readable));
+                let n = (limit - self.pos).min(CHUNK as u64) as usize;
+                return Some(self.read(n, matches!(p.phase, Phase::Committed)).await);
+            }
+            // Wait for more bytes, the commit, or a failure. The sender lives in `shared`,
+            // which we hold, so this cannot fail; a dropped writer publishes `Failed` first.
+            if self.rx.changed().await.is_err() {
+                return Some(Err(io::Error::other("blob writer vanished")));
+            }
+        }
+    }
+
+    async fn read(&mut self, n: usize, committed: bool) -> io::Result<Bytes> {
+        let file = match (&self.file, self.shared.file.get()) {
+            (Some(f), _) => f.clone(),
+            (None, Some(f)) => f.clone(),
+            // A blob that was complete before `begin`: open the stored file (pinned).
+            (None, None) if committed => {
+                let path = self.shared.final_path.clone();
+                let f = tokio::task::spawn_blocking(move || File::open(path))
+                    .await
+                    .map_err(io::Error::other)??;
+                Arc::new(f)
+            }
+            (None, None) => return Err(io::Error::other("blob temp file missing")),
+        };
+        self.file = Some(file.clone());
+        let pos = self.pos;
+        let buf = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0; n];
+            file.read_exact_at(&mut buf, pos).map(|()| buf)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.pos += n as u64;
+        Ok(Bytes::from(buf))
+    }
+}

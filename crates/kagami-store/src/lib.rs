@@ -1,0 +1,459 @@
+//! kagami's content store: the blobs, tags and manifest media types that `kagami serve`
+//! caches on the node.
+//!
+//! - Blobs live at `<root>/blobs/sha256/<hex>` (OCI-layout-like) and get there only by a
+//!   rename after their digest was verified and the data fsynced: a crash at any moment never
+//!   leaves a partial or wrong blob visible. Writes in flight live in `<root>/tmp/`, which is
+//!   emptied at open.
+//! - One write per digest: [`Store::begin`] hands the first caller a [`BlobWriter`] and every
+//!   later caller an [`Inflight`] that streams the growing file, withholding the last byte
+//!   until the digest is verified.
+//! - A size limit is kept by evicting the least recently used complete blobs after a commit,
+//!   never one that is pinned by an open [`BlobHandle`] or still read by a follower.
+//! - Tags and media types are small records held in memory and persisted one file each.
+//!
+//! One process per root: a second store opened on the same root would delete the first
+//! one's temp files.
+
+mod blob;
+mod error;
+mod layout;
+mod tags;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use kagami_config::Digest;
+use tokio::sync::broadcast;
+
+pub use blob::{Begin, BlobHandle, BlobWriter, CHUNK, Inflight};
+pub use error::StoreError;
+pub use tags::TagEntry;
+
+use blob::{Phase, Pin, Progress, Shared};
+use layout::{Layout, TagMap};
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// The most bytes of complete blobs to keep; `None` for no limit.
+    pub max_size: Option<u64>,
+}
+
+/// A snapshot of the store's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Bytes of complete blobs (temp files of writes in flight not included).
+    pub bytes: u64,
+    /// Number of complete blobs.
+    pub blobs: u64,
+    /// Blobs evicted since open.
+    pub evictions: u64,
+    /// Writes in flight.
+    pub in_flight: u64,
+}
+
+/// A blob appeared in or left the store (for P2P advertise and withdraw).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    Added(Digest),
+    Removed(Digest),
+}
+
+/// The content store. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.inner.layout.root())
+            .field("usage", &self.usage())
+            .finish()
+    }
+}
+
+pub(crate) struct Inner {
+    layout: Layout,
+    max_size: Option<u64>,
+    state: Mutex<State>,
+    events: broadcast::Sender<StoreEvent>,
+    next_tmp: AtomicU64,
+    /// Test hook: writes reaching this many bytes fail with ENOSPC.
+    #[cfg(feature = "fault-injection")]
+    fail_after: AtomicU64,
+}
+
+/// Everything mutable, behind one lock that is never held across an `.await`.
+pub(crate) struct State {
+    blobs: HashMap<Digest, Entry>,
+    bytes: u64,
+    /// Logical time for LRU: bumped on every use.
+    clock: u64,
+    evictions: u64,
+    inflight: HashMap<Digest, Arc<Shared>>,
+    tags: TagMap,
+    media: HashMap<Digest, String>,
+}
+
+/// A complete blob.
+pub(crate) struct Entry {
+    size: u64,
+    last_used: u64,
+    /// Open handles and committed writes still followed; a pinned blob is never evicted.
+    pins: u32,
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        self.layout
+            .tmp_dir()
+            .join(format!("{what}.{}.{n}", std::process::id()))
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn injected_failure(&self, end: u64) -> Option<std::io::Error> {
+        (end > self.fail_after.load(Ordering::Relaxed))
+            .then(|| std::io::Error::from(std::io::ErrorKind::StorageFull))
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn injected_failure(&self, _end: u64) -> Option<std::io::Error> {
+        None
+    }
+
+    async fn evict_async(self: Arc<Self>) {
+        if self.max_size.is_none() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || self.evict()).await;
+    }
+
+    /// Evicts least recently used, unpinned complete blobs until usage is within the limit
+    /// (or only pinned blobs are left). Blocking.
+    fn evict(&self) {
+        let Some(max) = self.max_size else { return };
+        let mut victims = Vec::new();
+        {
+            let mut st = self.state();
+            if st.bytes <= max {
+                return;
+            }
+            let mut candidates: Vec<(u64, Digest)> = st
+                .blobs
+                .iter()
+                .filter(|(_, e)| e.pins == 0)
+                .map(|(d, e)| (e.last_used, d.clone()))
+                .collect();
+            candidates.sort();
+            for (_, d) in candidates {
+                if st.bytes <= max {
+                    break;
+                }
+                // Move it out of blobs/ under the lock (a cheap rename), so that a new write
+                // of the same digest committing later is never deleted by this eviction.
+                let from = self.layout.blob(&d);
+                let to = self.tmp_path("evicted");
+                match std::fs::rename(&from, &to) {
+                    Ok(()) => victims.push((d.clone(), Some(to))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        victims.push((d.clone(), None))
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %from.display(), error = %e, "could not evict a blob");
+                        continue;
+                    }
+                }
+                let e = st.blobs.remove(&d).expect("candidate is present");
+                st.bytes -= e.size;
+                st.evictions += 1;
+                if st.media.remove(&d).is_some() {
+                    let _ = layout::remove_if_exists(&self.layout.meta(&d));
+                }
+            }
+        }
+        for (d, path) in victims {
+            if let Some(path) = path
+                && let Err(e) = layout::remove_if_exists(&path)
+            {
+                tracing::warn!(error = %e, "could not delete an evicted blob");
+            }
+            tracing::debug!(digest = %d, "evicted");
+            let _ = self.events.send(StoreEvent::Removed(d));
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`: creates `blobs/sha256`, `tmp`, `tags`
+    /// and `meta`; deletes leftover temp files and files in `blobs/` that are not named by a
+    /// digest; reads blob sizes and modification times (the initial LRU order), media types
+    /// and the tag index. Blobs already in place are trusted, not re-hashed. If the blobs
+    /// exceed `max_size`, the least recently used are evicted.
+    pub async fn open(root: impl Into<PathBuf>, opts: StoreOptions) -> Result<Store, StoreError> {
+        let layout = Layout::new(root.into());
+        let l = layout.clone();
+        let scanned = tokio::task::spawn_blocking(move || layout::scan(&l))
+            .await
+            .map_err(|e| StoreError::io("open", layout.root(), std::io::Error::other(e)))??;
+
+        let mut blobs = scanned.blobs;
+        blobs.sort_by(|a, b| a.mtime.cmp(&b.mtime).then(a.digest.cmp(&b.digest)));
+        let mut state = State {
+            blobs: HashMap::with_capacity(blobs.len()),
+            bytes: 0,
+            clock: 0,
+            evictions: 0,
+            inflight: HashMap::new(),
+            tags: HashMap::new(),
+            media: scanned.media,
+        };
+        for b in blobs {
+            state.clock += 1;
+            state.bytes += b.size;
+            let entry = Entry {
+                size: b.size,
+                last_used: state.clock,
+                pins: 0,
+            };
+            state.blobs.insert(b.digest, entry);
+        }
+        for t in scanned.tags {
+            state
+                .tags
+                .entry((t.registry, t.repository))
+                .or_default()
+                .insert(t.tag, t.entry);
+        }
+        let inner = Arc::new(Inner {
+            layout,
+            max_size: opts.max_size,
+            state: Mutex::new(state),
+            events: broadcast::channel(1024).0,
+            next_tmp: AtomicU64::new(0),
+            #[cfg(feature = "fault-injection")]
+            fail_after: AtomicU64::new(u64::MAX),
+        });
+        inner.clone().evict_async().await;
+        Ok(Store { inner })
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        self.inner.layout.root()
+    }
+
+    /// Size of a complete (verified) blob, if present. Does not count as a use.
+    pub fn blob_size(&self, d: &Digest) -> Option<u64> {
+        self.inner.state().blobs.get(d).map(|e| e.size)
+    }
+
+    /// Opens a complete blob for reading, marks it used (in memory and in the file's mtime,
+    /// so LRU order roughly survives restarts), and pins it against eviction while the handle
+    /// lives. `None` if the blob is not (or no longer) present.
+    pub async fn open_blob(&self, d: &Digest) -> Result<Option<BlobHandle>, StoreError> {
+        let Some(pin) = self.pin(d) else {
+            return Ok(None);
+        };
+        let path = self.inner.layout.blob(d);
+        let p = path.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&p)?;
+            // Best effort: a read-only filesystem only loses the LRU order across restarts.
+            let _ = f.set_modified(SystemTime::now());
+            let size = f.metadata()?.len();
+            Ok::<_, std::io::Error>((f, size))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match r {
+            Ok((f, size)) => Ok(Some(BlobHandle {
+                size,
+                file: tokio::fs::File::from_std(f),
+                _pin: pin,
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Deleted behind our back: forget it, it is a miss.
+                tracing::warn!(path = %path.display(), "a stored blob disappeared");
+                drop(pin);
+                let removed = {
+                    let mut st = self.inner.state();
+                    let removed = st.blobs.remove(d);
+                    if let Some(e) = &removed {
+                        st.bytes -= e.size;
+                    }
+                    removed.is_some()
+                };
+                if removed {
+                    let _ = self.inner.events.send(StoreEvent::Removed(d.clone()));
+                }
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::io("open", path, e)),
+        }
+    }
+
+    /// Marks a complete blob used and pins it.
+    fn pin(&self, d: &Digest) -> Option<Pin> {
+        let mut st = self.inner.state();
+        st.clock += 1;
+        let tick = st.clock;
+        let e = st.blobs.get_mut(d)?;
+        e.last_used = tick;
+        e.pins += 1;
+        Some(Pin {
+            inner: self.inner.clone(),
+            digest: d.clone(),
+        })
+    }
+
+    /// Starts writing `d`, or joins the write already in flight for `d`. If `d` is already
+    /// complete, returns `Joined` with a reader of the stored blob (pinned while it lives).
+    pub fn begin(&self, d: &Digest, expected_size: Option<u64>) -> Result<Begin, StoreError> {
+        if let Some(pin) = self.pin(d) {
+            let size = self.blob_size(d).unwrap_or(0);
+            let shared = Shared::new(
+                d.clone(),
+                Some(size),
+                PathBuf::new(),
+                self.inner.layout.blob(d),
+                Progress {
+                    written: size,
+                    phase: Phase::Committed,
+                },
+            );
+            let _ = shared.pin.set(pin);
+            return Ok(Begin::Joined(Inflight {
+                shared: Arc::new(shared),
+            }));
+        }
+        let mut st = self.inner.state();
+        if let Some(shared) = st.inflight.get(d) {
+            return Ok(Begin::Joined(Inflight {
+                shared: shared.clone(),
+            }));
+        }
+        let tmp = self
+            .inner
+            .tmp_path(&format!("{}-{}", d.algorithm().name(), d.hex()));
+        let shared = Arc::new(Shared::new(
+            d.clone(),
+            expected_size,
+            tmp,
+            self.inner.layout.blob(d),
+            Progress {
+                written: 0,
+                phase: Phase::Writing,
+            },
+        ));
+        st.inflight.insert(d.clone(), shared.clone());
+        drop(st);
+        Ok(Begin::Writer(BlobWriter::new(self.inner.clone(), shared)))
+    }
+
+    /// Records what a tag points to; persisted at once (a small blocking file write).
+    pub fn put_tag(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        entry: TagEntry,
+    ) -> Result<(), StoreError> {
+        tags::check_key(registry, repository, tag)?;
+        let file = tags::TagFile {
+            registry: registry.into(),
+            repository: repository.into(),
+            tag: tag.into(),
+            entry,
+        };
+        let dest = self
+            .inner
+            .layout
+            .tags_dir()
+            .join(tags::tag_file_name(registry, repository, tag));
+        let tmp = layout::write_temp(self.inner.tmp_path("tag"), &tags::encode(&file))?;
+        let mut st = self.inner.state();
+        if let Err(e) = std::fs::rename(&tmp, &dest) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StoreError::io("rename", tmp, e));
+        }
+        st.tags
+            .entry((file.registry, file.repository))
+            .or_default()
+            .insert(file.tag, file.entry);
+        Ok(())
+    }
+
+    pub fn get_tag(&self, registry: &str, repository: &str, tag: &str) -> Option<TagEntry> {
+        let st = self.inner.state();
+        st.tags
+            .get(&(registry.to_string(), repository.to_string()))?
+            .get(tag)
+            .cloned()
+    }
+
+    /// The tags known for a repository, sorted.
+    pub fn list_tags(&self, registry: &str, repository: &str) -> Vec<String> {
+        let st = self.inner.state();
+        st.tags
+            .get(&(registry.to_string(), repository.to_string()))
+            .map(|m: &BTreeMap<String, TagEntry>| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Records the media type of a manifest stored as blob `d`; persisted at once.
+    pub fn put_media_type(&self, d: &Digest, media_type: &str) -> Result<(), StoreError> {
+        tags::check_media_type(media_type)?;
+        let dir = self.inner.layout.meta_dir(d.algorithm());
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+        let tmp = layout::write_temp(self.inner.tmp_path("meta"), media_type.as_bytes())?;
+        let dest = self.inner.layout.meta(d);
+        let mut st = self.inner.state();
+        if let Err(e) = std::fs::rename(&tmp, &dest) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StoreError::io("rename", tmp, e));
+        }
+        st.media.insert(d.clone(), media_type.into());
+        Ok(())
+    }
+
+    pub fn media_type(&self, d: &Digest) -> Option<String> {
+        self.inner.state().media.get(d).cloned()
+    }
+
+    pub fn usage(&self) -> Usage {
+        let st = self.inner.state();
+        Usage {
+            bytes: st.bytes,
+            blobs: st.blobs.len() as u64,
+            evictions: st.evictions,
+            in_flight: st.inflight.len() as u64,
+        }
+    }
+
+    /// Blobs added and removed from now on. A receiver that falls more than 1024 events
+    /// behind gets `Lagged` and should resynchronise from the store.
+    pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Test hook: from now on, a write that would take a blob past `bytes` fails as if the
+    /// disk were full (`None` turns this off).
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    pub fn inject_write_failure_after(&self, bytes: Option<u64>) {
+        self.inner
+            .fail_after
+            .store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
