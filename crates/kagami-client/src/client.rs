@@ -365,22 +365,26 @@ async fn oauth_post(
     scopes: &[String],
     grant: &[(&str, &str)],
 ) -> Result<(String, Duration), Error> {
-    let mut form = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in grant {
-        form.append_pair(k, v);
-    }
-    if let Some(s) = &ch.service {
-        form.append_pair("service", s);
-    }
-    form.append_pair("scope", &scopes.join(" "));
-    form.append_pair("client_id", "kagami");
+    // Built in a block: the serializer is not Send and must not live across an await.
+    let body = {
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in grant {
+            form.append_pair(k, v);
+        }
+        if let Some(s) = &ch.service {
+            form.append_pair("service", s);
+        }
+        form.append_pair("scope", &scopes.join(" "));
+        form.append_pair("client_id", "kagami");
+        form.finish()
+    };
     let resp = client
         .post(realm.clone())
         .header(
             reqwest::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
         )
-        .body(form.finish())
+        .body(body)
         .send()
         .await
         .map_err(|source| Error::Network {

@@ -26,5 +26,5 @@ mod tls;
 pub use client::{Client, ClientOptions};
 pub use error::{AttemptError, Error, RegistryError};
 pub use manifest::{Descriptor, ManifestView, Platform};
-pub use pull::{BlobStream, Manifest, endpoint_attempts};
+pub use pull::{BlobStream, Manifest, ManifestHead, endpoint_attempts};
 pub use push::{Mount, push_target};

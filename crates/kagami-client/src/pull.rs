@@ -241,6 +241,7 @@ impl Client {
             endpoint: a.endpoint.base(),
             start,
             position: start,
+            content_length: length,
             size,
             digest: digest.to_string(),
             hasher,
@@ -385,6 +386,9 @@ pub struct BlobStream {
     pub start: u64,
     /// The offset after the bytes yielded so far.
     pub position: u64,
+    /// The number of bytes this response carries (its Content-Length), when known:
+    /// the blob's total size is `start + content_length`.
+    pub content_length: Option<u64>,
     size: Option<u64>,
     digest: String,
     /// `None` when resuming without the hash of the skipped prefix: not verified.
@@ -470,5 +474,63 @@ impl Stream for BlobStream {
                 }
             }
         }
+    }
+}
+
+/// What a manifest HEAD says: enough to revalidate a cached tag without a GET.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub digest: String,
+    pub media_type: String,
+    /// The endpoint that answered (base URL).
+    pub endpoint: String,
+}
+
+impl Client {
+    /// HEAD of a manifest by tag or digest, trying every endpoint of the plan in order.
+    pub async fn head_manifest(&self, plan: &Plan, reference: &str) -> Result<ManifestHead, Error> {
+        let what = format!("manifest HEAD {}:{reference}", plan.image.name());
+        self.with_fallback(plan, what, async |a| {
+            self.head_manifest_from(a, reference).await
+        })
+        .await
+    }
+
+    /// HEAD of a manifest on one endpoint; an answer without `Docker-Content-Digest` is an
+    /// error (the caller then GETs).
+    pub async fn head_manifest_from(
+        &self,
+        a: &EndpointAttempt,
+        reference: &str,
+    ) -> Result<ManifestHead, Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        let url = a.url("manifests", reference);
+        let resp = self
+            .send(a, &pull_scopes(a), Method::HEAD, &url, headers, None)
+            .await?;
+        if !resp.status().is_success() {
+            return Err(status_error(&url, resp).await);
+        }
+        let h = resp.headers();
+        let digest = h
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.parse::<Digest>().is_ok())
+            .ok_or_else(|| Error::InvalidManifest {
+                url: url.clone(),
+                why: "HEAD answer has no valid Docker-Content-Digest".into(),
+            })?
+            .to_string();
+        let media_type = h
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string())
+            .unwrap_or_default();
+        Ok(ManifestHead {
+            digest,
+            media_type,
+            endpoint: a.endpoint.base(),
+        })
     }
 }

@@ -3,5 +3,9 @@
 mod support;
 
 mod check;
+mod client;
 mod containerd;
 mod explain;
+mod fake_registry;
+mod pull;
+mod sync;

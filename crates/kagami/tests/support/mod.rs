@@ -386,3 +386,90 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.trac
         String::from_utf8(out.stdout).unwrap()
     }
 }
+
+impl TestImage {
+    /// Pushes the image with skopeo and extra arguments (e.g. `--dest-creds u:p`).
+    pub fn push_args(&self, dest: &str, args: &[&str]) {
+        require(&["skopeo"]);
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .args(args)
+            .arg(format!("oci:{}:{}", self.layout.display(), self.tag))
+            .arg(format!("docker://{dest}")));
+    }
+}
+
+/// A multi-platform image: one small image per `os/arch` built with umoci in one layout,
+/// and an OCI index over them (written by hand) tagged `tag`. Push it with
+/// `skopeo copy --all` ([`push_all`]).
+pub fn build_index(dir: &Path, tag: &str, platforms: &[&str], layer_size: usize) -> TestImage {
+    let mut entries = Vec::new();
+    for p in platforms {
+        let (os, arch) = p.split_once('/').unwrap();
+        let sub = format!("{tag}-{os}-{arch}");
+        let img = build_image(dir, &sub, 1, layer_size);
+        run(Command::new("umoci")
+            .args(["config", "--image"])
+            .arg(format!("{}:{sub}", img.layout.display()))
+            .args(["--architecture", arch, "--os", os]));
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(img.layout.join("index.json")).unwrap()).unwrap();
+        let desc = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == sub.as_str())
+            .unwrap()
+            .clone();
+        entries.push(serde_json::json!({
+            "mediaType": desc["mediaType"],
+            "digest": desc["digest"],
+            "size": desc["size"],
+            "platform": {"os": os, "architecture": arch},
+        }));
+    }
+    let layout = dir.join("oci");
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    });
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let digest = sha256_hex(&bytes);
+    std::fs::write(layout.join("blobs/sha256").join(&digest), &bytes).unwrap();
+    let path = layout.join("index.json");
+    let mut top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    top["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{digest}"),
+            "size": bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }));
+    std::fs::write(&path, serde_json::to_vec(&top).unwrap()).unwrap();
+    TestImage {
+        layout,
+        tag: tag.to_string(),
+    }
+}
+
+/// `skopeo copy --all` of a layout image (index and every platform).
+pub fn push_all(img: &TestImage, dest: &str) {
+    img.push_args(dest, &["--all"]);
+}
+
+/// Hex sha256 of bytes.
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// `htpasswd -Bbn user password` into `path` (apache2-utils).
+pub fn htpasswd(path: &Path, user: &str, password: &str) {
+    require(&["htpasswd"]);
+    let out = run(Command::new("htpasswd").args(["-Bbn", user, password]));
+    std::fs::write(path, out.stdout).unwrap();
+}
