@@ -207,6 +207,18 @@ impl BlobWriter {
         if chunk.is_empty() {
             return Ok(());
         }
+        let end = self.written + chunk.len() as u64;
+        if let Some(expected) = self.shared.expected_size
+            && end > expected
+        {
+            let err = StoreError::SizeMismatch {
+                digest: self.shared.digest.clone(),
+                expected,
+                actual: end,
+            };
+            self.fail(&err);
+            return Err(err);
+        }
         let file = self.file().await?;
         let pos = self.written;
         let buf = chunk.to_vec();
@@ -533,9 +545,14 @@ impl Reader {
             // A blob that was complete before `begin`: open the stored file (pinned).
             (None, None) if committed => {
                 let path = self.shared.final_path.clone();
-                let f = tokio::task::spawn_blocking(move || File::open(path))
-                    .await
-                    .map_err(io::Error::other)??;
+                let f = tokio::task::spawn_blocking(move || {
+                    let f = File::open(path)?;
+                    // A use, for the LRU order after a restart (best effort).
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                    Ok::<_, io::Error>(f)
+                })
+                .await
+                .map_err(io::Error::other)??;
                 Arc::new(f)
             }
             (None, None) => return Err(io::Error::other("blob temp file missing")),

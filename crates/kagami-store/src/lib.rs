@@ -262,7 +262,7 @@ impl Store {
     /// so LRU order roughly survives restarts), and pins it against eviction while the handle
     /// lives. `None` if the blob is not (or no longer) present.
     pub async fn open_blob(&self, d: &Digest) -> Result<Option<BlobHandle>, StoreError> {
-        let Some(pin) = self.pin(d) else {
+        let Some((pin, _)) = self.pin(d) else {
             return Ok(None);
         };
         let path = self.inner.layout.blob(d);
@@ -303,25 +303,25 @@ impl Store {
         }
     }
 
-    /// Marks a complete blob used and pins it.
-    fn pin(&self, d: &Digest) -> Option<Pin> {
+    /// Marks a complete blob used and pins it; returns the pin and the blob's size.
+    fn pin(&self, d: &Digest) -> Option<(Pin, u64)> {
         let mut st = self.inner.state();
         st.clock += 1;
         let tick = st.clock;
         let e = st.blobs.get_mut(d)?;
         e.last_used = tick;
         e.pins += 1;
-        Some(Pin {
+        let pin = Pin {
             inner: self.inner.clone(),
             digest: d.clone(),
-        })
+        };
+        Some((pin, e.size))
     }
 
     /// Starts writing `d`, or joins the write already in flight for `d`. If `d` is already
     /// complete, returns `Joined` with a reader of the stored blob (pinned while it lives).
     pub fn begin(&self, d: &Digest, expected_size: Option<u64>) -> Result<Begin, StoreError> {
-        if let Some(pin) = self.pin(d) {
-            let size = self.blob_size(d).unwrap_or(0);
+        if let Some((pin, size)) = self.pin(d) {
             let shared = Shared::new(
                 d.clone(),
                 Some(size),

@@ -234,14 +234,15 @@ async fn size_mismatch_is_rejected() {
     let store = open(dir.path()).await;
     let bytes = data(1000, 4);
     let d = sha256(&bytes);
-    let mut w = writer(&store, &d, Some(999));
+    // The right bytes, but the announced size was wrong (short): caught at commit.
+    let mut w = writer(&store, &d, Some(1001));
     w.write(&bytes).await.unwrap();
     let e = w.commit().await.unwrap_err();
     assert!(
         matches!(
             e,
             StoreError::SizeMismatch {
-                expected: 999,
+                expected: 1001,
                 actual: 1000,
                 ..
             }
@@ -250,6 +251,46 @@ async fn size_mismatch_is_rejected() {
     );
     assert_eq!(store.blob_size(&d), None);
     assert!(files_in(&dir.path().join("tmp")).is_empty());
+}
+
+#[tokio::test]
+async fn writing_past_the_expected_size_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let bytes = data(1000, 4);
+    let d = sha256(&bytes);
+    let mut w = writer(&store, &d, Some(600));
+    let follower = w.follow();
+    w.write(&bytes[..500]).await.unwrap();
+    let e = w.write(&bytes[500..]).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::SizeMismatch {
+                expected: 600,
+                actual: 1000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let (got, err) = drain(follower.stream(0, None)).await;
+    assert!(err.unwrap().to_string().contains("size mismatch"));
+    assert!(got.len() < 500);
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+    assert_eq!(store.usage().in_flight, 0);
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    fn send<T: Send + 'static>() {}
+    send_sync::<Store>();
+    send_sync::<Inflight>();
+    send_sync::<StoreError>();
+    send::<BlobWriter>();
+    send::<Begin>();
+    send::<kagami_store::BlobHandle>();
 }
 
 #[tokio::test]
