@@ -70,11 +70,7 @@ impl Client {
         for (i, a) in attempts.iter().enumerate() {
             let last = i + 1 == attempts.len();
             let mut result = f(a).await;
-            if last
-                && result
-                    .as_ref()
-                    .is_err_and(|e| e.status().is_some_and(|s| s >= 500))
-            {
+            if last && result.as_ref().is_err_and(Error::is_transient) {
                 result = f(a).await;
             }
             match result {

@@ -180,3 +180,31 @@ fn credentials_not_sent_across_redirect_to_another_host() {
         assert_eq!(r.status, 200);
     }
 }
+
+#[test]
+fn server_errors_are_retried_once_on_the_last_attempt_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = build_image(&tmp.path().join("img"), "1", 1, 16 * 1024);
+    let run = |fail_first: usize| {
+        let fake = Fake::start(
+            "127.0.0.1",
+            &img.layout,
+            FakeOptions {
+                fail_first,
+                ..Default::default()
+            },
+        );
+        let out = tmp.path().join(format!("out{fail_first}"));
+        let o = pull(None, &format!("{}/library/flaky:1", fake.addr), &out, &[]);
+        (o, fake.seen())
+    };
+    // One 503, then fine: the retry succeeds.
+    let (o, seen) = run(1);
+    ok(&o);
+    assert_eq!(seen[0].status, 503);
+    // Two 503s in a row: retried once only, then the pull fails naming the status.
+    let (o, seen) = run(2);
+    let err = crate::pull::failed(&o);
+    assert!(err.contains("HTTP 503"), "{err}");
+    assert_eq!(seen.len(), 2, "exactly one retry: {seen:#?}");
+}

@@ -29,6 +29,8 @@ pub struct FakeOptions {
     /// a refresh token (`grant_type=refresh_token`).
     pub token_basic: Option<(String, String)>,
     pub token_refresh: Option<String>,
+    /// Answer the first this many registry requests with 503.
+    pub fail_first: usize,
 }
 
 /// One request as the fake saw it.
@@ -130,7 +132,13 @@ fn handle(st: &State, method: Method, uri: Uri, headers: HeaderMap, body: Bytes)
         scopes: Vec::new(),
         grant: None,
     };
-    let resp = if uri.path() == "/token" {
+    let failing = {
+        let seen = st.seen.lock().unwrap();
+        seen.len() < st.opts.fail_first
+    };
+    let resp = if failing {
+        oci_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+    } else if uri.path() == "/token" {
         token(
             st,
             &method,

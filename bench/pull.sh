@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# kagami pull vs skopeo copy vs curl, in the same run, on loopback.
+#
+#   bench/pull.sh             # builds kagami (release) and prints the figures
+#   RUNS=5 SIZE_MB=100 bench/pull.sh
+#
+# Builds a single-layer image of SIZE_MB random bytes with umoci, pushes it to a
+# docker-registry on 127.0.0.1, then times (RUNS runs each, medians):
+#   curl    GET of the layer blob into a file (raw transfer, no verification)
+#   skopeo  skopeo copy docker://... oci:DIR:1 (whole image, fresh directory each run)
+#   kagami  kagami pull ... --output DIR (whole image, fresh directory each run)
+# Needs: docker-registry, skopeo, umoci, curl, python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+SIZE_MB=${SIZE_MB:-200}
+cargo build --release -q -p kagami
+KAGAMI=$PWD/target/release/kagami
+WORK=$(mktemp -d /tmp/kagami-bench-pull.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/v2/" && return 0; sleep 0.05; done; echo "port $1 never answered" >&2; exit 1; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+now() { date +%s.%N; }
+
+PORT=$(port)
+mkdir -p "$WORK/reg"
+cat >"$WORK/reg/config.yml" <<YAML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $WORK/reg/data
+http:
+  addr: 127.0.0.1:$PORT
+health:
+  storagedriver:
+    enabled: false
+YAML
+docker-registry serve "$WORK/reg/config.yml" >"$WORK/reg/log" 2>&1 &
+PIDS+=($!)
+wait_port "$PORT"
+
+echo "building a ${SIZE_MB} MB single-layer image..." >&2
+(
+  cd "$WORK"
+  umoci init --layout oci >/dev/null
+  umoci new --image oci:big >/dev/null
+  head -c $((SIZE_MB * 1024 * 1024)) /dev/urandom >big.bin
+  umoci insert --image oci:big big.bin /big.bin >/dev/null
+  umoci config --image oci:big --architecture amd64 --os linux --config.cmd /big.bin >/dev/null
+  rm big.bin
+  skopeo copy --quiet --dest-tls-verify=false oci:oci:big "docker://127.0.0.1:$PORT/bench/big:1"
+)
+IMAGE=127.0.0.1:$PORT/bench/big:1
+LAYER=$(skopeo inspect --tls-verify=false --raw "docker://$IMAGE" |
+  python3 -c 'import json,sys; m=json.load(sys.stdin); print(max(m["layers"], key=lambda l: l["size"])["digest"])')
+BYTES=$(skopeo inspect --tls-verify=false --raw "docker://$IMAGE" |
+  python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]))')
+
+declare -A T
+for i in $(seq "$RUNS"); do
+  rm -rf "$WORK/out"
+  s=$(now); curl -sf -o "$WORK/curl.out" "http://127.0.0.1:$PORT/v2/bench/big/blobs/$LAYER"; e=$(now)
+  T[curl]+="$(echo "$e - $s" | bc) "
+  rm -f "$WORK/curl.out"
+
+  s=$(now); skopeo copy --quiet --src-tls-verify=false "docker://$IMAGE" "oci:$WORK/out:1"; e=$(now)
+  T[skopeo]+="$(echo "$e - $s" | bc) "
+  rm -rf "$WORK/out"
+
+  s=$(now); "$KAGAMI" pull "$IMAGE" --output "$WORK/out" >/dev/null; e=$(now)
+  T[kagami]+="$(echo "$e - $s" | bc) "
+  rm -rf "$WORK/out"
+done
+
+curl_med=$(echo "${T[curl]}" | tr ' ' '\n' | grep . | median)
+echo
+echo "image: 1 layer, $((BYTES / 1024 / 1024)) MiB compressed; $RUNS runs each; $(nproc) cores"
+printf '%-8s %10s %10s %12s   %s\n' tool median_s MB/s vs_curl runs
+for t in curl skopeo kagami; do
+  runs=$(echo "${T[$t]}" | tr ' ' '\n' | grep . | tr '\n' ' ')
+  med=$(echo "${T[$t]}" | tr ' ' '\n' | grep . | median)
+  mbs=$(echo "scale=0; $BYTES / 1000000 / $med" | bc)
+  ratio=$(echo "scale=2; $med / $curl_med" | bc)
+  printf '%-8s %10.3f %10s %11sx   %s\n' "$t" "$med" "$mbs" "$ratio" "$runs"
+done
