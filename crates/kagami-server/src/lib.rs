@@ -1,4 +1,24 @@
-//! kagami's OCI distribution pull API (work in progress).
+//! kagami's OCI distribution pull API: the pull-through mirror containerd talks to.
+//!
+//! [`router`] builds the whole HTTP application on an [`AppState`] (configuration, content
+//! store, upstream). Requests are answered from the store, else from one shared upstream
+//! fetch per digest that is streamed to every waiting client while it is written to the
+//! store.
+//!
+//! Invariants: no blob is ever held whole in memory (manifests, at most 4 MiB, are); a
+//! request the mirror cannot serve gets a fast OCI error (404 so that containerd moves on),
+//! never a hang; what is stored has been verified against its digest by the store.
 
+pub mod app;
+mod blobs;
+pub mod client_upstream;
 pub mod error;
+mod log;
+mod manifests;
+pub mod metrics;
 pub mod path;
+pub mod range;
+pub mod upstream;
+
+pub use app::{AppState, ServerOptions, router};
+pub use upstream::{BlobBody, FetchedManifest, ManifestHead, Upstream, UpstreamError};

@@ -113,6 +113,11 @@ fn normalise_registry(r: &str) -> String {
 }
 
 fn split_target(rest: &str) -> Result<(&str, Target), ApiError> {
+    if rest.contains("/blobs/uploads") {
+        return Err(ApiError::unsupported(
+            "kagami is a pull-only mirror: push to the registry itself",
+        ));
+    }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Ok((name, Target::TagsList));
     }
@@ -197,6 +202,7 @@ mod tests {
             ("docker.io/a/blobs/sha256:xyz", "DIGEST_INVALID"),
             ("docker.io/a/blobs/md5:00", "DIGEST_INVALID"),
             ("docker.io/a/uploads/x", "NOT_FOUND"),
+            ("docker.io/a/blobs/uploads/", "UNSUPPORTED"),
         ] {
             assert_eq!(parse(bad, None).unwrap_err().code, code, "{bad}");
         }

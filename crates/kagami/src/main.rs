@@ -56,6 +56,9 @@ enum Command {
     Pull(cmd::pull::Args),
     /// Copy the images listed in a file (every platform) into another registry.
     Sync(cmd::sync::Args),
+    /// Run the mirror: the OCI distribution pull API containerd talks to, with a
+    /// content store, one upstream fetch per blob, tag revalidation and metrics.
+    Serve(cmd::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::ContainerdConfig(a) => cmd::containerd_config::run(a),
         Command::Pull(a) => cmd::pull::run(a),
         Command::Sync(a) => cmd::sync::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     match result {
         Ok(code) => code,

@@ -8,4 +8,5 @@ mod containerd;
 mod explain;
 mod fake_registry;
 mod pull;
+mod serve;
 mod sync;

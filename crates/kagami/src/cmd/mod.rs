@@ -12,6 +12,7 @@ pub mod check;
 pub mod containerd_config;
 pub mod explain;
 pub mod pull;
+pub mod serve;
 pub mod sync;
 
 /// Loads the configuration named by `--config`, or the embedded default. Warnings are

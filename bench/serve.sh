@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# kagami serve vs docker-registry's pull-through mode, in the same run, on loopback.
+#
+#   bench/serve.sh            # builds kagami (release) and prints the figures
+#
+# Needs: docker-registry, curl, wrk (apt-get install docker-registry curl wrk).
+# Every process listens on 127.0.0.1 and is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+SIZE_MB=${SIZE_MB:-200}
+cargo build --release -q -p kagami
+KAGAMI=$PWD/target/release/kagami
+WORK=$(mktemp -d /tmp/kagami-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/v2/" && return 0; sleep 0.05; done; echo "port $1 never answered" >&2; exit 1; }
+registry() { # name port [remote]
+  local dir=$WORK/$1; mkdir -p "$dir"
+  cat >"$dir/config.yml" <<YAML
+version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+http:
+  addr: 127.0.0.1:$2
+health:
+  storagedriver:
+    enabled: false
+YAML
+  if [ -n "${3:-}" ]; then printf 'proxy:\n  remoteurl: http://127.0.0.1:%s\n' "$3" >>"$dir/config.yml"; fi
+  docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+  PIDS+=($!); wait_port "$2"
+}
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p/100+0.5); if(i<1)i=1; print a[i]}'; }
+
+ORIGIN=$(port); PROXY=$(port); KPORT=$(port)
+registry origin "$ORIGIN"
+registry proxy "$PROXY" "$ORIGIN"
+cat >"$WORK/registries.yaml" <<YAML
+mirrors:
+  docker.io:
+    endpoint: ["http://127.0.0.1:$ORIGIN"]
+YAML
+"$KAGAMI" serve --listen 127.0.0.1:$KPORT --data-dir "$WORK/kagami" --config "$WORK/registries.yaml" \
+  --disable-default-registry-endpoint 2>"$WORK/kagami.log" &
+KPID=$!; PIDS+=($KPID); wait_port "$KPORT"
+
+push_blob() { # repo -> digest (a fresh random blob of SIZE_MB)
+  local f=$WORK/blob.bin
+  head -c $((SIZE_MB*1024*1024)) /dev/urandom >"$f"
+  local d="sha256:$(sha256sum "$f" | cut -d' ' -f1)"
+  local loc; loc=$(curl -sSi -X POST "http://127.0.0.1:$ORIGIN/v2/$1/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+  case $loc in http*) ;; *) loc="http://127.0.0.1:$ORIGIN$loc";; esac
+  case $loc in *\?*) loc="$loc&";; *) loc="$loc?";; esac
+  curl -sSf -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$f" "${loc}digest=$d" >/dev/null
+  rm -f "$f"; echo "$d"
+}
+get_mbps() { curl -sSf -o /dev/null -w '%{speed_download}\n' "$1" | awk '{printf "%.0f\n", $1/1e6}'; }
+blob_url() { # where repo digest
+  case $1 in
+    origin) echo "http://127.0.0.1:$ORIGIN/v2/$2/blobs/$3";;
+    proxy) echo "http://127.0.0.1:$PROXY/v2/$2/blobs/$3";;
+    kagami) echo "http://127.0.0.1:$KPORT/v2/$2/blobs/$3?ns=docker.io";;
+  esac
+}
+upstream_gets() { grep -c "GET /v2/$1/blobs/$2" "$WORK/origin/log" || true; }
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+echo "kagami $("$KAGAMI" --version | cut -d' ' -f2), docker-registry $(docker-registry --version 2>/dev/null | awk '{print $3}'), blob ${SIZE_MB} MiB, medians of $RUNS"
+echo
+
+# Cold: a fresh blob per run, through each mirror.
+declare -A COLD
+for who in proxy kagami; do
+  for r in $(seq "$RUNS"); do
+    d=$(push_blob "library/cold$r$who")
+    COLD[$who]+="$(get_mbps "$(blob_url "$who" "library/cold$r$who" "$d")") "
+  done
+done
+WARM_D=$(push_blob library/warm)
+for who in proxy kagami; do curl -sSf -o /dev/null "$(blob_url "$who" library/warm "$WARM_D")"; done
+sleep 1
+declare -A WARM
+for who in origin proxy kagami; do
+  for r in $(seq "$RUNS"); do WARM[$who]+="$(get_mbps "$(blob_url "$who" library/warm "$WARM_D")") "; done
+done
+m() { echo "$1" | tr ' ' '\n' | grep -v '^$' | median; }
+O=$(m "${WARM[origin]}")
+printf '%-44s %10s %10s %10s\n' "blob GET throughput (MB/s)" origin docker-reg kagami
+printf '%-44s %10s %10s %10s\n' "warm" "$O" "$(m "${WARM[proxy]}")" "$(m "${WARM[kagami]}")"
+printf '%-44s %10s %10s %10s\n' "cold" "-" "$(m "${COLD[proxy]}")" "$(m "${COLD[kagami]}")"
+awk -v o="$O" -v p="$(m "${WARM[proxy]}")" -v k="$(m "${WARM[kagami]}")" -v pc="$(m "${COLD[proxy]}")" -v kc="$(m "${COLD[kagami]}")" \
+  'BEGIN{printf "ratios to origin: warm docker-registry %.2f, kagami %.2f; cold docker-registry %.2f, kagami %.2f\n", p/o, k/o, pc/o, kc/o}'
+echo
+
+# Upstream bytes for one cold blob requested by 1 and by 10 concurrent clients.
+printf '%-44s %10s %10s\n' "upstream copies of one cold blob" docker-reg kagami
+for n in 1 10; do
+  row=()
+  for who in proxy kagami; do
+    repo="library/fan$n$who"; d=$(push_blob "$repo")
+    for _ in $(seq "$n"); do curl -sSf -o /dev/null "$(blob_url "$who" "$repo" "$d")" & done; wait
+    sleep 2
+    row+=("$(upstream_gets "$repo" "$d")")
+  done
+  printf '%-44s %10s %10s\n' "$n client(s)" "${row[0]}" "${row[1]}"
+done
+echo
+
+# Manifest HEAD by tag, warm, one keep-alive connection: p50/p99 over 200 requests.
+TMP=$WORK/m; mkdir -p "$TMP"
+echo '{}' >"$TMP/config.json"
+CFG_D="sha256:$(sha256sum "$TMP/config.json" | cut -d' ' -f1)"
+loc=$(curl -sSi -X POST "http://127.0.0.1:$ORIGIN/v2/library/small/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+case $loc in http*) ;; *) loc="http://127.0.0.1:$ORIGIN$loc";; esac
+case $loc in *\?*) loc="$loc&";; *) loc="$loc?";; esac
+curl -sSf -X PUT --data-binary "@$TMP/config.json" "${loc}digest=$CFG_D" >/dev/null
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":3},"layers":[]}' "$CFG_D" >"$TMP/m.json"
+curl -sSf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$TMP/m.json" "http://127.0.0.1:$ORIGIN/v2/library/small/manifests/1" >/dev/null
+ACCEPT='Accept: application/vnd.oci.image.manifest.v1+json'
+head_url() { case $1 in origin) echo "http://127.0.0.1:$ORIGIN/v2/library/small/manifests/1";; proxy) echo "http://127.0.0.1:$PROXY/v2/library/small/manifests/1";; kagami) echo "http://127.0.0.1:$KPORT/v2/library/small/manifests/1?ns=docker.io";; esac; }
+printf '%-44s %10s %10s %10s\n' "manifest HEAD by tag, warm (ms)" origin docker-reg kagami
+declare -A P50 P99
+for who in origin proxy kagami; do
+  u=$(head_url "$who"); curl -sSf -I -H "$ACCEPT" -o /dev/null "$u"
+  args=(); for _ in $(seq 200); do args+=(-o /dev/null "$u"); done
+  curl -sS -I -H "$ACCEPT" -w '%{time_total}\n' "${args[@]}" >"$TMP/t.$who"
+  P50[$who]=$(awk '{print $1*1000}' "$TMP/t.$who" | pct 50); P99[$who]=$(awk '{print $1*1000}' "$TMP/t.$who" | pct 99)
+done
+printf '%-44s %10s %10s %10s\n' "p50" "${P50[origin]}" "${P50[proxy]}" "${P50[kagami]}"
+printf '%-44s %10s %10s %10s\n' "p99" "${P99[origin]}" "${P99[proxy]}" "${P99[kagami]}"
+if command -v wrk >/dev/null; then
+  rps() { wrk -t2 -c64 -d5s -H "$ACCEPT" -s <(echo 'wrk.method = "HEAD"') "$1" 2>/dev/null | awk '/Requests\/sec/{printf "%.0f", $2}'; }
+  printf '%-44s %10s %10s %10s\n' "manifest HEAD req/s, 64 connections" "$(rps "$(head_url origin)")" "$(rps "$(head_url proxy)")" "$(rps "$(head_url kagami)")"
+else
+  echo "(wrk not installed: no requests/s figure)"
+fi
+echo
+
+# Peak RSS while streaming 50 concurrent downloads of the warm blob.
+rss_peak() { awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
+PPID_PROXY=${PIDS[1]}
+for who in proxy kagami; do
+  for _ in $(seq 50); do curl -sSf -o /dev/null "$(blob_url "$who" library/warm "$WARM_D")" & done; wait
+done
+printf '%-44s %10s %10s\n' "peak RSS after 50 concurrent warm downloads (MiB)" "$(rss_peak "$PPID_PROXY")" "$(rss_peak "$KPID")"
+
+# Time to answer a request no source can serve (endpoints refuse connections).
+DEAD=$(port)
+cat >"$WORK/dead.yaml" <<YAML
+mirrors:
+  dead.example.test:
+    endpoint: ["http://127.0.0.1:$DEAD"]
+YAML
+K2=$(port)
+"$KAGAMI" serve --listen 127.0.0.1:$K2 --data-dir "$WORK/k2" --config "$WORK/dead.yaml" --disable-default-registry-endpoint 2>/dev/null &
+PIDS+=($!); wait_port "$K2"
+for _ in $(seq 5); do curl -s -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$K2/v2/a/b/manifests/1?ns=dead.example.test"; done | awk '{print $1*1000}' | median | xargs printf '%-44s %10s ms\n' "unservable request (refused endpoint), kagami"

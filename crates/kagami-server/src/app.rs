@@ -1,0 +1,294 @@
+//! The router, the shared state and request dispatch.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::future::{BoxFuture, Shared};
+use kagami_config::{Config, Digest, PlanOptions};
+use kagami_store::Store;
+
+use crate::blobs::Fetch;
+use crate::error::ApiError;
+use crate::manifests::Revalidation;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::path::{self, Target};
+use crate::upstream::Upstream;
+
+/// Settings of a running server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// How long a resolved tag is served without asking upstream again.
+    pub tag_ttl: Duration,
+    pub disable_default_endpoint: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            tag_ttl: Duration::from_secs(300),
+            disable_default_endpoint: false,
+        }
+    }
+}
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub config: RwLock<Arc<Config>>,
+    pub store: Store,
+    pub upstream: Arc<dyn Upstream>,
+    pub options: ServerOptions,
+    pub metrics: Metrics,
+    /// Blob fetches in flight, shared by every request for the same digest.
+    pub fetches: Mutex<HashMap<Digest, Arc<Fetch>>>,
+    /// Tag revalidations in flight, by (registry, repository, tag).
+    pub revalidations:
+        Mutex<HashMap<(String, String, String), Shared<BoxFuture<'static, Revalidation>>>>,
+    /// Set while the store refuses writes (disk full): cold blobs pass through uncached.
+    pub store_full_until: Mutex<Option<Instant>>,
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        store: Store,
+        upstream: Arc<dyn Upstream>,
+        options: ServerOptions,
+    ) -> AppState {
+        AppState {
+            inner: Arc::new(Inner {
+                config: RwLock::new(Arc::new(config)),
+                store,
+                upstream,
+                options,
+                metrics: Metrics::new(),
+                fetches: Mutex::new(HashMap::new()),
+                revalidations: Mutex::new(HashMap::new()),
+                store_full_until: Mutex::new(None),
+                ready: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// Replaces the configuration (reload); requests in progress keep the one they started with.
+    pub fn set_config(&self, config: Config) {
+        *self.inner.config.write().expect("config lock") = Arc::new(config);
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.config.read().expect("config lock").clone()
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let m = &self.inner.metrics;
+        let usage = self.inner.store.usage();
+        m.store_bytes.set(usage.bytes as i64);
+        m.store_blobs.set(usage.blobs as i64);
+        m.evictions
+            .inner()
+            .store(usage.evictions, Ordering::Relaxed);
+        m.encode()
+    }
+
+    pub(crate) fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            disable_default_endpoint: self.inner.options.disable_default_endpoint,
+        }
+    }
+}
+
+/// The whole HTTP application: the OCI pull API plus health and metrics.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(dispatch)
+        .layer(axum::middleware::from_fn(limit_headers))
+        .with_state(state)
+}
+
+/// Total size of request headers kagami accepts; clients send a few hundred bytes.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+async fn limit_headers(req: Request, next: axum::middleware::Next) -> Response {
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().to_string().len();
+    if size > MAX_HEADER_BYTES {
+        let mut r = ApiError::name_invalid(format!(
+            "request headers of {size} bytes exceed the limit of {MAX_HEADER_BYTES}"
+        ))
+        .into_response();
+        *r.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+        return r;
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.inner.ready.load(Ordering::SeqCst) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut resp = state.metrics_text().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+/// What a handler tells the request log and metrics about where bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Local,
+    Upstream,
+    None,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Upstream => "upstream",
+            Source::None => "none",
+        }
+    }
+}
+
+async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let (route, result) = route(&state, req).await;
+    let (mut resp, source) = match result {
+        Ok(r) => r,
+        Err(e) => (e.into_response(), Source::None),
+    };
+    let status = resp.status().as_u16();
+    let method_label = match method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    };
+    state
+        .inner
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            method: method_label,
+            status,
+        })
+        .inc();
+    resp.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    // The body may still be streaming: the log line is written when it ends.
+    crate::log::wrap(
+        resp,
+        crate::log::RequestLog {
+            method: method_label,
+            uri: uri.to_string(),
+            status,
+            source,
+            start,
+            state: state.clone(),
+        },
+    )
+}
+
+type Handled = Result<(Response, Source), ApiError>;
+
+async fn route(state: &AppState, req: Request) -> (&'static str, Handled) {
+    let path = req.uri().path().to_string();
+    let is_head = req.method() == Method::HEAD;
+    if req.method() != Method::GET && !is_head {
+        return (
+            "other",
+            Err(ApiError::unsupported("kagami is a pull-only mirror")),
+        );
+    }
+    if path == "/v2" || path == "/v2/" {
+        let mut r = Response::new(Body::from("{}"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return ("base", Ok((r, Source::None)));
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return ("other", Err(ApiError::not_found("not found")));
+    };
+    let ns = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("ns="))
+            .map(|v| v.to_string())
+    });
+    let parsed = match path::parse(rest, ns.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return ("invalid", Err(e)),
+    };
+    let config = state.config();
+    if config.mirror_for(&parsed.registry).is_none() {
+        return (
+            "unserved",
+            Err(ApiError::name_unknown(format!(
+                "registry {} is not served by this mirror (no mirrors entry and no \"*\")",
+                parsed.registry
+            ))),
+        );
+    }
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match &parsed.target {
+        Target::Blob(d) => {
+            let d = d.clone();
+            (
+                "blob",
+                crate::blobs::get(state, &config, &parsed, &d, range.as_deref(), is_head).await,
+            )
+        }
+        Target::Manifest(r) => {
+            let r = r.clone();
+            (
+                "manifest",
+                crate::manifests::get(state, &config, &parsed, &r, is_head).await,
+            )
+        }
+        Target::TagsList => ("tags", crate::manifests::tags_list(state, &parsed)),
+    }
+}

@@ -1,0 +1,403 @@
+//! Blob GET/HEAD: from the store, else from one shared upstream fetch per digest, streamed
+//! to every waiting client while it is written to the store.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use futures_util::StreamExt;
+use kagami_config::{Config, Digest, plan};
+use kagami_store::{Begin, BlobHandle, Inflight};
+use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
+use tokio::sync::watch;
+use tokio_util::io::ReaderStream;
+
+use crate::app::{AppState, Source};
+use crate::error::ApiError;
+use crate::metrics::{CacheLabels, EndpointLabels};
+use crate::path::OciPath;
+use crate::range::{self, RangeRequest};
+use crate::upstream::BlobBody;
+
+const CHUNK: usize = 256 * 1024;
+/// How long cold blobs bypass the store after a write failed (disk full).
+const FULL_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One upstream fetch of a blob, shared by every request for it.
+pub struct Fetch {
+    state: watch::Sender<FetchState>,
+}
+
+#[derive(Clone)]
+enum FetchState {
+    Connecting,
+    Streaming {
+        inflight: Arc<Inflight>,
+        size: Option<u64>,
+    },
+    /// The store cannot take the blob: each request streams from upstream itself.
+    PassThrough,
+    Failed(String),
+}
+
+pub(crate) async fn get(
+    state: &AppState,
+    config: &Arc<Config>,
+    path: &OciPath,
+    digest: &Digest,
+    range_header: Option<&str>,
+    head: bool,
+) -> Result<(Response, Source), ApiError> {
+    let inner = &state.inner;
+    if let Some(handle) = inner
+        .store
+        .open_blob(digest)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+    {
+        cache(state, "hit");
+        return serve_local(handle, digest, range_header, head).await;
+    }
+    cache(state, "miss");
+    let store_full = inner
+        .store_full_until
+        .lock()
+        .expect("lock")
+        .is_some_and(|t| Instant::now() < t);
+    let fetch = if store_full {
+        None
+    } else {
+        Some(join_or_start(state, config, path, digest))
+    };
+    let mut rx = match &fetch {
+        Some(f) => f.state.subscribe(),
+        None => watch::channel(FetchState::PassThrough).1,
+    };
+    let current = rx
+        .wait_for(|s| !matches!(s, FetchState::Connecting))
+        .await
+        .map(|s| s.clone())
+        .unwrap_or(FetchState::Failed("fetch ended unexpectedly".into()));
+    match current {
+        FetchState::Streaming { inflight, size } => Ok((
+            serve_inflight(&inflight, size, digest, range_header, head),
+            Source::Upstream,
+        )),
+        FetchState::PassThrough => pass_through(state, config, path, digest, head).await,
+        FetchState::Failed(why) => Err(ApiError::blob_unknown(why)),
+        FetchState::Connecting => unreachable!("waited for a later state"),
+    }
+}
+
+fn cache(state: &AppState, result: &'static str) {
+    state
+        .inner
+        .metrics
+        .cache
+        .get_or_create(&CacheLabels {
+            kind: "blob",
+            result,
+        })
+        .inc();
+}
+
+fn join_or_start(
+    state: &AppState,
+    config: &Arc<Config>,
+    path: &OciPath,
+    digest: &Digest,
+) -> Arc<Fetch> {
+    let mut fetches = state.inner.fetches.lock().expect("fetches lock");
+    if let Some(f) = fetches.get(digest) {
+        return f.clone();
+    }
+    let fetch = Arc::new(Fetch {
+        state: watch::channel(FetchState::Connecting).0,
+    });
+    fetches.insert(digest.clone(), fetch.clone());
+    let (state, config, path, digest, f) = (
+        state.clone(),
+        config.clone(),
+        path.clone(),
+        digest.clone(),
+        fetch.clone(),
+    );
+    tokio::spawn(async move {
+        state.inner.metrics.inflight.inc();
+        run_fetch(&state, &config, &path, &digest, &f).await;
+        state.inner.metrics.inflight.dec();
+        state
+            .inner
+            .fetches
+            .lock()
+            .expect("fetches lock")
+            .remove(&digest);
+    });
+    fetch
+}
+
+/// The leader: fetches the blob from upstream into the store, resuming from the next
+/// attempt at the same offset when an upstream fails mid-blob.
+async fn run_fetch(
+    state: &AppState,
+    config: &Config,
+    path: &OciPath,
+    digest: &Digest,
+    fetch: &Fetch,
+) {
+    let inner = &state.inner;
+    let plan = plan(&path.reference(), config, state.plan_options());
+    let mut writer = match inner.store.begin(digest, None) {
+        Ok(Begin::Writer(w)) => w,
+        Ok(Begin::Joined(inflight)) => {
+            let size = inflight.expected_size();
+            fetch.state.send_replace(FetchState::Streaming {
+                inflight: Arc::new(inflight),
+                size,
+            });
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "content store refused a new blob; passing through uncached");
+            mark_store_full(state);
+            fetch.state.send_replace(FetchState::PassThrough);
+            return;
+        }
+    };
+    let mut body = match inner.upstream.blob(&plan, digest, 0, 0).await {
+        Ok(b) => b,
+        Err(e) => {
+            upstream_failed(state, &plan);
+            fetch.state.send_replace(FetchState::Failed(e.message));
+            return;
+        }
+    };
+    let size = body.size;
+    fetch.state.send_replace(FetchState::Streaming {
+        inflight: Arc::new(writer.follow()),
+        size,
+    });
+    loop {
+        count_upstream(state, &body);
+        let outcome = pump(&mut writer, &mut body).await;
+        match outcome {
+            Pump::Done if size.is_none_or(|s| writer.written() == s) => break,
+            Pump::Done | Pump::UpstreamFailed => {
+                let offset = writer.written();
+                tracing::warn!(%digest, offset, source = %body.source, "upstream failed mid-blob; continuing from the next attempt");
+                match inner
+                    .upstream
+                    .blob(&plan, digest, offset, body.attempt + 1)
+                    .await
+                {
+                    Ok(b) => body = b,
+                    Err(e) => {
+                        tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
+                        upstream_failed(state, &plan);
+                        return; // dropping the writer aborts: followers get an error
+                    }
+                }
+            }
+            Pump::StoreFailed(e) => {
+                tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
+                mark_store_full(state);
+                return;
+            }
+        }
+    }
+    match writer.commit().await {
+        Ok(n) => tracing::debug!(%digest, bytes = n, "blob stored"),
+        Err(e) => tracing::warn!(%digest, error = %e, "blob not stored"),
+    }
+}
+
+enum Pump {
+    Done,
+    UpstreamFailed,
+    StoreFailed(kagami_store::StoreError),
+}
+
+async fn pump(writer: &mut kagami_store::BlobWriter, body: &mut BlobBody) -> Pump {
+    while let Some(chunk) = body.stream.next().await {
+        match chunk {
+            Ok(c) => {
+                if let Err(e) = writer.write(&c).await {
+                    return Pump::StoreFailed(e);
+                }
+            }
+            Err(_) => return Pump::UpstreamFailed,
+        }
+    }
+    Pump::Done
+}
+
+fn count_upstream(state: &AppState, body: &BlobBody) {
+    state
+        .inner
+        .metrics
+        .upstream_fetches
+        .get_or_create(&EndpointLabels {
+            endpoint: body.source.clone(),
+        })
+        .inc();
+}
+
+fn upstream_failed(state: &AppState, plan: &kagami_config::Plan) {
+    let first = plan
+        .attempts
+        .iter()
+        .find_map(|a| match a {
+            kagami_config::Attempt::Endpoint(e) => Some(e.endpoint.base()),
+            kagami_config::Attempt::Peers => None,
+        })
+        .unwrap_or_else(|| "none".into());
+    state
+        .inner
+        .metrics
+        .upstream_failures
+        .get_or_create(&EndpointLabels { endpoint: first })
+        .inc();
+}
+
+fn mark_store_full(state: &AppState) {
+    *state.inner.store_full_until.lock().expect("lock") = Some(Instant::now() + FULL_BACKOFF);
+}
+
+/// Streams straight from upstream to this client, storing nothing.
+async fn pass_through(
+    state: &AppState,
+    config: &Config,
+    path: &OciPath,
+    digest: &Digest,
+    head: bool,
+) -> Result<(Response, Source), ApiError> {
+    let plan = plan(&path.reference(), config, state.plan_options());
+    let body = state
+        .inner
+        .upstream
+        .blob(&plan, digest, 0, 0)
+        .await
+        .map_err(|e| ApiError::blob_unknown(e.message))?;
+    count_upstream(state, &body);
+    let mut b = blob_response(StatusCode::OK, digest, body.size);
+    if !head {
+        *b.body_mut() = Body::from_stream(body.stream);
+    }
+    Ok((b, Source::Upstream))
+}
+
+fn blob_response(status: StatusCode, digest: &Digest, len: Option<u64>) -> Response {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        "Docker-Content-Digest",
+        HeaderValue::from_str(&digest.to_string()).expect("digest is ascii"),
+    );
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    r
+}
+
+fn content_range(r: &mut Response, start: u64, end: u64, size: u64) {
+    r.headers_mut().insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")).expect("ascii"),
+    );
+}
+
+fn unsatisfiable(size: u64) -> Response {
+    let mut r = axum::response::IntoResponse::into_response(ApiError::range_not_satisfiable(size));
+    r.headers_mut().insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+    );
+    r
+}
+
+async fn serve_local(
+    mut handle: BlobHandle,
+    digest: &Digest,
+    range_header: Option<&str>,
+    head: bool,
+) -> Result<(Response, Source), ApiError> {
+    let size = handle.size;
+    let (status, start, len) = match range::parse(range_header, size) {
+        RangeRequest::Full => (StatusCode::OK, 0, size),
+        RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
+        RangeRequest::Unsatisfiable => return Ok((unsatisfiable(size), Source::None)),
+    };
+    let mut resp = blob_response(status, digest, Some(len));
+    if status == StatusCode::PARTIAL_CONTENT {
+        content_range(&mut resp, start, start + len - 1, size);
+    }
+    if !head {
+        if start > 0 {
+            handle
+                .file
+                .seek(io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+        let reader = tokio::io::AsyncReadExt::take(Pinned(handle), len);
+        *resp.body_mut() = Body::from_stream(ReaderStream::with_capacity(reader, CHUNK));
+    }
+    Ok((resp, Source::Local))
+}
+
+/// Keeps the store's pin on a blob for as long as its body is being sent.
+struct Pinned(BlobHandle);
+
+impl AsyncRead for Pinned {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0.file).poll_read(cx, buf)
+    }
+}
+
+fn serve_inflight(
+    inflight: &Inflight,
+    size: Option<u64>,
+    digest: &Digest,
+    range_header: Option<&str>,
+    head: bool,
+) -> Response {
+    let (status, start, len) = match size {
+        None => (StatusCode::OK, 0, None),
+        Some(size) => match range::parse(range_header, size) {
+            RangeRequest::Full => (StatusCode::OK, 0, Some(size)),
+            RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, Some(r.len())),
+            RangeRequest::Unsatisfiable => return unsatisfiable(size),
+        },
+    };
+    let mut resp = blob_response(status, digest, len);
+    if let (StatusCode::PARTIAL_CONTENT, Some(len), Some(size)) = (status, len, size) {
+        content_range(&mut resp, start, start + len - 1, size);
+    }
+    if !head {
+        let stream = inflight.stream(
+            start,
+            if status == StatusCode::PARTIAL_CONTENT {
+                len
+            } else {
+                None
+            },
+        );
+        *resp.body_mut() = Body::from_stream(stream);
+    }
+    resp
+}

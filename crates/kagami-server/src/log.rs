@@ -1,0 +1,85 @@
+//! One structured log line per request, written when its body has been sent (or the
+//! client went away), with the source of the bytes, the byte count and the duration.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::app::{AppState, Source};
+use crate::metrics::SourceLabels;
+
+pub struct RequestLog {
+    pub method: &'static str,
+    pub uri: String,
+    pub status: u16,
+    pub source: Source,
+    pub start: Instant,
+    pub state: AppState,
+}
+
+struct Counting<S> {
+    inner: S,
+    bytes: u64,
+    failed: bool,
+    log: RequestLog,
+}
+
+impl<S> Stream for Counting<S>
+where
+    S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
+{
+    type Item = Result<Bytes, axum::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let poll = Pin::new(&mut self.inner).poll_next(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(b))) => self.bytes += b.len() as u64,
+            Poll::Ready(Some(Err(_))) => self.failed = true,
+            _ => {}
+        }
+        poll
+    }
+}
+
+impl<S> Drop for Counting<S> {
+    fn drop(&mut self) {
+        let l = &self.log;
+        if l.source != Source::None && self.bytes > 0 {
+            l.state
+                .inner
+                .metrics
+                .bytes_served
+                .get_or_create(&SourceLabels {
+                    source: l.source.as_str(),
+                })
+                .inc_by(self.bytes);
+        }
+        tracing::info!(
+            target: "kagami::request",
+            method = l.method,
+            uri = %l.uri,
+            status = l.status,
+            source = l.source.as_str(),
+            bytes = self.bytes,
+            duration_ms = l.start.elapsed().as_secs_f64() * 1000.0,
+            complete = !self.failed,
+            "request"
+        );
+    }
+}
+
+pub fn wrap(resp: Response, log: RequestLog) -> Response {
+    let (parts, body) = resp.into_parts();
+    let stream = Counting {
+        inner: body.into_data_stream(),
+        bytes: 0,
+        failed: false,
+        log,
+    };
+    Response::from_parts(parts, Body::from_stream(stream))
+}

@@ -1,0 +1,343 @@
+//! Manifest GET/HEAD and the tag policy: digests never expire; a tag is revalidated
+//! upstream (HEAD, then GET when it moved) after the TTL, revalidations of one tag are
+//! coalesced, and when every upstream attempt fails the cached digest is served
+//! (stale-if-error).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use futures_util::FutureExt;
+use kagami_config::{Config, Digest, Plan, plan};
+use kagami_store::{Begin, TagEntry};
+use tokio::io::AsyncReadExt;
+
+use crate::app::{AppState, Source};
+use crate::error::ApiError;
+use crate::metrics::CacheLabels;
+use crate::path::{ManifestRef, OciPath};
+use crate::upstream::FetchedManifest;
+
+/// The largest manifest kagami stores or serves.
+pub const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
+
+/// The outcome of one (shared) revalidation of a tag.
+#[derive(Clone)]
+pub enum Revalidation {
+    Current(TagEntry),
+    Failed { message: String, not_found: bool },
+}
+
+type Handled = Result<(Response, Source), ApiError>;
+
+pub(crate) async fn get(
+    state: &AppState,
+    config: &Arc<Config>,
+    path: &OciPath,
+    r: &ManifestRef,
+    head: bool,
+) -> Handled {
+    match r {
+        ManifestRef::Digest(d) => {
+            if let Some(resp) = serve_stored(state, d, head).await? {
+                cache(state, "hit");
+                return Ok((resp, Source::Local));
+            }
+            cache(state, "miss");
+            let plan = plan(&path.reference(), config, state.plan_options());
+            let m = state
+                .inner
+                .upstream
+                .manifest(&plan, &d.to_string())
+                .await
+                .map_err(|e| ApiError::manifest_unknown(e.message))?;
+            if &m.digest != d {
+                return Err(ApiError::manifest_unknown(format!(
+                    "upstream answered {} for {d}",
+                    m.digest
+                )));
+            }
+            store_manifest(state, &m).await;
+            Ok((
+                manifest_response(&m.bytes, &m.media_type, &m.digest, head),
+                Source::Upstream,
+            ))
+        }
+        ManifestRef::Tag(tag) => {
+            let store = &state.inner.store;
+            let cached = store.get_tag(&path.registry, &path.repository, tag);
+            if let Some(e) = &cached {
+                let age = SystemTime::now()
+                    .duration_since(e.fetched_at)
+                    .unwrap_or_default();
+                if age < state.inner.options.tag_ttl
+                    && let Some(resp) = serve_stored(state, &e.digest, head).await?
+                {
+                    cache(state, "hit");
+                    return Ok((resp, Source::Local));
+                }
+            }
+            cache(state, "miss");
+            match revalidate(state, config, path, tag, cached.clone()).await {
+                Revalidation::Current(entry) => {
+                    match serve_stored(state, &entry.digest, head).await? {
+                        Some(resp) => Ok((resp, Source::Upstream)),
+                        None => Err(ApiError::manifest_unknown(format!(
+                            "{} resolved to {} but it is not stored",
+                            tag, entry.digest
+                        ))),
+                    }
+                }
+                Revalidation::Failed { message, not_found } => {
+                    if let Some(e) = cached
+                        && let Some(resp) = serve_stored(state, &e.digest, head).await?
+                    {
+                        state.inner.metrics.stale_served.inc();
+                        tracing::warn!(
+                            registry = %path.registry, repository = %path.repository, tag, digest = %e.digest,
+                            error = %message, "every upstream failed; serving the cached digest (stale-if-error)"
+                        );
+                        return Ok((resp, Source::Local));
+                    }
+                    let _ = not_found;
+                    Err(ApiError::manifest_unknown(message))
+                }
+            }
+        }
+    }
+}
+
+fn cache(state: &AppState, result: &'static str) {
+    state
+        .inner
+        .metrics
+        .cache
+        .get_or_create(&CacheLabels {
+            kind: "manifest",
+            result,
+        })
+        .inc();
+}
+
+/// One revalidation per tag at a time; concurrent requests share its outcome.
+async fn revalidate(
+    state: &AppState,
+    config: &Arc<Config>,
+    path: &OciPath,
+    tag: &str,
+    cached: Option<TagEntry>,
+) -> Revalidation {
+    let key = (
+        path.registry.clone(),
+        path.repository.clone(),
+        tag.to_string(),
+    );
+    let shared = {
+        let mut map = state
+            .inner
+            .revalidations
+            .lock()
+            .expect("revalidations lock");
+        if let Some(f) = map.get(&key) {
+            f.clone()
+        } else {
+            let (st, cfg, p, t) = (state.clone(), config.clone(), path.clone(), tag.to_string());
+            let k = key.clone();
+            let fut = async move {
+                let plan = plan(&p.reference(), &cfg, st.plan_options());
+                let out = resolve_tag(&st, &plan, &p, &t, cached).await;
+                st.inner
+                    .revalidations
+                    .lock()
+                    .expect("revalidations lock")
+                    .remove(&k);
+                out
+            }
+            .boxed()
+            .shared();
+            map.insert(key, fut.clone());
+            fut
+        }
+    };
+    shared.await
+}
+
+async fn resolve_tag(
+    state: &AppState,
+    plan: &Plan,
+    path: &OciPath,
+    tag: &str,
+    cached: Option<TagEntry>,
+) -> Revalidation {
+    let inner = &state.inner;
+    let now = SystemTime::now();
+    if let Some(old) = &cached
+        && let Ok(head) = inner.upstream.head_manifest(plan, tag).await
+        && head.digest == old.digest
+        && inner.store.blob_size(&old.digest).is_some()
+    {
+        let entry = TagEntry {
+            fetched_at: now,
+            ..old.clone()
+        };
+        if let Err(e) = inner
+            .store
+            .put_tag(&path.registry, &path.repository, tag, entry.clone())
+        {
+            tracing::warn!(error = %e, "cannot record tag revalidation");
+        }
+        return Revalidation::Current(entry);
+    }
+    match inner.upstream.manifest(plan, tag).await {
+        Ok(m) => {
+            if !store_manifest(state, &m).await {
+                return Revalidation::Failed {
+                    message: format!("cannot store manifest {}", m.digest),
+                    not_found: false,
+                };
+            }
+            let entry = TagEntry {
+                digest: m.digest.clone(),
+                media_type: m.media_type.clone(),
+                fetched_at: now,
+            };
+            if let Err(e) =
+                inner
+                    .store
+                    .put_tag(&path.registry, &path.repository, tag, entry.clone())
+            {
+                tracing::warn!(error = %e, "cannot record tag");
+            }
+            Revalidation::Current(entry)
+        }
+        Err(e) => Revalidation::Failed {
+            message: e.message,
+            not_found: e.not_found,
+        },
+    }
+}
+
+/// Stores a verified manifest as a blob with its media type. True when it is stored.
+async fn store_manifest(state: &AppState, m: &FetchedManifest) -> bool {
+    let store = &state.inner.store;
+    if m.bytes.len() as u64 > MAX_MANIFEST {
+        tracing::warn!(digest = %m.digest, bytes = m.bytes.len(), "manifest larger than 4 MiB refused");
+        return false;
+    }
+    if store.blob_size(&m.digest).is_none() {
+        match store.begin(&m.digest, Some(m.bytes.len() as u64)) {
+            Ok(Begin::Writer(mut w)) => {
+                if let Err(e) = w.write(&m.bytes).await {
+                    tracing::warn!(digest = %m.digest, error = %e, "cannot store manifest");
+                    return false;
+                }
+                if let Err(e) = w.commit().await {
+                    tracing::warn!(digest = %m.digest, error = %e, "cannot store manifest");
+                    return false;
+                }
+            }
+            Ok(Begin::Joined(inflight)) => {
+                // Someone else is writing it: wait for the end of their write.
+                use futures_util::StreamExt as _;
+                let mut s = std::pin::pin!(inflight.stream(0, None));
+                while let Some(chunk) = s.next().await {
+                    if chunk.is_err() {
+                        return false;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(digest = %m.digest, error = %e, "cannot store manifest");
+                return false;
+            }
+        }
+    }
+    if let Err(e) = store.put_media_type(&m.digest, &m.media_type) {
+        tracing::warn!(digest = %m.digest, error = %e, "cannot record manifest media type");
+    }
+    true
+}
+
+/// Serves a stored manifest, or None when it is not in the store.
+async fn serve_stored(
+    state: &AppState,
+    digest: &Digest,
+    head: bool,
+) -> Result<Option<Response>, ApiError> {
+    let store = &state.inner.store;
+    let Some(mut handle) = store
+        .open_blob(digest)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    if handle.size > MAX_MANIFEST {
+        return Err(ApiError::manifest_too_big(format!(
+            "{digest} is larger than 4 MiB"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(handle.size as usize);
+    handle
+        .file
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let media_type = store
+        .media_type(digest)
+        .or_else(|| media_type_of(&bytes))
+        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+    Ok(Some(manifest_response(&bytes, &media_type, digest, head)))
+}
+
+/// The `mediaType` field of a manifest, if it has one.
+fn media_type_of(bytes: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()?
+        .get("mediaType")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn manifest_response(bytes: &[u8], media_type: &str, digest: &Digest, head: bool) -> Response {
+    let mut r = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::from(bytes.to_vec())
+    });
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(media_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    h.insert(
+        "Docker-Content-Digest",
+        HeaderValue::from_str(&digest.to_string()).expect("ascii"),
+    );
+    r
+}
+
+pub(crate) fn tags_list(state: &AppState, path: &OciPath) -> Handled {
+    let mut tags = state
+        .inner
+        .store
+        .list_tags(&path.registry, &path.repository);
+    tags.sort();
+    if tags.is_empty() {
+        return Err(ApiError::name_unknown(format!(
+            "no tags of {}/{} have been pulled through this mirror",
+            path.registry, path.repository
+        )));
+    }
+    let body = serde_json::json!({"name": path.repository, "tags": tags}).to_string();
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok((r, Source::Local))
+}

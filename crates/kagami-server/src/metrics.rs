@@ -1,0 +1,127 @@
+//! Prometheus metrics, kept in the app state (no globals) and served on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub bytes_served: Family<SourceLabels, Counter>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub upstream_fetches: Family<EndpointLabels, Counter>,
+    pub upstream_failures: Family<EndpointLabels, Counter>,
+    pub inflight: Gauge,
+    pub store_bytes: Gauge,
+    pub store_blobs: Gauge,
+    pub evictions: Counter,
+    pub stale_served: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kagami");
+        let m = Metrics {
+            requests: Family::default(),
+            bytes_served: Family::default(),
+            cache: Family::default(),
+            upstream_fetches: Family::default(),
+            upstream_failures: Family::default(),
+            inflight: Gauge::default(),
+            store_bytes: Gauge::default(),
+            store_blobs: Gauge::default(),
+            evictions: Counter::default(),
+            stale_served: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "served_bytes",
+            "Bytes of blobs and manifests served, by source (local, upstream)",
+            m.bytes_served.clone(),
+        );
+        registry.register(
+            "cache_requests",
+            "Blob and manifest lookups by result (hit, miss)",
+            m.cache.clone(),
+        );
+        registry.register(
+            "upstream_fetches",
+            "Fetches answered by an upstream endpoint",
+            m.upstream_fetches.clone(),
+        );
+        registry.register(
+            "upstream_failures",
+            "Fetches that failed at every upstream attempt, by the first endpoint tried",
+            m.upstream_failures.clone(),
+        );
+        registry.register(
+            "inflight_fetches",
+            "Upstream blob fetches in progress",
+            m.inflight.clone(),
+        );
+        registry.register(
+            "store_size_bytes",
+            "Bytes of blobs in the content store",
+            m.store_bytes.clone(),
+        );
+        registry.register(
+            "store_blobs",
+            "Blobs in the content store",
+            m.store_blobs.clone(),
+        );
+        registry.register(
+            "store_evictions",
+            "Blobs evicted to keep the store under its size limit",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "stale_tags_served",
+            "Tag requests answered from cache because every upstream failed",
+            m.stale_served.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

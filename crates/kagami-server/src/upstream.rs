@@ -1,0 +1,72 @@
+//! The seam between the server and whatever fetches from registries. The real
+//! implementation adapts `kagami-client`; tests use fakes for fault injection.
+
+use std::io;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use kagami_config::{Digest, Plan};
+
+/// A manifest fetched and verified against its digest.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+    /// The endpoint it came from (for logs and metrics).
+    pub source: String,
+}
+
+/// What a manifest HEAD by tag says.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub digest: Digest,
+    pub media_type: String,
+    pub source: String,
+}
+
+/// A blob body from one attempt, starting at the requested offset. Not verified here:
+/// the content store hashes the whole blob across attempts.
+pub struct BlobBody {
+    pub stream: BoxStream<'static, io::Result<Bytes>>,
+    /// Total size of the blob (not of the remaining body), when the upstream said.
+    pub size: Option<u64>,
+    pub source: String,
+    /// Index of the plan attempt that answered, so a resume can start after it.
+    pub attempt: usize,
+}
+
+/// Why every attempt failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct UpstreamError {
+    pub message: String,
+    /// True when every attempt said "not found" (as opposed to errors).
+    pub not_found: bool,
+}
+
+pub trait Upstream: Send + Sync + 'static {
+    /// GET a manifest by tag or digest through the plan, verified.
+    fn manifest<'a>(
+        &'a self,
+        plan: &'a Plan,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedManifest, UpstreamError>>;
+
+    /// HEAD a manifest by tag through the plan (tag revalidation).
+    fn head_manifest<'a>(
+        &'a self,
+        plan: &'a Plan,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<ManifestHead, UpstreamError>>;
+
+    /// GET a blob from `offset`, trying the plan's attempts from index `from_attempt` on.
+    fn blob<'a>(
+        &'a self,
+        plan: &'a Plan,
+        digest: &'a Digest,
+        offset: u64,
+        from_attempt: usize,
+    ) -> BoxFuture<'a, Result<BlobBody, UpstreamError>>;
+}

@@ -1,0 +1,286 @@
+//! `kagami serve`: the pull-through mirror containerd talks to.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use kagami_config::containerd::{RenderOptions, render, write_hosts_dir};
+use kagami_config::{Config, Endpoint};
+use kagami_server::{AppState, ServerOptions, router};
+use kagami_store::{Store, StoreOptions};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::print_diagnostics;
+
+/// Where kagami looks for registries.yaml when --config is not given.
+const DEFAULT_CONFIG: &str = "/etc/kagami/registries.yaml";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// registries.yaml (K3s format). When the file does not exist, kagami uses its
+    /// embedded default, which mirrors every registry from its default endpoint. The file
+    /// is reloaded on SIGHUP and when it changes; a new version with errors is refused
+    /// and the old one kept.
+    #[arg(long, short = 'c', env = "KAGAMI_CONFIG", value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Address to listen on for containerd (the OCI distribution API), /metrics, /healthz
+    /// and /readyz.
+    #[arg(long, env = "KAGAMI_LISTEN", default_value = "127.0.0.1:5000")]
+    listen: SocketAddr,
+    /// Directory of the content store (blobs, tags) and other state.
+    #[arg(long, env = "KAGAMI_DATA_DIR", default_value = "/var/lib/kagami")]
+    data_dir: PathBuf,
+    /// Largest size of the content store (e.g. 20GiB, 500MB); least recently used blobs
+    /// are evicted beyond it. Unlimited when not set.
+    #[arg(long, env = "KAGAMI_MAX_STORE_SIZE", value_parser = parse_size)]
+    max_store_size: Option<u64>,
+    /// How long a resolved tag is served before kagami asks upstream again (e.g. 300s,
+    /// 5m, 1h). Digests never expire. When every upstream fails, the cached digest is
+    /// served anyway.
+    #[arg(long, env = "KAGAMI_TAG_TTL", default_value = "5m", value_parser = parse_duration)]
+    tag_ttl: Duration,
+    /// As K3s's flag: no default endpoint for registries that have a mirrors entry.
+    #[arg(long, env = "KAGAMI_DISABLE_DEFAULT_REGISTRY_ENDPOINT")]
+    disable_default_registry_endpoint: bool,
+    /// Write containerd's hosts.toml files into DIR at start (and on reload), with this
+    /// kagami first for every registry it serves.
+    #[arg(long, env = "KAGAMI_CONTAINERD_HOSTS_DIR", value_name = "DIR")]
+    containerd_hosts_dir: Option<PathBuf>,
+    /// Log format: text for people, json for collectors.
+    #[arg(long, env = "KAGAMI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    init_logging(args.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(args))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KAGAMI_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Loads the configuration for serve: the file, or the embedded default when it does not
+/// exist. Errors are fatal at start and refused on reload.
+fn load(path: &Path) -> anyhow::Result<Config> {
+    if !path.exists() {
+        tracing::info!(path = %path.display(), "no registries.yaml; using the embedded default (mirror every registry)");
+        return Ok(Config::embedded_default());
+    }
+    match Config::load(path) {
+        Ok((config, warnings)) => {
+            for w in &warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(config)
+        }
+        Err(kagami_config::LoadError::Invalid { errors, .. }) => {
+            print_diagnostics(&errors);
+            anyhow::bail!(
+                "{} has {} error(s); run `kagami check --config {}`",
+                path.display(),
+                errors.len(),
+                path.display()
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_hosts(args: &Args, config: &Config) -> anyhow::Result<()> {
+    let Some(dir) = &args.containerd_hosts_dir else {
+        return Ok(());
+    };
+    let mirror =
+        Endpoint::parse(&format!("http://{}", args.listen)).context("--listen as an endpoint")?;
+    let files = render(
+        config,
+        &RenderOptions {
+            mirror: Some(mirror),
+            disable_default_endpoint: args.disable_default_registry_endpoint,
+        },
+    );
+    let report = write_hosts_dir(dir, &files)
+        .with_context(|| format!("writing hosts.toml under {}", dir.display()))?;
+    for p in &report.skipped {
+        tracing::warn!(dir = %p.display(), "left alone: its hosts.toml was not written by kagami");
+    }
+    tracing::info!(dir = %dir.display(), written = report.written.len(), removed = report.removed.len(), "containerd hosts.toml files written");
+    Ok(())
+}
+
+async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    let config = load(&args.config)?;
+    let store = Store::open(
+        args.data_dir.join("store"),
+        StoreOptions {
+            max_size: args.max_store_size,
+        },
+    )
+    .await
+    .with_context(|| format!("opening the content store in {}", args.data_dir.display()))?;
+    let upstream = Arc::new(kagami_server::client_upstream::ClientUpstream::new());
+    write_hosts(&args, &config)?;
+    let state = AppState::new(
+        config,
+        store,
+        upstream,
+        ServerOptions {
+            tag_ttl: args.tag_ttl,
+            disable_default_endpoint: args.disable_default_registry_endpoint,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), config = %args.config.display(), "kagami serving");
+
+    let args = Arc::new(args);
+    tokio::spawn(reload_loop(args.clone(), state.clone()));
+
+    let shutdown_state = state.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing requests in progress");
+            shutdown_state.set_ready(false);
+        })
+        .await
+        .context("serving")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Reloads registries.yaml on SIGHUP and when its modification time changes (checked
+/// every 2 s). A file with errors is refused: the running configuration stays.
+async fn reload_loop(args: Arc<Args>, state: AppState) {
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Option<SystemTime> = mtime(&args.config);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let forced = tokio::select! {
+            _ = hup.recv() => true,
+            _ = tick.tick() => false,
+        };
+        let now = mtime(&args.config);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match load(&args.config) {
+            Ok(config) => {
+                if let Err(e) = write_hosts(&args, &config) {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot rewrite hosts.toml files");
+                }
+                state.set_config(config);
+                tracing::info!(path = %args.config.display(), "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "new configuration refused; keeping the running one")
+            }
+        }
+    }
+}
+
+/// Parses sizes like `500MB`, `20GiB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 500MB or 20GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0f64.powi(4),
+        u => {
+            return Err(format!(
+                "invalid size unit {u:?} in {s:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    Ok((n * mult) as u64)
+}
+
+/// Parses durations like `300s`, `5m`, `1h`, `300`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 300s, 5m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        u => {
+            return Err(format!(
+                "invalid duration unit {u:?} in {s:?}: use s, m, h or d"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 * 1024 * 1024 * 1024));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("GB").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5 minutes").is_err());
+    }
+}

@@ -1,0 +1,615 @@
+//! `kagami serve` with real parts: docker-registry upstream, containerd 1.6 pulling
+//! through hosts.toml written by kagami, skopeo through the path-prefix form, and faults
+//! at the process level (kill -9, stopped upstream, full disk).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    Containerd, Daemon, Registry, build_image, free_port, http_get, kagami, random_fill, run,
+    wait_for_port,
+};
+
+/// A `kagami serve` process on a loopback port.
+pub struct Kagami {
+    pub daemon: Daemon,
+    pub port: u16,
+    pub data: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Kagami {
+    pub fn start(dir: &Path, config: &Path, extra: &[&str]) -> Kagami {
+        Self::start_on(dir, config, free_port(), extra)
+    }
+
+    pub fn start_on(dir: &Path, config: &Path, port: u16, extra: &[&str]) -> Kagami {
+        let data = dir.join("kagami-data");
+        let log = dir.join(format!("kagami-{port}.log"));
+        let child = kagami()
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-format",
+                "json",
+            ])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start kagami serve");
+        let k = Kagami {
+            daemon: Daemon {
+                child,
+                name: "kagami",
+            },
+            port,
+            data,
+            log,
+        };
+        wait_for_port(&k.addr(), Duration::from_secs(20));
+        k
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn metrics(&self) -> String {
+        String::from_utf8(http_get(&self.addr(), "/metrics").2).unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.daemon.child.id().to_string()])
+            .status();
+        let _ = self.daemon.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+/// Blob digests of an image in an OCI layout (manifest, config and layers).
+fn blob_digests(layout: &Path) -> Vec<String> {
+    std::fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
+        .collect()
+}
+
+fn remove_image_and_content(c: &Containerd, image: &str) {
+    let _ = c.ctr().args(["images", "rm", "--sync", image]).output();
+    let out = run(c.ctr().args(["content", "ls", "-q"]));
+    for d in String::from_utf8(out.stdout).unwrap().lines() {
+        let _ = c.ctr().args(["content", "rm", d]).output();
+    }
+}
+
+fn pull_ok(c: &Containerd, image: &str) {
+    let out = c.pull(image);
+    assert!(
+        out.status.success(),
+        "ctr pull {image} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// containerd, for real: a multi-layer image through kagami; every blob fetched from
+/// upstream once; a second cold pull makes no upstream blob request; with the upstream
+/// stopped, pulls by tag and by digest still work.
+#[test]
+fn containerd_pulls_through_kagami() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "1", 3, 256 * 1024);
+    image.push(&format!("{}/library/app:1", registry.addr()));
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let containerd = Containerd::start(&dir.path().join("containerd"));
+    // A short tag TTL so that the pull with the upstream stopped must revalidate and fall
+    // back to the cached digest (stale-if-error).
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &[
+            "--disable-default-registry-endpoint",
+            "--tag-ttl",
+            "0s",
+            "--containerd-hosts-dir",
+            containerd.hosts_dir.to_str().unwrap(),
+        ],
+    );
+    let hosts = std::fs::read_to_string(
+        containerd
+            .hosts_dir
+            .join("registry.example.test/hosts.toml"),
+    )
+    .unwrap();
+    let first_host = hosts.lines().find(|l| l.starts_with("[host.\"")).unwrap();
+    assert_eq!(
+        first_host,
+        format!("[host.\"http://{}/v2\"]", k.addr()),
+        "{hosts}"
+    );
+
+    pull_ok(&containerd, "registry.example.test/library/app:1");
+    let digests = blob_digests(&image.layout);
+    let layer_and_config: Vec<&String> = digests
+        .iter()
+        .filter(|d| registry.count_gets(&format!("/blobs/{d}")) > 0)
+        .collect();
+    assert!(
+        layer_and_config.len() >= 4,
+        "3 layers and a config fetched: {:?}",
+        registry.access_log()
+    );
+    for d in &layer_and_config {
+        assert_eq!(
+            registry.count_gets(&format!("/blobs/{d}")),
+            1,
+            "{d} fetched from upstream more than once"
+        );
+    }
+    // Every upstream request came from kagami, none from containerd directly.
+    assert!(
+        registry
+            .access_log()
+            .iter()
+            .all(|l| !l.contains("containerd/")),
+        "{:?}",
+        registry.access_log()
+    );
+
+    remove_image_and_content(&containerd, "registry.example.test/library/app:1");
+    let before = registry.count_gets("/blobs/");
+    pull_ok(&containerd, "registry.example.test/library/app:1");
+    assert_eq!(
+        registry.count_gets("/blobs/"),
+        before,
+        "second pull reached upstream for blobs"
+    );
+
+    let digest = {
+        let out = run(containerd.ctr().args(["images", "ls"]));
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("registry.example.test/library/app:1"))
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .to_string()
+    };
+    drop(registry);
+    remove_image_and_content(&containerd, "registry.example.test/library/app:1");
+    pull_ok(&containerd, "registry.example.test/library/app:1");
+    remove_image_and_content(&containerd, "registry.example.test/library/app:1");
+    pull_ok(
+        &containerd,
+        &format!("registry.example.test/library/app@{digest}"),
+    );
+    assert!(
+        k.log_text().contains("stale-if-error"),
+        "the tag was served stale after revalidation failed"
+    );
+    assert!(k.metrics().contains("kagami_stale_tags_served_total"));
+}
+
+/// Rewrites end to end, the Harbor proxy-cache layout: the upstream holds the image only
+/// under production/; containerd pulls docker.io/rancher/busybox:1.35 and lists it under
+/// that name.
+#[test]
+fn rewrites_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "1.35", 1, 64 * 1024);
+    image.push(&format!("{}/production/busybox:1.35", registry.addr()));
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  docker.io:\n    endpoint: [\"http://{}\"]\n    rewrite:\n      \"^rancher/(.*)\": \"production/$1\"\n",
+            registry.addr()
+        ),
+    );
+    let containerd = Containerd::start(&dir.path().join("containerd"));
+    let _k = Kagami::start(
+        dir.path(),
+        &config,
+        &[
+            "--disable-default-registry-endpoint",
+            "--containerd-hosts-dir",
+            containerd.hosts_dir.to_str().unwrap(),
+        ],
+    );
+    let hosts = std::fs::read_to_string(containerd.hosts_dir.join("docker.io/hosts.toml")).unwrap();
+    assert!(
+        !hosts.contains("server ="),
+        "no default endpoint may be tried: {hosts}"
+    );
+    pull_ok(&containerd, "docker.io/rancher/busybox:1.35");
+    assert!(
+        containerd
+            .images()
+            .contains("docker.io/rancher/busybox:1.35")
+    );
+    let log = registry.access_log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("/v2/production/busybox/manifests/1.35")),
+        "{log:?}"
+    );
+    assert!(
+        registry.count_gets("/v2/production/busybox/blobs/") >= 2,
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|l| l.contains("/v2/rancher/")), "{log:?}");
+}
+
+/// skopeo inspect and copy through kagami's path-prefix form.
+#[test]
+fn skopeo_through_the_path_prefix_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "2", 2, 128 * 1024);
+    image.push(&format!("{}/team/tool:2", registry.addr()));
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &["--disable-default-registry-endpoint"],
+    );
+    let via = format!("{}/registry.example.test/team/tool:2", k.addr());
+    let direct = crate::support::skopeo_digest(&format!("{}/team/tool:2", registry.addr()));
+    assert_eq!(crate::support::skopeo_digest(&via), direct);
+    let out = dir.path().join("copy");
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{via}"))
+        .arg(format!("oci:{}:2", out.display())));
+    assert!(out.join("index.json").exists());
+    // Unserved registries get a fast 404 with an OCI body.
+    let (status, _, body) = http_get(&k.addr(), "/v2/quay.io/team/tool/manifests/2");
+    assert_eq!(status, 404);
+    assert!(String::from_utf8_lossy(&body).contains("NAME_UNKNOWN"));
+}
+
+/// Pushes a raw blob of `size` random bytes to the registry (monolithic upload with curl);
+/// returns its digest.
+fn push_blob(registry: &Registry, repo: &str, dir: &Path, size: usize) -> (String, PathBuf) {
+    let file = dir.join("blob.bin");
+    let mut data = vec![0u8; size];
+    random_fill(&mut data);
+    std::fs::write(&file, &data).unwrap();
+    drop(data);
+    let sum = run(Command::new("sha256sum").arg(&file));
+    let digest = format!(
+        "sha256:{}",
+        String::from_utf8(sum.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+    );
+    let out = run(Command::new("curl")
+        .args(["-sS", "-i", "-X", "POST"])
+        .arg(format!(
+            "http://{}/v2/{repo}/blobs/uploads/",
+            registry.addr()
+        )));
+    let head = String::from_utf8(out.stdout).unwrap();
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .unwrap()
+        .trim()
+        .to_string();
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let url = if location.starts_with("http") {
+        location
+    } else {
+        format!("http://{}{location}", registry.addr())
+    };
+    run(Command::new("curl")
+        .args([
+            "-sS",
+            "-f",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", file.display()))
+        .arg(format!("{url}{sep}digest={digest}")));
+    (digest, file)
+}
+
+/// 20 concurrent cold requests for one ~200 MB blob: every client gets the right bytes,
+/// upstream sends it once.
+#[test]
+fn twenty_concurrent_cold_requests_fetch_upstream_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let (digest, _) = push_blob(&registry, "big/blob", dir.path(), 200 * 1024 * 1024);
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &["--disable-default-registry-endpoint"],
+    );
+    let url = format!(
+        "http://{}/v2/big/blob/blobs/{digest}?ns=registry.example.test",
+        k.addr()
+    );
+    let children: Vec<_> = (0..20)
+        .map(|_| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("curl -sS -f --max-time 120 '{url}' | sha256sum"))
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let sum = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            format!("sha256:{}", sum.split_whitespace().next().unwrap()),
+            digest
+        );
+    }
+    assert_eq!(
+        registry.count_gets(&format!("/blobs/{digest}")),
+        1,
+        "upstream sent the blob more than once"
+    );
+}
+
+/// kill -9 of kagami during a cold fetch, restart, pull again: no corrupt data, the pull works.
+#[test]
+fn kill_during_cold_fetch_then_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let (digest, _) = push_blob(&registry, "big/blob", dir.path(), 64 * 1024 * 1024);
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let port = free_port();
+    let mut k = Kagami::start_on(
+        dir.path(),
+        &config,
+        port,
+        &["--disable-default-registry-endpoint"],
+    );
+    let url = format!(
+        "http://{}/v2/big/blob/blobs/{digest}?ns=registry.example.test",
+        k.addr()
+    );
+    // A slow reader keeps the fetch in progress while we kill the server.
+    let mut slow = Command::new("curl")
+        .args(["-sS", "--limit-rate", "2M", "-o", "/dev/null", &url])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    k.kill9();
+    let _ = slow.kill();
+    let _ = slow.wait();
+    let blob_path = k
+        .data
+        .join("store/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    if blob_path.exists() {
+        // If it got there, it must be complete and right.
+        let sum = run(Command::new("sha256sum").arg(&blob_path));
+        assert!(
+            String::from_utf8(sum.stdout)
+                .unwrap()
+                .starts_with(digest.trim_start_matches("sha256:"))
+        );
+    }
+    let k = Kagami::start_on(
+        dir.path(),
+        &config,
+        port,
+        &["--disable-default-registry-endpoint"],
+    );
+    let out = run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("curl -sS -f --max-time 60 '{url}' | sha256sum")));
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+        ),
+        digest
+    );
+    let tmp = k.data.join("store/tmp");
+    let leftovers = std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0);
+    assert!(
+        leftovers <= 1,
+        "temp files from the killed run were not cleaned: {leftovers}"
+    );
+}
+
+/// A dead endpoint (connection refused) is answered within seconds, not containerd's 30 s,
+/// and the error names what was tried.
+#[test]
+fn dead_endpoint_answers_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = free_port();
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://127.0.0.1:{dead}\"]\n"
+        ),
+    );
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &["--disable-default-registry-endpoint"],
+    );
+    let start = Instant::now();
+    let (status, _, body) = http_get(&k.addr(), "/v2/registry.example.test/a/b/manifests/1");
+    let took = start.elapsed();
+    assert_eq!(status, 404);
+    assert!(
+        String::from_utf8_lossy(&body).contains(&format!("127.0.0.1:{dead}")),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "a refused endpoint took {took:?}"
+    );
+}
+
+/// The store on a small tmpfs that fills up: serving continues (uncached pass-through).
+#[test]
+fn full_store_passes_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let (small, _) = push_blob(
+        &registry,
+        "big/blob",
+        &dir.path().join("a").tap_mkdir(),
+        2 * 1024 * 1024,
+    );
+    let (large, _) = push_blob(
+        &registry,
+        "big/blob",
+        &dir.path().join("b").tap_mkdir(),
+        12 * 1024 * 1024,
+    );
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs needs root (the test script runs as root)"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("k.log")).unwrap();
+    let child = kagami()
+        .args([
+            "serve",
+            "--disable-default-registry-endpoint",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&mnt)
+        .arg("--config")
+        .arg(&config)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _k = Daemon {
+        child,
+        name: "kagami",
+    };
+    let addr = format!("127.0.0.1:{port}");
+    wait_for_port(&addr, Duration::from_secs(20));
+    for (digest, attempts) in [(&small, 1), (&large, 3)] {
+        let url = format!("http://{addr}/v2/big/blob/blobs/{digest}?ns=registry.example.test");
+        // The first request for the large blob may be cut when the disk fills; the
+        // following ones pass through uncached.
+        let mut ok = false;
+        for _ in 0..attempts {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!("curl -sS -f --max-time 60 '{url}' | sha256sum"))
+                .output()
+                .unwrap();
+            let sum = String::from_utf8(out.stdout).unwrap();
+            if format!("sha256:{}", sum.split_whitespace().next().unwrap_or("")) == *digest {
+                ok = true;
+                break;
+            }
+        }
+        assert!(ok, "{digest} was not served with the store full");
+    }
+    // The small one is stored and served locally; the large one is not stored.
+    assert!(
+        mnt.join("store/blobs/sha256")
+            .join(small.trim_start_matches("sha256:"))
+            .exists()
+    );
+    assert!(
+        !mnt.join("store/blobs/sha256")
+            .join(large.trim_start_matches("sha256:"))
+            .exists()
+    );
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
