@@ -613,3 +613,76 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+/// registries.yaml is reloaded when it changes; a version with errors is refused and the
+/// running configuration kept.
+#[test]
+fn reload_on_change_keeps_the_old_config_on_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "1", 1, 32 * 1024);
+    image.push(&format!("{}/team/app:1", registry.addr()));
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  one.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &["--disable-default-registry-endpoint"],
+    );
+    let path = "/v2/two.example.test/team/app/manifests/1";
+    assert_eq!(
+        http_get(&k.addr(), path).0,
+        404,
+        "two.example.test is not configured yet"
+    );
+    write(
+        &config,
+        &format!(
+            "mirrors:\n  two.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let served = |p: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if http_get(&k.addr(), p).0 == 200 {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert!(served(path), "the changed file was not picked up");
+    // A broken file is refused: two.example.test stays served.
+    write(
+        &config,
+        "mirrors:\n  two.example.test:\n    endpoints: [oops]\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !k.log_text().contains("new configuration refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            k.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(http_get(&k.addr(), path).0, 200);
+    // SIGHUP reloads too.
+    write(
+        &config,
+        &format!(
+            "mirrors:\n  one.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    run(Command::new("kill").args(["-HUP", &k.daemon.child.id().to_string()]));
+    assert!(served("/v2/one.example.test/team/app/manifests/1"));
+}
