@@ -13,7 +13,7 @@ cargo build --release -q -p kagami
 KAGAMI=$PWD/target/release/kagami
 WORK=$(mktemp -d /tmp/kagami-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -108,7 +108,7 @@ for n in 1 10; do
   row=()
   for who in proxy kagami; do
     repo="library/fan$n$who"; d=$(push_blob "$repo")
-    for _ in $(seq "$n"); do curl -sSf -o /dev/null "$(blob_url "$who" "$repo" "$d")" & done; wait
+    cpids=(); for _ in $(seq "$n"); do curl -sSf -o /dev/null "$(blob_url "$who" "$repo" "$d")" & cpids+=($!); done; wait "${cpids[@]}"
     sleep 2
     row+=("$(upstream_gets "$repo" "$d")")
   done
@@ -123,7 +123,7 @@ CFG_D="sha256:$(sha256sum "$TMP/config.json" | cut -d' ' -f1)"
 loc=$(curl -sSi -X POST "http://127.0.0.1:$ORIGIN/v2/library/small/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
 case $loc in http*) ;; *) loc="http://127.0.0.1:$ORIGIN$loc";; esac
 case $loc in *\?*) loc="$loc&";; *) loc="$loc?";; esac
-curl -sSf -X PUT --data-binary "@$TMP/config.json" "${loc}digest=$CFG_D" >/dev/null
+curl -sSf -X PUT -H "Content-Type: application/octet-stream" --data-binary "@$TMP/config.json" "${loc}digest=$CFG_D" >/dev/null
 printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":3},"layers":[]}' "$CFG_D" >"$TMP/m.json"
 curl -sSf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "@$TMP/m.json" "http://127.0.0.1:$ORIGIN/v2/library/small/manifests/1" >/dev/null
 ACCEPT='Accept: application/vnd.oci.image.manifest.v1+json'
@@ -150,7 +150,7 @@ echo
 rss_peak() { awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
 PPID_PROXY=${PIDS[1]}
 for who in proxy kagami; do
-  for _ in $(seq 50); do curl -sSf -o /dev/null "$(blob_url "$who" library/warm "$WARM_D")" & done; wait
+  cpids=(); for _ in $(seq 50); do curl -sSf -o /dev/null "$(blob_url "$who" library/warm "$WARM_D")" & cpids+=($!); done; wait "${cpids[@]}"
 done
 printf '%-44s %10s %10s\n' "peak RSS after 50 concurrent warm downloads (MiB)" "$(rss_peak "$PPID_PROXY")" "$(rss_peak "$KPID")"
 

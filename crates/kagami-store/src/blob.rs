@@ -62,6 +62,9 @@ pub(crate) struct Progress {
 #[derive(Debug, Clone)]
 pub(crate) enum Phase {
     Writing,
+    /// Digest and size verified; fsync and rename still to come. Followers may read
+    /// everything: the bytes are known good, durability is the store's own business.
+    Verified,
     /// Verified and renamed into `blobs/`.
     Committed,
     /// Mismatch, write error or abandoned writer: followers end with this message.
@@ -101,7 +104,7 @@ impl Shared {
     }
 
     fn is_writing(&self) -> bool {
-        matches!(self.tx.borrow().phase, Phase::Writing)
+        matches!(self.tx.borrow().phase, Phase::Writing | Phase::Verified)
     }
 }
 
@@ -296,6 +299,12 @@ impl BlobWriter {
             return Err(err);
         }
         let file = self.file().await?;
+        // Release the last byte now: clients need not wait for the fsync of a large blob.
+        self.shared.tx.send_modify(|p| {
+            if matches!(p.phase, Phase::Writing) {
+                p.phase = Phase::Verified;
+            }
+        });
         let (inner, shared, size) = (self.inner.clone(), self.shared.clone(), self.written);
         let r = tokio::task::spawn_blocking(move || commit_blocking(&inner, &shared, &file, size))
             .await
@@ -507,7 +516,7 @@ impl Reader {
             let readable = match p.phase {
                 // Any byte might be the last one: hold one back until verified.
                 Phase::Writing => p.written.saturating_sub(1),
-                Phase::Committed => {
+                Phase::Committed | Phase::Verified => {
                     let end = self.end.unwrap_or(p.written);
                     if end > p.written || self.pos > end {
                         return Some(Err(io::Error::new(

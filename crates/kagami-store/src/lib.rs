@@ -441,6 +441,12 @@ impl Store {
         }
     }
 
+    /// Every complete blob in the store (for advertising them all at start, or after a
+    /// subscriber lagged).
+    pub fn digests(&self) -> Vec<Digest> {
+        self.inner.state().blobs.keys().cloned().collect()
+    }
+
     /// Blobs added and removed from now on. A receiver that falls more than 1024 events
     /// behind gets `Lagged` and should resynchronise from the store.
     pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
