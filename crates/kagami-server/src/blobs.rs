@@ -25,6 +25,8 @@ use crate::range::{self, RangeRequest};
 use crate::upstream::BlobBody;
 
 const CHUNK: usize = 256 * 1024;
+/// Upstream bytes are written to the store in batches of this size.
+const WRITE_BATCH: usize = 256 * 1024;
 /// How long cold blobs bypass the store after a write failed (disk full).
 const FULL_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -222,18 +224,34 @@ enum Pump {
     StoreFailed(kagami_store::StoreError),
 }
 
+/// Copies an upstream body into the store, in writes of up to `WRITE_BATCH` bytes (network
+/// chunks are small; one store write per chunk would cost a blocking-pool hop each).
 async fn pump(writer: &mut kagami_store::BlobWriter, body: &mut BlobBody) -> Pump {
-    while let Some(chunk) = body.stream.next().await {
-        match chunk {
-            Ok(c) => {
-                if let Err(e) = writer.write(&c).await {
-                    return Pump::StoreFailed(e);
-                }
+    let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
+    let mut upstream_failed = false;
+    loop {
+        let next = body.stream.next().await;
+        let end = match next {
+            Some(Ok(c)) => {
+                batch.extend_from_slice(&c);
+                false
             }
-            Err(_) => return Pump::UpstreamFailed,
+            Some(Err(_)) => {
+                upstream_failed = true;
+                true
+            }
+            None => true,
+        };
+        if (end || batch.len() >= WRITE_BATCH) && !batch.is_empty() {
+            if let Err(e) = writer.write(&batch).await {
+                return Pump::StoreFailed(e);
+            }
+            batch.clear();
+        }
+        if end {
+            return if upstream_failed { Pump::UpstreamFailed } else { Pump::Done };
         }
     }
-    Pump::Done
 }
 
 fn count_upstream(state: &AppState, body: &BlobBody) {
