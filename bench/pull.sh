@@ -64,21 +64,22 @@ LAYER=$(skopeo inspect --tls-verify=false --raw "docker://$IMAGE" |
 BYTES=$(skopeo inspect --tls-verify=false --raw "docker://$IMAGE" |
   python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]))')
 
+# Each timed command starts with no dirty pages pending (sync), so that one tool's
+# writeback does not land in the next one's time; the order rotates between runs.
 declare -A T
+time_curl() { curl -sf -o "$WORK/curl.out" "http://127.0.0.1:$PORT/v2/bench/big/blobs/$LAYER"; }
+time_skopeo() { skopeo copy --quiet --src-tls-verify=false "docker://$IMAGE" "oci:$WORK/out:1"; }
+time_kagami() { "$KAGAMI" pull "$IMAGE" --output "$WORK/out" >/dev/null; }
+TOOLS=(curl skopeo kagami)
 for i in $(seq "$RUNS"); do
-  rm -rf "$WORK/out"
-  s=$(now); curl -sf -o "$WORK/curl.out" "http://127.0.0.1:$PORT/v2/bench/big/blobs/$LAYER"; e=$(now)
-  T[curl]+="$(echo "$e - $s" | bc) "
-  rm -f "$WORK/curl.out"
-
-  s=$(now); skopeo copy --quiet --src-tls-verify=false "docker://$IMAGE" "oci:$WORK/out:1"; e=$(now)
-  T[skopeo]+="$(echo "$e - $s" | bc) "
-  rm -rf "$WORK/out"
-
-  s=$(now); "$KAGAMI" pull "$IMAGE" --output "$WORK/out" >/dev/null; e=$(now)
-  T[kagami]+="$(echo "$e - $s" | bc) "
-  rm -rf "$WORK/out"
+  for k in 0 1 2; do
+    t=${TOOLS[$(((i + k) % 3))]}
+    rm -rf "$WORK/out" "$WORK/curl.out"; sync
+    s=$(now); "time_$t"; e=$(now)
+    T[$t]+="$(echo "$e - $s" | bc) "
+  done
 done
+rm -rf "$WORK/out" "$WORK/curl.out"
 
 curl_med=$(echo "${T[curl]}" | tr ' ' '\n' | grep . | median)
 echo

@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt as _};
 use kagami_config::{Attempt, Digest, EndpointAttempt, Plan};
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE};
 use reqwest::{Method, StatusCode};
-use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncSeekExt as _;
 
 use crate::client::{Client, read_limited, status_error};
 use crate::digest::Hasher;
@@ -280,6 +280,9 @@ impl Client {
                     Ok(()) => return Ok(a.endpoint.base()),
                     Err(e) => e,
                 };
+                if matches!(error, Error::Io { .. }) {
+                    return Err(error);
+                }
                 tracing::info!(endpoint = %a.endpoint, %error, "blob attempt failed");
                 if matches!(
                     error,
@@ -304,6 +307,9 @@ impl Client {
         })
     }
 
+    /// One try of one endpoint. The network side only receives; hashing and writing
+    /// happen on a blocking thread fed through a bounded channel, so that both cores
+    /// work on a large blob.
     async fn blob_once(
         &self,
         a: &EndpointAttempt,
@@ -314,23 +320,39 @@ impl Client {
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), Error> {
         let io = |e| Error::io(format!("writing {digest}"), e);
-        let mut stream = self
-            .open_blob(a, digest, size, state.written, Some(state.hasher.clone()))
-            .await?;
+        let mut stream = self.open_blob(a, digest, size, state.written, None).await?;
+        // Hashed on the writer thread instead (the stream still checks the size).
+        stream.hasher = None;
         if stream.start != state.written {
             // The endpoint ignored the Range request: start over.
             state.reset(file).await.map_err(io)?;
         }
-        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, &mut *file);
+        let out = file.try_clone().await.map_err(io)?.into_std().await;
+        let mut hasher = state.hasher.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let writer = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+            let mut n = 0u64;
+            while let Some(c) = rx.blocking_recv() {
+                if let Err(e) = w.write_all(&c) {
+                    return (hasher, n, Err(e));
+                }
+                hasher.update(&c);
+                n += c.len() as u64;
+            }
+            let r = w.flush();
+            (hasher, n, r)
+        });
         let mut result = Ok(());
-        while let Some(chunk) = stream.next().await {
-            match chunk {
+        while let Some(item) = stream.next().await {
+            match item {
                 Ok(c) => {
-                    if let Err(e) = out.write_all(&c).await {
-                        result = Err(io(e));
+                    progress(stream.position);
+                    if tx.send(c).await.is_err() {
+                        // The writer failed; its error is reported below.
                         break;
                     }
-                    progress(stream.position);
                 }
                 Err(e) => {
                     result = Err(e);
@@ -338,19 +360,24 @@ impl Client {
                 }
             }
         }
-        out.flush().await.map_err(io)?;
-        match &result {
-            // Keep what arrived intact so that the next endpoint resumes after it.
-            Err(e) if e.is_transient() => {
-                if let Some(h) = stream.hasher_state() {
-                    state.written = stream.position;
-                    state.hasher = h;
-                }
-            }
-            Err(_) => {}
-            Ok(()) => state.written = stream.position,
+        drop(tx);
+        let (hasher, n, written) = writer
+            .await
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        // What was written intact stays, so that a broken connection resumes after it.
+        state.written += n;
+        state.hasher = hasher;
+        written.map_err(io)?;
+        result?;
+        let actual = state.hasher.clone().finish();
+        if actual != digest.to_string() {
+            return Err(Error::DigestMismatch {
+                url: stream.url.clone(),
+                expected: digest.to_string(),
+                actual,
+            });
         }
-        result
+        Ok(())
     }
 }
 

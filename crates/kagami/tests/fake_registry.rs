@@ -31,6 +31,9 @@ pub struct FakeOptions {
     pub token_refresh: Option<String>,
     /// Answer the first this many registry requests with 503.
     pub fail_first: usize,
+    /// Send only the first half of each blob (with the full Content-Length), then drop
+    /// the connection.
+    pub truncate_blobs: bool,
 }
 
 /// One request as the fake saw it.
@@ -40,6 +43,7 @@ pub struct Seen {
     pub path: String,
     pub query: String,
     pub authorization: Option<String>,
+    pub range: Option<String>,
     /// Status answered.
     pub status: u16,
     /// For token requests: the scopes asked for and the grant type (POST).
@@ -128,6 +132,10 @@ fn handle(st: &State, method: Method, uri: Uri, headers: HeaderMap, body: Bytes)
         path: uri.path().to_string(),
         query: uri.query().unwrap_or("").to_string(),
         authorization: authorization.clone(),
+        range: headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
         status: 0,
         scopes: Vec::new(),
         grant: None,
@@ -148,7 +156,7 @@ fn handle(st: &State, method: Method, uri: Uri, headers: HeaderMap, body: Bytes)
             &mut seen,
         )
     } else {
-        registry(st, &method, uri.path(), authorization.as_deref())
+        registry(st, &method, uri.path(), authorization.as_deref(), &headers)
     };
     seen.status = resp.status().as_u16();
     st.seen.lock().unwrap().push(seen);
@@ -169,7 +177,13 @@ fn basic_value(user: &str, pass: &str) -> String {
     format!("Basic {}", encode(format!("{user}:{pass}").as_bytes()))
 }
 
-fn registry(st: &State, method: &Method, path: &str, auth: Option<&str>) -> Response {
+fn registry(
+    st: &State,
+    method: &Method,
+    path: &str,
+    auth: Option<&str>,
+    headers: &HeaderMap,
+) -> Response {
     let Some(rest) = path.strip_prefix("/v2/") else {
         return oci_error(StatusCode::NOT_FOUND, "NOT_FOUND");
     };
@@ -249,6 +263,53 @@ fn registry(st: &State, method: &Method, path: &str, auth: Option<&str>) -> Resp
             if st.opts.corrupt_blobs && !bytes.is_empty() {
                 let i = bytes.len() / 2;
                 bytes[i] ^= 0xff;
+            }
+            if st.opts.truncate_blobs && bytes.len() > 1 {
+                let full = bytes.len();
+                bytes.truncate(full / 2);
+                let half = Bytes::from(bytes);
+                // The first half, a pause (so that it reaches the client), then an error
+                // that makes the server drop the connection.
+                let body = futures_util::stream::unfold(0u8, move |step| {
+                    let half = half.clone();
+                    async move {
+                        match step {
+                            0 => Some((Ok::<Bytes, std::io::Error>(half), 1)),
+                            1 => {
+                                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                                Some((Err(std::io::Error::other("dropped on purpose")), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
+                return Response::builder()
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .header(header::CONTENT_LENGTH, full)
+                    .body(Body::from_stream(body))
+                    .unwrap();
+            }
+            // Range: bytes=N- (the only form kagami sends).
+            let range = headers
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes="))
+                .and_then(|v| v.strip_suffix('-'))
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&n| n < bytes.len());
+            if let Some(n) = range {
+                let total = bytes.len();
+                let part = bytes.split_off(n);
+                return Response::builder()
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .header(
+                        header::CONTENT_RANGE,
+                        format!("bytes {n}-{}/{total}", total - 1),
+                    )
+                    .header(header::CONTENT_LENGTH, part.len())
+                    .body(Body::from(part))
+                    .unwrap();
             }
             Response::builder()
                 .header(header::CONTENT_TYPE, "application/octet-stream")

@@ -501,3 +501,57 @@ fn pull_selects_a_platform_or_keeps_all() {
     check_layout(&out, "multi", &index_digest);
     assert_eq!(sources(&summary, "layer").len(), 2, "{summary}");
 }
+
+#[test]
+fn pull_resumes_a_broken_download_on_the_next_endpoint_with_range() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = build_image(&tmp.path().join("img"), "1", 1, 512 * 1024);
+    let broken = Fake::start(
+        "127.0.0.1",
+        &img.layout,
+        FakeOptions {
+            truncate_blobs: true,
+            ..Default::default()
+        },
+    );
+    let good = Fake::start("127.0.0.1", &img.layout, FakeOptions::default());
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"{}\", \"{}\"]\n",
+            broken.addr, good.addr
+        ),
+    );
+    let out = tmp.path().join("out");
+    let summary = ok(&pull(
+        Some(&cfg),
+        "registry.example.test/library/resume:1",
+        &out,
+        &[],
+    ));
+    for kind in ["config", "layer"] {
+        assert_eq!(
+            sources(&summary, kind),
+            vec![format!("http://{}/v2", good.addr)],
+            "{summary}"
+        );
+    }
+    let ranges: Vec<String> = good
+        .seen()
+        .iter()
+        .filter(|s| s.path.contains("/blobs/"))
+        .map(|s| s.range.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    for r in &ranges {
+        let n: u64 = r
+            .strip_prefix("bytes=")
+            .and_then(|v| v.strip_suffix('-'))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("resumed with a Range request: {ranges:?}"));
+        assert!(n > 0, "{ranges:?}");
+    }
+    let entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    check_layout(&out, "1", entry["manifests"][0]["digest"].as_str().unwrap());
+}
