@@ -1,0 +1,153 @@
+//! Routers that share one in-process [`MemoryNetwork`]: deterministic, instant, for tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::{BoxFuture, Member, Peer, Router};
+
+/// The shared state of in-memory nodes: who is a member and which keys each advertised.
+#[derive(Debug, Default)]
+pub struct MemoryNetwork {
+    nodes: Mutex<Nodes>,
+}
+
+#[derive(Debug, Default)]
+struct Nodes {
+    next_generation: u64,
+    by_id: BTreeMap<String, MemoryNode>,
+}
+
+#[derive(Debug)]
+struct MemoryNode {
+    generation: u64,
+    http_addr: SocketAddr,
+    keys: BTreeSet<String>,
+}
+
+impl MemoryNetwork {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Nodes) -> R) -> R {
+        f(&mut self.nodes.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// One node on a [`MemoryNetwork`]. Dropping it leaves the network and forgets its keys.
+#[derive(Debug)]
+pub struct MemoryRouter {
+    net: Arc<MemoryNetwork>,
+    me: Peer,
+    generation: u64,
+}
+
+impl MemoryRouter {
+    /// Joins `net` as node `id`. A node already joined under the same id is replaced (as after a
+    /// restart): its advertised keys are forgotten.
+    pub fn join(net: &Arc<MemoryNetwork>, id: impl Into<String>, http_addr: SocketAddr) -> Self {
+        let me = Peer {
+            id: id.into(),
+            http_addr,
+        };
+        let generation = net.with(|nodes| {
+            nodes.next_generation += 1;
+            let generation = nodes.next_generation;
+            nodes.by_id.insert(
+                me.id.clone(),
+                MemoryNode {
+                    generation,
+                    http_addr,
+                    keys: BTreeSet::new(),
+                },
+            );
+            generation
+        });
+        MemoryRouter {
+            net: Arc::clone(net),
+            me,
+            generation,
+        }
+    }
+
+    /// This node as others see it.
+    pub fn peer(&self) -> &Peer {
+        &self.me
+    }
+
+    fn with_me(&self, f: impl FnOnce(&mut MemoryNode)) {
+        self.net.with(|nodes| {
+            if let Some(node) = nodes.by_id.get_mut(&self.me.id)
+                && node.generation == self.generation
+            {
+                f(node);
+            }
+        });
+    }
+}
+
+impl Drop for MemoryRouter {
+    fn drop(&mut self) {
+        self.net.with(|nodes| {
+            if nodes
+                .by_id
+                .get(&self.me.id)
+                .is_some_and(|n| n.generation == self.generation)
+            {
+                nodes.by_id.remove(&self.me.id);
+            }
+        });
+    }
+}
+
+impl Router for MemoryRouter {
+    fn ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
+
+    fn lookup(&self, key: &str, limit: usize) -> BoxFuture<'_, Vec<Peer>> {
+        let found = self.net.with(|nodes| {
+            nodes
+                .by_id
+                .iter()
+                .filter(|(id, node)| **id != self.me.id && node.keys.contains(key))
+                .take(limit)
+                .map(|(id, node)| Peer {
+                    id: id.clone(),
+                    http_addr: node.http_addr,
+                })
+                .collect()
+        });
+        Box::pin(async move { found })
+    }
+
+    fn advertise(&self, keys: Vec<String>) -> BoxFuture<'_, ()> {
+        self.with_me(|node| node.keys.extend(keys));
+        Box::pin(async {})
+    }
+
+    fn withdraw(&self, keys: Vec<String>) -> BoxFuture<'_, ()> {
+        self.with_me(|node| {
+            for key in &keys {
+                node.keys.remove(key);
+            }
+        });
+        Box::pin(async {})
+    }
+
+    fn members(&self) -> Vec<Member> {
+        self.net.with(|nodes| {
+            nodes
+                .by_id
+                .iter()
+                .filter(|(id, _)| **id != self.me.id)
+                .map(|(id, node)| Member {
+                    id: id.clone(),
+                    http_addr: Some(node.http_addr),
+                    addrs: Vec::new(),
+                })
+                .collect()
+        })
+    }
+}

@@ -1,0 +1,230 @@
+//! Behaviour of the libp2p router beyond the conformance suite: bootstrap forms, the
+//! pre-shared key, a persistent identity, readiness and start errors.
+
+use std::time::Duration;
+
+use kagami_p2p::{Libp2pRouter, P2pError, Peer, Router};
+
+use crate::support::{self, addr, always, eventually, wait_members};
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+async fn finds(node: &Libp2pRouter, key: &str, want: &Peer) {
+    eventually(
+        &format!("lookup of {key} finds {}", want.id),
+        WITHIN,
+        || async { node.lookup(key, 10).await.contains(want).then_some(()) },
+    )
+    .await;
+}
+
+fn peer_of(node: &Libp2pRouter, http_addr: std::net::SocketAddr) -> Peer {
+    Peer {
+        id: node.local_peer_id(),
+        http_addr,
+    }
+}
+
+fn port_of(node: &Libp2pRouter) -> u16 {
+    let first = node.listen_multiaddrs().remove(0);
+    // "/ip4/127.0.0.2/tcp/<port>/p2p/<id>"
+    first.split('/').nth(4).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_with_and_without_peer_id() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let a_config = support::config(dir.path(), "a", "127.0.0.2", 6001);
+    let a_http = a_config.http_addr;
+    let a = support::start(a_config).await;
+    assert!(
+        a.ready().await,
+        "a node without bootstrap peers is ready alone"
+    );
+    let a_addrs = a.listen_multiaddrs();
+    assert!(a_addrs[0].starts_with("/ip4/127.0.0.2/tcp/"), "{a_addrs:?}");
+    assert!(a_addrs[0].ends_with(&format!("/p2p/{}", a.local_peer_id())));
+
+    // b: plain host:port, no peer id.
+    let mut b_config = support::config(dir.path(), "b", "127.0.0.3", 6002);
+    b_config.bootstrap = vec![format!("127.0.0.2:{}", port_of(&a))];
+    let b_http = b_config.http_addr;
+    let b = support::start(b_config).await;
+    // c: host:port with /p2p/<id> of b, and a dead address that must not hold anything up.
+    let mut c_config = support::config(dir.path(), "c", "127.0.0.4", 6003);
+    c_config.bootstrap = vec![
+        "127.0.0.9:1".to_owned(),
+        format!("127.0.0.3:{}/p2p/{}", port_of(&b), b.local_peer_id()),
+    ];
+    let c = support::start(c_config).await;
+
+    let ids = [a.local_peer_id(), b.local_peer_id(), c.local_peer_id()];
+    wait_members(&a, &[ids[1].clone(), ids[2].clone()]).await;
+    wait_members(&b, &[ids[0].clone(), ids[2].clone()]).await;
+    // c learns a through b.
+    wait_members(&c, &[ids[0].clone(), ids[1].clone()]).await;
+    assert!(c.ready().await);
+
+    a.advertise(vec!["sha256:aaaa".to_owned()]).await;
+    finds(&c, "sha256:aaaa", &peer_of(&a, a_http)).await;
+    b.advertise(vec!["sha256:bbbb".to_owned()]).await;
+    finds(&a, "sha256:bbbb", &peer_of(&b, b_http)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_by_dns_name_and_multiaddr() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let a_config = support::config(dir.path(), "a", "127.0.0.1", 6011);
+    let a_http = a_config.http_addr;
+    let a = support::start(a_config).await;
+    let mut b_config = support::config(dir.path(), "b", "127.0.0.5", 6012);
+    // "localhost" resolves to 127.0.0.1 (and maybe ::1, where nothing listens).
+    b_config.bootstrap = vec![format!("localhost:{}", port_of(&a))];
+    let b = support::start(b_config).await;
+    let mut c_config = support::config(dir.path(), "c", "127.0.0.6", 6013);
+    c_config.bootstrap = vec![format!("/dns4/localhost/tcp/{}", port_of(&a))];
+    let c = support::start(c_config).await;
+    wait_members(&b, &[a.local_peer_id()]).await;
+    wait_members(&c, &[a.local_peer_id()]).await;
+    a.advertise(vec!["sha256:dddd".to_owned()]).await;
+    finds(&b, "sha256:dddd", &peer_of(&a, a_http)).await;
+    finds(&c, "sha256:dddd", &peer_of(&a, a_http)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_psk_cannot_join() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("swarm.key");
+    std::fs::write(
+        &key_file,
+        format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", "ab".repeat(32)),
+    )
+    .unwrap();
+    let psk = kagami_p2p::load_psk(&key_file).unwrap();
+
+    let mut a_config = support::config(dir.path(), "a", "127.0.0.2", 6021);
+    a_config.psk = Some(psk);
+    let a_http = a_config.http_addr;
+    let a = support::start(a_config).await;
+    let bootstrap = a.listen_multiaddrs();
+
+    let mut b_config = support::config(dir.path(), "b", "127.0.0.3", 6022);
+    b_config.psk = Some(psk);
+    b_config.bootstrap = bootstrap.clone();
+    let b = support::start(b_config).await;
+
+    let mut stranger_config = support::config(dir.path(), "stranger", "127.0.0.4", 6023);
+    stranger_config.bootstrap = bootstrap.clone();
+    let stranger = support::start(stranger_config).await;
+
+    let mut wrong_config = support::config(dir.path(), "wrong", "127.0.0.5", 6024);
+    wrong_config.psk = Some([0xcd; 32]);
+    wrong_config.bootstrap = bootstrap;
+    let wrong = support::start(wrong_config).await;
+
+    wait_members(&b, &[a.local_peer_id()]).await;
+    a.advertise(vec!["sha256:5eed".to_owned()]).await;
+    finds(&b, "sha256:5eed", &peer_of(&a, a_http)).await;
+
+    let outsiders = [stranger.local_peer_id(), wrong.local_peer_id()];
+    always(
+        "nodes without the key see no one and find nothing",
+        Duration::from_secs(2),
+        || async {
+            assert_eq!(stranger.members(), vec![], "stranger's members");
+            assert_eq!(wrong.members(), vec![], "wrong key's members");
+            assert!(!stranger.ready().await, "the stranger is not ready");
+            assert_eq!(stranger.lookup("sha256:5eed", 10).await, vec![]);
+            assert_eq!(wrong.lookup("sha256:5eed", 10).await, vec![]);
+            let seen_by_a = a.members();
+            assert!(
+                seen_by_a.iter().all(|m| !outsiders.contains(&m.id)),
+                "{seen_by_a:?}"
+            );
+            true
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_keeps_its_identity_and_is_found_again() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let a_config = support::config(dir.path(), "a", "127.0.0.2", 6031);
+    let a = support::start(a_config).await;
+    let b_config = || {
+        let mut config = support::config(dir.path(), "b", "127.0.0.3", 6032);
+        config.bootstrap = a.listen_multiaddrs();
+        config
+    };
+    let b_http = b_config().http_addr;
+
+    let b = support::start(b_config()).await;
+    let b_id = b.local_peer_id();
+    wait_members(&a, std::slice::from_ref(&b_id)).await;
+    b.advertise(vec!["sha256:0001".to_owned()]).await;
+    finds(&a, "sha256:0001", &peer_of(&b, b_http)).await;
+    let old_port = port_of(&b);
+    drop(b);
+
+    let b = support::start(b_config()).await;
+    assert_eq!(b.local_peer_id(), b_id, "same identity file, same peer id");
+    assert_ne!(
+        port_of(&b),
+        old_port,
+        "a new port: others must learn the new address"
+    );
+    wait_members(&b, &[a.local_peer_id()]).await;
+    b.advertise(vec!["sha256:0002".to_owned()]).await;
+    finds(&a, "sha256:0002", &peer_of(&b, b_http)).await;
+    // a reaches b at its new address.
+    let member = a.members().into_iter().find(|m| m.id == b_id).unwrap();
+    assert!(
+        member
+            .addrs
+            .iter()
+            .any(|x| x.contains(&format!("/tcp/{}/", port_of(&b)))),
+        "{member:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_joined_and_start_errors() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lonely_config = support::config(dir.path(), "lonely", "127.0.0.2", 6041);
+    lonely_config.bootstrap = vec!["127.0.0.9:1".to_owned()];
+    let lonely = support::start(lonely_config).await;
+    assert!(
+        !lonely.ready().await,
+        "bootstrap peers configured but none reachable"
+    );
+    let started = std::time::Instant::now();
+    assert!(lonely.lookup("sha256:ffff", 10).await.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // The port is taken: start fails and says where.
+    let mut taken = support::config(dir.path(), "taken", "127.0.0.2", 6042);
+    taken.listen = addr(&format!("127.0.0.2:{}", port_of(&lonely)));
+    let err = Libp2pRouter::start(taken).await.unwrap_err();
+    assert!(matches!(err, P2pError::Listen { .. }), "{err}");
+
+    let mut bad = support::config(dir.path(), "bad", "127.0.0.2", 6043);
+    bad.bootstrap = vec!["no-port".to_owned()];
+    let err = Libp2pRouter::start(bad).await.unwrap_err().to_string();
+    assert!(err.contains("bad bootstrap entry \"no-port\""), "{err}");
+
+    let unreadable = dir.path().join("not-a-key");
+    std::fs::write(&unreadable, b"not a key").unwrap();
+    let mut broken = support::config(dir.path(), "broken", "127.0.0.2", 6044);
+    broken.identity_path = unreadable;
+    let err = Libp2pRouter::start(broken).await.unwrap_err().to_string();
+    assert!(
+        err.contains("not-a-key is not a libp2p private key"),
+        "{err}"
+    );
+}

@@ -1,0 +1,87 @@
+//! Helpers: bounded polling and libp2p nodes on loopback addresses.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kagami_p2p::{Libp2pRouter, P2pConfig, Router};
+
+/// Polls `check` every 50 ms until it returns `Some`, panicking with `what` after `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts that `check` holds at every poll for `during` (for "nothing ever shows up").
+pub async fn always<F, Fut>(what: &str, during: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + during;
+    while Instant::now() < deadline {
+        assert!(check().await, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A config for a node listening on `ip` (a free port), short provider TTLs for fast tests.
+pub fn config(dir: &Path, name: &str, ip: &str, http_port: u16) -> P2pConfig {
+    let mut config = P2pConfig::new(
+        addr(&format!("{ip}:0")),
+        addr(&format!("{ip}:{http_port}")),
+        dir.join(format!("{name}.key")),
+    );
+    config.lookup_timeout = Duration::from_millis(150);
+    config.provider_ttl = Duration::from_secs(3);
+    config.reprovide_interval = Duration::from_secs(1);
+    config
+}
+
+pub async fn start(config: P2pConfig) -> Libp2pRouter {
+    Libp2pRouter::start(config)
+        .await
+        .expect("start a libp2p node")
+}
+
+/// Waits until `node` knows every id in `ids` as a member.
+pub async fn wait_members(node: &dyn Router, ids: &[String]) {
+    eventually(
+        &format!("members {ids:?}"),
+        Duration::from_secs(15),
+        || async {
+            let members = node.members();
+            ids.iter()
+                .all(|id| members.iter().any(|m| m.id == *id && m.http_addr.is_some()))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
