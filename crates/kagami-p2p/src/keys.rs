@@ -68,7 +68,7 @@ fn parse_psk(text: &str) -> Result<[u8; 32], String> {
 /// Loads the node's ed25519 keypair from `path` (libp2p's protobuf encoding), creating it with
 /// mode 0600 (and its parent directory) when the file does not exist. The same file always gives
 /// the same peer id.
-pub fn load_or_create_identity(path: &Path) -> Result<Keypair, P2pError> {
+pub(crate) fn load_or_create_identity(path: &Path) -> Result<Keypair, P2pError> {
     match std::fs::read(path) {
         Ok(bytes) => {
             if let Ok(meta) = std::fs::metadata(path)
@@ -87,6 +87,15 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair, P2pError> {
             source,
         }),
     }
+}
+
+/// The peer id of the identity in `path`, creating the identity when the file does not exist
+/// (as [`crate::Libp2pRouter::start`] would): for tools that print or pre-register a node's id.
+pub fn identity_peer_id(path: &Path) -> Result<String, P2pError> {
+    Ok(load_or_create_identity(path)?
+        .public()
+        .to_peer_id()
+        .to_string())
 }
 
 fn create_identity(path: &Path) -> Result<Keypair, P2pError> {

@@ -19,7 +19,7 @@ mod keys;
 mod libp2p_router;
 mod memory;
 
-pub use keys::{load_or_create_identity, load_psk};
+pub use keys::{identity_peer_id, load_psk};
 pub use libp2p_router::{Libp2pRouter, P2pConfig};
 pub use memory::{MemoryNetwork, MemoryRouter};
 

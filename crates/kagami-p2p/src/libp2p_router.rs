@@ -371,6 +371,16 @@ impl Libp2pRouter {
     /// bootstrap list in the background. Returns once the listener is bound, so that
     /// [`Libp2pRouter::listen_multiaddrs`] is known. Must run inside a tokio runtime.
     pub async fn start(config: P2pConfig) -> Result<Libp2pRouter, P2pError> {
+        Self::start_with(config, true).await
+    }
+
+    /// `http_from_identify: false` leaves node records as the only source of peers' HTTP
+    /// addresses (tests of that path; in a small test network every node is connected to
+    /// every other, so identify would always answer first).
+    async fn start_with(
+        config: P2pConfig,
+        http_from_identify: bool,
+    ) -> Result<Libp2pRouter, P2pError> {
         let bootstrap = config
             .bootstrap
             .iter()
@@ -449,6 +459,7 @@ impl Libp2pRouter {
             joined: false,
             http_addr: config.http_addr,
             lookup_timeout: config.lookup_timeout,
+            http_from_identify,
             http_addrs: HashMap::new(),
             lookups: HashMap::new(),
             record_queries: HashMap::new(),
@@ -551,6 +562,7 @@ struct Task {
     joined: bool,
     http_addr: SocketAddr,
     lookup_timeout: Duration,
+    http_from_identify: bool,
     /// Peers' HTTP addresses, from identify and node records.
     http_addrs: HashMap<PeerId, SocketAddr>,
     lookups: HashMap<QueryId, PendingLookup>,
@@ -760,7 +772,9 @@ impl Task {
         let identify::Event::Received { peer_id, info, .. } = event else {
             return;
         };
-        if let Some(addr) = http_addr_from_agent(&info.agent_version) {
+        if let Some(addr) = http_addr_from_agent(&info.agent_version)
+            && self.http_from_identify
+        {
             self.http_addrs.insert(peer_id, addr);
         }
         // Peers that connected to us are only routable once we know where they listen.
@@ -985,6 +999,45 @@ mod tests {
         assert_eq!(http_addr_from_record(&other, &record), None);
         record.publisher = Some(other);
         assert_eq!(http_addr_from_record(&peer, &record), None);
+    }
+
+    /// Providers' HTTP addresses resolve through `/kagami/node/<peer-id>` records alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_addresses_resolve_through_node_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<Libp2pRouter> = Vec::new();
+        let mut bootstrap = Vec::new();
+        for i in 0..3u16 {
+            let ip = format!("127.0.0.{}", i + 2);
+            let mut config = P2pConfig::new(
+                format!("{ip}:0").parse().unwrap(),
+                format!("{ip}:{}", 7000 + i).parse().unwrap(),
+                dir.path().join(format!("{i}.key")),
+            );
+            config.bootstrap = bootstrap.clone();
+            let node = Libp2pRouter::start_with(config, false).await.unwrap();
+            if i == 0 {
+                bootstrap = node.listen_multiaddrs();
+            }
+            nodes.push(node);
+        }
+        nodes[0].advertise(vec!["sha256:beef".to_owned()]).await;
+        let want = Peer {
+            id: nodes[0].local_peer_id(),
+            http_addr: "127.0.0.2:7000".parse().unwrap(),
+        };
+        for node in &nodes[1..] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let found = node.lookup("sha256:beef", 10).await;
+                if found == [want.clone()] {
+                    break;
+                }
+                assert!(found.is_empty(), "{found:?}");
+                assert!(Instant::now() < deadline, "not found through node records");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     #[tokio::test]

@@ -207,6 +207,18 @@ async fn not_ready_until_joined_and_start_errors() {
     assert!(lonely.lookup("sha256:ffff", 10).await.is_empty());
     assert!(started.elapsed() < Duration::from_secs(1));
 
+    // A bootstrap list naming only this node (as on the first node of a cluster): ready alone.
+    let own_key = dir.path().join("first.key");
+    let own_id = kagami_p2p::identity_peer_id(&own_key).unwrap();
+    let mut first = support::config(dir.path(), "first", "127.0.0.3", 6045);
+    first.bootstrap = vec![format!("/ip4/127.0.0.9/tcp/1/p2p/{own_id}")];
+    let first = support::start(first).await;
+    assert_eq!(first.local_peer_id(), own_id);
+    eventually("alone is ready", WITHIN, || async {
+        first.ready().await.then_some(())
+    })
+    .await;
+
     // The port is taken: start fails and says where.
     let mut taken = support::config(dir.path(), "taken", "127.0.0.2", 6042);
     taken.listen = addr(&format!("127.0.0.2:{}", port_of(&lonely)));
