@@ -238,6 +238,14 @@ fn split_peer(mut addr: Multiaddr) -> (Multiaddr, Option<PeerId>) {
     }
 }
 
+fn is_loopback(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
+    }
+}
+
 fn agent_version(http_addr: SocketAddr) -> String {
     format!(
         "kagami/{}{AGENT_HTTP_MARKER}{http_addr}",
@@ -778,9 +786,15 @@ impl Task {
             self.http_addrs.insert(peer_id, addr);
         }
         // Peers that connected to us are only routable once we know where they listen.
+        // A node listening on every interface also lists its loopback addresses; they are
+        // useful only to a peer that reaches it over loopback (tests, one host), and dialling
+        // them from elsewhere reaches the dialler itself.
         if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {
+            let via_loopback = is_loopback(&info.observed_addr);
             for addr in info.listen_addrs {
-                self.kad().add_address(&peer_id, addr);
+                if via_loopback || !is_loopback(&addr) {
+                    self.kad().add_address(&peer_id, addr);
+                }
             }
         }
         self.refresh_members();
@@ -972,6 +986,14 @@ mod tests {
         ] {
             assert!(parse_bootstrap(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn loopback_addresses() {
+        assert!(is_loopback(&"/ip4/127.0.0.3/tcp/1".parse().unwrap()));
+        assert!(is_loopback(&"/ip6/::1/tcp/1".parse().unwrap()));
+        assert!(!is_loopback(&"/ip4/10.0.0.1/tcp/1".parse().unwrap()));
+        assert!(!is_loopback(&"/dns4/localhost/tcp/1".parse().unwrap()));
     }
 
     #[test]

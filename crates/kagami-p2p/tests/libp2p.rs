@@ -240,3 +240,32 @@ async fn not_ready_until_joined_and_start_errors() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_its_bootstrap_peer_joins_later() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    // A free port for a, which starts only after b has tried it once.
+    let a_listen = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut b_config = support::config(dir.path(), "b", "127.0.0.3", 6052);
+    b_config.bootstrap = vec![a_listen.to_string()];
+    let b = support::start(b_config).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!b.ready().await);
+    assert!(b.members().is_empty());
+
+    let mut a_config = support::config(dir.path(), "a", "127.0.0.2", 6051);
+    a_config.listen = a_listen;
+    let a_http = a_config.http_addr;
+    let a = support::start(a_config).await;
+    // b dials its bootstrap list again every 10 s while it knows no one.
+    eventually("b joins a", Duration::from_secs(15), || async {
+        b.ready().await.then_some(())
+    })
+    .await;
+    a.advertise(vec!["sha256:1a7e".to_owned()]).await;
+    finds(&b, "sha256:1a7e", &peer_of(&a, a_http)).await;
+}
