@@ -8,7 +8,18 @@
 //!
 //! Two implementations: [`MemoryRouter`] (nodes sharing one [`MemoryNetwork`] in one process,
 //! deterministic, for tests of the server) and [`Libp2pRouter`] (a private Kademlia DHT over
-//! libp2p, for real clusters).
+//! libp2p, for real clusters). Both pass one conformance suite (`tests/conformance.rs`).
+//!
+//! Invariants:
+//! - **No content, no HTTP.** The crate never sees a blob; it names peers. Whatever it returns
+//!   may be stale (a provider record outlives a withdraw or a dead node by up to its TTL): the
+//!   caller fetches from the peer and verifies the digest, so a wrong answer costs a request,
+//!   never a wrong byte.
+//! - A lookup never returns this node, never more than `limit` peers, and always ends: by the
+//!   configured lookup timeout (150 ms by default) with whatever it resolved by then.
+//! - Only nodes holding the network's pre-shared key (when one is configured) can connect,
+//!   and so appear as members or providers.
+//! - A node's peer id is its identity file: the same file gives the same id across restarts.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
