@@ -662,10 +662,11 @@ impl Task {
     fn dial_bootstrap(&mut self, addrs: Vec<Multiaddr>) {
         self.bootstrap_in_flight = false;
         let own: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
-        let mut others = 0;
+        let (mut others, mut itself) = (0, 0);
         for addr in addrs {
             let (base, peer) = split_peer(addr);
             if peer == Some(self.local) || own.contains(&base) {
+                itself += 1;
                 continue;
             }
             others += 1;
@@ -685,7 +686,8 @@ impl Task {
                 Err(e) => tracing::debug!(addr = %base, error = %e, "cannot dial bootstrap peer"),
             }
         }
-        if others == 0 && !self.alone {
+        // Not when nothing resolved: a name that fails to resolve now may resolve later.
+        if others == 0 && itself > 0 && !self.alone {
             tracing::info!("the bootstrap list names only this node; ready alone");
             self.alone = true;
             self.shared.ready.store(true, Ordering::Relaxed);
