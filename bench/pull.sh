@@ -17,8 +17,12 @@ SIZE_MB=${SIZE_MB:-200}
 cargo build --release -q -p kagami
 KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
 WORK=$(mktemp -d /tmp/kagami-bench-pull.XXXXXX)
+# Where the tools write: tmpfs by default, so that disk writeback (very noisy on this
+# machine kind) does not drown the transfer; OUT_BASE=/tmp measures with the disk.
+OUT_BASE=${OUT_BASE:-/dev/shm}
+OUT=$(mktemp -d "$OUT_BASE/kagami-bench-out.XXXXXX")
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK" "$OUT"; }
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -67,23 +71,23 @@ BYTES=$(skopeo inspect --tls-verify=false --raw "docker://$IMAGE" |
 # Each timed command starts with no dirty pages pending (sync), so that one tool's
 # writeback does not land in the next one's time; the order rotates between runs.
 declare -A T
-time_curl() { curl -sf -o "$WORK/curl.out" "http://127.0.0.1:$PORT/v2/bench/big/blobs/$LAYER"; }
-time_skopeo() { skopeo copy --quiet --src-tls-verify=false "docker://$IMAGE" "oci:$WORK/out:1"; }
-time_kagami() { "$KAGAMI" pull "$IMAGE" --output "$WORK/out" >/dev/null; }
+time_curl() { curl -sf -o "$OUT/curl.out" "http://127.0.0.1:$PORT/v2/bench/big/blobs/$LAYER"; }
+time_skopeo() { skopeo copy --quiet --src-tls-verify=false "docker://$IMAGE" "oci:$OUT/out:1"; }
+time_kagami() { "$KAGAMI" pull "$IMAGE" --output "$OUT/out" >/dev/null; }
 TOOLS=(curl skopeo kagami)
 for i in $(seq "$RUNS"); do
   for k in 0 1 2; do
     t=${TOOLS[$(((i + k) % 3))]}
-    rm -rf "$WORK/out" "$WORK/curl.out"; sync
+    rm -rf "$OUT/out" "$OUT/curl.out"; sync
     s=$(now); "time_$t"; e=$(now)
     T[$t]+="$(echo "$e - $s" | bc) "
   done
 done
-rm -rf "$WORK/out" "$WORK/curl.out"
+rm -rf "$OUT/out" "$OUT/curl.out"
 
 curl_med=$(echo "${T[curl]}" | tr ' ' '\n' | grep . | median)
 echo
-echo "image: 1 layer, $((BYTES / 1024 / 1024)) MiB compressed; $RUNS runs each; $(nproc) cores"
+echo "image: 1 layer, $((BYTES / 1024 / 1024)) MiB compressed; $RUNS runs each; $(nproc) cores; output in $OUT_BASE"
 printf '%-8s %10s %10s %12s   %s\n' tool median_s MB/s vs_curl runs
 for t in curl skopeo kagami; do
   runs=$(echo "${T[$t]}" | tr ' ' '\n' | grep . | tr '\n' ' ')

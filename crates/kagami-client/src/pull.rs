@@ -329,10 +329,10 @@ impl Client {
         }
         let out = file.try_clone().await.map_err(io)?.into_std().await;
         let mut hasher = state.hasher.clone();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
         let writer = tokio::task::spawn_blocking(move || {
             use std::io::Write as _;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+            let mut w = out;
             let mut n = 0u64;
             while let Some(c) = rx.blocking_recv() {
                 if let Err(e) = w.write_all(&c) {
@@ -344,14 +344,23 @@ impl Client {
             let r = w.flush();
             (hasher, n, r)
         });
+        // Network chunks are small (tens of KiB); batching them into 1 MiB buffers keeps
+        // the hand-offs to the writer thread (and its wake-ups) few.
+        const BATCH: usize = 1 << 20;
+        let mut batch = bytes::BytesMut::with_capacity(BATCH);
         let mut result = Ok(());
         while let Some(item) = stream.next().await {
             match item {
                 Ok(c) => {
-                    progress(stream.position);
-                    if tx.send(c).await.is_err() {
-                        // The writer failed; its error is reported below.
-                        break;
+                    batch.extend_from_slice(&c);
+                    if batch.len() >= BATCH {
+                        progress(stream.position);
+                        let full =
+                            std::mem::replace(&mut batch, bytes::BytesMut::with_capacity(BATCH));
+                        if tx.send(full.freeze()).await.is_err() {
+                            // The writer failed; its error is reported below.
+                            break;
+                        }
                     }
                 }
                 Err(e) => {
@@ -360,6 +369,11 @@ impl Client {
                 }
             }
         }
+        // What arrived before an error is kept too, so that a resume starts after it.
+        if !batch.is_empty() {
+            let _ = tx.send(batch.freeze()).await;
+        }
+        progress(stream.position);
         drop(tx);
         let (hasher, n, written) = writer
             .await
