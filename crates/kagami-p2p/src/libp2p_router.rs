@@ -43,7 +43,7 @@ pub const KAD_PROTOCOL: &str = "/kagami/kad/1.0.0";
 const IDENTIFY_PROTOCOL_VERSION: &str = "/kagami/1.0.0";
 const NODE_RECORD_PREFIX: &str = "/kagami/node/";
 const AGENT_HTTP_MARKER: &str = " http=";
-/// How often to dial the bootstrap list again while the routing table is empty.
+/// How often to dial the bootstrap list again while this node is connected to no one.
 const REBOOTSTRAP_INTERVAL: Duration = Duration::from_secs(10);
 /// How long [`Libp2pRouter::start`] waits for the listener to report its address.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -641,7 +641,10 @@ impl Task {
         let due = self
             .last_bootstrap
             .is_none_or(|t| t.elapsed() >= REBOOTSTRAP_INTERVAL);
-        if !self.joined && due {
+        // Also when the table only holds peers this node has lost touch with (say they all
+        // restarted on new addresses): dialling the list again costs one connection.
+        let isolated = !self.joined || self.swarm.connected_peers().next().is_none();
+        if isolated && due {
             self.start_bootstrap();
         }
     }
