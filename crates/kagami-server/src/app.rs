@@ -59,6 +59,10 @@ pub(crate) struct Inner {
     /// Set while the store refuses writes (disk full): cold blobs pass through uncached.
     pub store_full_until: Mutex<Option<Instant>>,
     pub ready: AtomicBool,
+    /// Other nodes, when P2P is on.
+    pub peers: std::sync::OnceLock<Arc<crate::peers::Peers>>,
+    /// This node's P2P identity and addresses, when P2P is on.
+    pub node_info: std::sync::OnceLock<crate::peer_api::NodeInfo>,
 }
 
 impl AppState {
@@ -79,6 +83,8 @@ impl AppState {
                 revalidations: Mutex::new(HashMap::new()),
                 store_full_until: Mutex::new(None),
                 ready: AtomicBool::new(true),
+                peers: std::sync::OnceLock::new(),
+                node_info: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -90,6 +96,16 @@ impl AppState {
 
     pub fn config(&self) -> Arc<Config> {
         self.inner.config.read().expect("config lock").clone()
+    }
+
+    /// Turns on sharing between nodes (once, at start).
+    pub fn set_peers(&self, peers: Arc<crate::peers::Peers>, node: crate::peer_api::NodeInfo) {
+        let _ = self.inner.peers.set(peers);
+        let _ = self.inner.node_info.set(node);
+    }
+
+    pub fn peers(&self) -> Option<&Arc<crate::peers::Peers>> {
+        self.inner.peers.get()
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -124,6 +140,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/p2p/status", get(p2p_status))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(limit_headers))
         .with_state(state)
@@ -158,6 +175,27 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+async fn p2p_status(State(state): State<AppState>) -> Response {
+    let usage = state.store().usage();
+    let mut v = match state.peers() {
+        Some(p) => p.status(),
+        None => serde_json::json!({"enabled": false}),
+    };
+    v["enabled"] = serde_json::Value::Bool(state.peers().is_some());
+    v["node"] = state
+        .inner
+        .node_info
+        .get()
+        .map_or(serde_json::Value::Null, |n| serde_json::json!(n));
+    v["store"] = serde_json::json!({"blobs": usage.blobs, "bytes": usage.bytes, "advertised": if state.peers().is_some() { usage.blobs } else { 0 }});
+    let mut r = Response::new(Body::from(v.to_string()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut resp = state.metrics_text().into_response();
     resp.headers_mut().insert(
@@ -171,6 +209,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Local,
+    Peer,
     Upstream,
     None,
 }
@@ -179,6 +218,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Local => "local",
+            Source::Peer => "peer",
             Source::Upstream => "upstream",
             Source::None => "none",
         }

@@ -41,6 +41,7 @@ enum FetchState {
     Streaming {
         inflight: Arc<Inflight>,
         size: Option<u64>,
+        source: Source,
     },
     /// The store cannot take the blob: each request streams from upstream itself.
     PassThrough,
@@ -86,9 +87,13 @@ pub(crate) async fn get(
         .map(|s| s.clone())
         .unwrap_or(FetchState::Failed("fetch ended unexpectedly".into()));
     match current {
-        FetchState::Streaming { inflight, size } => Ok((
+        FetchState::Streaming {
+            inflight,
+            size,
+            source,
+        } => Ok((
             serve_inflight(&inflight, size, digest, range_header, head),
-            Source::Upstream,
+            source,
         )),
         FetchState::PassThrough => pass_through(state, config, path, digest, head).await,
         FetchState::Failed(why) => Err(ApiError::blob_unknown(why)),
@@ -161,6 +166,7 @@ async fn run_fetch(
             fetch.state.send_replace(FetchState::Streaming {
                 inflight: Arc::new(inflight),
                 size,
+                source: Source::Local,
             });
             return;
         }
@@ -171,7 +177,8 @@ async fn run_fetch(
             return;
         }
     };
-    let mut body = match inner.upstream.blob(&plan, digest, 0, 0).await {
+    let sources = Sources::new(state, &plan, path, digest).await;
+    let mut body = match sources.open(0, 0).await {
         Ok(b) => b,
         Err(e) => {
             upstream_failed(state, &plan);
@@ -180,9 +187,15 @@ async fn run_fetch(
         }
     };
     let size = body.size;
+    let mut contributors = vec![body.source.clone()];
     fetch.state.send_replace(FetchState::Streaming {
         inflight: Arc::new(writer.follow()),
         size,
+        source: if body.source.starts_with("peer:") {
+            Source::Peer
+        } else {
+            Source::Upstream
+        },
     });
     loop {
         count_upstream(state, &body);
@@ -191,13 +204,12 @@ async fn run_fetch(
             Pump::Done if size.is_none_or(|s| writer.written() == s) => break,
             Pump::Done | Pump::UpstreamFailed => {
                 let offset = writer.written();
-                tracing::warn!(%digest, offset, source = %body.source, "upstream failed mid-blob; continuing from the next attempt");
-                match inner
-                    .upstream
-                    .blob(&plan, digest, offset, body.attempt + 1)
-                    .await
-                {
-                    Ok(b) => body = b,
+                tracing::warn!(%digest, offset, source = %body.source, "source failed mid-blob; continuing from the next one");
+                match sources.open(offset, body.attempt + 1).await {
+                    Ok(b) => {
+                        body = b;
+                        contributors.push(body.source.clone());
+                    }
                     Err(e) => {
                         tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
                         upstream_failed(state, &plan);
@@ -214,7 +226,83 @@ async fn run_fetch(
     }
     match writer.commit().await {
         Ok(n) => tracing::debug!(%digest, bytes = n, "blob stored"),
-        Err(e) => tracing::warn!(%digest, error = %e, "blob not stored"),
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "blob not stored");
+            if matches!(e, kagami_store::StoreError::DigestMismatch { .. })
+                && let Some(peers) = state.peers()
+            {
+                for id in contributors.iter().filter_map(|s| s.strip_prefix("peer:")) {
+                    peers.ban(id);
+                }
+            }
+        }
+    }
+}
+
+/// Where a blob can come from, in the plan's order: providers among the other nodes
+/// (when the registry is shared and P2P is on), then the endpoints. `BlobBody::attempt`
+/// numbers them in that order, so a resume continues after the source that failed.
+struct Sources<'a> {
+    state: &'a AppState,
+    plan: &'a kagami_config::Plan,
+    path: &'a OciPath,
+    digest: &'a Digest,
+    providers: Vec<kagami_p2p::Peer>,
+}
+
+impl<'a> Sources<'a> {
+    async fn new(
+        state: &'a AppState,
+        plan: &'a kagami_config::Plan,
+        path: &'a OciPath,
+        digest: &'a Digest,
+    ) -> Sources<'a> {
+        let wants_peers = plan
+            .attempts
+            .iter()
+            .any(|a| matches!(a, kagami_config::Attempt::Peers));
+        let providers = match state.peers() {
+            Some(p) if wants_peers => p.providers(&digest.to_string()).await,
+            _ => Vec::new(),
+        };
+        Sources {
+            state,
+            plan,
+            path,
+            digest,
+            providers,
+        }
+    }
+
+    async fn open(
+        &self,
+        offset: u64,
+        from: usize,
+    ) -> Result<BlobBody, crate::upstream::UpstreamError> {
+        let n = self.providers.len();
+        if from < n
+            && let Some(peers) = self.state.peers()
+            && let Some(b) = peers
+                .blob(
+                    &self.providers,
+                    from,
+                    &self.path.registry,
+                    &self.path.repository,
+                    self.digest,
+                    offset,
+                )
+                .await
+        {
+            return Ok(b);
+        }
+        let mut b = self
+            .state
+            .inner
+            .upstream
+            .blob(self.plan, self.digest, offset, from.saturating_sub(n))
+            .await?;
+        b.attempt += n;
+        Ok(b)
     }
 }
 
@@ -249,7 +337,11 @@ async fn pump(writer: &mut kagami_store::BlobWriter, body: &mut BlobBody) -> Pum
             batch.clear();
         }
         if end {
-            return if upstream_failed { Pump::UpstreamFailed } else { Pump::Done };
+            return if upstream_failed {
+                Pump::UpstreamFailed
+            } else {
+                Pump::Done
+            };
         }
     }
 }
@@ -344,7 +436,7 @@ fn unsatisfiable(size: u64) -> Response {
     r
 }
 
-async fn serve_local(
+pub(crate) async fn serve_local(
     mut handle: BlobHandle,
     digest: &Digest,
     range_header: Option<&str>,

@@ -158,7 +158,7 @@ impl Upstream for ClientUpstream {
 }
 
 /// Drops the first `n` bytes of a stream (an upstream that ignored `Range`).
-fn skip_bytes(
+pub(crate) fn skip_bytes(
     s: impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static,
     n: u64,
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {

@@ -17,8 +17,12 @@ mod log;
 mod manifests;
 pub mod metrics;
 pub mod path;
+pub mod peer_api;
+pub mod peers;
 pub mod range;
 pub mod upstream;
 
-pub use app::{AppState, ServerOptions, router};
+pub use app::{AppState, ServerOptions, Source, router};
+pub use peer_api::{NodeInfo, peer_router};
+pub use peers::Peers;
 pub use upstream::{BlobBody, FetchedManifest, ManifestHead, Upstream, UpstreamError};

@@ -47,12 +47,18 @@ pub(crate) async fn get(
             }
             cache(state, "miss");
             let plan = plan(&path.reference(), config, state.plan_options());
-            let m = state
-                .inner
-                .upstream
-                .manifest(&plan, &d.to_string())
-                .await
-                .map_err(|e| ApiError::manifest_unknown(e.message))?;
+            let (m, source) = match from_peers(state, &plan, path, &d.to_string()).await {
+                Some(m) => (m, Source::Peer),
+                None => (
+                    state
+                        .inner
+                        .upstream
+                        .manifest(&plan, &d.to_string())
+                        .await
+                        .map_err(|e| ApiError::manifest_unknown(e.message))?,
+                    Source::Upstream,
+                ),
+            };
             if &m.digest != d {
                 return Err(ApiError::manifest_unknown(format!(
                     "upstream answered {} for {d}",
@@ -62,7 +68,7 @@ pub(crate) async fn get(
             store_manifest(state, &m).await;
             Ok((
                 manifest_response(&m.bytes, &m.media_type, &m.digest, head),
-                Source::Upstream,
+                source,
             ))
         }
         ManifestRef::Tag(tag) => {
@@ -188,9 +194,19 @@ async fn resolve_tag(
         {
             tracing::warn!(error = %e, "cannot record tag revalidation");
         }
+        advertise_tag(state, plan, path, tag).await;
         return Revalidation::Current(entry);
     }
-    match inner.upstream.manifest(plan, tag).await {
+    // A tag this node has never resolved is asked of the other nodes first (the plan's
+    // order); a cached one is revalidated against the endpoints.
+    let fetched = match cached {
+        None => match from_peers(state, plan, path, tag).await {
+            Some(m) => Ok(m),
+            None => inner.upstream.manifest(plan, tag).await,
+        },
+        Some(_) => inner.upstream.manifest(plan, tag).await,
+    };
+    match fetched {
         Ok(m) => {
             if !store_manifest(state, &m).await {
                 return Revalidation::Failed {
@@ -210,12 +226,52 @@ async fn resolve_tag(
             {
                 tracing::warn!(error = %e, "cannot record tag");
             }
+            advertise_tag(state, plan, path, tag).await;
             Revalidation::Current(entry)
         }
         Err(e) => Revalidation::Failed {
             message: e.message,
             not_found: e.not_found,
         },
+    }
+}
+
+/// A manifest from another node, when the registry is shared and P2P is on.
+async fn from_peers(
+    state: &AppState,
+    plan: &Plan,
+    path: &OciPath,
+    reference: &str,
+) -> Option<FetchedManifest> {
+    let peers = state.peers()?;
+    if !plan
+        .attempts
+        .iter()
+        .any(|a| matches!(a, kagami_config::Attempt::Peers))
+    {
+        return None;
+    }
+    peers
+        .manifest(&path.registry, &path.repository, reference)
+        .await
+}
+
+/// Tells the other nodes this one has resolved `tag` (shared registries only).
+async fn advertise_tag(state: &AppState, plan: &Plan, path: &OciPath, tag: &str) {
+    if let Some(peers) = state.peers()
+        && plan
+            .attempts
+            .iter()
+            .any(|a| matches!(a, kagami_config::Attempt::Peers))
+    {
+        peers
+            .router
+            .advertise(vec![crate::peers::tag_key(
+                &path.registry,
+                &path.repository,
+                tag,
+            )])
+            .await;
     }
 }
 
@@ -261,7 +317,7 @@ async fn store_manifest(state: &AppState, m: &FetchedManifest) -> bool {
 }
 
 /// Serves a stored manifest, or None when it is not in the store.
-async fn serve_stored(
+pub(crate) async fn serve_stored(
     state: &AppState,
     digest: &Digest,
     head: bool,

@@ -25,6 +25,11 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub endpoint: String,
 }
@@ -41,6 +46,9 @@ pub struct Metrics {
     pub store_blobs: Gauge,
     pub evictions: Counter,
     pub stale_served: Counter,
+    pub peer_lookups: Counter,
+    pub peer_lookup_hits: Counter,
+    pub peer_received: Family<PeerLabels, Counter>,
 }
 
 impl Metrics {
@@ -57,6 +65,9 @@ impl Metrics {
             store_blobs: Gauge::default(),
             evictions: Counter::default(),
             stale_served: Counter::default(),
+            peer_lookups: Counter::default(),
+            peer_lookup_hits: Counter::default(),
+            peer_received: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -108,6 +119,21 @@ impl Metrics {
             "stale_tags_served",
             "Tag requests answered from cache because every upstream failed",
             m.stale_served.clone(),
+        );
+        registry.register(
+            "peer_lookups",
+            "Lookups of content among the other nodes",
+            m.peer_lookups.clone(),
+        );
+        registry.register(
+            "peer_lookup_hits",
+            "Lookups that found at least one other node holding the content",
+            m.peer_lookup_hits.clone(),
+        );
+        registry.register(
+            "peer_received_bytes",
+            "Bytes received from each other node",
+            m.peer_received.clone(),
         );
         Metrics { registry, ..m }
     }

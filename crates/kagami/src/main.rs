@@ -62,6 +62,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // reqwest is built without a TLS provider of its own: ring serves every client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(a) => cmd::check::run(a),

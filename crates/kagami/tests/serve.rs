@@ -686,3 +686,152 @@ fn reload_on_change_keeps_the_old_config_on_errors() {
     run(Command::new("kill").args(["-HUP", &k.daemon.child.id().to_string()]));
     assert!(served("/v2/one.example.test/team/app/manifests/1"));
 }
+
+/// The scenario: node A holds ksd.test.com/ksd/nginx:1.27 (pulled earlier through
+/// its own store); nodes B and C reach no registry (`mirrors: {ksd.test.com: }` and no
+/// default endpoint) and pull it, by tag and by digest, from A through the DHT. B bootstraps
+/// from A's P2P address, C from A's peer HTTP address. All three share a pre-shared key.
+#[test]
+fn three_nodes_share_through_the_dht() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "1.27", 2, 256 * 1024);
+    image.push(&format!("{}/ksd/nginx:1.27", registry.addr()));
+    let psk = write(
+        &dir.path().join("psk"),
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n",
+    );
+    let config_a = write(
+        &dir.path().join("a.yaml"),
+        &format!(
+            "mirrors:\n  ksd.test.com:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let config_bc = write(&dir.path().join("bc.yaml"), "mirrors:\n  ksd.test.com:\n");
+    let node = |name: &str, ip: &str, config: &Path, bootstrap: Option<String>| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (api, p2p, http) = (free_port(), free_port(), free_port());
+        let mut args = vec![
+            "serve".to_string(),
+            "--listen".into(),
+            format!("{ip}:{api}"),
+            "--p2p-listen".into(),
+            format!("{ip}:{p2p}"),
+            "--p2p-http-listen".into(),
+            format!("{ip}:{http}"),
+            "--p2p-psk-file".into(),
+            psk.display().to_string(),
+            "--disable-default-registry-endpoint".into(),
+            "--log-format".into(),
+            "json".into(),
+            "--data-dir".into(),
+            d.join("data").display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        if let Some(b) = bootstrap {
+            args.extend(["--p2p-bootstrap".into(), b]);
+        }
+        let child = kagami()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("kagami.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let api_addr = format!("{ip}:{api}");
+        wait_for_port(&api_addr, Duration::from_secs(20));
+        (
+            Daemon {
+                child,
+                name: "kagami",
+            },
+            api_addr,
+            format!("{ip}:{p2p}"),
+            format!("{ip}:{http}"),
+            d,
+        )
+    };
+    let (_a, a_api, a_p2p, a_http, _) = node("a", "127.0.0.2", &config_a, None);
+    // A pulls the image through its own store.
+    let via_a = format!("{a_api}/ksd.test.com/ksd/nginx:1.27");
+    let digest = crate::support::skopeo_digest(&via_a);
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{via_a}"))
+        .arg(format!("oci:{}:a", dir.path().join("out-a").display())));
+    let upstream_blob_gets = registry.count_gets("/blobs/");
+    assert!(upstream_blob_gets >= 3);
+
+    let (_b, b_api, _, _, b_dir) = node("b", "127.0.0.3", &config_bc, Some(a_p2p.clone()));
+    let (_c, c_api, _, _, c_dir) = node(
+        "c",
+        "127.0.0.4",
+        &config_bc,
+        Some(format!("http://{a_http}")),
+    );
+    for (api, d) in [(&b_api, &b_dir), (&c_api, &c_dir)] {
+        // Wait (bounded) until the node sees A.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = String::from_utf8(http_get(api, "/p2p/status").2).unwrap();
+            if status.contains("\"members\":[{") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{api} never saw a member: {status}\n{}",
+                std::fs::read_to_string(d.join("kagami.log")).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    for (name, api) in [("b", &b_api), ("c", &c_api)] {
+        let by_tag = format!("{api}/ksd.test.com/ksd/nginx:1.27");
+        let mut pulled = None;
+        // Provider records take a moment to spread: retry a few times.
+        for _ in 0..20 {
+            let out = Command::new("skopeo")
+                .args(["copy", "--quiet", "--src-tls-verify=false"])
+                .arg(format!("docker://{by_tag}"))
+                .arg(format!(
+                    "oci:{}:tag",
+                    dir.path().join(format!("out-{name}")).display()
+                ))
+                .output()
+                .unwrap();
+            if out.status.success() {
+                pulled = Some(());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(pulled.is_some(), "node {name} could not pull by tag from A");
+        assert_eq!(crate::support::skopeo_digest(&by_tag), digest);
+        let by_digest = format!("{api}/ksd.test.com/ksd/nginx@{digest}");
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .arg(format!("docker://{by_digest}"))
+            .arg(format!(
+                "oci:{}:digest",
+                dir.path().join(format!("out-{name}")).display()
+            )));
+        let metrics = String::from_utf8(http_get(api, "/metrics").2).unwrap();
+        assert!(
+            metrics.contains("kagami_served_bytes_total{source=\"peer\"}"),
+            "{metrics}"
+        );
+    }
+    assert_eq!(
+        registry.count_gets("/blobs/"),
+        upstream_blob_gets,
+        "B and C must not reach the registry"
+    );
+    // A machine without the key cannot download from A's peer API.
+    let (status, _, _) = http_get(
+        &a_http,
+        &format!("/v2/ksd/nginx/manifests/{digest}?ns=ksd.test.com"),
+    );
+    assert_eq!(status, 401);
+}

@@ -49,6 +49,31 @@ pub struct Args {
     /// kagami first for every registry it serves.
     #[arg(long, env = "KAGAMI_CONTAINERD_HOSTS_DIR", value_name = "DIR")]
     containerd_hosts_dir: Option<PathBuf>,
+    /// Share content with other kagami nodes: the address of this node's P2P router
+    /// (libp2p Kademlia DHT over TCP), e.g. 10.0.0.5:5001. Without it, no sharing.
+    #[arg(long, env = "KAGAMI_P2P_LISTEN", value_name = "ADDR")]
+    p2p_listen: Option<SocketAddr>,
+    /// Where this node serves content to other nodes over HTTP (only what it holds).
+    /// Default: the --p2p-listen address with the next port.
+    #[arg(long, env = "KAGAMI_P2P_HTTP_LISTEN", value_name = "ADDR")]
+    p2p_http_listen: Option<SocketAddr>,
+    /// A node to join through (repeatable, or comma-separated in the env var): host:port
+    /// (a DNS name joins every address it resolves to), a libp2p multiaddr with or without
+    /// /p2p/<peer-id>, or http://host:port, the peer HTTP address of any member.
+    #[arg(
+        long,
+        env = "KAGAMI_P2P_BOOTSTRAP",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    p2p_bootstrap: Vec<String>,
+    /// The network's pre-shared key (64 hex characters, or libp2p's swarm.key format):
+    /// nodes without it can neither join nor download from a node.
+    #[arg(long, env = "KAGAMI_P2P_PSK_FILE", value_name = "FILE")]
+    p2p_psk_file: Option<PathBuf>,
+    /// Resolve `latest` tags through other nodes too (off, as in K3s).
+    #[arg(long, env = "KAGAMI_P2P_RESOLVE_LATEST")]
+    p2p_resolve_latest: bool,
     /// Log format: text for people, json for collectors.
     #[arg(long, env = "KAGAMI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -142,13 +167,15 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("opening the content store in {}", args.data_dir.display()))?;
     // Shorter than containerd's own patience (30 s per hanging host): kagami must answer,
     // even with a 404, before containerd gives up on it.
-    let upstream = Arc::new(kagami_server::client_upstream::ClientUpstream::with_options(
-        kagami_client::ClientOptions {
-            connect_timeout: Duration::from_secs(2),
-            read_timeout: Duration::from_secs(10),
-            ..Default::default()
-        },
-    ));
+    let upstream = Arc::new(
+        kagami_server::client_upstream::ClientUpstream::with_options(
+            kagami_client::ClientOptions {
+                connect_timeout: Duration::from_secs(2),
+                read_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+        ),
+    );
     write_hosts(&args, &config)?;
     let state = AppState::new(
         config,
@@ -159,6 +186,10 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             disable_default_endpoint: args.disable_default_registry_endpoint,
         },
     );
+    let peer_server = match args.p2p_listen {
+        Some(listen) => Some(start_p2p(&args, listen, &state).await?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -168,7 +199,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     tokio::spawn(reload_loop(args.clone(), state.clone()));
 
     let shutdown_state = state.clone();
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             tracing::info!("shutting down: finishing requests in progress");
@@ -176,7 +207,96 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         })
         .await
         .context("serving")?;
+    if let Some(peer_server) = peer_server {
+        kagami_server::peers::withdraw_all(&state).await;
+        peer_server.abort();
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Joins the P2P network: the router, the peer HTTP API, and advertising the store.
+async fn start_p2p(
+    args: &Args,
+    listen: SocketAddr,
+    state: &AppState,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use kagami_p2p::{Libp2pRouter, P2pConfig, Router};
+    let psk = match &args.p2p_psk_file {
+        Some(p) => Some(kagami_p2p::load_psk(p)?),
+        None => {
+            tracing::warn!(
+                "no --p2p-psk-file: any machine that reaches the P2P ports can join and download"
+            );
+            None
+        }
+    };
+    let http_addr = args
+        .p2p_http_listen
+        .unwrap_or_else(|| SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)));
+    let token = psk.as_ref().map(kagami_server::peers::peer_token);
+    let mut bootstrap = Vec::new();
+    for b in &args.p2p_bootstrap {
+        if b.starts_with("http://") || b.starts_with("https://") {
+            bootstrap.extend(bootstrap_from_http(b, token.as_deref()).await);
+        } else {
+            bootstrap.push(b.clone());
+        }
+    }
+    let mut config = P2pConfig::new(listen, http_addr, args.data_dir.join("p2p/identity.key"));
+    config.bootstrap = bootstrap;
+    config.psk = psk;
+    let router = Libp2pRouter::start(config)
+        .await
+        .context("starting the P2P router")?;
+    let info = kagami_server::NodeInfo {
+        peer_id: router.local_peer_id(),
+        addrs: router.listen_multiaddrs(),
+    };
+    tracing::info!(peer_id = %info.peer_id, addrs = ?info.addrs, http = %http_addr, "joined the P2P network");
+    let router: Arc<dyn Router> = Arc::new(router);
+    let peers = Arc::new(kagami_server::Peers::new(
+        router,
+        psk.as_ref(),
+        args.p2p_resolve_latest,
+    ));
+    state.set_peers(peers, info.clone());
+    tokio::spawn(kagami_server::peers::advertise_store(state.clone()));
+    let listener = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("listening for peers on {http_addr}"))?;
+    let app = kagami_server::peer_router(state.clone(), info);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "peer API stopped");
+        }
+    }))
+}
+
+/// The libp2p addresses a member publishes on its peer HTTP API (`/p2p/info`); retried
+/// for up to 10 s while that member starts.
+async fn bootstrap_from_http(url: &str, token: Option<&str>) -> Vec<String> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("http client");
+    let info_url = format!("{}/p2p/info", url.trim_end_matches('/'));
+    for _ in 0..20 {
+        let mut req = client.get(&info_url);
+        if let Some(t) = token {
+            req = req.header(kagami_server::peers::PEER_TOKEN_HEADER, t);
+        }
+        if let Ok(resp) = req.send().await
+            && resp.status().is_success()
+            && let Ok(bytes) = resp.bytes().await
+            && let Ok(info) = serde_json::from_slice::<kagami_server::NodeInfo>(&bytes)
+        {
+            return info.addrs;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::warn!(url, "cannot bootstrap from this node's HTTP address");
+    Vec::new()
 }
 
 async fn shutdown_signal() {

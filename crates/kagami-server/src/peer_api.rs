@@ -1,0 +1,131 @@
+//! The API other nodes fetch from: only what this node holds (no recursion, no upstream),
+//! and only for members when a pre-shared key is set.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::path::{self, ManifestRef, Target};
+use crate::peers::PEER_TOKEN_HEADER;
+
+/// What this node tells a node that bootstraps from its HTTP address.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub peer_id: String,
+    pub addrs: Vec<String>,
+}
+
+/// The peer API. `info` is what `/p2p/info` answers.
+pub fn peer_router(state: AppState, info: NodeInfo) -> Router {
+    Router::new()
+        .route(
+            "/p2p/info",
+            get(move || async move {
+                let mut r = Response::new(Body::from(
+                    serde_json::to_string(&info).expect("serialisable"),
+                ));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }),
+        )
+        .fallback(serve)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(expected) = state.peers().and_then(|p| p.token())
+        && req
+            .headers()
+            .get(PEER_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            != Some(expected)
+    {
+        let body = serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": "not a member of this kagami network", "detail": null}]});
+        let mut r = (StatusCode::UNAUTHORIZED, body.to_string()).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
+    next.run(req).await
+}
+
+async fn serve(State(state): State<AppState>, req: Request) -> Response {
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match handle(&state, req.method().clone(), req.uri().clone(), range).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    method: Method,
+    uri: axum::http::Uri,
+    range: Option<String>,
+) -> Result<Response, ApiError> {
+    let head = method == Method::HEAD;
+    if method != Method::GET && !head {
+        return Err(ApiError::unsupported("the peer API is read-only"));
+    }
+    let rest = uri
+        .path()
+        .strip_prefix("/v2/")
+        .ok_or_else(|| ApiError::not_found("not found"))?;
+    let ns = uri.query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("ns="))
+            .map(str::to_string)
+    });
+    let p = path::parse(rest, ns.as_deref())?;
+    let range = range.as_deref();
+    let not_here = || ApiError::not_found("not held by this node");
+    match &p.target {
+        Target::Blob(d) => {
+            let handle = state
+                .store()
+                .open_blob(d)
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .ok_or_else(not_here)?;
+            Ok(crate::blobs::serve_local(handle, d, range, head).await?.0)
+        }
+        Target::Manifest(r) => {
+            let digest = match r {
+                ManifestRef::Digest(d) => d.clone(),
+                ManifestRef::Tag(t) => {
+                    state
+                        .store()
+                        .get_tag(&p.registry, &p.repository, t)
+                        .ok_or_else(not_here)?
+                        .digest
+                }
+            };
+            crate::manifests::serve_stored(state, &digest, head)
+                .await?
+                .ok_or_else(not_here)
+        }
+        Target::TagsList => Ok(Response::new(Body::from("{}"))),
+    }
+}

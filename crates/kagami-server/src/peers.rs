@@ -1,0 +1,360 @@
+//! Content from other nodes (SPEC.md section 6): who has a key is asked of the P2P
+//! [`Router`]; the bytes come over HTTP from the peer's peer API, which serves only what
+//! that node holds (no recursion). Everything from a peer is verified by digest: blobs by
+//! the store as they are written, manifests here. A peer that sends wrong bytes is dropped
+//! (not asked again for a while).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use kagami_config::Digest;
+use kagami_p2p::{Peer, Router};
+use sha2::{Digest as _, Sha256};
+
+use crate::upstream::{BlobBody, FetchedManifest};
+
+/// How long a peer that sent wrong bytes is left out.
+const BAN: Duration = Duration::from_secs(600);
+/// A second provider is asked when the first has not answered within this time.
+const HEDGE_AFTER: Duration = Duration::from_millis(250);
+
+/// The header carrying the peer token.
+pub const PEER_TOKEN_HEADER: &str = "x-kagami-peer-token";
+
+/// The token every member sends to other members: derived from the pre-shared key, so a
+/// machine without the key can neither join the DHT nor download from a node.
+pub fn peer_token(psk: &[u8; 32]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"kagami peer token v1\0");
+    h.update(psk);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key under which a resolved tag is advertised.
+pub fn tag_key(registry: &str, repository: &str, tag: &str) -> String {
+    format!("tag:{registry}/{repository}:{tag}")
+}
+
+pub struct Peers {
+    pub router: std::sync::Arc<dyn Router>,
+    http: reqwest::Client,
+    token: Option<String>,
+    banned: Mutex<HashMap<String, Instant>>,
+    /// Resolve `latest` through peers too (K3s: K3S_P2P_ENABLE_LATEST).
+    pub resolve_latest: bool,
+    /// Bytes received from each peer (for the status endpoint).
+    pub received: std::sync::Arc<Mutex<HashMap<String, u64>>>,
+    pub lookups: AtomicU64,
+    pub lookup_hits: AtomicU64,
+}
+
+impl Peers {
+    pub fn new(
+        router: std::sync::Arc<dyn Router>,
+        psk: Option<&[u8; 32]>,
+        resolve_latest: bool,
+    ) -> Peers {
+        // reqwest is built without a default TLS provider; peers speak plain http, but the
+        // builder insists on one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .read_timeout(Duration::from_secs(5))
+            .no_proxy()
+            .build()
+            .expect("an http-only client builds");
+        Peers {
+            router,
+            http,
+            token: psk.map(peer_token),
+            banned: Mutex::new(HashMap::new()),
+            resolve_latest,
+            received: Default::default(),
+            lookups: AtomicU64::new(0),
+            lookup_hits: AtomicU64::new(0),
+        }
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Providers of `key`, minus banned ones.
+    pub async fn providers(&self, key: &str) -> Vec<Peer> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let found = self.router.lookup(key, 5).await;
+        let now = Instant::now();
+        let mut banned = self.banned.lock().expect("lock");
+        banned.retain(|_, until| *until > now);
+        let found: Vec<Peer> = found
+            .into_iter()
+            .filter(|p| !banned.contains_key(&p.id))
+            .collect();
+        if !found.is_empty() {
+            self.lookup_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    pub fn ban(&self, peer_id: &str) {
+        tracing::warn!(
+            peer = peer_id,
+            "peer sent wrong bytes; not asking it again for 10 minutes"
+        );
+        self.banned
+            .lock()
+            .expect("lock")
+            .insert(peer_id.to_string(), Instant::now() + BAN);
+    }
+
+    fn request(&self, peer: &Peer, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("http://{}{path}", peer.http_addr));
+        if let Some(t) = &self.token {
+            r = r.header(PEER_TOKEN_HEADER, t);
+        }
+        r
+    }
+
+    /// GET a blob from one peer from `offset`; the body counts bytes per peer.
+    async fn blob_from(
+        &self,
+        peer: &Peer,
+        path: &str,
+        offset: u64,
+    ) -> Option<(reqwest::Response, u64)> {
+        let mut req = self.request(peer, reqwest::Method::GET, path);
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let resp = req.send().await.ok()?;
+        let start = match resp.status() {
+            reqwest::StatusCode::OK => 0,
+            reqwest::StatusCode::PARTIAL_CONTENT if offset > 0 => offset,
+            _ => return None,
+        };
+        Some((resp, start))
+    }
+
+    /// A blob from the providers in `peers[from..]`, hedged: when the first has not
+    /// answered within 250 ms the next one is asked too, and the first answer wins.
+    pub async fn blob(
+        &self,
+        peers: &[Peer],
+        from: usize,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Option<BlobBody> {
+        let path = format!("/v2/{repository}/blobs/{digest}?ns={registry}");
+        let mut i = from;
+        while i < peers.len() {
+            let first = self.blob_from(&peers[i], &path, offset);
+            let (resp, idx) = match peers.get(i + 1) {
+                None => (first.await.map(|r| (r, i)), i),
+                Some(second) => {
+                    let hedge = async {
+                        tokio::time::sleep(HEDGE_AFTER).await;
+                        self.blob_from(second, &path, offset).await
+                    };
+                    tokio::pin!(first, hedge);
+                    tokio::select! {
+                        r = &mut first => match r {
+                            Some(r) => (Some((r, i)), i),
+                            None => (hedge.await.map(|r| (r, i + 1)), i + 1),
+                        },
+                        r = &mut hedge => match r {
+                            Some(r) => (Some((r, i + 1)), i + 1),
+                            None => (first.await.map(|r| (r, i)), i + 1),
+                        },
+                    }
+                }
+            };
+            if let Some(((resp, start), winner)) = resp {
+                let peer = peers[winner].clone();
+                let size = resp.content_length().map(|l| start + l);
+                let skip = offset - start.min(offset);
+                let counter = self.received_counter(&peer.id);
+                let stream = resp
+                    .bytes_stream()
+                    .map_err(io::Error::other)
+                    .inspect_ok(move |c| counter(c.len() as u64));
+                let stream = crate::client_upstream::skip_bytes(stream, skip).boxed();
+                return Some(BlobBody {
+                    stream,
+                    size,
+                    source: format!("peer:{}", peer.id),
+                    attempt: winner,
+                });
+            }
+            i = idx + 1;
+        }
+        None
+    }
+
+    fn received_counter(&self, peer: &str) -> impl Fn(u64) + Send + Sync + 'static + use<> {
+        let (peer, received) = (peer.to_string(), self.received.clone());
+        move |n| {
+            *received
+                .lock()
+                .expect("lock")
+                .entry(peer.clone())
+                .or_default() += n
+        }
+    }
+
+    /// A manifest (by digest, or by tag through the tag key) from the first provider that
+    /// has it; by digest it is verified here.
+    pub async fn manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+    ) -> Option<FetchedManifest> {
+        let by_digest: Option<Digest> = reference.parse().ok();
+        if by_digest.is_none() && reference == "latest" && !self.resolve_latest {
+            return None;
+        }
+        let key = match &by_digest {
+            Some(d) => d.to_string(),
+            None => tag_key(registry, repository, reference),
+        };
+        let peers = self.providers(&key).await;
+        let path = format!("/v2/{repository}/manifests/{reference}?ns={registry}");
+        for peer in peers {
+            let Ok(resp) = self
+                .request(&peer, reqwest::Method::GET, &path)
+                .header(reqwest::header::ACCEPT, "*/*")
+                .send()
+                .await
+            else {
+                continue;
+            };
+            if !resp.status().is_success() {
+                continue;
+            }
+            let media_type = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+                .to_string();
+            if resp
+                .content_length()
+                .is_some_and(|l| l > crate::manifests::MAX_MANIFEST)
+            {
+                continue;
+            }
+            let Ok(bytes) = resp.bytes().await else {
+                continue;
+            };
+            let actual = Digest::sha256_from_bytes(&Sha256::digest(&bytes));
+            if let Some(d) = &by_digest
+                && &actual != d
+            {
+                self.ban(&peer.id);
+                continue;
+            }
+            self.add_received(&peer.id, bytes.len() as u64);
+            return Some(FetchedManifest {
+                bytes: Bytes::from(bytes.to_vec()),
+                media_type,
+                digest: actual,
+                source: format!("peer:{}", peer.id),
+            });
+        }
+        None
+    }
+
+    fn add_received(&self, peer: &str, n: u64) {
+        *self
+            .received
+            .lock()
+            .expect("lock")
+            .entry(peer.to_string())
+            .or_default() += n;
+    }
+}
+
+/// Advertises every blob in the store, then follows the store: added blobs are
+/// advertised, evicted ones withdrawn. Runs until the store goes away.
+pub async fn advertise_store(state: crate::AppState) {
+    let Some(peers) = state.peers().cloned() else {
+        return;
+    };
+    let all = |state: &crate::AppState| -> Vec<String> {
+        state
+            .store()
+            .digests()
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    };
+    let mut events = state.store().subscribe();
+    let keys = all(&state);
+    tracing::info!(
+        keys = keys.len(),
+        "advertising the content store to other nodes"
+    );
+    peers.router.advertise(keys).await;
+    loop {
+        match events.recv().await {
+            Ok(kagami_store::StoreEvent::Added(d)) => {
+                peers.router.advertise(vec![d.to_string()]).await
+            }
+            Ok(kagami_store::StoreEvent::Removed(d)) => {
+                peers.router.withdraw(vec![d.to_string()]).await
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                peers.router.advertise(all(&state)).await
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Withdraws everything this node advertised (at shutdown).
+pub async fn withdraw_all(state: &crate::AppState) {
+    if let Some(peers) = state.peers() {
+        let keys: Vec<String> = state
+            .store()
+            .digests()
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        peers.router.withdraw(keys).await;
+    }
+}
+
+impl Peers {
+    /// What `/p2p/status` answers.
+    pub fn status(&self) -> serde_json::Value {
+        let received = self.received.lock().expect("lock").clone();
+        let members: Vec<serde_json::Value> = self
+            .router
+            .members()
+            .into_iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id,
+                    "http_addr": m.http_addr.map(|a| a.to_string()),
+                    "addrs": m.addrs,
+                    "received_bytes": received.get(&m.id).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "members": members,
+            "lookups": self.lookups.load(Ordering::Relaxed),
+            "lookup_hits": self.lookup_hits.load(Ordering::Relaxed),
+            "received_bytes_by_peer": received,
+        })
+    }
+}
