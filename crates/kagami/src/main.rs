@@ -59,6 +59,10 @@ enum Command {
     /// Run the mirror: the OCI distribution pull API containerd talks to, with a
     /// content store, one upstream fetch per blob, tag revalidation and metrics.
     Serve(cmd::serve::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(cmd::completions::CompletionsArgs),
+    /// Print kagami's man page (roff) to stdout, or write one page per command with --output.
+    Man(cmd::completions::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,8 @@ fn main() -> ExitCode {
         Command::Pull(a) => cmd::pull::run(a),
         Command::Sync(a) => cmd::sync::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Completions(a) => cmd::completions::run(a),
+        Command::Man(a) => cmd::completions::man(a),
     };
     match result {
         Ok(code) => code,

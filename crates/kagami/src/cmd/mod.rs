@@ -9,6 +9,7 @@ use kagami_config::{Config, Diagnostic, LoadError, Severity};
 use crate::ConfigArgs;
 
 pub mod check;
+pub mod completions;
 pub mod containerd_config;
 pub mod explain;
 pub mod pull;
