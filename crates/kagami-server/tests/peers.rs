@@ -1,0 +1,299 @@
+//! Sharing between nodes, with an in-memory router and in-test peers that misbehave:
+//! a peer cut mid-transfer, a peer sending wrong bytes, providers that are gone.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::Response;
+use bytes::Bytes;
+use common::*;
+use futures_util::StreamExt;
+use kagami_p2p::{MemoryNetwork, MemoryRouter, Router};
+use kagami_server::{NodeInfo, Peers, ServerOptions};
+
+#[derive(Clone, Copy)]
+enum PeerMode {
+    Good,
+    Corrupt,
+    CutAfter(usize),
+}
+
+/// A fake peer API serving one blob; returns its address and a request counter.
+async fn fake_peer(data: Bytes, mode: PeerMode) -> (SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let (data, h) = (data.clone(), h.clone());
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            let offset = req
+                .headers()
+                .get("range")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
+                .unwrap_or(0);
+            let rest = data.slice(offset..);
+            let status = if offset > 0 {
+                StatusCode::PARTIAL_CONTENT
+            } else {
+                StatusCode::OK
+            };
+            let len = rest.len();
+            let body = match mode {
+                PeerMode::Good => Body::from(rest),
+                PeerMode::Corrupt => Body::from(vec![0xAAu8; len]),
+                PeerMode::CutAfter(n) => {
+                    let head = rest.slice(..n.min(len));
+                    Body::from_stream(
+                        futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) })
+                            .chain(futures_util::stream::once(async {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                Err(std::io::Error::other("peer died"))
+                            })),
+                    )
+                }
+            };
+            Response::builder()
+                .status(status)
+                .header("content-length", len)
+                .body(body)
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, hits)
+}
+
+/// The node under test, on the in-memory network, plus providers advertising `key`.
+async fn node_with_providers(fake: Fake, providers: &[(SocketAddr, &str)], key: &str) -> Server {
+    let s = start(fake, ServerOptions::default()).await;
+    let net = MemoryNetwork::new();
+    for (addr, id) in providers {
+        let r = MemoryRouter::join(&net, *id, *addr);
+        r.advertise(vec![key.to_string()]).await;
+        std::mem::forget(r); // stays a member for the whole test
+    }
+    let me = MemoryRouter::join(&net, "me", "127.0.0.1:9".parse().unwrap());
+    let router: Arc<dyn Router> = Arc::new(me);
+    s.state.set_peers(
+        Arc::new(Peers::new(router, None, false)),
+        NodeInfo {
+            peer_id: "me".into(),
+            addrs: vec![],
+        },
+    );
+    s
+}
+
+const REPO: &str = "/v2/team/app";
+
+#[tokio::test]
+async fn a_peer_dying_mid_transfer_is_replaced_at_the_same_offset() {
+    let data = random(1024 * 1024, 11);
+    let d = digest_of(&data);
+    let bytes = Bytes::from(data.clone());
+    let (p1, _) = fake_peer(bytes.clone(), PeerMode::CutAfter(300 * 1024)).await;
+    let (p2, hits2) = fake_peer(bytes.clone(), PeerMode::Good).await;
+    let s = node_with_providers(
+        Fake::new(vec![BlobMode::Good]).with_blob(&data),
+        &[(p1, "p1"), (p2, "p2")],
+        &d.to_string(),
+    )
+    .await;
+    let (status, _, body, complete) = request(
+        s.addr,
+        "GET",
+        &format!("{REPO}/blobs/{d}?ns=registry.example.test"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(complete);
+    assert_eq!(body, data);
+    assert!(
+        hits2.load(Ordering::SeqCst) >= 1,
+        "the second peer continued the transfer"
+    );
+    assert!(
+        s.fake.blob_calls.lock().unwrap().is_empty(),
+        "no upstream request while a peer can serve"
+    );
+    let metrics = String::from_utf8(request(s.addr, "GET", "/metrics", &[]).await.2).unwrap();
+    assert!(
+        metrics.contains("kagami_served_bytes_total{source=\"peer\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_sending_wrong_bytes_is_never_passed_on_complete_and_is_dropped() {
+    let data = random(512 * 1024, 12);
+    let d = digest_of(&data);
+    let (bad, bad_hits) = fake_peer(Bytes::from(data.clone()), PeerMode::Corrupt).await;
+    let s = node_with_providers(
+        Fake::new(vec![BlobMode::Good]).with_blob(&data),
+        &[(bad, "bad")],
+        &d.to_string(),
+    )
+    .await;
+    let url = format!("{REPO}/blobs/{d}?ns=registry.example.test");
+    let (_, _, body, complete) = request(s.addr, "GET", &url, &[]).await;
+    assert!(
+        !complete || body != data,
+        "wrong bytes must not arrive complete"
+    );
+    assert!(body.len() < data.len() || body != data);
+    // Wait for the failed fetch to finish, then the next request avoids the banned peer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = bad_hits.load(Ordering::SeqCst);
+    let (status, _, body, complete) = request(s.addr, "GET", &url, &[]).await;
+    assert_eq!(status, 200);
+    assert!(complete);
+    assert_eq!(body, data);
+    assert_eq!(
+        bad_hits.load(Ordering::SeqCst),
+        before,
+        "the bad peer was asked again"
+    );
+    assert_eq!(
+        s.fake.blob_calls.lock().unwrap().len(),
+        1,
+        "served from upstream instead"
+    );
+}
+
+#[tokio::test]
+async fn gone_providers_fall_through_to_upstream_fast() {
+    let data = random(64 * 1024, 13);
+    let d = digest_of(&data);
+    // A provider whose address refuses connections.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let s = node_with_providers(
+        Fake::new(vec![BlobMode::Good]).with_blob(&data),
+        &[(dead, "gone")],
+        &d.to_string(),
+    )
+    .await;
+    let t = Instant::now();
+    let (status, _, body, _) = request(
+        s.addr,
+        "GET",
+        &format!("{REPO}/blobs/{d}?ns=registry.example.test"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, data);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    // And with no provider at all.
+    let other = random(1000, 14);
+    let d2 = digest_of(&other);
+    let s2 = node_with_providers(
+        Fake::new(vec![BlobMode::Good]).with_blob(&other),
+        &[],
+        &d2.to_string(),
+    )
+    .await;
+    let (status, _, body, _) = request(
+        s2.addr,
+        "GET",
+        &format!("{REPO}/blobs/{d2}?ns=registry.example.test"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, other);
+}
+
+#[tokio::test]
+async fn the_peer_api_serves_only_what_the_node_holds_and_only_to_members() {
+    let data = random(10_000, 15);
+    let d = digest_of(&data);
+    let s = start(
+        Fake::new(vec![BlobMode::Good]).with_blob(&data),
+        ServerOptions::default(),
+    )
+    .await;
+    let net = MemoryNetwork::new();
+    let router: Arc<dyn Router> = Arc::new(MemoryRouter::join(
+        &net,
+        "me",
+        "127.0.0.1:9".parse().unwrap(),
+    ));
+    let psk = [7u8; 32];
+    s.state.set_peers(
+        Arc::new(Peers::new(router, Some(&psk), false)),
+        NodeInfo {
+            peer_id: "me".into(),
+            addrs: vec![],
+        },
+    );
+    let info = NodeInfo {
+        peer_id: "me".into(),
+        addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = listener.local_addr().unwrap();
+    let app = kagami_server::peer_router(s.state.clone(), info);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let token = kagami_server::peers::peer_token(&psk);
+    let url = format!("{REPO}/blobs/{d}?ns=registry.example.test");
+    assert_eq!(
+        request(peer_addr, "GET", &url, &[]).await.0,
+        401,
+        "no token"
+    );
+    assert_eq!(
+        request(peer_addr, "GET", &url, &[("x-kagami-peer-token", "wrong")])
+            .await
+            .0,
+        401
+    );
+    // Not held: 404, and no upstream request (no recursion).
+    let (status, _, _, _) =
+        request(peer_addr, "GET", &url, &[("x-kagami-peer-token", &token)]).await;
+    assert_eq!(status, 404);
+    assert!(s.fake.blob_calls.lock().unwrap().is_empty());
+    // Once the node holds it (pulled through its own API), peers get it, with Range.
+    assert_eq!(request(s.addr, "GET", &url, &[]).await.0, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.state.store().blob_size(&d).is_none() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _, body, _) = request(
+        peer_addr,
+        "GET",
+        &url,
+        &[("x-kagami-peer-token", &token), ("Range", "bytes=100-")],
+    )
+    .await;
+    assert_eq!(status, 206);
+    assert_eq!(body, &data[100..]);
+    let (status, _, body, _) = request(
+        peer_addr,
+        "GET",
+        "/p2p/info",
+        &[("x-kagami-peer-token", &token)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("/ip4/127.0.0.1/tcp/1"));
+}
