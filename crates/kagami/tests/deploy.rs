@@ -323,7 +323,64 @@ fn peer_service_and_psk_secret() {
     );
     let secret = yaml("deploy/kubernetes/secret.yaml");
     assert_eq!(secret["kind"], "Secret");
-    assert!(secret["stringData"]["psk"].is_string());
+    let psk = secret["stringData"]["psk"]
+        .as_str()
+        .expect("stringData.psk");
+    // The placeholder must never work as a key: kagami refuses it (not 64 hex digits).
+    assert!(
+        !(psk.len() == 64 && psk.chars().all(|c| c.is_ascii_hexdigit())),
+        "secret.yaml holds a usable key; keep a placeholder"
+    );
+}
+
+/// The P2P settings the files carry commented out are ones `kagami serve` reads, so that
+/// switching P2P on is a matter of uncommenting them.
+#[test]
+fn commented_p2p_settings_are_real() {
+    let known = env_vars("serve");
+    let mut found = 0;
+    for rel in [
+        "deploy/systemd/kagami.env",
+        "deploy/kubernetes/daemonset.yaml",
+    ] {
+        let text = read(rel);
+        for (i, _) in text.match_indices("KAGAMI_P2P_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            assert!(
+                known.contains(&name),
+                "{rel} mentions {name}, which `kagami serve` does not read"
+            );
+            found += 1;
+        }
+    }
+    assert!(
+        found >= 6,
+        "expected the P2P settings in kagami.env and daemonset.yaml"
+    );
+
+    // The commented env block of the DaemonSet, uncommented, is valid YAML whose
+    // variables all exist.
+    let ds = read("deploy/kubernetes/daemonset.yaml");
+    let block: String = ds
+        .lines()
+        .skip_while(|l| l.trim() != "# env:")
+        .take_while(|l| l.trim_start().starts_with('#'))
+        .map(|l| format!("{}\n", l.trim_start().trim_start_matches("# ")))
+        .collect();
+    let env: Value = serde_saphyr::from_str(&block).unwrap_or_else(|e| panic!("{block}: {e}"));
+    let names: Vec<&str> = env["env"]
+        .as_array()
+        .expect("env list")
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"KAGAMI_P2P_LISTEN"), "{names:?}");
+    for n in names.iter().filter(|n| n.starts_with("KAGAMI_")) {
+        assert!(known.contains(*n), "{n}");
+    }
 }
 
 /// Every metric the dashboard queries, and every label it groups by, exist in
@@ -372,6 +429,8 @@ fn grafana_dashboard_queries_existing_metrics() {
         "kagami_store_size_bytes",
         "kagami_store_evictions_total",
         "kagami_stale_tags_served_total",
+        "kagami_peer_lookups_total",
+        "kagami_peer_received_bytes_total",
     ] {
         assert!(used.contains(want), "the dashboard does not show {want}");
     }
