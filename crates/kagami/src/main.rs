@@ -63,6 +63,9 @@ enum Command {
     Completions(cmd::completions::CompletionsArgs),
     /// Print kagami's man page (roff) to stdout, or write one page per command with --output.
     Man(cmd::completions::ManArgs),
+    /// Start an upstream registry and three kagami nodes in this process, pull a generated
+    /// image on each node, and show that the upstream sent each blob once.
+    Demo(cmd::demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Man(a) => cmd::completions::man(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     match result {
         Ok(code) => code,

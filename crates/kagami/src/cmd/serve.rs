@@ -220,83 +220,15 @@ async fn start_p2p(
     listen: SocketAddr,
     state: &AppState,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use kagami_p2p::{Libp2pRouter, P2pConfig, Router};
-    let psk = match &args.p2p_psk_file {
-        Some(p) => Some(kagami_p2p::load_psk(p)?),
-        None => {
-            tracing::warn!(
-                "no --p2p-psk-file: any machine that reaches the P2P ports can join and download"
-            );
-            None
-        }
+    let opts = super::node::P2pOptions {
+        listen,
+        http_listen: args.p2p_http_listen,
+        bootstrap: args.p2p_bootstrap.clone(),
+        psk: super::node::load_psk(args.p2p_psk_file.as_deref())?,
+        resolve_latest: args.p2p_resolve_latest,
+        data_dir: args.data_dir.clone(),
     };
-    let http_addr = args
-        .p2p_http_listen
-        .unwrap_or_else(|| SocketAddr::new(listen.ip(), listen.port().wrapping_add(1)));
-    let token = psk.as_ref().map(kagami_server::peers::peer_token);
-    let mut bootstrap = Vec::new();
-    for b in &args.p2p_bootstrap {
-        if b.starts_with("http://") || b.starts_with("https://") {
-            bootstrap.extend(bootstrap_from_http(b, token.as_deref()).await);
-        } else {
-            bootstrap.push(b.clone());
-        }
-    }
-    let mut config = P2pConfig::new(listen, http_addr, args.data_dir.join("p2p/identity.key"));
-    config.bootstrap = bootstrap;
-    config.psk = psk;
-    let router = Libp2pRouter::start(config)
-        .await
-        .context("starting the P2P router")?;
-    let info = kagami_server::NodeInfo {
-        peer_id: router.local_peer_id(),
-        addrs: router.listen_multiaddrs(),
-    };
-    tracing::info!(peer_id = %info.peer_id, addrs = ?info.addrs, http = %http_addr, "joined the P2P network");
-    let router: Arc<dyn Router> = Arc::new(router);
-    let peers = Arc::new(kagami_server::Peers::new(
-        router,
-        psk.as_ref(),
-        args.p2p_resolve_latest,
-    ));
-    state.set_peers(peers, info.clone());
-    tokio::spawn(kagami_server::peers::advertise_store(state.clone()));
-    let listener = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("listening for peers on {http_addr}"))?;
-    let app = kagami_server::peer_router(state.clone(), info);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "peer API stopped");
-        }
-    }))
-}
-
-/// The libp2p addresses a member publishes on its peer HTTP API (`/p2p/info`); retried
-/// for up to 10 s while that member starts.
-async fn bootstrap_from_http(url: &str, token: Option<&str>) -> Vec<String> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(3))
-        .build()
-        .expect("http client");
-    let info_url = format!("{}/p2p/info", url.trim_end_matches('/'));
-    for _ in 0..20 {
-        let mut req = client.get(&info_url);
-        if let Some(t) = token {
-            req = req.header(kagami_server::peers::PEER_TOKEN_HEADER, t);
-        }
-        if let Ok(resp) = req.send().await
-            && resp.status().is_success()
-            && let Ok(bytes) = resp.bytes().await
-            && let Ok(info) = serde_json::from_slice::<kagami_server::NodeInfo>(&bytes)
-        {
-            return info.addrs;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    tracing::warn!(url, "cannot bootstrap from this node's HTTP address");
-    Vec::new()
+    Ok(super::node::start_p2p(&opts, state).await?.peer_server)
 }
 
 async fn shutdown_signal() {
