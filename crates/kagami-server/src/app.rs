@@ -63,6 +63,8 @@ pub(crate) struct Inner {
     pub peers: std::sync::OnceLock<Arc<crate::peers::Peers>>,
     /// This node's P2P identity and addresses, when P2P is on.
     pub node_info: std::sync::OnceLock<crate::peer_api::NodeInfo>,
+    /// Recent pulls, bytes over time and endpoint health for `/status`.
+    pub status: crate::status::Status,
 }
 
 impl AppState {
@@ -85,6 +87,7 @@ impl AppState {
                 ready: AtomicBool::new(true),
                 peers: std::sync::OnceLock::new(),
                 node_info: std::sync::OnceLock::new(),
+                status: crate::status::Status::new(),
             }),
         }
     }
@@ -106,6 +109,11 @@ impl AppState {
 
     pub fn peers(&self) -> Option<&Arc<crate::peers::Peers>> {
         self.inner.peers.get()
+    }
+
+    /// What `/status` remembers; `status().set_listen(..)` names the listen address.
+    pub fn status(&self) -> &crate::status::Status {
+        &self.inner.status
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -141,6 +149,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/p2p/status", get(p2p_status))
+        .route("/status", get(crate::status::html))
+        .route("/status.json", get(crate::status::json))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(limit_headers))
         .with_state(state)

@@ -182,6 +182,7 @@ async fn run_fetch(
         Ok(b) => b,
         Err(e) => {
             upstream_failed(state, &plan);
+            crate::status::plan_failed(state, &plan, &e.message);
             fetch.state.send_replace(FetchState::Failed(e.message));
             return;
         }
@@ -205,6 +206,10 @@ async fn run_fetch(
             Pump::Done | Pump::UpstreamFailed => {
                 let offset = writer.written();
                 tracing::warn!(%digest, offset, source = %body.source, "source failed mid-blob; continuing from the next one");
+                state.inner.status.endpoint_failed(
+                    &body.source,
+                    &format!("{digest}: body cut at byte {offset}"),
+                );
                 match sources.open(offset, body.attempt + 1).await {
                     Ok(b) => {
                         body = b;
@@ -213,6 +218,7 @@ async fn run_fetch(
                     Err(e) => {
                         tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
                         upstream_failed(state, &plan);
+                        crate::status::plan_failed(state, &plan, &e.message);
                         return; // dropping the writer aborts: followers get an error
                     }
                 }
@@ -347,6 +353,7 @@ async fn pump(writer: &mut kagami_store::BlobWriter, body: &mut BlobBody) -> Pum
 }
 
 fn count_upstream(state: &AppState, body: &BlobBody) {
+    state.inner.status.endpoint_ok(&body.source);
     state
         .inner
         .metrics
@@ -392,6 +399,7 @@ async fn pass_through(
         .upstream
         .blob(&plan, digest, 0, 0)
         .await
+        .inspect_err(|e| crate::status::plan_failed(state, &plan, &e.message))
         .map_err(|e| ApiError::blob_unknown(e.message))?;
     count_upstream(state, &body);
     let mut b = blob_response(StatusCode::OK, digest, body.size);

@@ -20,6 +20,7 @@ pub mod path;
 pub mod peer_api;
 pub mod peers;
 pub mod range;
+pub mod status;
 pub mod upstream;
 
 pub use app::{AppState, ServerOptions, Source, router};

@@ -27,6 +27,8 @@ struct Counting<S> {
     bytes: u64,
     failed: bool,
     log: RequestLog,
+    /// The response's `Docker-Content-Digest`, for the status page's recent pulls.
+    digest: Option<String>,
 }
 
 impl<S> Stream for Counting<S>
@@ -38,7 +40,11 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let poll = Pin::new(&mut self.inner).poll_next(cx);
         match &poll {
-            Poll::Ready(Some(Ok(b))) => self.bytes += b.len() as u64,
+            Poll::Ready(Some(Ok(b))) => {
+                let n = b.len() as u64;
+                self.bytes += n;
+                self.log.state.inner.status.add_bytes(self.log.source, n);
+            }
             Poll::Ready(Some(Err(_))) => self.failed = true,
             _ => {}
         }
@@ -70,16 +76,35 @@ impl<S> Drop for Counting<S> {
             complete = !self.failed,
             "request"
         );
+        crate::status::record_request(
+            &l.state,
+            crate::status::Finished {
+                method: l.method,
+                uri: &l.uri,
+                status: l.status,
+                source: l.source,
+                bytes: self.bytes,
+                duration_ms: l.start.elapsed().as_secs_f64() * 1000.0,
+                complete: !self.failed,
+                digest: self.digest.take(),
+            },
+        );
     }
 }
 
 pub fn wrap(resp: Response, log: RequestLog) -> Response {
     let (parts, body) = resp.into_parts();
+    let digest = parts
+        .headers
+        .get("Docker-Content-Digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let stream = Counting {
         inner: body.into_data_stream(),
         bytes: 0,
         failed: false,
         log,
+        digest,
     };
     Response::from_parts(parts, Body::from_stream(stream))
 }

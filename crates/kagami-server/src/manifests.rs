@@ -55,6 +55,8 @@ pub(crate) async fn get(
                         .upstream
                         .manifest(&plan, &d.to_string())
                         .await
+                        .inspect(|m| state.inner.status.endpoint_ok(&m.source))
+                        .inspect_err(|e| crate::status::plan_failed(state, &plan, &e.message))
                         .map_err(|e| ApiError::manifest_unknown(e.message))?,
                     Source::Upstream,
                 ),
@@ -206,6 +208,7 @@ async fn resolve_tag(
         },
         Some(_) => inner.upstream.manifest(plan, tag).await,
     };
+    crate::status::manifest_fetched(state, plan, &fetched);
     match fetched {
         Ok(m) => {
             if !store_manifest(state, &m).await {

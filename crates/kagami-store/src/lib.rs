@@ -253,6 +253,11 @@ impl Store {
         self.inner.layout.root()
     }
 
+    /// The size limit the store was opened with, if any.
+    pub fn max_size(&self) -> Option<u64> {
+        self.inner.max_size
+    }
+
     /// Size of a complete (verified) blob, if present. Does not count as a use.
     pub fn blob_size(&self, d: &Digest) -> Option<u64> {
         self.inner.state().blobs.get(d).map(|e| e.size)
