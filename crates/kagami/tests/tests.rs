@@ -5,6 +5,7 @@ mod support;
 mod check;
 mod client;
 mod containerd;
+mod demo;
 mod deploy;
 mod explain;
 mod fake_registry;
