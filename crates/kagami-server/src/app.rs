@@ -22,6 +22,11 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::path::{self, Target};
 use crate::upstream::Upstream;
 
+/// (registry, repository, tag).
+pub(crate) type TagKey = (String, String, String);
+/// A tag revalidation in flight, awaited by every request for that tag.
+pub(crate) type SharedRevalidation = Shared<BoxFuture<'static, Revalidation>>;
+
 /// Settings of a running server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -54,8 +59,7 @@ pub(crate) struct Inner {
     /// Blob fetches in flight, shared by every request for the same digest.
     pub fetches: Mutex<HashMap<Digest, Arc<Fetch>>>,
     /// Tag revalidations in flight, by (registry, repository, tag).
-    pub revalidations:
-        Mutex<HashMap<(String, String, String), Shared<BoxFuture<'static, Revalidation>>>>,
+    pub revalidations: Mutex<HashMap<TagKey, SharedRevalidation>>,
     /// Set while the store refuses writes (disk full): cold blobs pass through uncached.
     pub store_full_until: Mutex<Option<Instant>>,
     pub ready: AtomicBool,

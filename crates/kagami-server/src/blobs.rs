@@ -137,6 +137,11 @@ fn join_or_start(
     tokio::spawn(async move {
         state.inner.metrics.inflight.inc();
         run_fetch(&state, &config, &path, &digest, &f).await;
+        if let Some(p) = state.peers() {
+            p.router
+                .withdraw(vec![crate::peers::inflight_key(&digest)])
+                .await;
+        }
         state.inner.metrics.inflight.dec();
         state
             .inner
@@ -245,6 +250,40 @@ async fn run_fetch(
     }
 }
 
+/// How long a node waits, after announcing it is about to fetch a blob nobody holds, for
+/// the announcements of other nodes about to do the same.
+const SETTLE: Duration = Duration::from_millis(150);
+
+/// One upstream fetch per cluster: when no node holds a blob, every node about to fetch it
+/// announces `inflight:<digest>`, waits briefly, and looks the key up; the node with the
+/// lowest id fetches from upstream and the others stream from it while it downloads (its
+/// peer API serves blobs in flight). Returns the nodes to stream from, empty when this
+/// node is the fetcher. Announcements that raced past each other degrade to two fetches,
+/// never to a failure; a stale announcement is a provider that answers 404, then skipped.
+async fn cluster_fetcher(
+    state: &AppState,
+    peers: &crate::peers::Peers,
+    digest: &Digest,
+) -> Vec<kagami_p2p::Peer> {
+    let Some(me) = state.inner.node_info.get().map(|n| n.peer_id.clone()) else {
+        return Vec::new();
+    };
+    let key = crate::peers::inflight_key(digest);
+    peers.router.advertise(vec![key.clone()]).await;
+    tokio::time::sleep(SETTLE).await;
+    let mut earlier: Vec<kagami_p2p::Peer> = peers
+        .providers(&key)
+        .await
+        .into_iter()
+        .filter(|p| p.id < me)
+        .collect();
+    earlier.sort_by(|a, b| a.id.cmp(&b.id));
+    if !earlier.is_empty() {
+        tracing::debug!(%digest, leader = %earlier[0].id, "another node is fetching this blob; streaming from it");
+    }
+    earlier
+}
+
 /// Where a blob can come from, in the plan's order: providers among the other nodes
 /// (when the registry is shared and P2P is on), then the endpoints. `BlobBody::attempt`
 /// numbers them in that order, so a resume continues after the source that failed.
@@ -268,7 +307,14 @@ impl<'a> Sources<'a> {
             .iter()
             .any(|a| matches!(a, kagami_config::Attempt::Peers));
         let providers = match state.peers() {
-            Some(p) if wants_peers => p.providers(&digest.to_string()).await,
+            Some(p) if wants_peers => {
+                let holders = p.providers(&digest.to_string()).await;
+                if holders.is_empty() {
+                    cluster_fetcher(state, p, digest).await
+                } else {
+                    holders
+                }
+            }
             _ => Vec::new(),
         };
         Sources {
@@ -407,6 +453,38 @@ async fn pass_through(
         *b.body_mut() = Body::from_stream(body.stream);
     }
     Ok((b, Source::Upstream))
+}
+
+/// A response from this node's fetch of `digest` in progress, if there is one: waits
+/// (up to 5 s) while that fetch is still connecting to its source.
+pub(crate) async fn serve_in_flight(
+    state: &AppState,
+    digest: &Digest,
+    range_header: Option<&str>,
+    head: bool,
+) -> Option<Response> {
+    let fetch = state
+        .inner
+        .fetches
+        .lock()
+        .expect("fetches lock")
+        .get(digest)
+        .cloned()?;
+    let mut rx = fetch.state.subscribe();
+    let current = tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|s| !matches!(s, FetchState::Connecting)),
+    )
+    .await
+    .ok()?
+    .ok()?
+    .clone();
+    match current {
+        FetchState::Streaming { inflight, size, .. } => {
+            Some(serve_inflight(&inflight, size, digest, range_header, head))
+        }
+        _ => None,
+    }
 }
 
 fn blob_response(status: StatusCode, digest: &Digest, len: Option<u64>) -> Response {

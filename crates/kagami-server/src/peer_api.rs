@@ -107,9 +107,15 @@ async fn handle(
                 .store()
                 .open_blob(d)
                 .await
-                .map_err(|e| ApiError::internal(e.to_string()))?
-                .ok_or_else(not_here)?;
-            Ok(crate::blobs::serve_local(handle, d, range, head).await?.0)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            match handle {
+                Some(h) => Ok(crate::blobs::serve_local(h, d, range, head).await?.0),
+                // A blob this node is fetching right now is served as it arrives (one
+                // upstream fetch per cluster), with the same last-byte guarantee.
+                None => crate::blobs::serve_in_flight(state, d, range, head)
+                    .await
+                    .ok_or_else(not_here),
+            }
         }
         Target::Manifest(r) => {
             let digest = match r {

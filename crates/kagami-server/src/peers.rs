@@ -35,6 +35,11 @@ pub fn peer_token(psk: &[u8; 32]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The key a node advertises while it fetches a blob nobody held (see `blobs::cluster_fetcher`).
+pub fn inflight_key(digest: &Digest) -> String {
+    format!("inflight:{digest}")
+}
+
 /// The key under which a resolved tag is advertised.
 pub fn tag_key(registry: &str, repository: &str, tag: &str) -> String {
     format!("tag:{registry}/{repository}:{tag}")

@@ -9,6 +9,8 @@ pub struct ByteRange {
 }
 
 impl ByteRange {
+    /// Number of bytes in the range (never zero: `start <= end`).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u64 {
         self.end - self.start + 1
     }

@@ -835,3 +835,120 @@ fn three_nodes_share_through_the_dht() {
     );
     assert_eq!(status, 401);
 }
+
+/// One upstream fetch per cluster: three nodes that can all reach the registry ask for
+/// the same cold blob at the same moment; upstream sends it once and every client gets
+/// the right bytes (the others stream from the fetching node while it downloads).
+#[test]
+fn one_upstream_fetch_per_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let (digest, _) = push_blob(&registry, "big/blob", dir.path(), 48 * 1024 * 1024);
+    let psk = write(
+        &dir.path().join("psk"),
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+    );
+    let config = write(
+        &dir.path().join("registries.yaml"),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    );
+    let mut nodes = Vec::new();
+    let mut first_p2p: Option<String> = None;
+    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
+        let d = dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let (api, p2p, http) = (free_port(), free_port(), free_port());
+        let mut cmd = kagami();
+        cmd.args([
+            "serve",
+            "--disable-default-registry-endpoint",
+            "--listen",
+            &format!("{ip}:{api}"),
+        ])
+        .args([
+            "--p2p-listen",
+            &format!("{ip}:{p2p}"),
+            "--p2p-http-listen",
+            &format!("{ip}:{http}"),
+        ])
+        .arg("--p2p-psk-file")
+        .arg(&psk)
+        .arg("--data-dir")
+        .arg(d.join("data"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("kagami.log")).unwrap());
+        if let Some(b) = &first_p2p {
+            cmd.args(["--p2p-bootstrap", b]);
+        }
+        let child = cmd.spawn().unwrap();
+        let addr = format!("{ip}:{api}");
+        wait_for_port(&addr, Duration::from_secs(20));
+        first_p2p.get_or_insert(format!("{ip}:{p2p}"));
+        nodes.push((
+            Daemon {
+                child,
+                name: "kagami",
+            },
+            addr,
+        ));
+    }
+    // Every node sees the two others before the race starts.
+    for (_, addr) in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = String::from_utf8(http_get(addr, "/p2p/status").2).unwrap();
+            if status.matches("\"http_addr\"").count() >= 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr} sees too few members: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let children: Vec<_> = nodes
+        .iter()
+        .map(|(_, addr)| {
+            let url = format!("http://{addr}/v2/big/blob/blobs/{digest}?ns=registry.example.test");
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("curl -sS -f --max-time 120 '{url}' | sha256sum"))
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let sum = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            format!("sha256:{}", sum.split_whitespace().next().unwrap()),
+            digest
+        );
+    }
+    assert_eq!(
+        registry.count_gets(&format!("/blobs/{digest}")),
+        1,
+        "the cluster fetched the blob from upstream more than once: {:?}",
+        registry.access_log()
+    );
+    let peer_bytes: usize = nodes
+        .iter()
+        .filter(|(_, addr)| {
+            String::from_utf8(http_get(addr, "/metrics").2)
+                .unwrap()
+                .contains("kagami_served_bytes_total{source=\"peer\"}")
+        })
+        .count();
+    assert_eq!(
+        peer_bytes, 2,
+        "two nodes should have streamed from the fetching one"
+    );
+}
