@@ -139,6 +139,15 @@ impl AppState {
         m.encode()
     }
 
+    /// Counts a store lookup: `kind` is blob or manifest, `result` hit or miss.
+    pub(crate) fn count_cache(&self, kind: &'static str, result: &'static str) {
+        self.inner
+            .metrics
+            .cache
+            .get_or_create(&crate::metrics::CacheLabels { kind, result })
+            .inc();
+    }
+
     pub(crate) fn plan_options(&self) -> PlanOptions {
         PlanOptions {
             disable_default_endpoint: self.inner.options.disable_default_endpoint,

@@ -19,7 +19,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::app::{AppState, Source};
 use crate::error::ApiError;
-use crate::metrics::{CacheLabels, EndpointLabels};
+use crate::metrics::EndpointLabels;
 use crate::path::OciPath;
 use crate::range::{self, RangeRequest};
 use crate::upstream::BlobBody;
@@ -63,10 +63,10 @@ pub(crate) async fn get(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
     {
-        cache(state, "hit");
+        state.count_cache("blob", "hit");
         return serve_local(handle, digest, range_header, head).await;
     }
-    cache(state, "miss");
+    state.count_cache("blob", "miss");
     let store_full = inner
         .store_full_until
         .lock()
@@ -99,18 +99,6 @@ pub(crate) async fn get(
         FetchState::Failed(why) => Err(ApiError::blob_unknown(why)),
         FetchState::Connecting => unreachable!("waited for a later state"),
     }
-}
-
-fn cache(state: &AppState, result: &'static str) {
-    state
-        .inner
-        .metrics
-        .cache
-        .get_or_create(&CacheLabels {
-            kind: "blob",
-            result,
-        })
-        .inc();
 }
 
 fn join_or_start(

@@ -16,7 +16,6 @@ use tokio::io::AsyncReadExt;
 
 use crate::app::{AppState, Source};
 use crate::error::ApiError;
-use crate::metrics::CacheLabels;
 use crate::path::{ManifestRef, OciPath};
 use crate::upstream::FetchedManifest;
 
@@ -42,10 +41,10 @@ pub(crate) async fn get(
     match r {
         ManifestRef::Digest(d) => {
             if let Some(resp) = serve_stored(state, d, head).await? {
-                cache(state, "hit");
+                state.count_cache("manifest", "hit");
                 return Ok((resp, Source::Local));
             }
-            cache(state, "miss");
+            state.count_cache("manifest", "miss");
             let plan = plan(&path.reference(), config, state.plan_options());
             let (m, source) = match from_peers(state, &plan, path, &d.to_string()).await {
                 Some(m) => (m, Source::Peer),
@@ -83,11 +82,11 @@ pub(crate) async fn get(
                 if age < state.inner.options.tag_ttl
                     && let Some(resp) = serve_stored(state, &e.digest, head).await?
                 {
-                    cache(state, "hit");
+                    state.count_cache("manifest", "hit");
                     return Ok((resp, Source::Local));
                 }
             }
-            cache(state, "miss");
+            state.count_cache("manifest", "miss");
             match revalidate(state, config, path, tag, cached.clone()).await {
                 Revalidation::Current(entry) => {
                     match serve_stored(state, &entry.digest, head).await? {
@@ -115,18 +114,6 @@ pub(crate) async fn get(
             }
         }
     }
-}
-
-fn cache(state: &AppState, result: &'static str) {
-    state
-        .inner
-        .metrics
-        .cache
-        .get_or_create(&CacheLabels {
-            kind: "manifest",
-            result,
-        })
-        .inc();
 }
 
 /// One revalidation per tag at a time; concurrent requests share its outcome.
