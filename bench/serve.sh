@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SIZE_MB=${SIZE_MB:-200}
 cargo build --release -q -p kagami
-KAGAMI=$PWD/target/release/kagami
+KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
 WORK=$(mktemp -d /tmp/kagami-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
