@@ -13,6 +13,7 @@ pub mod app;
 mod blobs;
 pub mod client_upstream;
 pub mod error;
+pub mod import;
 mod log;
 mod manifests;
 pub mod metrics;

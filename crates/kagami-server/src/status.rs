@@ -709,10 +709,11 @@ header{background:#17202c;color:#fff;padding:18px 32px;display:flex;align-items:
 header h1{margin:0;font-size:22px;font-weight:650;letter-spacing:.02em}
 header .sub{color:#9fb0c4}
 header .right{margin-left:auto;color:#9fb0c4;font-size:13px}
-main{padding:24px 32px;display:grid;gap:20px;grid-template-columns:repeat(4,minmax(0,1fr))}
-section{background:#fff;border-radius:10px;box-shadow:0 1px 2px rgba(16,24,40,.06),0 1px 3px rgba(16,24,40,.08);padding:18px 20px;min-width:0}
+main{padding:24px 32px;display:grid;gap:20px;grid-template-columns:repeat(12,minmax(0,1fr))}
+section{grid-column:span 3;background:#fff;border-radius:10px;box-shadow:0 1px 2px rgba(16,24,40,.06),0 1px 3px rgba(16,24,40,.08);padding:18px 20px;min-width:0}
 section.wide{grid-column:1/-1}
-section.half{grid-column:span 2}
+section.members{grid-column:span 5}
+section.endpoints{grid-column:span 7}
 h2{margin:0 0 12px;font-size:13px;font-weight:650;text-transform:uppercase;letter-spacing:.06em;color:#5b6777}
 .big{font-size:30px;font-weight:650;line-height:1.1;margin-bottom:6px;font-variant-numeric:tabular-nums}
 .muted{color:#6b7686}
@@ -731,10 +732,14 @@ table{width:100%;border-collapse:collapse;font-variant-numeric:tabular-nums}
 th{text-align:left;font-weight:600;color:#5b6777;font-size:12px;text-transform:uppercase;letter-spacing:.04em;border-bottom:1px solid #e3e7ed;padding:6px 8px}
 td{border-bottom:1px solid #eef1f4;padding:6px 8px;vertical-align:top}
 tr:last-child td{border-bottom:0}
-td.num,th.num{text-align:right}
+td.num,th.num{text-align:right;white-space:nowrap}
 .pill{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff}
 .ok{color:#1f8a57;font-weight:600}.bad{color:#c4372b;font-weight:600}.warn{color:#b26b00;font-weight:600}
 .dot{display:inline-block;width:9px;height:9px;border-radius:50%;margin-right:6px}
+.nowrap{white-space:nowrap}
+td.err{font-size:12.5px;overflow-wrap:anywhere;color:#8f2a21;background:#fdf3f2;border-radius:6px;padding:6px 10px 6px 25px}
+tr.joined td{border-bottom:0}
+.donut svg{flex:none}
 .empty{color:#8a94a3;font-style:italic;padding:6px 0}
 .donut{display:flex;align-items:center;gap:18px}
 svg text{font-family:inherit}
@@ -868,7 +873,7 @@ fn hit_card(h: &mut String, r: &Report) {
     let c = &r.cache;
     h.push_str("<section id=\"hit-ratio\"><h2>Hit ratio</h2><div class=\"donut\">");
     // A ring: hits in green over a grey track.
-    let (radius, stroke) = (34.0_f64, 12.0);
+    let (radius, stroke) = (31.0_f64, 11.0);
     let circ = 2.0 * std::f64::consts::PI * radius;
     let ratio = c.hit_ratio.unwrap_or(0.0);
     let label = c
@@ -876,34 +881,35 @@ fn hit_card(h: &mut String, r: &Report) {
         .map_or("–".to_string(), |v| format!("{:.0}%", v * 100.0));
     let _ = write!(
         h,
-        "<svg width=\"92\" height=\"92\" viewBox=\"0 0 92 92\" role=\"img\" aria-label=\"hit ratio {label}\">\
-         <circle cx=\"46\" cy=\"46\" r=\"{radius}\" fill=\"none\" stroke=\"#e7ebf0\" stroke-width=\"{stroke}\"/>\
-         <circle cx=\"46\" cy=\"46\" r=\"{radius}\" fill=\"none\" stroke=\"{}\" stroke-width=\"{stroke}\" \
-         stroke-dasharray=\"{:.2} {:.2}\" transform=\"rotate(-90 46 46)\"/>\
-         <text x=\"46\" y=\"52\" text-anchor=\"middle\" font-size=\"18\" font-weight=\"650\" fill=\"#1c2430\">{label}</text></svg>",
+        "<svg width=\"84\" height=\"84\" viewBox=\"0 0 84 84\" role=\"img\" aria-label=\"hit ratio {label}\">\
+         <circle cx=\"42\" cy=\"42\" r=\"{radius}\" fill=\"none\" stroke=\"#e7ebf0\" stroke-width=\"{stroke}\"/>\
+         <circle cx=\"42\" cy=\"42\" r=\"{radius}\" fill=\"none\" stroke=\"{}\" stroke-width=\"{stroke}\" \
+         stroke-dasharray=\"{:.2} {:.2}\" transform=\"rotate(-90 42 42)\"/>\
+         <text x=\"42\" y=\"48\" text-anchor=\"middle\" font-size=\"17\" font-weight=\"650\" fill=\"#1c2430\">{label}</text></svg>",
         COLORS[0],
         circ * ratio,
         circ
     );
+    let total = c.hits + c.misses;
+    let _ = write!(
+        h,
+        "<div class=\"muted\">{} of {} lookup{} answered from the store</div></div>",
+        c.hits,
+        total,
+        if total == 1 { "" } else { "s" }
+    );
     let row = |name: &str, hm: &HitMiss| {
         format!(
-            "<div><span>{name}</span><b>{} <span class=\"muted\" style=\"font-weight:400\">({} hit{} · {} miss{})</span></b></div>",
+            "<div><span>{name}</span><b>{} <span class=\"muted\" style=\"font-weight:400\">· {} of {}</span></b></div>",
             hm.ratio()
                 .map_or("–".to_string(), |v| format!("{:.0}%", v * 100.0)),
             hm.hits,
-            if hm.hits == 1 { "" } else { "s" },
-            hm.misses,
-            if hm.misses == 1 { "" } else { "es" },
+            hm.hits + hm.misses,
         )
-    };
-    let all = HitMiss {
-        hits: c.hits,
-        misses: c.misses,
     };
     let _ = writeln!(
         h,
-        "<div class=\"rows\" style=\"flex:1\">{}{}{}</div></div></section>",
-        row("all", &all),
+        "<div class=\"rows\" style=\"margin-top:10px\">{}{}</div></section>",
         row("blobs", &c.blob),
         row("manifests", &c.manifest)
     );
@@ -1050,6 +1056,14 @@ fn chart_card(h: &mut String, r: &Report) {
             ht - 8.0
         );
     }
+    if n > per_label {
+        let _ = write!(
+            h,
+            "<text x=\"{left}\" y=\"{:.1}\" text-anchor=\"start\" font-size=\"11\" fill=\"#6b7686\">−{} min</text>",
+            ht - 8.0,
+            n as u64 * r.series.interval_seconds / 60
+        );
+    }
     // Stacked bars.
     let bar_w = (slot_w * 0.78).max(1.0);
     for (k, s) in samples.iter().enumerate() {
@@ -1094,7 +1108,7 @@ fn chart_card(h: &mut String, r: &Report) {
 fn members_card(h: &mut String, r: &Report) {
     let _ = write!(
         h,
-        "<section class=\"half\" id=\"members\"><h2>Members ({})</h2>",
+        "<section class=\"members\" id=\"members\"><h2>Members ({})</h2>",
         r.members.len()
     );
     if !r.peers.enabled {
@@ -1132,34 +1146,41 @@ fn ago(now: u64, at_ms: u64) -> String {
 }
 
 fn endpoints_card(h: &mut String, r: &Report) {
-    h.push_str("<section class=\"half\" id=\"endpoints\"><h2>Upstream endpoints</h2>");
+    h.push_str("<section class=\"endpoints\" id=\"endpoints\"><h2>Upstream endpoints</h2>");
     if r.endpoints.is_empty() {
         h.push_str("<div class=\"empty\">No upstream fetch yet.</div></section>\n");
         return;
     }
-    h.push_str("<table><tr><th>endpoint</th><th class=\"num\">fetches</th><th class=\"num\">failures</th><th>last error</th></tr>");
+    h.push_str(
+        "<table><tr><th>endpoint</th><th class=\"num\">fetches</th><th class=\"num\">failures</th>\
+         <th class=\"num\">last answer</th><th class=\"num\">last error</th></tr>",
+    );
     for e in &r.endpoints {
         let (dot, state) = if e.healthy() {
             ("#2f9e6a", "healthy")
         } else {
             ("#c4372b", "failing")
         };
-        let last = match (&e.last_error, e.last_error_at) {
-            (Some(err), Some(at)) => format!(
-                "<span class=\"muted\">{}:</span> {}",
-                ago(r.generated_at, at),
-                escape(err)
-            ),
-            _ => "<span class=\"muted\">none</span>".to_string(),
-        };
+        let when = |at: Option<u64>| at.map_or("–".to_string(), |at| ago(r.generated_at, at));
+        let error_row = e.last_error.is_some();
         let _ = write!(
             h,
-            "<tr><td class=\"mono\"><i class=\"dot\" style=\"background:{dot}\" title=\"{state}\"></i>{}</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td><td style=\"max-width:320px;overflow-wrap:anywhere\">{last}</td></tr>",
+            "<tr{}><td class=\"mono nowrap\"><i class=\"dot\" style=\"background:{dot}\" title=\"{state}\"></i>{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num muted\">{}</td><td class=\"num muted\">{}</td></tr>",
+            if error_row { " class=\"joined\"" } else { "" },
             escape(&e.endpoint),
             e.fetches,
-            e.failures
+            e.failures,
+            when(e.last_ok_at),
+            when(e.last_error_at),
         );
+        if let Some(err) = &e.last_error {
+            let _ = write!(
+                h,
+                "<tr><td colspan=\"5\" class=\"err\">{}</td></tr>",
+                escape(err)
+            );
+        }
     }
     h.push_str("</table></section>\n");
 }

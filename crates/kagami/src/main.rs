@@ -59,6 +59,9 @@ enum Command {
     /// Run the mirror: the OCI distribution pull API containerd talks to, with a
     /// content store, one upstream fetch per blob, tag revalidation and metrics.
     Serve(cmd::serve::Args),
+    /// Ask a running `kagami serve` for its status (node, members, store, hit ratio, bytes
+    /// by source, recent pulls, endpoint health) and print a summary.
+    Status(cmd::status::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions(cmd::completions::CompletionsArgs),
     /// Print kagami's man page (roff) to stdout, or write one page per command with --output.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Pull(a) => cmd::pull::run(a),
         Command::Sync(a) => cmd::sync::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Status(a) => cmd::status::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Man(a) => cmd::completions::man(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -11,4 +11,5 @@ mod explain;
 mod fake_registry;
 mod pull;
 mod serve;
+mod status;
 mod sync;

@@ -16,6 +16,7 @@ pub mod explain;
 pub mod node;
 pub mod pull;
 pub mod serve;
+pub mod status;
 pub mod sync;
 
 /// Loads the configuration named by `--config`, or the embedded default. Warnings are
