@@ -290,6 +290,10 @@ async fn demo(args: &Args, dir: &Path) -> anyhow::Result<(ExitCode, Vec<SocketAd
     );
     println!("  curl -s http://{}/p2p/status", second.api);
     println!(
+        "  kagami status --addr {}    (or http://{}/status in a browser)",
+        second.api, second.api
+    );
+    println!(
         "  curl -s 'http://{}/v2/{DEMO_REPOSITORY}/manifests/{DEMO_TAG}?ns={DEMO_REGISTRY}'",
         second.api
     );
@@ -394,6 +398,7 @@ async fn start_node(
         .await
         .with_context(|| format!("listening on {ip}"))?;
     let api = listener.local_addr()?;
+    state.status().set_listen(api.to_string());
     let app = router(state.clone());
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
