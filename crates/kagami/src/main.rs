@@ -62,6 +62,9 @@ enum Command {
     /// Ask a running `kagami serve` for its status (node, members, store, hit ratio, bytes
     /// by source, recent pulls, endpoint health) and print a summary.
     Status(cmd::status::Args),
+    /// Load image tarballs (docker save, ctr images export, OCI archives or layouts) into a
+    /// running `kagami serve`, which then serves them and shares them with other nodes.
+    Import(cmd::import::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions(cmd::completions::CompletionsArgs),
     /// Print kagami's man page (roff) to stdout, or write one page per command with --output.
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Sync(a) => cmd::sync::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Status(a) => cmd::status::run(a),
+        Command::Import(a) => cmd::import::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Man(a) => cmd::completions::man(a),
         Command::Demo(a) => cmd::demo::run(a),

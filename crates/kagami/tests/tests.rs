@@ -9,6 +9,7 @@ mod demo;
 mod deploy;
 mod explain;
 mod fake_registry;
+mod import;
 mod pull;
 mod serve;
 mod status;

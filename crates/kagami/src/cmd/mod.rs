@@ -13,6 +13,7 @@ pub mod completions;
 pub mod containerd_config;
 pub mod demo;
 pub mod explain;
+pub mod import;
 pub mod node;
 pub mod pull;
 pub mod serve;

@@ -1,0 +1,196 @@
+//! `kagami import` with real tools: an image pulled into a real containerd, exported with
+//! `ctr images export`, imported into a `kagami serve` that reaches no registry, pulled
+//! through it with skopeo (same digest as in containerd) and from a second node over P2P.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    Containerd, Daemon, Registry, build_image, free_port, http_get, kagami, run, skopeo_digest,
+    wait_for_port,
+};
+
+const NAME: &str = "ksd.test.com/ksd/nginx:1.27";
+const PSK: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n";
+
+/// A `kagami serve` with P2P on `ip`, reaching no registry (`mirrors: {ksd.test.com: }` and
+/// no default endpoint).
+struct Node {
+    _daemon: Daemon,
+    api: String,
+    p2p: String,
+    log: PathBuf,
+}
+
+impl Node {
+    fn start(dir: &Path, ip: &str, bootstrap: Option<&str>) -> Node {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("registries.yaml");
+        std::fs::write(&config, "mirrors:\n  ksd.test.com:\n").unwrap();
+        let psk = dir.join("psk");
+        std::fs::write(&psk, PSK).unwrap();
+        let (api, p2p, http) = (free_port(), free_port(), free_port());
+        let log = dir.join("kagami.log");
+        let mut cmd = kagami();
+        cmd.arg("serve")
+            .args(["--listen", &format!("{ip}:{api}")])
+            .args(["--p2p-listen", &format!("{ip}:{p2p}")])
+            .args(["--p2p-http-listen", &format!("{ip}:{http}")])
+            .arg("--p2p-psk-file")
+            .arg(&psk)
+            .arg("--disable-default-registry-endpoint")
+            .args(["--log-format", "json"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--config")
+            .arg(&config);
+        if let Some(b) = bootstrap {
+            cmd.args(["--p2p-bootstrap", b]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start kagami serve");
+        let api = format!("{ip}:{api}");
+        wait_for_port(&api, Duration::from_secs(20));
+        Node {
+            _daemon: Daemon {
+                child,
+                name: "kagami",
+            },
+            api,
+            p2p: format!("{ip}:{p2p}"),
+            log,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The digest containerd records for `name` (`ctr images ls`).
+fn containerd_digest(c: &Containerd, name: &str) -> String {
+    let out = run(c.ctr().args(["images", "ls"]));
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+        .unwrap_or_else(|| panic!("{name} not in ctr images ls:\n{text}"))
+        .to_string()
+}
+
+#[test]
+fn ctr_export_imported_then_served_and_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "1.27", 2, 256 * 1024);
+    let pushed = format!("{}/ksd/nginx:1.27", registry.addr());
+    image.push(&pushed);
+
+    // Into a real containerd, renamed, exported as an air-gap tarball.
+    let containerd = Containerd::start(&dir.path().join("containerd"));
+    run(containerd
+        .ctr()
+        .args(["images", "pull", "--plain-http", &pushed]));
+    run(containerd.ctr().args(["images", "tag", &pushed, NAME]));
+    let digest = containerd_digest(&containerd, NAME);
+    let tar = dir.path().join("nginx.tar");
+    run(containerd
+        .ctr()
+        .args(["images", "export"])
+        .arg(&tar)
+        .arg(NAME));
+    drop(containerd);
+    drop(registry);
+
+    // Node A reaches no registry: only the import can give it the image.
+    let a = Node::start(&dir.path().join("a"), "127.0.0.2", None);
+    let via_a = format!("{}/{NAME}", a.api);
+    let before = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(format!("docker://{via_a}"))
+        .output()
+        .unwrap();
+    assert!(!before.status.success(), "A served the image before import");
+
+    let out = run(kagami()
+        .arg("import")
+        .arg(&tar)
+        .args(["--addr", &format!("http://{}", a.api)]));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains(&format!("imported {NAME} {digest}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("advertised to peers"), "{stdout}");
+
+    assert_eq!(skopeo_digest(&via_a), digest);
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{via_a}"))
+        .arg(format!("oci:{}:a", dir.path().join("out-a").display())));
+
+    // Importing it again adds nothing; a file that is not an archive is refused (exit 2)
+    // with a message naming it.
+    let again = run(kagami().arg("import").arg(&tar).args(["--addr", &a.api]));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("0 blobs added"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    let junk = dir.path().join("junk.tar");
+    std::fs::write(&junk, b"not a tar archive at all").unwrap();
+    let bad = kagami()
+        .arg("import")
+        .arg(&junk)
+        .args(["--addr", &a.api])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("junk.tar"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // Node B, which reaches no registry either, gets it from A over P2P.
+    let b = Node::start(&dir.path().join("b"), "127.0.0.3", Some(&a.p2p));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = String::from_utf8(http_get(&b.api, "/p2p/status").2).unwrap();
+        if status.contains("\"members\":[{") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never saw A: {status}\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let via_b = format!("{}/{NAME}", b.api);
+    let mut pulled = false;
+    for _ in 0..20 {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .arg(format!("docker://{via_b}"))
+            .arg(format!("oci:{}:b", dir.path().join("out-b").display()))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            pulled = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        pulled,
+        "B could not pull the imported image from A\nA:\n{}\nB:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert_eq!(skopeo_digest(&via_b), digest);
+}
