@@ -194,3 +194,78 @@ fn ctr_export_imported_then_served_and_shared() {
     );
     assert_eq!(skopeo_digest(&via_b), digest);
 }
+
+/// Archives written by skopeo: `oci-archive:` keeps the image's manifest (same digest);
+/// `docker-archive:` (the `docker save` format, uncompressed layers) is served by tag under
+/// a manifest kagami builds, with the same config.
+#[test]
+fn skopeo_oci_and_docker_archives() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_image(&dir.path().join("image"), "2.0", 2, 128 * 1024);
+    let src = format!("oci:{}:2.0", image.layout.display());
+    let oci_tar = dir.path().join("app-oci.tar");
+    let docker_tar = dir.path().join("app-docker.tar");
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", &src])
+        .arg(format!(
+            "oci-archive:{}:ksd.test.com/ksd/app:oci",
+            oci_tar.display()
+        )));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", &src])
+        .arg(format!(
+            "docker-archive:{}:ksd.test.com/ksd/app:docker",
+            docker_tar.display()
+        )));
+    let inspect = |reference: &str, format: &str| {
+        let out = run(Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", "--format", format])
+            .arg(reference));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let layout_digest = inspect(&src, "{{.Digest}}");
+    let layout_layers = inspect(&src, "{{len .Layers}}");
+
+    let node = Node::start(&dir.path().join("node"), "127.0.0.1", None);
+    let out = run(kagami()
+        .arg("import")
+        .arg(&oci_tar)
+        .arg(&docker_tar)
+        .args(["--addr", &node.api]));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("(oci-archive)"), "{stdout}");
+    assert!(stdout.contains("(docker-archive)"), "{stdout}");
+
+    let via = |tag: &str| format!("docker://{}/ksd.test.com/ksd/app:{tag}", node.api);
+    assert_eq!(inspect(&via("oci"), "{{.Digest}}"), layout_digest);
+    let docker_digest = inspect(&via("docker"), "{{.Digest}}");
+    assert!(
+        stdout.contains(&format!(
+            "imported ksd.test.com/ksd/app:docker {docker_digest}"
+        )),
+        "{stdout}"
+    );
+    assert_ne!(
+        docker_digest, layout_digest,
+        "docker save has another manifest"
+    );
+    assert_eq!(inspect(&via("docker"), "{{len .Layers}}"), layout_layers);
+    for tag in ["oci", "docker"] {
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .arg(via(tag))
+            .arg(format!("oci:{}:{tag}", dir.path().join("out").display())));
+    }
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(via("docker")));
+    let m: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        m["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.docker.image.rootfs.diff.tar"
+    );
+}
