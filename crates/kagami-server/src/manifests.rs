@@ -25,8 +25,12 @@ pub const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
 /// The outcome of one (shared) revalidation of a tag.
 #[derive(Clone)]
 pub enum Revalidation {
-    Current(TagEntry),
-    Failed { message: String, not_found: bool },
+    /// The tag's current entry, and where the manifest came from.
+    Current(TagEntry, Source),
+    Failed {
+        message: String,
+        not_found: bool,
+    },
 }
 
 type Handled = Result<(Response, Source), ApiError>;
@@ -88,9 +92,9 @@ pub(crate) async fn get(
             }
             state.count_cache("manifest", "miss");
             match revalidate(state, config, path, tag, cached.clone()).await {
-                Revalidation::Current(entry) => {
+                Revalidation::Current(entry, source) => {
                     match serve_stored(state, &entry.digest, head).await? {
-                        Some(resp) => Ok((resp, Source::Upstream)),
+                        Some(resp) => Ok((resp, source)),
                         None => Err(ApiError::manifest_unknown(format!(
                             "{} resolved to {} but it is not stored",
                             tag, entry.digest
@@ -184,7 +188,7 @@ async fn resolve_tag(
             tracing::warn!(error = %e, "cannot record tag revalidation");
         }
         advertise_tag(state, plan, path, tag).await;
-        return Revalidation::Current(entry);
+        return Revalidation::Current(entry, Source::Local);
     }
     // A tag this node has never resolved is asked of the other nodes first (the plan's
     // order); a cached one is revalidated against the endpoints.
@@ -217,7 +221,12 @@ async fn resolve_tag(
                 tracing::warn!(error = %e, "cannot record tag");
             }
             advertise_tag(state, plan, path, tag).await;
-            Revalidation::Current(entry)
+            let source = if m.source.starts_with("peer:") {
+                Source::Peer
+            } else {
+                Source::Upstream
+            };
+            Revalidation::Current(entry, source)
         }
         Err(e) => Revalidation::Failed {
             message: e.message,
