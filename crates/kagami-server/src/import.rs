@@ -202,6 +202,13 @@ pub async fn import_path(
         ctx.root = dir;
         ctx.report.format = "oci-archive".into();
     }
+    // A tar made of a directory (`tar cf x.tar layout/`) has it all under one top directory.
+    if !ctx.root.join("index.json").is_file()
+        && !ctx.root.join("manifest.json").is_file()
+        && let Some(sub) = single_subdirectory(&ctx.root)
+    {
+        ctx.root = sub;
+    }
     if ctx.root.join("index.json").is_file() {
         if !ctx.root.join("oci-layout").is_file() {
             ctx.report
@@ -235,6 +242,16 @@ pub async fn import_path(
         "imported"
     );
     Ok(ctx.report)
+}
+
+/// The only entry of `dir`, when it is a directory.
+fn single_subdirectory(dir: &Path) -> Option<PathBuf> {
+    let mut entries = std::fs::read_dir(dir).ok()?;
+    let only = entries.next()?.ok()?;
+    if entries.next().is_some() || !only.file_type().ok()?.is_dir() {
+        return None;
+    }
+    Some(only.path())
 }
 
 static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
@@ -646,6 +663,19 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// A name found in the archive; one that is not a valid reference is noted and ignored.
+    fn archive_name(&mut self, s: &str) -> Option<Reference> {
+        match Reference::parse(s) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.report
+                    .notes
+                    .push(format!("the archive's image name {s:?} is ignored: {e}"));
+                None
+            }
+        }
+    }
+
     fn unnamed(&mut self, digest: &Digest, media_type: &str) {
         self.report.notes.push(format!(
             "{digest} has no name in the archive: stored by digest only (give one with --name)"
@@ -737,10 +767,10 @@ async fn import_oci(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(), 
             .map_err(|e| ctx.invalid("index.json", format!("{e}")))?;
         let mut names = Vec::new();
         if let Some(n) = desc.annotations.get(CONTAINERD_NAME) {
-            names.push(parse_name(n)?);
+            names.extend(ctx.archive_name(n));
         } else if let Some(r) = desc.annotations.get(OCI_REF_NAME) {
             if r.contains('/') || r.contains(':') || r.contains('@') {
-                names.push(parse_name(r)?);
+                names.extend(ctx.archive_name(r));
             } else if let Some(g) = given {
                 names.push(g.with_tag(r)?);
                 given_used = true;
@@ -1078,7 +1108,7 @@ async fn import_docker(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(
         let digest = Digest::sha256_from_bytes(&sha2::Sha256::digest(&manifest));
         let mut names = Vec::new();
         for t in e.repo_tags.iter().flatten() {
-            names.push(parse_name(t)?);
+            names.extend(ctx.archive_name(t));
         }
         own.push((digest.clone(), names));
         built.push(Built {

@@ -498,3 +498,44 @@ async fn the_admin_route_needs_its_header_and_answers_the_report() {
     assert_eq!(body, img.manifest.bytes);
     assert_upstream_untouched(&s);
 }
+
+/// A tar of a directory (everything under `layout/`), whose only name is invalid: the name is
+/// ignored with a note and --name names the image.
+#[tokio::test]
+async fn a_tar_with_a_top_directory_and_an_invalid_name() {
+    let s = start(Fake::new(vec![]), ServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let img = image(9, "amd64");
+    write_index(
+        &layout,
+        json!([{
+            "mediaType": OCI_MANIFEST, "digest": img.manifest.digest, "size": img.manifest.bytes.len(),
+            "annotations": {"io.containerd.image.name": "UPPER.example/x:1"},
+        }]),
+    );
+    write_image(&layout, &img);
+    let tar = dir.path().join("prefixed.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&tar).unwrap());
+    b.append_dir_all("layout", &layout).unwrap();
+    b.finish().unwrap();
+    drop(b);
+
+    let e = import_path(&s.state, &tar, None).await.unwrap_err();
+    assert!(e.to_string().contains("--name"), "{e}");
+    let r = import_path(&s.state, &tar, Some("registry.example.test/sub/dir:5"))
+        .await
+        .unwrap();
+    assert!(
+        r.notes.iter().any(|n| n.contains("UPPER.example/x:1")),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!(
+        r.images[0].name.as_deref(),
+        Some("registry.example.test/sub/dir:5")
+    );
+    let (_, body) = get_ok(&s, "/v2/sub/dir/manifests/5?ns=registry.example.test").await;
+    assert_eq!(body, img.manifest.bytes);
+    assert_upstream_untouched(&s);
+}
