@@ -952,40 +952,49 @@ fn bytes_card(h: &mut String, r: &Report) {
     h.push_str("</div></section>\n");
 }
 
-/// A "nice" axis step (1, 2 or 5 times a power of 1024 times a power of ten) so that
-/// `max` fits in about four steps.
-fn nice_step(max: f64) -> f64 {
-    let raw = (max / 4.0).max(1.0);
-    let mut unit = 1.0;
-    while raw / unit >= 1024.0 {
-        unit *= 1024.0;
+/// The y axis of the chart: a step (1, 2, 2.5 or 5 times a power of ten, in the unit of
+/// the largest value, so that labels read "0.5 MiB/s", "1 MiB/s", "1.5 MiB/s") that fits
+/// `max` in at most five steps, and that unit.
+fn axis(max: f64) -> (f64, Axis) {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut u = 0;
+    while max >= 1024f64.powi(u as i32 + 1) && u < UNITS.len() - 1 {
+        u += 1;
     }
-    let x = raw / unit;
-    let pow = 10f64.powf(x.log10().floor());
-    let m = x / pow;
-    let nice = if m <= 1.0 {
-        1.0
-    } else if m <= 2.0 {
-        2.0
-    } else if m <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    // 1000 KiB reads badly: one step of the next unit instead.
-    let v = nice * pow;
-    if v >= 1000.0 && unit > 1.0 || v >= 1024.0 {
-        1024.0 * unit
-    } else {
-        v * unit
+    let unit = 1024f64.powi(u as i32);
+    let x = (max / unit).max(1.0);
+    let mut step = 10f64.powf((x / 5.0).log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        let candidate = 10f64.powf((x / 5.0).log10().floor()) * m;
+        if x / candidate <= 5.0 {
+            step = candidate;
+            break;
+        }
     }
+    if u == 0 {
+        step = step.max(1.0).round();
+    }
+    (
+        step * unit,
+        Axis {
+            unit,
+            name: UNITS[u],
+        },
+    )
 }
 
-fn rate_label(bytes_per_sec: f64) -> String {
-    let s = human_bytes(bytes_per_sec.round() as u64);
-    // Drop pointless decimals on axis labels: "2.00 MiB" -> "2 MiB".
-    let s = s.replace(".00 ", " ").replace(".0 ", " ");
-    format!("{s}/s")
+struct Axis {
+    unit: f64,
+    name: &'static str,
+}
+
+impl Axis {
+    fn label(&self, bytes_per_sec: f64) -> String {
+        let v = bytes_per_sec / self.unit;
+        let text = format!("{v:.2}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        format!("{text} {}/s", self.name)
+    }
 }
 
 fn chart_card(h: &mut String, r: &Report) {
@@ -1012,7 +1021,7 @@ fn chart_card(h: &mut String, r: &Report) {
         r.series.interval_seconds
     );
     let max = samples.iter().map(|s| s.total()).max().unwrap_or(0) as f64 / interval;
-    let step = nice_step(max);
+    let (step, axis) = axis(max);
     let ticks = ((max / step).ceil() as usize).max(1);
     let top_value = step * ticks as f64;
     let _ = write!(
@@ -1032,7 +1041,7 @@ fn chart_card(h: &mut String, r: &Report) {
             left - 8.0,
             y + 4.0,
             if max > 0.0 || i == 0 {
-                rate_label(v)
+                axis.label(v)
             } else {
                 String::new()
             }
@@ -1257,10 +1266,33 @@ mod tests {
     }
 
     #[test]
-    fn nice_steps() {
-        assert_eq!(nice_step(0.0), 1.0);
-        assert_eq!(nice_step(1000.0), 500.0);
-        assert_eq!(nice_step(3.0 * 1024.0 * 1024.0), 1024.0 * 1024.0);
+    fn axis_steps_read_well() {
+        let labels = |max: f64| {
+            let (step, a) = axis(max);
+            let ticks = (max / step).ceil().max(1.0) as usize;
+            assert!(ticks <= 5, "{max}: {ticks} ticks");
+            (0..=ticks)
+                .map(|i| a.label(step * i as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        assert_eq!(labels(0.0), "0 B/s, 1 B/s");
+        assert_eq!(
+            labels(1000.0),
+            "0 B/s, 200 B/s, 400 B/s, 600 B/s, 800 B/s, 1000 B/s"
+        );
+        assert_eq!(
+            labels(1.2 * 1024.0 * 1024.0),
+            "0 MiB/s, 0.25 MiB/s, 0.5 MiB/s, 0.75 MiB/s, 1 MiB/s, 1.25 MiB/s"
+        );
+        assert_eq!(
+            labels(230.0 * 1024.0),
+            "0 KiB/s, 50 KiB/s, 100 KiB/s, 150 KiB/s, 200 KiB/s, 250 KiB/s"
+        );
+        assert_eq!(
+            labels(3.0 * 1024.0 * 1024.0),
+            "0 MiB/s, 1 MiB/s, 2 MiB/s, 3 MiB/s"
+        );
     }
 
     #[test]
