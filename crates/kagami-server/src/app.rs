@@ -164,7 +164,10 @@ pub fn router(state: AppState) -> Router {
         .route("/p2p/status", get(p2p_status))
         .route("/status", get(crate::status::html))
         .route("/status.json", get(crate::status::json))
-        .route(crate::import::IMPORT_PATH, axum::routing::post(crate::import::route))
+        .route(
+            crate::import::IMPORT_PATH,
+            axum::routing::post(crate::import::route),
+        )
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(limit_headers))
         .with_state(state)
