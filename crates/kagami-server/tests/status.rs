@@ -1,7 +1,5 @@
 //! `/status` and `/status.json` over real HTTP on 127.0.0.1, with a fake upstream.
 
-// common/mod.rs trips a lint newer than it (while_let_loop); not this file's to change.
-#[allow(clippy::while_let_loop)]
 mod common;
 
 use std::time::{Duration, Instant};
