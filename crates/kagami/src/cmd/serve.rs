@@ -186,6 +186,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             disable_default_endpoint: args.disable_default_registry_endpoint,
         },
     );
+    state.status().set_listen(args.listen.to_string());
     let peer_server = match args.p2p_listen {
         Some(listen) => Some(start_p2p(&args, listen, &state).await?),
         None => None,
