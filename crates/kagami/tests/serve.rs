@@ -77,6 +77,17 @@ impl Kagami {
     }
 }
 
+/// registries.yaml mirroring the made-up `registry.example.test` from `registry`.
+fn mirror_config(dir: &Path, registry: &Registry) -> PathBuf {
+    write(
+        &dir.join("registries.yaml"),
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    )
+}
+
 fn write(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).unwrap();
     path.to_path_buf()
@@ -117,13 +128,7 @@ fn containerd_pulls_through_kagami() {
     let registry = Registry::start(&dir.path().join("registry"));
     let image = build_image(&dir.path().join("image"), "1", 3, 256 * 1024);
     image.push(&format!("{}/library/app:1", registry.addr()));
-    let config = write(
-        &dir.path().join("registries.yaml"),
-        &format!(
-            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
-            registry.addr()
-        ),
-    );
+    let config = mirror_config(dir.path(), &registry);
     let containerd = Containerd::start(&dir.path().join("containerd"));
     // A short tag TTL so that the pull with the upstream stopped must revalidate and fall
     // back to the cached digest (stale-if-error).
@@ -271,13 +276,7 @@ fn skopeo_through_the_path_prefix_form() {
     let registry = Registry::start(&dir.path().join("registry"));
     let image = build_image(&dir.path().join("image"), "2", 2, 128 * 1024);
     image.push(&format!("{}/team/tool:2", registry.addr()));
-    let config = write(
-        &dir.path().join("registries.yaml"),
-        &format!(
-            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
-            registry.addr()
-        ),
-    );
+    let config = mirror_config(dir.path(), &registry);
     let k = Kagami::start(
         dir.path(),
         &config,
@@ -359,13 +358,7 @@ fn twenty_concurrent_cold_requests_fetch_upstream_once() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry"));
     let (digest, _) = push_blob(&registry, "big/blob", dir.path(), 200 * 1024 * 1024);
-    let config = write(
-        &dir.path().join("registries.yaml"),
-        &format!(
-            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
-            registry.addr()
-        ),
-    );
+    let config = mirror_config(dir.path(), &registry);
     let k = Kagami::start(
         dir.path(),
         &config,
@@ -407,13 +400,7 @@ fn kill_during_cold_fetch_then_restart() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry"));
     let (digest, _) = push_blob(&registry, "big/blob", dir.path(), 64 * 1024 * 1024);
-    let config = write(
-        &dir.path().join("registries.yaml"),
-        &format!(
-            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
-            registry.addr()
-        ),
-    );
+    let config = mirror_config(dir.path(), &registry);
     let port = free_port();
     let mut k = Kagami::start_on(
         dir.path(),
@@ -524,13 +511,7 @@ fn full_store_passes_through() {
         &dir.path().join("b").tap_mkdir(),
         12 * 1024 * 1024,
     );
-    let config = write(
-        &dir.path().join("registries.yaml"),
-        &format!(
-            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
-            registry.addr()
-        ),
-    );
+    let config = mirror_config(dir.path(), &registry);
     let mnt = dir.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let mounted = Command::new("mount")
@@ -848,13 +829,7 @@ fn one_upstream_fetch_per_cluster() {
         &dir.path().join("psk"),
         "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
     );
-    let config = write(
-        &dir.path().join("registries.yaml"),
-        &format!(
-            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
-            registry.addr()
-        ),
-    );
+    let config = mirror_config(dir.path(), &registry);
     let mut nodes = Vec::new();
     let mut first_p2p: Option<String> = None;
     for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
