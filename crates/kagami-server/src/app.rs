@@ -107,6 +107,9 @@ impl AppState {
 
     /// Turns on sharing between nodes (once, at start).
     pub fn set_peers(&self, peers: Arc<crate::peers::Peers>, node: crate::peer_api::NodeInfo) {
+        let _ = peers
+            .lookup_seconds
+            .set(self.inner.metrics.peer_lookup_seconds.clone());
         let _ = self.inner.peers.set(peers);
         let _ = self.inner.node_info.set(node);
     }

@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +50,7 @@ pub struct Metrics {
     pub peer_lookups: Counter,
     pub peer_lookup_hits: Counter,
     pub peer_received: Family<PeerLabels, Counter>,
+    pub peer_lookup_seconds: Histogram,
 }
 
 impl Metrics {
@@ -68,6 +70,9 @@ impl Metrics {
             peer_lookups: Counter::default(),
             peer_lookup_hits: Counter::default(),
             peer_received: Family::default(),
+            peer_lookup_seconds: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0,
+            ]),
             registry: Registry::default(),
         };
         registry.register(
@@ -134,6 +139,11 @@ impl Metrics {
             "peer_received_bytes",
             "Bytes received from each other node",
             m.peer_received.clone(),
+        );
+        registry.register(
+            "peer_lookup_seconds",
+            "Time to find which other nodes hold a key (bounded by the lookup timeout)",
+            m.peer_lookup_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

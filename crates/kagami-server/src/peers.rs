@@ -56,6 +56,9 @@ pub struct Peers {
     pub received: std::sync::Arc<Mutex<HashMap<String, u64>>>,
     pub lookups: AtomicU64,
     pub lookup_hits: AtomicU64,
+    /// Lookup latency, observed into the server's metrics once attached.
+    pub(crate) lookup_seconds:
+        std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Peers {
@@ -82,6 +85,7 @@ impl Peers {
             received: Default::default(),
             lookups: AtomicU64::new(0),
             lookup_hits: AtomicU64::new(0),
+            lookup_seconds: std::sync::OnceLock::new(),
         }
     }
 
@@ -92,7 +96,11 @@ impl Peers {
     /// Providers of `key`, minus banned ones.
     pub async fn providers(&self, key: &str) -> Vec<Peer> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let found = self.router.lookup(key, 5).await;
+        if let Some(h) = self.lookup_seconds.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         let now = Instant::now();
         let mut banned = self.banned.lock().expect("lock");
         banned.retain(|_, until| *until > now);
