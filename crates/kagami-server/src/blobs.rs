@@ -152,7 +152,7 @@ async fn run_fetch(
 ) {
     let inner = &state.inner;
     let plan = plan(&path.reference(), config, state.plan_options());
-    let mut writer = match inner.store.begin(digest, None) {
+    let writer = match inner.store.begin(digest, None) {
         Ok(Begin::Writer(w)) => w,
         Ok(Begin::Joined(inflight)) => {
             let size = inflight.expected_size();
@@ -182,8 +182,10 @@ async fn run_fetch(
     };
     let size = body.size;
     let mut contributors = vec![body.source.clone()];
+    let follow = writer.follow();
+    let mut sink = StoreSink::new(writer);
     fetch.state.send_replace(FetchState::Streaming {
-        inflight: Arc::new(writer.follow()),
+        inflight: Arc::new(follow),
         size,
         source: if body.source.starts_with("peer:") {
             Source::Peer
@@ -193,11 +195,11 @@ async fn run_fetch(
     });
     loop {
         count_upstream(state, &body);
-        let outcome = pump(&mut writer, &mut body).await;
+        let outcome = pump(&mut sink, &mut body).await;
         match outcome {
-            Pump::Done if size.is_none_or(|s| writer.written() == s) => break,
+            Pump::Done if size.is_none_or(|s| sink.received == s) => break,
             Pump::Done | Pump::UpstreamFailed => {
-                let offset = writer.written();
+                let offset = sink.received;
                 tracing::warn!(%digest, offset, source = %body.source, "source failed mid-blob; continuing from the next one");
                 state.inner.status.endpoint_failed(
                     &body.source,
@@ -216,13 +218,23 @@ async fn run_fetch(
                     }
                 }
             }
-            Pump::StoreFailed(e) => {
+            Pump::StoreFailed => {
+                let (_, e) = sink.finish().await;
+                let e = e.map_or_else(|| "the store writer stopped".to_string(), |e| e.to_string());
                 tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
                 mark_store_full(state);
                 return;
             }
         }
     }
+    let writer = match sink.finish().await {
+        (w, None) => w,
+        (_, Some(e)) => {
+            tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
+            mark_store_full(state);
+            return;
+        }
+    };
     match writer.commit().await {
         Ok(n) => tracing::debug!(%digest, bytes = n, "blob stored"),
         Err(e) => {
@@ -349,35 +361,82 @@ impl<'a> Sources<'a> {
 enum Pump {
     Done,
     UpstreamFailed,
-    StoreFailed(kagami_store::StoreError),
+    StoreFailed,
 }
 
-/// Copies an upstream body into the store, in writes of up to `WRITE_BATCH` bytes (network
-/// chunks are small; one store write per chunk would cost a blocking-pool hop each).
-async fn pump(writer: &mut kagami_store::BlobWriter, body: &mut BlobBody) -> Pump {
-    let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
-    let mut upstream_failed = false;
-    loop {
-        let next = body.stream.next().await;
-        let end = match next {
-            Some(Ok(c)) => {
-                batch.extend_from_slice(&c);
-                false
+/// The store side of a fetch, on its own task: network reception and file writes overlap
+/// (a bounded queue of batches between them), so a fetch runs at the slower of the two
+/// rather than at the sum of both.
+struct StoreSink {
+    tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    /// Bytes handed to the store so far: the offset a resume continues from.
+    received: u64,
+    task: tokio::task::JoinHandle<(kagami_store::BlobWriter, Option<kagami_store::StoreError>)>,
+}
+
+impl StoreSink {
+    fn new(mut writer: kagami_store::BlobWriter) -> StoreSink {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let task = tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                if let Err(e) = writer.write(&batch).await {
+                    return (writer, Some(e));
+                }
             }
-            Some(Err(_)) => {
-                upstream_failed = true;
+            (writer, None)
+        });
+        StoreSink {
+            tx: Some(tx),
+            received: 0,
+            task,
+        }
+    }
+
+    /// False when the store side has stopped (a write failed).
+    async fn send(&mut self, batch: bytes::Bytes) -> bool {
+        let n = batch.len() as u64;
+        match &self.tx {
+            Some(tx) if tx.send(batch).await.is_ok() => {
+                self.received += n;
                 true
             }
-            None => true,
+            _ => false,
+        }
+    }
+
+    /// Waits for every queued batch to be written; returns the writer and the write error,
+    /// if one stopped it.
+    async fn finish(mut self) -> (kagami_store::BlobWriter, Option<kagami_store::StoreError>) {
+        drop(self.tx.take());
+        self.task
+            .await
+            .expect("the store writer task does not panic")
+    }
+}
+
+/// Copies a body into the store sink, in batches of up to `WRITE_BATCH` bytes (network
+/// chunks are small; one store write per chunk would cost a blocking-pool hop each).
+async fn pump(sink: &mut StoreSink, body: &mut BlobBody) -> Pump {
+    let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
+    loop {
+        let next = body.stream.next().await;
+        let (end, failed) = match next {
+            Some(Ok(c)) => {
+                batch.extend_from_slice(&c);
+                (false, false)
+            }
+            Some(Err(_)) => (true, true),
+            None => (true, false),
         };
         if (end || batch.len() >= WRITE_BATCH) && !batch.is_empty() {
-            if let Err(e) = writer.write(&batch).await {
-                return Pump::StoreFailed(e);
+            let full = batch.split().freeze();
+            if !sink.send(full).await {
+                return Pump::StoreFailed;
             }
-            batch.clear();
+            batch.reserve(WRITE_BATCH);
         }
         if end {
-            return if upstream_failed {
+            return if failed {
                 Pump::UpstreamFailed
             } else {
                 Pump::Done
