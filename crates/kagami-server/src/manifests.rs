@@ -322,6 +322,18 @@ pub(crate) async fn serve_stored(
     head: bool,
 ) -> Result<Option<Response>, ApiError> {
     let store = &state.inner.store;
+    // A HEAD needs no file I/O when the store knows the size and the media type.
+    if head
+        && let (Some(size), Some(media_type)) = (store.blob_size(digest), store.media_type(digest))
+        && size <= MAX_MANIFEST
+    {
+        return Ok(Some(manifest_headers(
+            size,
+            &media_type,
+            digest,
+            Body::empty(),
+        )));
+    }
     let Some(mut handle) = store
         .open_blob(digest)
         .await
@@ -357,18 +369,23 @@ fn media_type_of(bytes: &[u8]) -> Option<String> {
 }
 
 fn manifest_response(bytes: &[u8], media_type: &str, digest: &Digest, head: bool) -> Response {
-    let mut r = Response::new(if head {
+    let body = if head {
         Body::empty()
     } else {
         Body::from(bytes.to_vec())
-    });
+    };
+    manifest_headers(bytes.len() as u64, media_type, digest, body)
+}
+
+fn manifest_headers(len: u64, media_type: &str, digest: &Digest, body: Body) -> Response {
+    let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_str(media_type)
             .unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(
         "Docker-Content-Digest",
         HeaderValue::from_str(&digest.to_string()).expect("ascii"),
