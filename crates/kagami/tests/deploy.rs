@@ -452,7 +452,8 @@ fn collect_exprs(v: &Value, out: &mut Vec<String>) {
 }
 
 /// The names Prometheus sees, from the source of metrics.rs: `kagami_` + the registered
-/// name, + `_total` for counters; and every label field of the label sets.
+/// name, + `_total` for counters, + `_bucket`/`_sum`/`_count` for histograms; and every
+/// label field of the label sets.
 fn exposed_metrics(src: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     let field_type = |field: &str| -> String {
         let decl = format!("pub {field}: ");
@@ -471,6 +472,12 @@ fn exposed_metrics(src: &str) -> (BTreeSet<String>, BTreeSet<String>) {
             .and_then(|s| s.split(".clone()").next())
             .expect("m.<field>.clone()");
         let ty = field_type(field);
+        if ty.contains("Histogram") {
+            for series in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("kagami_{name}{series}"));
+            }
+            continue;
+        }
         let suffix = if ty.contains("Counter") {
             "_total"
         } else {
