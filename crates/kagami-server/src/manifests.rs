@@ -83,9 +83,15 @@ pub(crate) async fn get(
                 let age = SystemTime::now()
                     .duration_since(e.fetched_at)
                     .unwrap_or_default();
-                if age < state.inner.options.tag_ttl
-                    && let Some(resp) = serve_stored(state, &e.digest, head).await?
-                {
+                // With no endpoint to ask (a peers-only registry on an air-gapped node, or
+                // an imported image), there is nothing to revalidate against: the cached
+                // tag stays current instead of being served "stale" on every pull.
+                let current = age < state.inner.options.tag_ttl
+                    || !plan(&path.reference(), config, state.plan_options())
+                        .attempts
+                        .iter()
+                        .any(|a| matches!(a, kagami_config::Attempt::Endpoint(_)));
+                if current && let Some(resp) = serve_stored(state, &e.digest, head).await? {
                     state.count_cache("manifest", "hit");
                     return Ok((resp, Source::Local));
                 }

@@ -323,3 +323,43 @@ async fn oversized_manifest_is_refused() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_tag_with_no_endpoint_to_ask_stays_current() {
+    let fake = Fake::new(vec![]);
+    let body = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
+    fake.set_manifest("1", body);
+    let s = start(
+        fake,
+        ServerOptions {
+            tag_ttl: Duration::ZERO,
+            disable_default_endpoint: true,
+        },
+    )
+    .await;
+    let url = format!("{REPO}/manifests/1?ns=registry.example.test");
+    assert_eq!(request(s.addr, "GET", &url, &[]).await.0, 200);
+    let calls =
+        s.fake.manifest_calls.load(Ordering::SeqCst) + s.fake.head_calls.load(Ordering::SeqCst);
+    // The registry becomes peers-only (no endpoints, default endpoint disabled).
+    let peers_only = kagami_config::Config::parse(
+        "mirrors:\n  registry.example.test:\n",
+        std::path::Path::new("test.yaml"),
+    )
+    .unwrap()
+    .0;
+    s.state.set_config(peers_only);
+    let (status, _, got, _) = request(s.addr, "GET", &url, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(got, body.as_bytes());
+    assert_eq!(
+        s.fake.manifest_calls.load(Ordering::SeqCst) + s.fake.head_calls.load(Ordering::SeqCst),
+        calls,
+        "nothing to revalidate against, so nothing was asked"
+    );
+    let metrics = String::from_utf8(request(s.addr, "GET", "/metrics", &[]).await.2).unwrap();
+    assert!(
+        metrics.contains("kagami_stale_tags_served_total 0"),
+        "{metrics}"
+    );
+}
