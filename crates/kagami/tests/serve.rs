@@ -77,6 +77,24 @@ impl Kagami {
     }
 }
 
+/// Starts `curl URL | sha256sum` (the body never touches the disk); see [`finish_digest`].
+fn download_digest(url: &str) -> std::process::Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("curl -sS -f --max-time 120 '{url}' | sha256sum"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The `sha256:<hex>` of what a [`download_digest`] received.
+fn finish_digest(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let sum = String::from_utf8(out.stdout).unwrap();
+    format!("sha256:{}", sum.split_whitespace().next().unwrap_or(""))
+}
+
 /// registries.yaml mirroring the made-up `registry.example.test` from `registry`.
 fn mirror_config(dir: &Path, registry: &Registry) -> PathBuf {
     write(
@@ -368,24 +386,9 @@ fn twenty_concurrent_cold_requests_fetch_upstream_once() {
         "http://{}/v2/big/blob/blobs/{digest}?ns=registry.example.test",
         k.addr()
     );
-    let children: Vec<_> = (0..20)
-        .map(|_| {
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("curl -sS -f --max-time 120 '{url}' | sha256sum"))
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children: Vec<_> = (0..20).map(|_| download_digest(&url)).collect();
     for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success());
-        let sum = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(
-            format!("sha256:{}", sum.split_whitespace().next().unwrap()),
-            digest
-        );
+        assert_eq!(finish_digest(c), digest);
     }
     assert_eq!(
         registry.count_gets(&format!("/blobs/{digest}")),
@@ -890,23 +893,13 @@ fn one_upstream_fetch_per_cluster() {
     let children: Vec<_> = nodes
         .iter()
         .map(|(_, addr)| {
-            let url = format!("http://{addr}/v2/big/blob/blobs/{digest}?ns=registry.example.test");
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!("curl -sS -f --max-time 120 '{url}' | sha256sum"))
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
+            download_digest(&format!(
+                "http://{addr}/v2/big/blob/blobs/{digest}?ns=registry.example.test"
+            ))
         })
         .collect();
     for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success());
-        let sum = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(
-            format!("sha256:{}", sum.split_whitespace().next().unwrap()),
-            digest
-        );
+        assert_eq!(finish_digest(c), digest);
     }
     assert_eq!(
         registry.count_gets(&format!("/blobs/{digest}")),
