@@ -26,7 +26,6 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use kagami_config::{Digest, Reference};
 use kagami_store::{Begin, CHUNK, StoreError, TagEntry};
 use serde::{Deserialize, Serialize};
@@ -557,11 +556,9 @@ impl Ctx<'_> {
                 }
                 Begin::Joined(inflight) => {
                     // Being fetched right now: wait for that write (and try again if it fails).
-                    let mut s = std::pin::pin!(inflight.stream(0, None));
-                    while let Some(r) = s.next().await {
-                        if r.is_err() {
-                            break;
-                        }
+                    if inflight.finished().await {
+                        self.report.blobs_skipped += 1;
+                        return Ok(());
                     }
                 }
             }
@@ -571,36 +568,19 @@ impl Ctx<'_> {
 
     /// Writes bytes held in memory (a manifest or config) as blob `d`.
     async fn put_bytes(&mut self, what: &str, bytes: &[u8], d: &Digest) -> Result<(), ImportError> {
-        let store = self.state.store().clone();
-        for _ in 0..3 {
-            if store.blob_size(d).is_some() {
-                self.report.blobs_skipped += 1;
-                return Ok(());
-            }
-            match store
-                .begin(d, Some(bytes.len() as u64))
-                .map_err(|e| self.store_err(what, e))?
-            {
-                Begin::Writer(mut w) => {
-                    for c in bytes.chunks(CHUNK) {
-                        w.write(c).await.map_err(|e| self.store_err(what, e))?;
-                    }
-                    w.commit().await.map_err(|e| self.store_err(what, e))?;
-                    self.report.blobs_added += 1;
-                    self.report.bytes_added += bytes.len() as u64;
-                    return Ok(());
-                }
-                Begin::Joined(inflight) => {
-                    let mut s = std::pin::pin!(inflight.stream(0, None));
-                    while let Some(r) = s.next().await {
-                        if r.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
+        let added = self
+            .state
+            .store()
+            .put_bytes(d, bytes)
+            .await
+            .map_err(|e| self.store_err(what, e))?;
+        if added {
+            self.report.blobs_added += 1;
+            self.report.bytes_added += bytes.len() as u64;
+        } else {
+            self.report.blobs_skipped += 1;
         }
-        Err(self.invalid(what, "another write of this blob kept failing"))
+        Ok(())
     }
 
     /// Records `name` → `digest`, advertises it for shared registries.

@@ -11,7 +11,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use futures_util::FutureExt;
 use kagami_config::{Config, Digest, Plan, plan};
-use kagami_store::{Begin, TagEntry};
+use kagami_store::TagEntry;
 use tokio::io::AsyncReadExt;
 
 use crate::app::{AppState, Source};
@@ -287,33 +287,9 @@ async fn store_manifest(state: &AppState, m: &FetchedManifest) -> bool {
         tracing::warn!(digest = %m.digest, bytes = m.bytes.len(), "manifest larger than 4 MiB refused");
         return false;
     }
-    if store.blob_size(&m.digest).is_none() {
-        match store.begin(&m.digest, Some(m.bytes.len() as u64)) {
-            Ok(Begin::Writer(mut w)) => {
-                if let Err(e) = w.write(&m.bytes).await {
-                    tracing::warn!(digest = %m.digest, error = %e, "cannot store manifest");
-                    return false;
-                }
-                if let Err(e) = w.commit().await {
-                    tracing::warn!(digest = %m.digest, error = %e, "cannot store manifest");
-                    return false;
-                }
-            }
-            Ok(Begin::Joined(inflight)) => {
-                // Someone else is writing it: wait for the end of their write.
-                use futures_util::StreamExt as _;
-                let mut s = std::pin::pin!(inflight.stream(0, None));
-                while let Some(chunk) = s.next().await {
-                    if chunk.is_err() {
-                        return false;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(digest = %m.digest, error = %e, "cannot store manifest");
-                return false;
-            }
-        }
+    if let Err(e) = store.put_bytes(&m.digest, &m.bytes).await {
+        tracing::warn!(digest = %m.digest, error = %e, "cannot store manifest");
+        return false;
     }
     if let Err(e) = store.put_media_type(&m.digest, &m.media_type) {
         tracing::warn!(digest = %m.digest, error = %e, "cannot record manifest media type");

@@ -447,6 +447,22 @@ impl std::fmt::Debug for Inflight {
 }
 
 impl Inflight {
+    /// Waits for the end of the write without reading it: true when the blob was verified
+    /// and stored, false when the write failed or was abandoned.
+    pub async fn finished(&self) -> bool {
+        let mut rx = self.shared.tx.subscribe();
+        loop {
+            match &rx.borrow_and_update().phase {
+                Phase::Committed => return true,
+                Phase::Failed(_) => return false,
+                Phase::Writing | Phase::Verified => {}
+            }
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
     pub fn digest(&self) -> &Digest {
         &self.shared.digest
     }

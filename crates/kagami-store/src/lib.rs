@@ -323,6 +323,35 @@ impl Store {
         Some((pin, e.size))
     }
 
+    /// Stores a small blob held in memory (a manifest, a config). `Ok(true)` when this
+    /// call wrote it, `Ok(false)` when it was already there or another write of it finished;
+    /// a concurrent write that fails is retried (three times in all).
+    pub async fn put_bytes(&self, d: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
+        for _ in 0..3 {
+            if self.blob_size(d).is_some() {
+                return Ok(false);
+            }
+            match self.begin(d, Some(bytes.len() as u64))? {
+                Begin::Writer(mut w) => {
+                    for c in bytes.chunks(CHUNK) {
+                        w.write(c).await?;
+                    }
+                    w.commit().await?;
+                    return Ok(true);
+                }
+                Begin::Joined(inflight) => {
+                    if inflight.finished().await {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Err(StoreError::Aborted {
+            digest: d.clone(),
+            reason: "another write of this blob kept failing".into(),
+        })
+    }
+
     /// Starts writing `d`, or joins the write already in flight for `d`. If `d` is already
     /// complete, returns `Joined` with a reader of the stored blob (pinned while it lives).
     pub fn begin(&self, d: &Digest, expected_size: Option<u64>) -> Result<Begin, StoreError> {

@@ -846,3 +846,43 @@ async fn error_messages_name_the_path() {
     assert!(msg.starts_with("create directory "), "{msg}");
     assert!(msg.contains("a-file"), "{msg}");
 }
+
+#[tokio::test]
+async fn put_bytes_writes_once_and_waits_for_a_concurrent_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let bytes = data(10_000, 41);
+    let d = sha256(&bytes);
+    assert!(
+        store.put_bytes(&d, &bytes).await.unwrap(),
+        "first put writes"
+    );
+    assert!(
+        !store.put_bytes(&d, &bytes).await.unwrap(),
+        "second put finds it"
+    );
+    assert_eq!(read_blob(&store, &d).await, bytes);
+
+    // A concurrent write that fails: finished() says so without reading the blob, and
+    // put_bytes then writes the blob itself.
+    let other = data(5_000, 42);
+    let d2 = sha256(&other);
+    let mut w = writer(&store, &d2, None);
+    w.write(&other[..100]).await.unwrap();
+    let follower = joined(&store, &d2);
+    let waiter = tokio::spawn(async move { follower.finished().await });
+    drop(w);
+    assert!(
+        !waiter.await.unwrap(),
+        "an abandoned write is not finished well"
+    );
+    assert!(store.put_bytes(&d2, &other).await.unwrap());
+    assert!(
+        joined(&store, &d2).finished().await,
+        "a stored blob is finished"
+    );
+    // Wrong bytes are refused like any write.
+    let d3 = sha256(b"right");
+    assert!(store.put_bytes(&d3, b"wrong").await.is_err());
+    assert_eq!(store.blob_size(&d3), None);
+}
