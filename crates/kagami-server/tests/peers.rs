@@ -95,7 +95,6 @@ async fn node_with_providers(fake: Fake, providers: &[(SocketAddr, &str)], key: 
     s
 }
 
-const REPO: &str = "/v2/team/app";
 
 #[tokio::test]
 async fn a_peer_dying_mid_transfer_is_replaced_at_the_same_offset() {
@@ -110,13 +109,7 @@ async fn a_peer_dying_mid_transfer_is_replaced_at_the_same_offset() {
         &d.to_string(),
     )
     .await;
-    let (status, _, body, complete) = request(
-        s.addr,
-        "GET",
-        &format!("{REPO}/blobs/{d}?ns=registry.example.test"),
-        &[],
-    )
-    .await;
+    let (status, _, body, complete) = request(s.addr, "GET", &blob_path(&d), &[]).await;
     assert_eq!(status, 200);
     assert!(complete);
     assert_eq!(body, data);
@@ -146,7 +139,7 @@ async fn a_peer_sending_wrong_bytes_is_never_passed_on_complete_and_is_dropped()
         &d.to_string(),
     )
     .await;
-    let url = format!("{REPO}/blobs/{d}?ns=registry.example.test");
+    let url = blob_path(&d);
     let (_, _, body, complete) = request(s.addr, "GET", &url, &[]).await;
     assert!(
         !complete || body != data,
@@ -188,13 +181,7 @@ async fn gone_providers_fall_through_to_upstream_fast() {
     )
     .await;
     let t = Instant::now();
-    let (status, _, body, _) = request(
-        s.addr,
-        "GET",
-        &format!("{REPO}/blobs/{d}?ns=registry.example.test"),
-        &[],
-    )
-    .await;
+    let (status, _, body, _) = request(s.addr, "GET", &blob_path(&d), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(body, data);
     assert!(
@@ -211,13 +198,7 @@ async fn gone_providers_fall_through_to_upstream_fast() {
         &d2.to_string(),
     )
     .await;
-    let (status, _, body, _) = request(
-        s2.addr,
-        "GET",
-        &format!("{REPO}/blobs/{d2}?ns=registry.example.test"),
-        &[],
-    )
-    .await;
+    let (status, _, body, _) = request(s2.addr, "GET", &blob_path(&d2), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(body, other);
 }
@@ -254,7 +235,7 @@ async fn the_peer_api_serves_only_what_the_node_holds_and_only_to_members() {
     let app = kagami_server::peer_router(s.state.clone(), info);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let token = kagami_server::peers::peer_token(&psk);
-    let url = format!("{REPO}/blobs/{d}?ns=registry.example.test");
+    let url = blob_path(&d);
     assert_eq!(
         request(peer_addr, "GET", &url, &[]).await.0,
         401,

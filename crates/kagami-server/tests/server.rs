@@ -20,7 +20,7 @@ async fn cold_blob_is_streamed_stored_and_then_served_locally() {
         ServerOptions::default(),
     )
     .await;
-    let url = format!("{REPO}/blobs/{d}?ns=registry.example.test");
+    let url = blob_path(&d);
     let (status, h, body, complete) = request(s.addr, "GET", &url, &[]).await;
     assert_eq!(status, 200);
     assert!(complete);
@@ -65,7 +65,7 @@ async fn concurrent_cold_requests_share_one_upstream_fetch() {
     let mut fake = Fake::new(vec![BlobMode::Good]).with_blob(&data);
     fake.chunk_delay = Duration::from_millis(2);
     let s = start(fake, ServerOptions::default()).await;
-    let url = format!("{REPO}/blobs/{d}?ns=registry.example.test");
+    let url = blob_path(&d);
     let mut tasks = Vec::new();
     for i in 0..20 {
         let url = url.clone();
@@ -105,13 +105,7 @@ async fn upstream_failing_mid_blob_continues_from_the_next_attempt_at_the_offset
         ServerOptions::default(),
     )
     .await;
-    let (status, _, body, complete) = request(
-        s.addr,
-        "GET",
-        &format!("{REPO}/blobs/{d}?ns=registry.example.test"),
-        &[],
-    )
-    .await;
+    let (status, _, body, complete) = request(s.addr, "GET", &blob_path(&d), &[]).await;
     assert_eq!(status, 200);
     assert!(complete);
     assert_eq!(body, data);
@@ -133,13 +127,7 @@ async fn wrong_bytes_never_reach_a_client_complete_and_are_not_stored() {
         ServerOptions::default(),
     )
     .await;
-    let (_, _, body, complete) = request(
-        s.addr,
-        "GET",
-        &format!("{REPO}/blobs/{d}?ns=registry.example.test"),
-        &[],
-    )
-    .await;
+    let (_, _, body, complete) = request(s.addr, "GET", &blob_path(&d), &[]).await;
     assert!(!complete, "the connection must be cut");
     assert!(body.len() < data.len());
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -150,13 +138,7 @@ async fn wrong_bytes_never_reach_a_client_complete_and_are_not_stored() {
 async fn missing_blob_is_a_fast_oci_404() {
     let s = start(Fake::new(vec![BlobMode::Missing]), ServerOptions::default()).await;
     let d = digest_of(b"nothing");
-    let (status, h, body, _) = request(
-        s.addr,
-        "GET",
-        &format!("{REPO}/blobs/{d}?ns=registry.example.test"),
-        &[],
-    )
-    .await;
+    let (status, h, body, _) = request(s.addr, "GET", &blob_path(&d), &[]).await;
     assert_eq!(status, 404);
     assert_eq!(h["content-type"], "application/json");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -22,6 +22,11 @@ use kagami_server::{
 use kagami_store::{Store, StoreOptions};
 use sha2::{Digest as _, Sha256};
 
+/// The API path of blob `d` in the test repository of `registry.example.test`.
+pub fn blob_path(d: &Digest) -> String {
+    format!("/v2/team/app/blobs/{d}?ns=registry.example.test")
+}
+
 pub fn digest_of(data: &[u8]) -> Digest {
     Digest::sha256_from_bytes(&Sha256::digest(data))
 }
