@@ -1,18 +1,7 @@
 //! `kagami containerd-config`: rendered hosts.toml snapshots, TOML escaping, ownership of
 //! directories, and the real consumer: containerd 1.6 pulling through the files.
 
-use std::path::Path;
-
-use crate::support::{Containerd, Registry, build_image, kagami, pki, run};
-
-fn example(name: &str) -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../examples")
-            .join(name),
-    )
-    .unwrap()
-}
+use crate::support::{Containerd, Registry, build_image, example, kagami, pki, run};
 
 /// Renders `yaml` into a fresh hosts dir and returns every file as
 /// "== <dir>/hosts.toml\n<contents>", with the temp dir replaced by `<dir>`.

@@ -1,19 +1,8 @@
 //! `kagami explain`: the seed configurations plan as the issue says, and the JSON shape.
 
-use std::path::Path;
-
 use serde_json::{Value, json};
 
-use crate::support::{kagami, pki};
-
-fn example(name: &str) -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../examples")
-            .join(name),
-    )
-    .unwrap()
-}
+use crate::support::{example, kagami, pki};
 
 /// Runs `kagami explain --format json` with `yaml` as the config (certificates generated
 /// under certs/ next to it) and returns the parsed plan.

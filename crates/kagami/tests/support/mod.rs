@@ -12,6 +12,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The text of `examples/<name>` (the seed configurations).
+pub fn example(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name),
+    )
+    .unwrap()
+}
+
 /// The kagami binary under test.
 pub fn kagami() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kagami"))
