@@ -320,11 +320,7 @@ async fn route(state: &AppState, req: Request) -> (&'static str, Handled) {
     let Some(rest) = path.strip_prefix("/v2/") else {
         return ("other", Err(ApiError::not_found("not found")));
     };
-    let ns = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("ns="))
-            .map(|v| v.to_string())
-    });
+    let ns = path::ns_param(req.uri().query()).map(str::to_string);
     let parsed = match path::parse(rest, ns.as_deref()) {
         Ok(p) => p,
         Err(e) => return ("invalid", Err(e)),

@@ -63,6 +63,11 @@ impl OciPath {
 
 const MAX_PATH: usize = 1024;
 
+/// The `ns` query parameter (the registry containerd is pulling from), if there is one.
+pub fn ns_param(query: Option<&str>) -> Option<&str> {
+    query?.split('&').find_map(|kv| kv.strip_prefix("ns="))
+}
+
 /// Parses the path after `/v2/` and the `ns` query parameter.
 pub fn parse(rest: &str, ns: Option<&str>) -> Result<OciPath, ApiError> {
     if rest.len() > MAX_PATH {

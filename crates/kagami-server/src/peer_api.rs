@@ -93,12 +93,8 @@ async fn handle(
         .path()
         .strip_prefix("/v2/")
         .ok_or_else(|| ApiError::not_found("not found"))?;
-    let ns = uri.query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("ns="))
-            .map(str::to_string)
-    });
-    let p = path::parse(rest, ns.as_deref())?;
+    let ns = path::ns_param(uri.query());
+    let p = path::parse(rest, ns)?;
     let range = range.as_deref();
     let not_here = || ApiError::not_found("not held by this node");
     match &p.target {

@@ -200,9 +200,7 @@ pub(crate) fn record_request(state: &AppState, r: Finished<'_>) {
     let Some(rest) = uri.path().strip_prefix("/v2/") else {
         return;
     };
-    let ns = uri
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ns=")));
+    let ns = crate::path::ns_param(uri.query());
     let Ok(path) = crate::path::parse(rest, ns) else {
         return;
     };
