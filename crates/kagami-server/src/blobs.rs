@@ -174,8 +174,7 @@ async fn run_fetch(
     let mut body = match sources.open(0, 0).await {
         Ok(b) => b,
         Err(e) => {
-            upstream_failed(state, &plan);
-            crate::status::plan_failed(state, &plan, &e.message);
+            upstream_failed(state, &plan, &e.message);
             fetch.state.send_replace(FetchState::Failed(e.message));
             return;
         }
@@ -212,8 +211,7 @@ async fn run_fetch(
                     }
                     Err(e) => {
                         tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
-                        upstream_failed(state, &plan);
-                        crate::status::plan_failed(state, &plan, &e.message);
+                        upstream_failed(state, &plan, &e.message);
                         return; // dropping the writer aborts: followers get an error
                     }
                 }
@@ -457,21 +455,16 @@ fn count_upstream(state: &AppState, body: &BlobBody) {
         .inc();
 }
 
-fn upstream_failed(state: &AppState, plan: &kagami_config::Plan) {
-    let first = plan
-        .attempts
-        .iter()
-        .find_map(|a| match a {
-            kagami_config::Attempt::Endpoint(e) => Some(e.endpoint.base()),
-            kagami_config::Attempt::Peers => None,
-        })
-        .unwrap_or_else(|| "none".into());
+/// Every source of a blob failed: counted in the metrics and on the status page.
+fn upstream_failed(state: &AppState, plan: &kagami_config::Plan, why: &str) {
+    let first = crate::status::first_endpoint(plan).unwrap_or_else(|| "none".into());
     state
         .inner
         .metrics
         .upstream_failures
         .get_or_create(&EndpointLabels { endpoint: first })
         .inc();
+    crate::status::plan_failed(state, plan, why);
 }
 
 fn mark_store_full(state: &AppState) {

@@ -229,13 +229,17 @@ pub(crate) fn record_request(state: &AppState, r: Finished<'_>) {
 /// Every attempt of a plan failed: the failure is counted against the first endpoint of
 /// the plan (as the `upstream_failures` metric does), with the message naming them all.
 pub(crate) fn plan_failed(state: &AppState, plan: &kagami_config::Plan, why: &str) {
-    let first = plan.attempts.iter().find_map(|a| match a {
-        kagami_config::Attempt::Endpoint(e) => Some(e.endpoint.base()),
-        kagami_config::Attempt::Peers => None,
-    });
-    if let Some(first) = first {
+    if let Some(first) = first_endpoint(plan) {
         state.inner.status.endpoint_failed(&first, why);
     }
+}
+
+/// The base URL of the plan's first endpoint attempt: what failures are counted against.
+pub(crate) fn first_endpoint(plan: &kagami_config::Plan) -> Option<String> {
+    plan.attempts.iter().find_map(|a| match a {
+        kagami_config::Attempt::Endpoint(e) => Some(e.endpoint.base()),
+        kagami_config::Attempt::Peers => None,
+    })
 }
 
 /// The outcome of a manifest fetch through the plan.
