@@ -95,7 +95,6 @@ async fn node_with_providers(fake: Fake, providers: &[(SocketAddr, &str)], key: 
     s
 }
 
-
 #[tokio::test]
 async fn a_peer_dying_mid_transfer_is_replaced_at_the_same_offset() {
     let data = random(1024 * 1024, 11);
