@@ -440,6 +440,13 @@ impl BlobStream {
         self.hasher.clone()
     }
 
+    /// The same stream without the digest check at its end, for a caller that hashes the
+    /// bytes itself (the mirror's content store does): no byte is hashed twice.
+    pub fn unverified(mut self) -> BlobStream {
+        self.hasher = None;
+        self
+    }
+
     /// True when the stream checks the digest at its end.
     pub fn verified(&self) -> bool {
         self.hasher.is_some()

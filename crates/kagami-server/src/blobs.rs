@@ -25,8 +25,10 @@ use crate::range::{self, RangeRequest};
 use crate::upstream::BlobBody;
 
 const CHUNK: usize = 256 * 1024;
-/// Upstream bytes are written to the store in batches of this size.
+/// Small upstream chunks are gathered into batches of this size before the store.
 const WRITE_BATCH: usize = 256 * 1024;
+/// Chunks queued between reception and the store writer.
+const QUEUE: usize = 16;
 /// How long cold blobs bypass the store after a write failed (disk full).
 const FULL_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -363,8 +365,8 @@ enum Pump {
 }
 
 /// The store side of a fetch, on its own task: network reception and file writes overlap
-/// (a bounded queue of batches between them), so a fetch runs at the slower of the two
-/// rather than at the sum of both.
+/// (a bounded queue of chunks between them), so a fetch runs at the slower of the two
+/// rather than at the sum of both. The writer takes whatever is queued in one go.
 struct StoreSink {
     tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
     /// Bytes handed to the store so far: the offset a resume continues from.
@@ -374,10 +376,11 @@ struct StoreSink {
 
 impl StoreSink {
     fn new(mut writer: kagami_store::BlobWriter) -> StoreSink {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(QUEUE);
         let task = tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                if let Err(e) = writer.write(&batch).await {
+            let mut chunks = Vec::with_capacity(QUEUE);
+            while rx.recv_many(&mut chunks, QUEUE).await > 0 {
+                if let Err(e) = writer.write_chunks(std::mem::take(&mut chunks)).await {
                     return (writer, Some(e));
                 }
             }
@@ -391,10 +394,10 @@ impl StoreSink {
     }
 
     /// False when the store side has stopped (a write failed).
-    async fn send(&mut self, batch: bytes::Bytes) -> bool {
-        let n = batch.len() as u64;
+    async fn send(&mut self, chunk: bytes::Bytes) -> bool {
+        let n = chunk.len() as u64;
         match &self.tx {
-            Some(tx) if tx.send(batch).await.is_ok() => {
+            Some(tx) if tx.send(chunk).await.is_ok() => {
                 self.received += n;
                 true
             }
@@ -402,7 +405,7 @@ impl StoreSink {
         }
     }
 
-    /// Waits for every queued batch to be written; returns the writer and the write error,
+    /// Waits for every queued chunk to be written; returns the writer and the write error,
     /// if one stopped it.
     async fn finish(mut self) -> (kagami_store::BlobWriter, Option<kagami_store::StoreError>) {
         drop(self.tx.take());
@@ -412,13 +415,19 @@ impl StoreSink {
     }
 }
 
-/// Copies a body into the store sink, in batches of up to `WRITE_BATCH` bytes (network
-/// chunks are small; one store write per chunk would cost a blocking-pool hop each).
+/// Hands a body to the store sink. Large network chunks go as they are (no copy); small
+/// ones (TLS records are 16 KiB) are gathered into batches of up to `WRITE_BATCH` bytes.
 async fn pump(sink: &mut StoreSink, body: &mut BlobBody) -> Pump {
-    let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
+    let mut batch = bytes::BytesMut::new();
     loop {
         let next = body.stream.next().await;
         let (end, failed) = match next {
+            Some(Ok(c)) if c.len() >= WRITE_BATCH / 4 && batch.is_empty() => {
+                if !sink.send(c).await {
+                    return Pump::StoreFailed;
+                }
+                continue;
+            }
             Some(Ok(c)) => {
                 batch.extend_from_slice(&c);
                 (false, false)
@@ -431,7 +440,6 @@ async fn pump(sink: &mut StoreSink, body: &mut BlobBody) -> Pump {
             if !sink.send(full).await {
                 return Pump::StoreFailed;
             }
-            batch.reserve(WRITE_BATCH);
         }
         if end {
             return if failed {

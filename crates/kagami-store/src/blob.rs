@@ -1,9 +1,12 @@
 //! Writing blobs, sharing a write in flight with its followers, and reading blobs back.
 //!
-//! A write goes to a temp file under `tmp/`; followers read that same file (positional reads
-//! on one shared descriptor, so the rename at commit does not disturb them) as far as the
-//! writer's progress, published on a `watch` channel, allows. The last byte written is held
-//! back until the digest has been verified and the file renamed into `blobs/`.
+//! A write goes to a temp file under `tmp/`. Each chunk is published to followers as soon as
+//! the writer has it, before it reaches the file: followers take recent chunks from a small
+//! in-memory window (shared `Bytes`, no copy) and only a follower that has fallen behind the
+//! window reads the file (positional reads on one shared descriptor, so the rename at commit
+//! does not disturb them). The file write and the hashing of a chunk run on a blocking
+//! thread while the next chunk arrives. The last byte received is held back until the
+//! digest has been verified, and the window never drops a chunk before it is on disk.
 
 use std::fs::File;
 use std::io;
@@ -20,8 +23,13 @@ use tokio::sync::watch;
 
 use crate::{Inner, StoreError, StoreEvent};
 
-/// Size of the chunks a follower's stream yields.
+/// Size of the chunks a follower's stream yields when it reads the file.
 pub const CHUNK: usize = 128 * 1024;
+
+/// Bytes already on disk that a write keeps in memory for followers a little behind it.
+/// Chunks not yet on disk stay in the window whatever its size; the writer writes one chunk
+/// at a time, so a window holds at most this plus one chunk.
+pub const WINDOW: usize = 4 * 1024 * 1024;
 
 /// A complete blob opened for reading. The blob cannot be evicted while this handle lives.
 #[derive(Debug)]
@@ -55,8 +63,57 @@ impl Drop for Pin {
 /// Where a write stands. `written` is the size once `Committed`.
 #[derive(Debug, Clone)]
 pub(crate) struct Progress {
+    /// Bytes the writer has received (in the window or on disk).
     pub written: u64,
     pub phase: Phase,
+}
+
+/// The newest chunks of a write, in order and contiguous: they cover `[start, written)`,
+/// where `start` is the offset of the first chunk; every byte before `start` is on disk.
+#[derive(Default)]
+pub(crate) struct Window {
+    chunks: std::collections::VecDeque<(u64, Bytes)>,
+    /// Bytes on disk, from offset 0.
+    persisted: u64,
+    /// Total length of `chunks`.
+    bytes: usize,
+}
+
+impl Window {
+    fn push(&mut self, offset: u64, chunk: Bytes) {
+        self.bytes += chunk.len();
+        self.chunks.push_back((offset, chunk));
+    }
+
+    /// Records `[.., end)` as on disk and drops the oldest chunks that are on disk while the
+    /// window holds more than [`WINDOW`] bytes without them.
+    fn persisted(&mut self, end: u64) {
+        self.persisted = end;
+        while let Some((off, c)) = self.chunks.front() {
+            let on_disk = off + c.len() as u64 <= self.persisted;
+            if !on_disk || self.bytes - c.len() < WINDOW {
+                break;
+            }
+            self.bytes -= c.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Up to `max` bytes at `pos` from memory, or `None` when `pos` is before the window.
+    fn get(&self, pos: u64, max: u64) -> Option<Bytes> {
+        let first = self.chunks.front()?.0;
+        if pos < first {
+            return None;
+        }
+        let i = self.chunks.partition_point(|(off, _)| *off <= pos) - 1;
+        let (off, c) = &self.chunks[i];
+        let from = (pos - off) as usize;
+        if from >= c.len() {
+            return None;
+        }
+        let to = (from as u64 + max).min(c.len() as u64) as usize;
+        Some(c.slice(from..to))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +139,8 @@ pub(crate) struct Shared {
     pub tx: watch::Sender<Progress>,
     /// Once committed: keeps the blob from eviction while followers still read it.
     pub pin: OnceLock<Pin>,
+    /// Recent chunks, for followers (emptied at commit: the file is complete then).
+    pub window: std::sync::Mutex<Window>,
 }
 
 impl Shared {
@@ -100,11 +159,16 @@ impl Shared {
             file: OnceLock::new(),
             tx: watch::Sender::new(progress),
             pin: OnceLock::new(),
+            window: Default::default(),
         }
     }
 
     fn is_writing(&self) -> bool {
         matches!(self.tx.borrow().phase, Phase::Writing | Phase::Verified)
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -159,8 +223,9 @@ impl Hasher {
 pub struct BlobWriter {
     pub(crate) inner: Arc<Inner>,
     pub(crate) shared: Arc<Shared>,
-    // Boxed: the sha512 state is large and `Begin` holds a writer by value.
-    hasher: Box<Hasher>,
+    // Boxed: the sha512 state is large and `Begin` holds a writer by value. `None` while a
+    // chunk is being hashed on a blocking thread (and forever if that write was cancelled).
+    hasher: Option<Box<Hasher>>,
     written: u64,
     /// Set once the write has failed or committed; nothing more may happen.
     done: bool,
@@ -169,7 +234,7 @@ pub struct BlobWriter {
 impl BlobWriter {
     pub(crate) fn new(inner: Arc<Inner>, shared: Arc<Shared>) -> BlobWriter {
         BlobWriter {
-            hasher: Box::new(Hasher::new(shared.digest.algorithm())),
+            hasher: Some(Box::new(Hasher::new(shared.digest.algorithm()))),
             inner,
             shared,
             written: 0,
@@ -201,16 +266,34 @@ impl BlobWriter {
         }
     }
 
-    /// Appends `chunk` to the temp file, hashes it, and lets followers see it. On any error
-    /// the write is abandoned (temp file deleted, followers told).
+    /// Appends `chunk` (copied; see [`BlobWriter::write_chunks`]).
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        self.write_chunks(vec![Bytes::copy_from_slice(chunk)]).await
+    }
+
+    /// Appends `chunks`, in order: followers see them at once (from memory), then they are
+    /// written to the temp file and hashed on one blocking thread. On any error the write
+    /// is abandoned (temp file deleted, followers told). A write whose future is dropped
+    /// half-way abandons the blob at the next call: its bytes may be neither on disk nor in
+    /// the hash.
+    pub async fn write_chunks(&mut self, mut chunks: Vec<Bytes>) -> Result<(), StoreError> {
         if self.done {
             return Err(self.aborted());
         }
-        if chunk.is_empty() {
+        chunks.retain(|c| !c.is_empty());
+        if chunks.is_empty() {
             return Ok(());
         }
-        let end = self.written + chunk.len() as u64;
+        let Some(mut hasher) = self.hasher.take() else {
+            let err = StoreError::Aborted {
+                digest: self.shared.digest.clone(),
+                reason: "an earlier write was cancelled".into(),
+            };
+            self.fail(&err);
+            return Err(err);
+        };
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let end = self.written + len;
         if let Some(expected) = self.shared.expected_size
             && end > expected
         {
@@ -223,26 +306,57 @@ impl BlobWriter {
             return Err(err);
         }
         let file = self.file().await?;
-        let pos = self.written;
-        let buf = chunk.to_vec();
-        let injected = self.inner.injected_failure(pos + buf.len() as u64);
-        // A positional write: if this future is dropped half-way, `written` has not moved and
-        // the next write simply overwrites the same range.
-        let r = tokio::task::spawn_blocking(move || match injected {
-            Some(e) => Err(e),
-            None => file.write_all_at(&buf, pos),
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let start = self.written;
+        {
+            let mut w = self.shared.window();
+            let mut pos = start;
+            for c in &chunks {
+                w.push(pos, c.clone());
+                pos += c.len() as u64;
+            }
+        }
+        self.written = end;
+        self.shared.tx.send_modify(|p| p.written = end);
+        let injected = self.inner.injected_failure(end);
+        // The file write and the hashing run side by side on two blocking threads.
+        let hashing = {
+            let chunks = chunks.clone();
+            tokio::task::spawn_blocking(move || {
+                for c in &chunks {
+                    hasher.update(c);
+                }
+                hasher
+            })
+        };
+        let writing = tokio::task::spawn_blocking(move || {
+            if let Some(e) = injected {
+                return Err(e);
+            }
+            let mut pos = start;
+            for c in &chunks {
+                file.write_all_at(c, pos)?;
+                pos += c.len() as u64;
+            }
+            Ok(())
+        });
+        let (hashed, written) = tokio::join!(hashing, writing);
+        let r = match (hashed, written) {
+            (Ok(hasher), Ok(r)) => Ok((r, hasher)),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let r = match r {
+            Ok((r, hasher)) => {
+                self.hasher = Some(hasher);
+                r
+            }
+            Err(e) => Err(io::Error::other(e)),
+        };
         if let Err(e) = r {
             let err = StoreError::io("write", &self.shared.tmp_path, e);
             self.fail(&err);
             return Err(err);
         }
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
-        let written = self.written;
-        self.shared.tx.send_modify(|p| p.written = written);
+        self.shared.window().persisted(end);
         Ok(())
     }
 
@@ -278,7 +392,15 @@ impl BlobWriter {
         if self.done {
             return Err(self.aborted());
         }
-        let actual = self.hasher.digest();
+        let Some(hasher) = &self.hasher else {
+            let err = StoreError::Aborted {
+                digest: self.shared.digest.clone(),
+                reason: "an earlier write was cancelled".into(),
+            };
+            self.fail(&err);
+            return Err(err);
+        };
+        let actual = hasher.digest();
         if actual != self.shared.digest {
             let err = StoreError::DigestMismatch {
                 expected: self.shared.digest.clone(),
@@ -370,6 +492,7 @@ fn abandon(inner: &Inner, shared: &Arc<Shared>, msg: String) {
             st.inflight.remove(&shared.digest);
         }
     }
+    *shared.window() = Window::default();
     if let Err(e) = crate::layout::remove_if_exists(&shared.tmp_path) {
         tracing::warn!(error = %e, "could not delete the temp file of an abandoned write");
     }
@@ -424,6 +547,8 @@ fn commit_blocking(
             p.phase = Phase::Committed;
         });
     }
+    // Followers read the complete file from now on.
+    *shared.window() = Window::default();
     // Make the rename durable; the blob is valid either way.
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
@@ -552,8 +677,22 @@ impl Reader {
             };
             if self.pos < readable {
                 let limit = self.end.map_or(readable, |e| e.min(readable));
-                let n = (limit - self.pos).min(CHUNK as u64) as usize;
-                return Some(self.read(n, matches!(p.phase, Phase::Committed)).await);
+                let committed = matches!(p.phase, Phase::Committed);
+                // Recent bytes come from memory; older ones (and a committed blob) from the
+                // file, never past what is on disk.
+                let mut n = (limit - self.pos).min(CHUNK as u64);
+                if !committed {
+                    let w = self.shared.window();
+                    if let Some(b) = w.get(self.pos, n) {
+                        drop(w);
+                        self.pos += b.len() as u64;
+                        return Some(Ok(b));
+                    }
+                    n = n.min(w.persisted.saturating_sub(self.pos));
+                }
+                if n > 0 {
+                    return Some(self.read(n as usize, committed).await);
+                }
             }
             // Wait for more bytes, the commit, or a failure. The sender lives in `shared`,
             // which we hold, so this cannot fail; a dropped writer publishes `Failed` first.

@@ -29,7 +29,7 @@ use std::time::SystemTime;
 use kagami_config::Digest;
 use tokio::sync::broadcast;
 
-pub use blob::{Begin, BlobHandle, BlobWriter, CHUNK, Inflight};
+pub use blob::{Begin, BlobHandle, BlobWriter, CHUNK, Inflight, WINDOW};
 pub use error::StoreError;
 pub use tags::TagEntry;
 

@@ -886,3 +886,76 @@ async fn put_bytes_writes_once_and_waits_for_a_concurrent_write() {
     assert!(store.put_bytes(&d3, b"wrong").await.is_err());
     assert_eq!(store.blob_size(&d3), None);
 }
+
+/// Followers take recent bytes from the writer's in-memory window and older ones from the
+/// file: a follower that joins late (its start long dropped from the window) and one that
+/// starts at once both get every byte, across the boundary between the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_read_from_memory_and_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let len = kagami_store::WINDOW * 3 + 12_345;
+    let bytes = data(len, 11);
+    let d = sha256(&bytes);
+    let mut w = writer(&store, &d, Some(len as u64));
+    let early = tokio::spawn(drain(w.follow().stream(0, None)));
+    let (first, rest) = bytes.split_at(kagami_store::WINDOW * 2 + 7);
+    for c in first.chunks(100_000) {
+        w.write_chunks(vec![Bytes::copy_from_slice(c)])
+            .await
+            .unwrap();
+    }
+    // This one starts at 0, which is on disk and no longer in memory, and reads on into
+    // the window and past it as the write goes on.
+    let late = tokio::spawn(drain(joined(&store, &d).stream(0, None)));
+    let ranged = tokio::spawn(drain(
+        joined(&store, &d).stream(100, Some(len as u64 - 200)),
+    ));
+    let mut chunks: Vec<Bytes> = rest.chunks(70_001).map(Bytes::copy_from_slice).collect();
+    let tail = chunks.split_off(chunks.len() / 2);
+    w.write_chunks(chunks).await.unwrap();
+    w.write_chunks(tail).await.unwrap();
+    w.commit().await.unwrap();
+    for (name, t) in [("early", early), ("late", late)] {
+        let (got, err) = tokio::time::timeout(DEADLINE, t).await.unwrap().unwrap();
+        assert!(err.is_none(), "{name}: {err:?}");
+        assert!(got == bytes, "{name} follower got different bytes");
+    }
+    let (got, err) = tokio::time::timeout(DEADLINE, ranged)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(err.is_none(), "{err:?}");
+    assert!(got == bytes[100..len - 100]);
+}
+
+/// A write whose future is dropped half-way leaves the writer unusable: the next write
+/// fails, followers get an error, and nothing is stored.
+#[tokio::test]
+async fn a_cancelled_write_abandons_the_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let bytes = data(3_000_000, 12);
+    let d = sha256(&bytes);
+    let mut w = writer(&store, &d, None);
+    let follower = w.follow();
+    w.write(&bytes[..1_000_000]).await.unwrap();
+    {
+        // Polled once (the chunk is published and handed to the blocking threads), then
+        // dropped.
+        let fut = w.write(&bytes[1_000_000..2_000_000]);
+        futures_util::pin_mut!(fut);
+        let waker = futures_util::task::noop_waker();
+        let _ = fut
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+    }
+    assert!(w.write(&bytes[2_000_000..]).await.is_err());
+    assert!(w.commit().await.is_err());
+    let (_, err) = tokio::time::timeout(DEADLINE, drain(follower.stream(0, None)))
+        .await
+        .unwrap();
+    assert!(err.is_some(), "the follower must see the failure");
+    assert!(store.open_blob(&d).await.unwrap().is_none());
+    assert!(!blob_path(dir.path(), &d).exists());
+}

@@ -87,6 +87,9 @@ pub async fn start_p2p(opts: &P2pOptions, state: &AppState) -> anyhow::Result<P2
         .await
         .with_context(|| format!("listening for peers on {http_addr}"))?;
     let app = kagami_server::peer_router(state.clone(), info.clone());
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let peer_server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "peer API stopped");

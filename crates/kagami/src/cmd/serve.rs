@@ -200,6 +200,11 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     tokio::spawn(reload_loop(args.clone(), state.clone()));
 
     let shutdown_state = state.clone();
+    // No Nagle: a blob in flight is sent as it arrives, and a short segment must not wait
+    // for the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
