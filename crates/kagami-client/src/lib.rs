@@ -21,6 +21,7 @@ pub mod error;
 pub mod manifest;
 mod pull;
 mod push;
+mod tags;
 mod tls;
 
 pub use client::{Client, ClientOptions};
@@ -28,3 +29,4 @@ pub use error::{AttemptError, Error, RegistryError};
 pub use manifest::{Descriptor, ManifestView, Platform};
 pub use pull::{BlobStream, Manifest, ManifestHead, endpoint_attempts};
 pub use push::{Mount, push_target};
+pub use tags::{MAX_TAG_LIST, TagPage};

@@ -355,6 +355,9 @@ async fn route(state: &AppState, req: Request) -> (&'static str, Handled) {
                 crate::manifests::get(state, &config, &parsed, &r, is_head).await,
             )
         }
-        Target::TagsList => ("tags", crate::manifests::tags_list(state, &parsed)),
+        Target::TagsList => (
+            "tags",
+            crate::manifests::tags_list(state, &config, &parsed, req.uri().query()).await,
+        ),
     }
 }

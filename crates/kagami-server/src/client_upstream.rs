@@ -92,6 +92,28 @@ impl Upstream for ClientUpstream {
         .boxed()
     }
 
+    fn tags<'a>(
+        &'a self,
+        plan: &'a Plan,
+        n: Option<u32>,
+        last: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<kagami_client::TagPage, UpstreamError>> {
+        async move {
+            let mut errors = Vec::new();
+            for a in endpoint_attempts(plan) {
+                match self.client.tags_from(a, n, last).await {
+                    Ok(page) => return Ok(page),
+                    Err(e) => errors.push((a.endpoint.base(), e)),
+                }
+            }
+            Err(all_failed(
+                &format!("tag list of {}", plan.image.name()),
+                &errors,
+            ))
+        }
+        .boxed()
+    }
+
     fn head_manifest<'a>(
         &'a self,
         plan: &'a Plan,

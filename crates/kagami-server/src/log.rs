@@ -93,7 +93,17 @@ impl<S> Drop for Counting<S> {
 }
 
 pub fn wrap(resp: Response, log: RequestLog) -> Response {
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    // The counting stream has no size of its own: keep the Content-Length a sized body had.
+    if let Some(n) = axum::body::HttpBody::size_hint(&body).exact()
+        && !parts
+            .headers
+            .contains_key(axum::http::header::CONTENT_LENGTH)
+    {
+        parts
+            .headers
+            .insert(axum::http::header::CONTENT_LENGTH, n.into());
+    }
     let digest = parts
         .headers
         .get("Docker-Content-Digest")

@@ -375,23 +375,109 @@ fn manifest_headers(len: u64, media_type: &str, digest: &Digest, body: Body) -> 
     r
 }
 
-pub(crate) fn tags_list(state: &AppState, path: &OciPath) -> Handled {
+/// The most tags one answer lists when the client does not say (`n`).
+const TAGS_PAGE_MAX: usize = 10_000;
+
+/// `tags/list`: the upstream's list, page by page as the client asks (`n`, `last`), when an
+/// endpoint answers; else the tags this mirror has resolved (an upstream outage, or a
+/// registry served only by peers), with a log line.
+pub(crate) async fn tags_list(
+    state: &AppState,
+    config: &Config,
+    path: &OciPath,
+    query: Option<&str>,
+) -> Handled {
+    let n = match crate::path::query_param(query, "n") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u32>()
+                .map_err(|_| ApiError::unsupported(format!("n={v:?} is not a number of tags")))?,
+        ),
+    };
+    let last = crate::path::query_param(query, "last").filter(|l| !l.is_empty());
+    let plan = plan(&path.reference(), config, state.plan_options());
+    let why_local = if kagami_client::endpoint_attempts(&plan).next().is_some() {
+        match state.inner.upstream.tags(&plan, n, last).await {
+            Ok(page) => {
+                // Registries that ignore `n` and `last` (docker-registry 2.8 does) are
+                // paginated here, in their own order.
+                let (mut tags, mut next) = (page.tags, page.next);
+                if let Some(last) = last
+                    && let Some(i) = tags.iter().position(|t| t == last)
+                {
+                    tags.drain(..=i);
+                }
+                if let Some(n) = n
+                    && tags.len() > n as usize
+                {
+                    tags.truncate(n as usize);
+                    next = tags.last().map(|t| (Some(n), t.clone()));
+                }
+                return Ok((tags_response(path, tags, next), Source::Upstream));
+            }
+            Err(e) => e.message,
+        }
+    } else {
+        "no endpoint to ask".to_string()
+    };
     let mut tags = state
         .inner
         .store
         .list_tags(&path.registry, &path.repository);
-    tags.sort();
     if tags.is_empty() {
         return Err(ApiError::name_unknown(format!(
-            "no tags of {}/{} have been pulled through this mirror",
+            "{}/{}: no tags known to this mirror ({why_local})",
             path.registry, path.repository
         )));
     }
+    tracing::info!(registry = %path.registry, repository = %path.repository, reason = %why_local, "tag list answered from the tags this mirror has resolved");
+    tags.sort();
+    if let Some(last) = last {
+        tags.retain(|t| t.as_str() > last);
+    }
+    let limit = n.map_or(TAGS_PAGE_MAX, |n| n as usize);
+    let next = (limit > 0 && tags.len() > limit).then(|| (n, tags[limit - 1].clone()));
+    tags.truncate(limit);
+    Ok((tags_response(path, tags, next), Source::Local))
+}
+
+/// A tag list answer, named as the client asked (whatever the upstream repository was
+/// rewritten to), with a `Link` to the next page when there is one.
+fn tags_response(
+    path: &OciPath,
+    tags: Vec<String>,
+    next: Option<(Option<u32>, String)>,
+) -> Response {
     let body = serde_json::json!({"name": path.repository, "tags": tags}).to_string();
     let mut r = Response::new(Body::from(body));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Ok((r, Source::Local))
+    if let Some((n, last)) = next {
+        let n = n.map(|n| format!("n={n}&")).unwrap_or_default();
+        let link = format!(
+            "</v2/{}/tags/list?{n}last={}&ns={}>; rel=\"next\"",
+            path.repository,
+            url_safe(&last),
+            path.registry
+        );
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            r.headers_mut().insert(header::LINK, v);
+        }
+    }
+    r
+}
+
+/// A tag for a query string: tags are URL-safe already; anything else is percent-encoded.
+fn url_safe(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

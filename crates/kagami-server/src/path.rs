@@ -65,7 +65,15 @@ const MAX_PATH: usize = 1024;
 
 /// The `ns` query parameter (the registry containerd is pulling from), if there is one.
 pub fn ns_param(query: Option<&str>) -> Option<&str> {
-    query?.split('&').find_map(|kv| kv.strip_prefix("ns="))
+    query_param(query, "ns")
+}
+
+/// The raw value of the query parameter `name`, if present.
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| match kv.split_once('=') {
+        Some((k, v)) if k == name => Some(v),
+        _ => None,
+    })
 }
 
 /// Parses the path after `/v2/` and the `ns` query parameter.

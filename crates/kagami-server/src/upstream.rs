@@ -61,6 +61,22 @@ pub trait Upstream: Send + Sync + 'static {
         tag: &'a str,
     ) -> BoxFuture<'a, Result<ManifestHead, UpstreamError>>;
 
+    /// One page of the repository's tag list (`n` tags at most, after `last`), from the
+    /// first endpoint that answers. Upstreams that cannot list tags keep this default.
+    fn tags<'a>(
+        &'a self,
+        _plan: &'a Plan,
+        _n: Option<u32>,
+        _last: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<kagami_client::TagPage, UpstreamError>> {
+        Box::pin(async {
+            Err(UpstreamError {
+                message: "this upstream does not list tags".into(),
+                not_found: true,
+            })
+        })
+    }
+
     /// GET a blob from `offset`, trying the plan's attempts from index `from_attempt` on.
     fn blob<'a>(
         &'a self,

@@ -315,6 +315,73 @@ fn skopeo_through_the_path_prefix_form() {
     assert!(String::from_utf8_lossy(&body).contains("NAME_UNKNOWN"));
 }
 
+/// `tags/list` is the upstream's, page by page (`n`, `last`, a `Link` to the next page
+/// that comes back to kagami); with the upstream gone it falls back to the tags this
+/// mirror has resolved.
+#[test]
+fn tag_lists_come_from_upstream_and_survive_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "2", 1, 1024);
+    for tag in ["1", "2", "3"] {
+        image.push(&format!("{}/team/tool:{tag}", registry.addr()));
+    }
+    let config = mirror_config(dir.path(), &registry);
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &["--disable-default-registry-endpoint"],
+    );
+    let tags = |path: &str| {
+        let (status, head, body) = http_get(&k.addr(), path);
+        let json: serde_json::Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{path}: {e}: {head}\n{}", String::from_utf8_lossy(&body)));
+        let list: Vec<String> = json["tags"]
+            .as_array()
+            .map(|a| a.iter().map(|t| t.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default();
+        let link = head
+            .lines()
+            .find_map(|l| l.strip_prefix("link: "))
+            .map(|l| {
+                l.trim_start_matches('<')
+                    .split('>')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            });
+        (status, json["name"].clone(), list, link)
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let (status, name, all, link) = tags("/v2/registry.example.test/team/tool/tags/list");
+    assert_eq!(status, 200);
+    assert_eq!(name, "team/tool");
+    assert_eq!(sorted(all.clone()), ["1", "2", "3"], "none was pulled yet");
+    assert_eq!(link, None);
+
+    // Pages in the registry's own order.
+    let (_, _, first, link) = tags("/v2/registry.example.test/team/tool/tags/list?n=2");
+    assert_eq!(first, all[..2]);
+    let link = link.expect("a Link to the next page");
+    assert!(link.contains("ns=registry.example.test"), "{link}");
+    let (status, _, rest, _) = tags(&link);
+    assert_eq!(status, 200);
+    assert_eq!(rest, all[2..]);
+
+    // Resolve one tag through kagami, then take the upstream away.
+    let via = format!("{}/registry.example.test/team/tool:2", k.addr());
+    crate::support::skopeo_digest(&via);
+    drop(registry);
+    let (status, _, local, _) = tags("/v2/team/tool/tags/list?ns=registry.example.test");
+    assert_eq!(status, 200);
+    assert_eq!(local, ["2"], "only the tag this mirror resolved");
+    let (status, _, _, _) = tags("/v2/registry.example.test/team/other/tags/list");
+    assert_eq!(status, 404);
+}
+
 /// Pushes a raw blob of `size` random bytes to the registry (monolithic upload with curl);
 /// returns its digest.
 fn push_blob(registry: &Registry, repo: &str, dir: &Path, size: usize) -> (String, PathBuf) {
