@@ -39,7 +39,11 @@ pub struct Fetch {
 
 #[derive(Clone)]
 enum FetchState {
+    /// Looking for a source (other nodes first).
     Connecting,
+    /// No other node has it: connecting to the endpoints (this node is the one fetching it
+    /// for the cluster).
+    ConnectingUpstream,
     Streaming {
         inflight: Arc<Inflight>,
         size: Option<u64>,
@@ -84,7 +88,7 @@ pub(crate) async fn get(
         None => watch::channel(FetchState::PassThrough).1,
     };
     let current = rx
-        .wait_for(|s| !matches!(s, FetchState::Connecting))
+        .wait_for(|s| !matches!(s, FetchState::Connecting | FetchState::ConnectingUpstream))
         .await
         .map(|s| s.clone())
         .unwrap_or(FetchState::Failed("fetch ended unexpectedly".into()));
@@ -99,7 +103,9 @@ pub(crate) async fn get(
         )),
         FetchState::PassThrough => pass_through(state, config, path, digest, head).await,
         FetchState::Failed(why) => Err(ApiError::blob_unknown(why)),
-        FetchState::Connecting => unreachable!("waited for a later state"),
+        FetchState::Connecting | FetchState::ConnectingUpstream => {
+            unreachable!("waited for a later state")
+        }
     }
 }
 
@@ -173,6 +179,9 @@ async fn run_fetch(
         }
     };
     let sources = Sources::new(state, &plan, path, digest).await;
+    if sources.providers.is_empty() {
+        fetch.state.send_replace(FetchState::ConnectingUpstream);
+    }
     let mut body = match sources.open(0, 0).await {
         Ok(b) => b,
         Err(e) => {
@@ -503,8 +512,11 @@ async fn pass_through(
     Ok((b, Source::Upstream))
 }
 
-/// A response from this node's fetch of `digest` in progress, if there is one: waits
-/// (up to 5 s) while that fetch is still connecting to its source.
+/// A response for another node from this node's fetch of `digest` in progress, if it
+/// fetches from an endpoint (one upstream fetch per cluster): waits up to 5 s while it
+/// connects. A fetch still looking for a source among the nodes gets 1 s to settle, and a
+/// fetch streaming from another node is not passed on (no recursion), so that two nodes
+/// holding stale records of each other never wait on each other.
 pub(crate) async fn serve_in_flight(
     state: &AppState,
     digest: &Digest,
@@ -519,18 +531,27 @@ pub(crate) async fn serve_in_flight(
         .get(digest)
         .cloned()?;
     let mut rx = fetch.state.subscribe();
-    let current = tokio::time::timeout(
-        Duration::from_secs(5),
+    tokio::time::timeout(
+        Duration::from_secs(1),
         rx.wait_for(|s| !matches!(s, FetchState::Connecting)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let current = tokio::time::timeout(
+        Duration::from_secs(4),
+        rx.wait_for(|s| !matches!(s, FetchState::ConnectingUpstream)),
     )
     .await
     .ok()?
     .ok()?
     .clone();
     match current {
-        FetchState::Streaming { inflight, size, .. } => {
-            Some(serve_inflight(&inflight, size, digest, range_header, head))
-        }
+        FetchState::Streaming {
+            inflight,
+            size,
+            source: Source::Upstream | Source::Local,
+        } => Some(serve_inflight(&inflight, size, digest, range_header, head)),
         _ => None,
     }
 }

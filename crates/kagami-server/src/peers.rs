@@ -59,6 +59,9 @@ pub struct Peers {
     /// Lookup latency, observed into the server's metrics once attached.
     pub(crate) lookup_seconds:
         std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// This node's own peer HTTP address: a provider there is this node under an earlier
+    /// identity (a record that outlived a restart with a new data directory), never asked.
+    own_http_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl Peers {
@@ -86,14 +89,21 @@ impl Peers {
             lookups: AtomicU64::new(0),
             lookup_hits: AtomicU64::new(0),
             lookup_seconds: std::sync::OnceLock::new(),
+            own_http_addr: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tells which peer HTTP address is this node's own (see [`Peers::providers`]).
+    pub fn set_own_http_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.own_http_addr.set(addr);
     }
 
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
     }
 
-    /// Providers of `key`, minus banned ones.
+    /// Providers of `key`, minus banned ones and minus this node itself under an earlier
+    /// identity (asking oneself would wait on one's own fetch).
     pub async fn providers(&self, key: &str) -> Vec<Peer> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -104,9 +114,10 @@ impl Peers {
         let now = Instant::now();
         let mut banned = self.banned.lock().expect("lock");
         banned.retain(|_, until| *until > now);
+        let own = self.own_http_addr.get();
         let found: Vec<Peer> = found
             .into_iter()
-            .filter(|p| !banned.contains_key(&p.id))
+            .filter(|p| !banned.contains_key(&p.id) && Some(&p.http_addr) != own)
             .collect();
         if !found.is_empty() {
             self.lookup_hits.fetch_add(1, Ordering::Relaxed);

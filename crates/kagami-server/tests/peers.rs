@@ -277,3 +277,37 @@ async fn the_peer_api_serves_only_what_the_node_holds_and_only_to_members() {
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("/ip4/127.0.0.1/tcp/1"));
 }
+
+/// A provider record at this node's own peer address (left by an earlier identity of this
+/// node, e.g. a restart with a new data directory) is never asked: asking oneself would
+/// wait on one's own fetch.
+#[tokio::test]
+async fn a_record_of_this_node_under_an_old_identity_is_skipped() {
+    let data = random(64 * 1024, 21);
+    let d = digest_of(&data);
+    let (own, hits) = fake_peer(Bytes::from(data.clone()), PeerMode::Good).await;
+    let s = start(
+        Fake::new(vec![BlobMode::Good]).with_blob(&data),
+        ServerOptions::default(),
+    )
+    .await;
+    let net = MemoryNetwork::new();
+    let old = MemoryRouter::join(&net, "old-me", own);
+    old.advertise(vec![d.to_string()]).await;
+    let me: Arc<dyn Router> = Arc::new(MemoryRouter::join(&net, "me", own));
+    let peers = Arc::new(Peers::new(me, None, false));
+    peers.set_own_http_addr(own);
+    s.state.set_peers(
+        peers.clone(),
+        NodeInfo {
+            peer_id: "me".into(),
+            addrs: vec![],
+        },
+    );
+    assert!(peers.providers(&d.to_string()).await.is_empty());
+    let (status, _, body, _) = request(s.addr, "GET", &blob_path(&d), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, data);
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "this node asked itself");
+    drop(old);
+}

@@ -81,6 +81,7 @@ pub async fn start_p2p(opts: &P2pOptions, state: &AppState) -> anyhow::Result<P2
         psk.as_ref(),
         opts.resolve_latest,
     ));
+    peers.set_own_http_addr(http_addr);
     state.set_peers(peers, info.clone());
     tokio::spawn(kagami_server::peers::advertise_store(state.clone()));
     let listener = tokio::net::TcpListener::bind(http_addr)

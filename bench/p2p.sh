@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# Sharing between nodes, on loopback: NODES kagami nodes (127.0.0.2, 127.0.0.3, ...), one
+# origin docker-registry on 127.0.0.1, one image of SIZE_MB; every scenario with and
+# without P2P in the same run.
+#
+#   bench/p2p.sh                     # builds kagami (release), prints the figures
+#   NODES=10 SIZE_MB=200 bench/p2p.sh
+#   SCALE="3 10 30" bench/p2p.sh     # lookup latency and convergence per network size only
+#
+# Scenarios (fresh data directories for each):
+#   direct        kagami pull straight from the origin (the reference time), 3 runs
+#   staggered     node 1 pulls, then nodes 2..N one after another
+#   simultaneous  all N nodes pull at once
+#   kill          node A holds the image, node B pulls from it; A is killed (-9) half-way
+#                 through, B finishes from the origin at the same offset; KILL_RUNS runs (5)
+#   lookup        LOOKUPS requests for a digest nobody holds (a peers-only registry):
+#                 the answer is a 404 after one DHT lookup
+# Upstream bytes are summed from the origin's access log. Pulls are `kagami pull` through a
+# node (path-prefix form) into tmpfs; node stores are on tmpfs too, so that disk writeback
+# does not drown the network figures.
+# Needs: docker-registry, skopeo, umoci, curl, python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NODES=${NODES:-10}
+SIZE_MB=${SIZE_MB:-200}
+LOOKUPS=${LOOKUPS:-200}
+SCALE=${SCALE:-}
+# Which parts to run (all by default): direct shared kill lookup
+ONLY=${ONLY:-direct shared kill lookup}
+on() { [[ " $ONLY " == *" $1 "* ]]; }
+cargo build --release -q -p kagami
+KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
+WORK=$(mktemp -d /dev/shm/kagami-bench-p2p.XXXXXX)
+PIDS=()
+NODE_PIDS=()
+cleanup() {
+  for p in "${NODE_PIDS[@]}" "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${KEEP:-}" ] && { cp -r "$WORK"/*.log /tmp/p2pbench-logs/ 2>/dev/null; } ; rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 400); do curl -s -o /dev/null "http://$1/v2/" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p/100+0.5); if(i<1)i=1; print a[i]}'; }
+now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc; }
+
+ORIGIN=$(port)
+mkdir -p "$WORK/origin"
+cat >"$WORK/origin/config.yml" <<YAML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $WORK/origin/data
+http:
+  addr: 127.0.0.1:$ORIGIN
+health:
+  storagedriver:
+    enabled: false
+YAML
+docker-registry serve "$WORK/origin/config.yml" >"$WORK/origin/log" 2>&1 &
+PIDS+=($!)
+wait_http "127.0.0.1:$ORIGIN"
+
+echo "building a ${SIZE_MB} MB image..." >&2
+(
+  cd "$WORK"
+  umoci init --layout oci >/dev/null
+  umoci new --image oci:big >/dev/null
+  head -c $((SIZE_MB * 1024 * 1024)) /dev/urandom >big.bin
+  umoci insert --image oci:big big.bin /big.bin >/dev/null
+  umoci config --image oci:big --architecture amd64 --os linux --config.cmd /big.bin >/dev/null
+  rm big.bin
+  skopeo copy --quiet --dest-tls-verify=false oci:oci:big "docker://127.0.0.1:$ORIGIN/bench/big:1"
+  rm -rf oci
+)
+RAW=$(skopeo inspect --tls-verify=false --raw "docker://127.0.0.1:$ORIGIN/bench/big:1")
+IMAGE_BYTES=$(echo "$RAW" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]) + m["config"]["size"])')
+
+# Every node: the origin as the endpoint of registry.bench, and registry.peers with no
+# endpoint at all (only other nodes can serve it).
+cat >"$WORK/registries.yaml" <<YAML
+mirrors:
+  registry.bench:
+    endpoint: ["http://127.0.0.1:$ORIGIN"]
+  registry.peers:
+YAML
+openssl rand -hex 32 >"$WORK/psk" 2>/dev/null || python3 -c 'import os; print(os.urandom(32).hex())' >"$WORK/psk"
+
+ip_of() { echo "127.0.0.$(($1 + 1))"; }
+# start_node I MODE [DATA]: MODE p2p or solo; the API is on <ip>:5000.
+start_node() {
+  local i=$1 mode=$2 ip; ip=$(ip_of "$1")
+  local data=${3:-$WORK/nodes/$mode-$i-$RANDOM}
+  local args=(serve --listen "$ip:5000" --data-dir "$data" --config "$WORK/registries.yaml"
+    --disable-default-registry-endpoint)
+  if [ "$mode" = p2p ]; then
+    args+=(--p2p-listen "$ip:5001" --p2p-http-listen "$ip:5002" --p2p-psk-file "$WORK/psk"
+      --p2p-bootstrap "$(ip_of 1):5001")
+  fi
+  mkdir -p "$data"
+  KAGAMI_LOG=${NODE_LOG:-warn} "$KAGAMI" "${args[@]}" 2>>"$WORK/node-$i.log" &
+  NODE_PIDS[$i]=$!
+  echo "$data" >"$WORK/data-$i"
+}
+stop_nodes() {
+  for i in "${!NODE_PIDS[@]}"; do kill "${NODE_PIDS[$i]}" 2>/dev/null || true; done
+  for i in "${!NODE_PIDS[@]}"; do wait "${NODE_PIDS[$i]}" 2>/dev/null || true; done
+  NODE_PIDS=()
+  rm -rf "$WORK/nodes"
+}
+members() { curl -s "http://$(ip_of "$1"):5000/p2p/status" | python3 -c 'import json,sys; print(len(json.load(sys.stdin).get("members", [])))' 2>/dev/null || echo 0; }
+# start_network N MODE: N nodes, ready (P2P: each sees at least min(N-1, 3) others).
+start_network() {
+  local n=$1 mode=$2 t0; t0=$(now)
+  for i in $(seq "$n"); do start_node "$i" "$mode"; done
+  for i in $(seq "$n"); do wait_http "$(ip_of "$i"):5000"; done
+  if [ "$mode" = p2p ]; then
+    local want=$((n - 1 < 3 ? n - 1 : 3))
+    for i in $(seq "$n"); do
+      for _ in $(seq 300); do [ "$(members "$i")" -ge "$want" ] && break; sleep 0.1; done
+    done
+  fi
+  CONVERGED=$(since "$t0")
+}
+pull() { # node -> seconds
+  local out="$WORK/out-$1" t0; rm -rf "$out"; t0=$(now)
+  "$KAGAMI" pull "$(ip_of "$1"):5000/registry.bench/bench/big:1" --output "$out" >/dev/null 2>>"$WORK/pull.log"
+  since "$t0"; rm -rf "$out"
+}
+log_mark() { wc -l <"$WORK/origin/log"; }
+# Bytes the origin sent for blobs of bench/big since line $1 of its access log.
+upstream_bytes() {
+  tail -n +"$(($1 + 1))" "$WORK/origin/log" | grep -o '"GET /v2/bench/big/blobs/[^"]*" 20[06] [0-9]*' | awk '{s += $NF} END {print s + 0}'
+}
+ratio() { echo "scale=2; $1 / $2" | bc; }
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo); kagami $("$KAGAMI" --version | cut -d' ' -f2); image $((IMAGE_BYTES / 1000000)) MB; $NODES nodes"
+
+if [ -n "$SCALE" ]; then
+  # Lookup latency (a digest nobody holds, and one digest another node holds) and time to
+  # converge, per network size.
+  printf '%-8s %-14s %-22s %-22s %-12s\n' nodes converged "missing p50/p99 (ms)" "held p50/p99 (ms)" "RSS/node MiB"
+  for n in $SCALE; do
+    start_network "$n" p2p
+    # Node 1 holds the image's manifest; the others ask for it by digest (each once).
+    pull 1 >/dev/null
+    MD="sha256:$(echo -n "$RAW" | sha256sum | cut -d' ' -f1)"
+    : >"$WORK/held"
+    for i in $(seq 2 "$n"); do
+      curl -s -o /dev/null -w '%{time_total}\n' "http://$(ip_of "$i"):5000/v2/bench/big/manifests/$MD?ns=registry.bench" >>"$WORK/held"
+    done
+    : >"$WORK/missing"
+    for j in $(seq "$LOOKUPS"); do
+      i=$((j % n + 1))
+      d=$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1)
+      curl -s -o /dev/null -w '%{time_total}\n' "http://$(ip_of "$i"):5000/v2/x/manifests/sha256:$d?ns=registry.peers" >>"$WORK/missing"
+    done
+    rss=$(for i in $(seq "$n"); do awk '/VmRSS/{print $2/1024}' "/proc/${NODE_PIDS[$i]}/status"; done | median)
+    printf '%-8s %-14s %-22s %-22s %-12s\n' "$n" "$(printf '%.2f s' "$CONVERGED")" \
+      "$(awk '{print $1*1000}' "$WORK/missing" | pct 50) / $(awk '{print $1*1000}' "$WORK/missing" | pct 99)" \
+      "$(awk '{print $1*1000}' "$WORK/held" | pct 50) / $(awk '{print $1*1000}' "$WORK/held" | pct 99)" \
+      "$(printf '%.0f' "$rss")"
+    stop_nodes
+  done
+  exit 0
+fi
+
+if on direct; then
+# direct: the reference.
+direct=()
+for _ in 1 2 3; do
+  out="$WORK/out-direct"; rm -rf "$out"; t0=$(now)
+  "$KAGAMI" pull "127.0.0.1:$ORIGIN/bench/big:1" --output "$out" >/dev/null
+  direct+=("$(since "$t0")"); rm -rf "$out"
+done
+T_DIRECT=$(printf '%s\n' "${direct[@]}" | median)
+echo "direct pull from the origin: median ${T_DIRECT} s (${direct[*]})"
+echo
+fi
+
+if on shared; then
+declare -A R
+for mode in solo p2p; do
+  # staggered
+  start_network "$NODES" "$mode"
+  mark=$(log_mark)
+  first=$(pull 1)
+  rest=()
+  for i in $(seq 2 "$NODES"); do rest+=("$(pull "$i")"); done
+  R[$mode-stag-up]=$(ratio "$(upstream_bytes "$mark")" "$IMAGE_BYTES")
+  R[$mode-first]=$first
+  R[$mode-rest]=$(printf '%s\n' "${rest[@]}" | median)
+  R[$mode-rest-max]=$(printf '%s\n' "${rest[@]}" | sort -n | tail -1)
+  stop_nodes
+  # simultaneous
+  start_network "$NODES" "$mode"
+  mark=$(log_mark)
+  t0=$(now)
+  pids=()
+  for i in $(seq "$NODES"); do pull "$i" >"$WORK/sim-$i" & pids+=($!); done
+  wait "${pids[@]}"
+  R[$mode-sim]=$(since "$t0")
+  R[$mode-sim-up]=$(ratio "$(upstream_bytes "$mark")" "$IMAGE_BYTES")
+  stop_nodes
+done
+
+printf '%-58s %12s %12s\n' "" "without P2P" "with P2P"
+printf '%-58s %12s %12s\n' "staggered: upstream bytes / image" "${R[solo-stag-up]}x" "${R[p2p-stag-up]}x"
+printf '%-58s %12s %12s\n' "staggered: node 1 (cold) pull (s)" "${R[solo-first]}" "${R[p2p-first]}"
+printf '%-58s %12s %12s\n' "staggered: nodes 2..N, median pull (s)" "${R[solo-rest]}" "${R[p2p-rest]}"
+printf '%-58s %12s %12s\n' "staggered: nodes 2..N, median / direct" "$(ratio "${R[solo-rest]}" "$T_DIRECT")x" "$(ratio "${R[p2p-rest]}" "$T_DIRECT")x"
+printf '%-58s %12s %12s\n' "staggered: nodes 2..N, slowest pull (s)" "${R[solo-rest-max]}" "${R[p2p-rest-max]}"
+printf '%-58s %12s %12s\n' "simultaneous: upstream bytes / image" "${R[solo-sim-up]}x" "${R[p2p-sim-up]}x"
+printf '%-58s %12s %12s\n' "simultaneous: time until all hold it (s)" "${R[solo-sim]}" "${R[p2p-sim]}"
+printf '%-58s %12s %12s\n' "simultaneous: that / one node's cold pull" "$(ratio "${R[solo-sim]}" "${R[solo-first]}")x" "$(ratio "${R[p2p-sim]}" "${R[p2p-first]}")x"
+echo
+fi
+
+if on kill; then
+# kill: A (node 1) holds the image; B (node 2) pulls it from A; A dies part-way.
+start_network 2 p2p
+pull 1 >/dev/null
+A_DATA=$(cat "$WORK/data-1")
+clean=(); killed=()
+for _ in $(seq "${KILL_RUNS:-5}"); do
+  # B fresh each time (its own store would answer otherwise).
+  kill "${NODE_PIDS[2]}"; wait "${NODE_PIDS[2]}" 2>/dev/null || true
+  start_node 2 p2p; wait_http "$(ip_of 2):5000"
+  for _ in $(seq 300); do [ "$(members 2)" -ge 1 ] && break; sleep 0.1; done
+  clean+=("$(pull 2)")
+  kill "${NODE_PIDS[2]}"; wait "${NODE_PIDS[2]}" 2>/dev/null || true
+  start_node 2 p2p; wait_http "$(ip_of 2):5000"
+  for _ in $(seq 300); do [ "$(members 2)" -ge 1 ] && break; sleep 0.1; done
+  half=$(echo "${clean[-1]} / 2" | bc -l)
+  ( sleep "$half"; kill -9 "${NODE_PIDS[1]}" ) &
+  killer=$!
+  killed+=("$(pull 2)")
+  wait "$killer" 2>/dev/null || true
+  # A back, with its store, for the next run.
+  wait "${NODE_PIDS[1]}" 2>/dev/null || true
+  start_node 1 p2p "$A_DATA"; wait_http "$(ip_of 1):5000"
+  for _ in $(seq 300); do [ "$(members 1)" -ge 1 ] && break; sleep 0.1; done
+  sleep 1
+done
+T_CLEAN=$(printf '%s\n' "${clean[@]}" | median)
+T_KILLED=$(printf '%s\n' "${killed[@]}" | median)
+echo "kill: pull from a peer ${T_CLEAN} s (${clean[*]}); with the peer killed half-way ${T_KILLED} s (${killed[*]}); added $(echo "($T_KILLED - $T_CLEAN) * 1000" | bc | cut -d. -f1) ms (median)"
+stop_nodes
+fi
+
+if on lookup; then
+# lookup: a digest nobody holds, on a peers-only registry.
+start_network "$NODES" p2p
+: >"$WORK/missing"
+for j in $(seq "$LOOKUPS"); do
+  i=$((j % NODES + 1))
+  d=$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1)
+  curl -s -o /dev/null -w '%{time_total}\n' "http://$(ip_of "$i"):5000/v2/x/manifests/sha256:$d?ns=registry.peers" >>"$WORK/missing"
+done
+echo "lookup of a missing digest ($LOOKUPS requests over $NODES nodes, answered 404): p50 $(awk '{print $1*1000}' "$WORK/missing" | pct 50) ms, p99 $(awk '{print $1*1000}' "$WORK/missing" | pct 99) ms"
+stop_nodes
+fi
