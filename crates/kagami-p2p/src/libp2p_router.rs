@@ -309,11 +309,17 @@ fn build_transport(
     })
 }
 
+/// Requests one query keeps in flight (Kademlia's alpha; libp2p's default is 3).
+const LOOKUP_PARALLELISM: std::num::NonZeroUsize = std::num::NonZeroUsize::new(8).unwrap();
+
 fn build_kad(peer_id: PeerId, config: &P2pConfig) -> kad::Behaviour<MemoryStore> {
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_config
         // Background queries (announcements, record fetches); lookups end by their own deadline.
         .set_query_timeout(Duration::from_secs(30))
+        // More requests in flight per query, fewer sequential rounds: a lookup for a key
+        // nobody holds must ask every one of the closest nodes, and latency is rounds.
+        .set_parallelism(LOOKUP_PARALLELISM)
         .set_provider_record_ttl(Some(config.provider_ttl))
         .set_provider_publication_interval(Some(config.reprovide_interval))
         .set_record_ttl(Some(config.provider_ttl))
