@@ -172,7 +172,7 @@ if [ -n "$SCALE" ]; then
   exit 0
 fi
 
-if on direct; then
+if on direct || on shared; then
 # direct: the reference.
 direct=()
 for _ in 1 2 3; do

@@ -203,10 +203,64 @@ async fn run_fetch(
             Source::Upstream
         },
     });
+    // Announcements that crossed each other leave two nodes fetching the same blob from
+    // upstream; the one with the higher id finds out and continues from the other.
+    let mut rival = match state.peers() {
+        Some(p) if sources.cluster_leader => Some(Box::pin(lower_fetcher(state, p, digest))),
+        _ => None,
+    };
+    // The current body is a rival node's, standing in for the attempt it replaced.
+    let mut retry_same = false;
     loop {
         count_upstream(state, &body);
-        let outcome = pump(&mut sink, &mut body).await;
+        let outcome = match rival.as_mut() {
+            Some(r) => tokio::select! {
+                o = pump(&mut sink, &mut body) => o,
+                peer = r => Pump::Yield(peer),
+            },
+            None => pump(&mut sink, &mut body).await,
+        };
         match outcome {
+            Pump::Yield(peer) => {
+                rival = None;
+                // The pump was stopped between chunks: continue at what the store has.
+                let offset = sink.received;
+                let from_peer = match state.peers() {
+                    Some(p) => {
+                        p.blob(
+                            std::slice::from_ref(&peer),
+                            0,
+                            &path.registry,
+                            &path.repository,
+                            digest,
+                            offset,
+                        )
+                        .await
+                    }
+                    None => None,
+                };
+                let next = match from_peer {
+                    Some(mut b) => {
+                        tracing::info!(%digest, offset, node = %peer.id, "another node is fetching this blob from upstream too; continuing from it");
+                        // Should that node fail, the endpoint this one used is next.
+                        b.attempt = body.attempt;
+                        retry_same = true;
+                        Ok(b)
+                    }
+                    None => sources.open(offset, body.attempt).await,
+                };
+                match next {
+                    Ok(b) => {
+                        body = b;
+                        contributors.push(body.source.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
+                        upstream_failed(state, &plan, &e.message);
+                        return;
+                    }
+                }
+            }
             Pump::Done if size.is_none_or(|s| sink.received == s) => break,
             Pump::Done | Pump::UpstreamFailed => {
                 let offset = sink.received;
@@ -215,7 +269,12 @@ async fn run_fetch(
                     &body.source,
                     &format!("{digest}: body cut at byte {offset}"),
                 );
-                match sources.open(offset, body.attempt + 1).await {
+                let from = if std::mem::take(&mut retry_same) {
+                    body.attempt
+                } else {
+                    body.attempt + 1
+                };
+                match sources.open(offset, from).await {
                     Ok(b) => {
                         body = b;
                         contributors.push(body.source.clone());
@@ -293,6 +352,32 @@ async fn cluster_fetcher(
     earlier
 }
 
+/// For the node fetching a blob for the cluster: looks at the announcements again after
+/// 0.3, 1 and 3 s and returns a node with a lower id that announced the same blob (its
+/// announcement had not arrived in time), to continue from it; otherwise never returns.
+async fn lower_fetcher(
+    state: &AppState,
+    peers: &crate::peers::Peers,
+    digest: &Digest,
+) -> kagami_p2p::Peer {
+    if let Some(me) = state.inner.node_info.get().map(|n| n.peer_id.clone()) {
+        let key = crate::peers::inflight_key(digest);
+        for wait in [300, 700, 2000] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let lowest = peers
+                .providers(&key)
+                .await
+                .into_iter()
+                .filter(|p| p.id < me)
+                .min_by(|a, b| a.id.cmp(&b.id));
+            if let Some(p) = lowest {
+                return p;
+            }
+        }
+    }
+    std::future::pending().await
+}
+
 /// Where a blob can come from, in the plan's order: providers among the other nodes
 /// (when the registry is shared and P2P is on), then the endpoints. `BlobBody::attempt`
 /// numbers them in that order, so a resume continues after the source that failed.
@@ -302,6 +387,9 @@ struct Sources<'a> {
     path: &'a OciPath,
     digest: &'a Digest,
     providers: Vec<kagami_p2p::Peer>,
+    /// This node fetches the blob from an endpoint for the cluster (no other node had it
+    /// or had announced it).
+    cluster_leader: bool,
 }
 
 impl<'a> Sources<'a> {
@@ -315,11 +403,14 @@ impl<'a> Sources<'a> {
             .attempts
             .iter()
             .any(|a| matches!(a, kagami_config::Attempt::Peers));
+        let mut cluster_leader = false;
         let providers = match state.peers() {
             Some(p) if wants_peers => {
                 let holders = p.providers(&digest.to_string()).await;
                 if holders.is_empty() {
-                    cluster_fetcher(state, p, digest).await
+                    let earlier = cluster_fetcher(state, p, digest).await;
+                    cluster_leader = earlier.is_empty() && state.inner.node_info.get().is_some();
+                    earlier
                 } else {
                     holders
                 }
@@ -332,6 +423,7 @@ impl<'a> Sources<'a> {
             path,
             digest,
             providers,
+            cluster_leader,
         }
     }
 
@@ -368,6 +460,8 @@ impl<'a> Sources<'a> {
 }
 
 enum Pump {
+    /// Another node with a lower id is fetching the same blob from upstream.
+    Yield(kagami_p2p::Peer),
     Done,
     UpstreamFailed,
     StoreFailed,
@@ -512,11 +606,11 @@ async fn pass_through(
     Ok((b, Source::Upstream))
 }
 
-/// A response for another node from this node's fetch of `digest` in progress, if it
-/// fetches from an endpoint (one upstream fetch per cluster): waits up to 5 s while it
-/// connects. A fetch still looking for a source among the nodes gets 1 s to settle, and a
-/// fetch streaming from another node is not passed on (no recursion), so that two nodes
-/// holding stale records of each other never wait on each other.
+/// A response for another node from this node's fetch of `digest` in progress (one
+/// upstream fetch per cluster; a chain of nodes each streaming from the one before works
+/// too, every hop verifying): waits up to 5 s while it connects to an endpoint, but only
+/// 1 s for a fetch still looking for a source among the nodes, so that two nodes holding
+/// stale records of each other never wait long on each other.
 pub(crate) async fn serve_in_flight(
     state: &AppState,
     digest: &Digest,
@@ -547,11 +641,9 @@ pub(crate) async fn serve_in_flight(
     .ok()?
     .clone();
     match current {
-        FetchState::Streaming {
-            inflight,
-            size,
-            source: Source::Upstream | Source::Local,
-        } => Some(serve_inflight(&inflight, size, digest, range_header, head)),
+        FetchState::Streaming { inflight, size, .. } => {
+            Some(serve_inflight(&inflight, size, digest, range_header, head))
+        }
         _ => None,
     }
 }

@@ -311,3 +311,51 @@ async fn a_record_of_this_node_under_an_old_identity_is_skipped() {
     assert_eq!(hits.load(Ordering::SeqCst), 0, "this node asked itself");
     drop(old);
 }
+
+/// Announcements that crossed: this node ("me-z") found no other fetcher and went to
+/// upstream; then the announcement of a node with a lower id ("a") arrives. This node
+/// continues from that node at its current offset instead of fetching the whole blob too.
+#[tokio::test]
+async fn a_second_fetcher_yields_to_the_node_with_the_lower_id() {
+    let data = random(2 * 1024 * 1024, 31);
+    let d = digest_of(&data);
+    let (a_addr, a_hits) = fake_peer(Bytes::from(data.clone()), PeerMode::Good).await;
+    let mut fake = Fake::new(vec![BlobMode::Good]).with_blob(&data);
+    fake.chunk_delay = Duration::from_millis(30); // ~1 s for the whole blob
+    let s = start(fake, ServerOptions::default()).await;
+    let net = MemoryNetwork::new();
+    let me: Arc<dyn Router> = Arc::new(MemoryRouter::join(
+        &net,
+        "me-z",
+        "127.0.0.1:9".parse().unwrap(),
+    ));
+    s.state.set_peers(
+        Arc::new(Peers::new(me, None, false)),
+        NodeInfo {
+            peer_id: "me-z".into(),
+            addrs: vec![],
+        },
+    );
+    let key = kagami_server::peers::inflight_key(&d);
+    let late = {
+        let net = net.clone();
+        tokio::spawn(async move {
+            // After this node's own settle-and-look (150 ms), before its first re-check.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let a = MemoryRouter::join(&net, "a", a_addr);
+            a.advertise(vec![key]).await;
+            a
+        })
+    };
+    let (status, _, body, _) = request(s.addr, "GET", &blob_path(&d), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, data);
+    assert_eq!(
+        a_hits.load(Ordering::SeqCst),
+        1,
+        "never continued from node a"
+    );
+    let calls = s.fake.blob_calls.lock().unwrap().clone();
+    assert_eq!(calls, vec![(0, 0)], "upstream asked again: {calls:?}");
+    drop(late.await.unwrap());
+}
