@@ -8,8 +8,9 @@
 //! name's registry is shared (`plan::is_shared`), its target and, walking index →
 //! manifests → config and layers, every descriptor that containerd's content store
 //! actually holds, plus the image's tag. Nothing else of containerd's is ever served.
-//! The set is rebuilt on containerd's image and content events (debounced) and every
-//! [`RESCAN_EVERY`]; what is new is advertised, what disappeared is withdrawn.
+//! The set is rebuilt on containerd's image and content events (debounced), after a
+//! configuration reload, and every [`RESCAN_EVERY`]; what is new is advertised, what
+//! disappeared is withdrawn.
 //!
 //! Invariants: blobs stream from containerd in its chunks, never whole in memory
 //! (manifests, at most 4 MiB, are read whole and verified before they are served); the
@@ -104,6 +105,8 @@ pub struct ContainerdContent {
     served_blobs: AtomicU64,
     served_manifests: AtomicU64,
     served_bytes: Arc<AtomicU64>,
+    /// Wakes [`run`] for a rescan (after a configuration reload).
+    rescan_now: tokio::sync::Notify,
 }
 
 impl ContainerdContent {
@@ -122,7 +125,14 @@ impl ContainerdContent {
             served_blobs: AtomicU64::new(0),
             served_manifests: AtomicU64::new(0),
             served_bytes: Arc::new(AtomicU64::new(0)),
+            rescan_now: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Asks for a rescan soon (the configuration changed: which registries are shared may
+    /// have too).
+    pub fn request_rescan(&self) {
+        self.rescan_now.notify_one();
     }
 
     /// The current scanned set.
@@ -609,6 +619,7 @@ pub async fn run(state: AppState, content: Arc<ContainerdContent>) {
                     None => break,
                 },
                 _ = tick.tick() => {}
+                _ = content.rescan_now.notified() => {}
             }
             if let Err(e) = content.rescan(&state).await {
                 tracing::warn!(error = %e, "cannot rescan containerd's images; keeping what was found before");

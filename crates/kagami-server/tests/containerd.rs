@@ -330,6 +330,24 @@ async fn containerd_images_of_shared_registries_are_advertised_served_and_withdr
     assert_eq!(a.state.store().usage().blobs, 0);
     assert_eq!(content.status()["served_blobs"], 2);
 
+    // A configuration reload changes what is shared.
+    let config = |yaml: &str| Config::parse(yaml, Path::new("test.yaml")).unwrap().0;
+    a.state.set_config(config("mirrors:\n  other.test.com:\n"));
+    content.request_rescan();
+    eventually(
+        "the newly shared registry's image is advertised",
+        async || advertised(digest_of(&secret_layer).to_string()).await,
+    )
+    .await;
+    assert!(!advertised(tag_key.clone()).await);
+    assert!(!advertised(layer.to_string()).await);
+    a.state.set_config(config("mirrors:\n  ksd.test.com:\n"));
+    content.request_rescan();
+    eventually("the tag is advertised again", async || {
+        advertised(tag_key.clone()).await
+    })
+    .await;
+
     // Once kagami's store holds the layer too, losing the image in containerd withdraws
     // everything but that layer.
     assert!(

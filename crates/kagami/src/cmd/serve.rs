@@ -301,6 +301,10 @@ async fn reload_loop(args: Arc<Args>, state: AppState) {
                     tracing::warn!(error = %format!("{e:#}"), "cannot rewrite hosts.toml files");
                 }
                 state.set_config(config);
+                #[cfg(feature = "containerd")]
+                if let Some(c) = state.containerd() {
+                    c.request_rescan();
+                }
                 tracing::info!(path = %args.config.display(), "configuration reloaded");
             }
             Err(e) => {
