@@ -159,3 +159,50 @@ fn containerd_images_are_shared_with_nodes_that_reach_no_registry() {
         .unwrap();
     assert!(served >= 2, "A served {served} blob(s) from containerd");
 }
+
+/// Without --p2p-listen there is nobody to share with: refused at start. An unreachable
+/// containerd is not fatal: kagami serves, warns, and reports it in `/p2p/status`.
+#[test]
+fn containerd_flags_need_p2p_and_an_absent_containerd_is_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = crate::support::kagami()
+        .args(["serve", "--containerd-content", "--listen", "127.0.0.1:1"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs --p2p-listen"), "{stderr}");
+
+    let socket = dir.path().join("no-containerd.sock");
+    let a = Node::start_with(
+        &dir.path().join("a"),
+        "127.0.0.2",
+        None,
+        &[
+            "--containerd-content",
+            "--containerd-address",
+            socket.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(http_get(&a.api, "/healthz").0, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = a.p2p_status()["containerd"].clone();
+        if c["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(socket.to_str().unwrap()))
+        {
+            assert_eq!(c["connected"], false);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no error reported: {c}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        a.log_text().contains("containerd is unreachable"),
+        "{}",
+        a.log_text()
+    );
+}

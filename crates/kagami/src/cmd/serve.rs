@@ -78,7 +78,7 @@ pub struct Args {
     /// registries, such as images imported from air-gap tarballs), read live through
     /// containerd's API; nothing is copied into kagami's store. Needs --p2p-listen.
     #[cfg(feature = "containerd")]
-    #[arg(long, env = "KAGAMI_CONTAINERD_CONTENT", requires = "p2p_listen")]
+    #[arg(long, env = "KAGAMI_CONTAINERD_CONTENT")]
     containerd_content: bool,
     /// containerd's gRPC socket, for --containerd-content.
     #[cfg(feature = "containerd")]
@@ -171,6 +171,13 @@ fn write_hosts(args: &Args, config: &Config) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    // Checked here rather than by clap, which would also refuse KAGAMI_CONTAINERD_CONTENT=false.
+    #[cfg(feature = "containerd")]
+    if args.containerd_content && args.p2p_listen.is_none() {
+        anyhow::bail!(
+            "--containerd-content shares containerd's images with other nodes: it needs --p2p-listen"
+        );
+    }
     let config = load(&args.config)?;
     let store = Store::open(
         args.data_dir.join("store"),
