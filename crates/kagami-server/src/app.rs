@@ -69,6 +69,9 @@ pub(crate) struct Inner {
     pub node_info: std::sync::OnceLock<crate::peer_api::NodeInfo>,
     /// Recent pulls, bytes over time and endpoint health for `/status`.
     pub status: crate::status::Status,
+    /// The node's containerd as a source of content for peers, when sharing it is on.
+    #[cfg(feature = "containerd")]
+    pub containerd: std::sync::OnceLock<Arc<crate::containerd::ContainerdContent>>,
 }
 
 impl AppState {
@@ -92,6 +95,8 @@ impl AppState {
                 peers: std::sync::OnceLock::new(),
                 node_info: std::sync::OnceLock::new(),
                 status: crate::status::Status::new(),
+                #[cfg(feature = "containerd")]
+                containerd: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -116,6 +121,18 @@ impl AppState {
 
     pub fn peers(&self) -> Option<&Arc<crate::peers::Peers>> {
         self.inner.peers.get()
+    }
+
+    /// Shares the images of the node's containerd with other nodes (once, at start; see
+    /// [`crate::containerd::start`]).
+    #[cfg(feature = "containerd")]
+    pub fn set_containerd(&self, content: Arc<crate::containerd::ContainerdContent>) {
+        let _ = self.inner.containerd.set(content);
+    }
+
+    #[cfg(feature = "containerd")]
+    pub fn containerd(&self) -> Option<&Arc<crate::containerd::ContainerdContent>> {
+        self.inner.containerd.get()
     }
 
     /// What `/status` remembers; `status().set_listen(..)` names the listen address.
@@ -218,6 +235,10 @@ async fn p2p_status(State(state): State<AppState>) -> Response {
         .get()
         .map_or(serde_json::Value::Null, |n| serde_json::json!(n));
     v["store"] = serde_json::json!({"blobs": usage.blobs, "bytes": usage.bytes, "advertised": if state.peers().is_some() { usage.blobs } else { 0 }});
+    #[cfg(feature = "containerd")]
+    if let Some(c) = state.containerd() {
+        v["containerd"] = c.status();
+    }
     let mut r = Response::new(Body::from(v.to_string()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -12,6 +12,8 @@
 pub mod app;
 mod blobs;
 pub mod client_upstream;
+#[cfg(feature = "containerd")]
+pub mod containerd;
 pub mod error;
 pub mod import;
 mod log;

@@ -1,5 +1,7 @@
 //! The API other nodes fetch from: only what this node holds (no recursion, no upstream),
-//! and only for members when a pre-shared key is set.
+//! and only for members when a pre-shared key is set. What this node holds is its store,
+//! the blobs it is fetching right now and, with the `containerd` feature, the shared images
+//! of its containerd (`crate::containerd`).
 
 use axum::Router;
 use axum::body::Body;
@@ -104,30 +106,61 @@ async fn handle(
                 .open_blob(d)
                 .await
                 .map_err(|e| ApiError::internal(e.to_string()))?;
-            match handle {
-                Some(h) => Ok(crate::blobs::serve_local(h, d, range, head).await?.0),
-                // A blob this node is fetching right now is served as it arrives (one
-                // upstream fetch per cluster), with the same last-byte guarantee.
-                None => crate::blobs::serve_in_flight(state, d, range, head)
-                    .await
-                    .ok_or_else(not_here),
+            if let Some(h) = handle {
+                return Ok(crate::blobs::serve_local(h, d, range, head).await?.0);
             }
+            #[cfg(feature = "containerd")]
+            if let Some(c) = state.containerd()
+                && let Some(r) = c.serve_blob(d, range, head).await
+            {
+                return Ok(r);
+            }
+            // A blob this node is fetching right now is served as it arrives (one
+            // upstream fetch per cluster), with the same last-byte guarantee.
+            crate::blobs::serve_in_flight(state, d, range, head)
+                .await
+                .ok_or_else(not_here)
         }
         Target::Manifest(r) => {
             let digest = match r {
                 ManifestRef::Digest(d) => d.clone(),
-                ManifestRef::Tag(t) => {
-                    state
-                        .store()
-                        .get_tag(&p.registry, &p.repository, t)
-                        .ok_or_else(not_here)?
-                        .digest
-                }
+                ManifestRef::Tag(t) => match state.store().get_tag(&p.registry, &p.repository, t) {
+                    Some(entry) => entry.digest,
+                    None => {
+                        containerd_tag(state, &p.registry, &p.repository, t).ok_or_else(not_here)?
+                    }
+                },
             };
-            crate::manifests::serve_stored(state, &digest, head)
-                .await?
-                .ok_or_else(not_here)
+            if let Some(r) = crate::manifests::serve_stored(state, &digest, head).await? {
+                return Ok(r);
+            }
+            #[cfg(feature = "containerd")]
+            if let Some(c) = state.containerd()
+                && let Some(r) = c.serve_manifest(&digest, head).await
+            {
+                return Ok(r);
+            }
+            Err(not_here())
         }
         Target::TagsList => Ok(Response::new(Body::from("{}"))),
+    }
+}
+
+/// The digest an image name of the node's containerd points to, for a shared registry
+/// (never without the `containerd` feature).
+fn containerd_tag(
+    state: &AppState,
+    registry: &str,
+    repository: &str,
+    tag: &str,
+) -> Option<kagami_config::Digest> {
+    #[cfg(feature = "containerd")]
+    {
+        state.containerd()?.tag(registry, repository, tag)
+    }
+    #[cfg(not(feature = "containerd"))]
+    {
+        let _ = (state, registry, repository, tag);
+        None
     }
 }

@@ -307,8 +307,10 @@ impl Peers {
     }
 }
 
-/// Advertises every blob in the store, then follows the store: added blobs are
-/// advertised, evicted ones withdrawn. Runs until the store goes away.
+/// Advertises every blob in the store and the tags of shared registries in its tag index
+/// (tags resolved before a restart included), then follows the store: added blobs are
+/// advertised, evicted ones withdrawn (unless containerd's content still holds them).
+/// Runs until the store goes away.
 pub async fn advertise_store(state: crate::AppState) {
     let Some(peers) = state.peers().cloned() else {
         return;
@@ -323,18 +325,25 @@ pub async fn advertise_store(state: crate::AppState) {
     };
     let mut events = state.store().subscribe();
     let keys = all(&state);
+    let tags = stored_tag_keys(&state);
     tracing::info!(
         keys = keys.len(),
+        tags = tags.len(),
         "advertising the content store to other nodes"
     );
     peers.router.advertise(keys).await;
+    if !tags.is_empty() {
+        peers.router.advertise(tags).await;
+    }
     loop {
         match events.recv().await {
             Ok(kagami_store::StoreEvent::Added(d)) => {
                 peers.router.advertise(vec![d.to_string()]).await
             }
             Ok(kagami_store::StoreEvent::Removed(d)) => {
-                peers.router.withdraw(vec![d.to_string()]).await
+                if !containerd_holds(&state, &d) {
+                    peers.router.withdraw(vec![d.to_string()]).await
+                }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 peers.router.advertise(all(&state)).await
@@ -344,15 +353,84 @@ pub async fn advertise_store(state: crate::AppState) {
     }
 }
 
-/// Withdraws everything this node advertised (at shutdown).
+/// The tag keys of the store's tag index whose registry is shared (SPEC.md section 6),
+/// read from the tag files (`<store>/tags/*.json`, each naming its registry, repository
+/// and tag) and kept only when the index has the tag.
+pub fn stored_tag_keys(state: &crate::AppState) -> Vec<String> {
+    let config = state.config();
+    let store = state.store();
+    let Ok(dir) = std::fs::read_dir(store.root().join("tags")) else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    for entry in dir.flatten() {
+        let Ok(bytes) = std::fs::read(entry.path()) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        let field = |k: &str| v.get(k).and_then(|s| s.as_str());
+        let (Some(registry), Some(repository), Some(tag)) =
+            (field("registry"), field("repository"), field("tag"))
+        else {
+            continue;
+        };
+        if kagami_config::plan::is_shared(&config, registry)
+            && store.get_tag(registry, repository, tag).is_some()
+        {
+            keys.push(tag_key(registry, repository, tag));
+        }
+    }
+    keys.sort();
+    keys
+}
+
+/// Whether kagami's own store holds what `key` names (a digest, or a tag key): such a key
+/// stays advertised when another source of this node (containerd) loses it.
+#[cfg(feature = "containerd")]
+pub(crate) fn store_holds_key(state: &crate::AppState, key: &str) -> bool {
+    if let Some(rest) = key.strip_prefix("tag:") {
+        let Some((registry, path)) = rest.split_once('/') else {
+            return false;
+        };
+        let Some((repository, tag)) = path.rsplit_once(':') else {
+            return false;
+        };
+        return state.store().get_tag(registry, repository, tag).is_some();
+    }
+    key.parse::<Digest>()
+        .is_ok_and(|d| state.store().blob_size(&d).is_some())
+}
+
+/// Whether containerd's shared content holds `d` (always false without the feature).
+fn containerd_holds(state: &crate::AppState, d: &Digest) -> bool {
+    #[cfg(feature = "containerd")]
+    {
+        state.containerd().is_some_and(|c| c.holds(d))
+    }
+    #[cfg(not(feature = "containerd"))]
+    {
+        let _ = (state, d);
+        false
+    }
+}
+
+/// Withdraws everything this node advertised (at shutdown): the store's blobs and tags,
+/// and containerd's shared content, which is not advertised again afterwards.
 pub async fn withdraw_all(state: &crate::AppState) {
+    #[cfg(feature = "containerd")]
+    if let Some(c) = state.containerd() {
+        c.withdraw_all(state).await;
+    }
     if let Some(peers) = state.peers() {
-        let keys: Vec<String> = state
+        let mut keys: Vec<String> = state
             .store()
             .digests()
             .iter()
             .map(|d| d.to_string())
             .collect();
+        keys.extend(stored_tag_keys(state));
         peers.router.withdraw(keys).await;
     }
 }

@@ -359,3 +359,55 @@ async fn a_second_fetcher_yields_to_the_node_with_the_lower_id() {
     assert_eq!(calls, vec![(0, 0)], "upstream asked again: {calls:?}");
     drop(late.await.unwrap());
 }
+
+#[tokio::test]
+async fn tags_in_the_store_are_advertised_at_start_for_shared_registries_only() {
+    let s = start(Fake::new(vec![BlobMode::Good]), ServerOptions::default()).await;
+    let d = digest_of(b"a manifest");
+    let entry = kagami_store::TagEntry {
+        digest: d.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        fetched_at: std::time::SystemTime::now(),
+    };
+    // Resolved before a restart: in the tag index, never advertised by this process.
+    let store = s.state.store();
+    store
+        .put_tag("registry.example.test", "team/app", "1.0", entry.clone())
+        .unwrap();
+    store
+        .put_tag("unshared.example.test", "team/app", "1.0", entry)
+        .unwrap();
+    let net = MemoryNetwork::new();
+    let router: Arc<dyn Router> = Arc::new(MemoryRouter::join(
+        &net,
+        "me",
+        "127.0.0.1:9".parse().unwrap(),
+    ));
+    let other = MemoryRouter::join(&net, "other", "127.0.0.1:9".parse().unwrap());
+    s.state.set_peers(
+        Arc::new(Peers::new(router, None, false)),
+        NodeInfo {
+            peer_id: "me".into(),
+            addrs: vec![],
+        },
+    );
+    assert_eq!(
+        kagami_server::peers::stored_tag_keys(&s.state),
+        vec!["tag:registry.example.test/team/app:1.0".to_string()]
+    );
+    let task = tokio::spawn(kagami_server::peers::advertise_store(s.state.clone()));
+    let shared = kagami_server::peers::tag_key("registry.example.test", "team/app", "1.0");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while other.lookup(&shared, 5).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stored tag was not advertised"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let unshared = kagami_server::peers::tag_key("unshared.example.test", "team/app", "1.0");
+    assert!(other.lookup(&unshared, 5).await.is_empty());
+    kagami_server::peers::withdraw_all(&s.state).await;
+    assert!(other.lookup(&shared, 5).await.is_empty());
+    task.abort();
+}

@@ -379,8 +379,68 @@ fn commented_p2p_settings_are_real() {
         .collect();
     assert!(names.contains(&"KAGAMI_P2P_LISTEN"), "{names:?}");
     for n in names.iter().filter(|n| n.starts_with("KAGAMI_")) {
+        // A build without the containerd feature does not read these
+        // (commented_containerd_settings_are_real checks them with it).
+        if !cfg!(feature = "containerd") && CONTAINERD_VARS.contains(n) {
+            continue;
+        }
         assert!(known.contains(*n), "{n}");
     }
+}
+
+/// The variables of `--containerd-content` and its settings (feature `containerd`).
+const CONTAINERD_VARS: [&str; 3] = [
+    "KAGAMI_CONTAINERD_CONTENT",
+    "KAGAMI_CONTAINERD_ADDRESS",
+    "KAGAMI_CONTAINERD_NAMESPACE",
+];
+
+/// The containerd content settings the files carry commented out are ones `kagami serve`
+/// (built with the feature) reads, and the DaemonSet's commented socket mount holds the
+/// socket its address names.
+#[cfg(feature = "containerd")]
+#[test]
+fn commented_containerd_settings_are_real() {
+    let known = env_vars("serve");
+    for v in CONTAINERD_VARS {
+        assert!(known.contains(v), "`kagami serve` does not read {v}");
+        for rel in [
+            "deploy/systemd/kagami.env",
+            "deploy/kubernetes/daemonset.yaml",
+        ] {
+            assert!(read(rel).contains(v), "{rel} does not mention {v}");
+        }
+    }
+    let env = read("deploy/systemd/kagami.env");
+    assert!(env.contains("#KAGAMI_CONTAINERD_ADDRESS=/run/containerd/containerd.sock"));
+    let ds = read("deploy/kubernetes/daemonset.yaml");
+    let after = |needle: &str| -> String {
+        let i = ds.find(needle).unwrap_or_else(|| panic!("no {needle}"));
+        ds[i + needle.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let address = {
+        let i = ds.find("name: KAGAMI_CONTAINERD_ADDRESS").unwrap();
+        let rest = &ds[i..];
+        let j = rest.find("value: ").unwrap();
+        rest[j + "value: ".len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let mount = after(
+        "# - name: containerd-sock     # the directory: containerd recreates its socket\n            #   mountPath: ",
+    );
+    assert_eq!(
+        Path::new(&address).parent().unwrap(),
+        Path::new(&mount),
+        "the commented mount does not hold the socket"
+    );
+    assert!(ds.contains(&format!("#     path: {mount}")));
 }
 
 /// Every metric the dashboard queries, and every label it groups by, exist in

@@ -2,85 +2,15 @@
 //! `ctr images export`, imported into a `kagami serve` that reaches no registry, pulled
 //! through it with skopeo (same digest as in containerd) and from a second node over P2P.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Containerd, Daemon, Registry, build_image, free_port, http_get, kagami, run, skopeo_digest,
-    wait_for_port,
+    Containerd, Node, Registry, build_image, containerd_digest, http_get, kagami, run,
+    skopeo_digest,
 };
 
 const NAME: &str = "ksd.test.com/ksd/nginx:1.27";
-const PSK: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n";
-
-/// A `kagami serve` with P2P on `ip`, reaching no registry (`mirrors: {ksd.test.com: }` and
-/// no default endpoint).
-struct Node {
-    _daemon: Daemon,
-    api: String,
-    p2p: String,
-    log: PathBuf,
-}
-
-impl Node {
-    fn start(dir: &Path, ip: &str, bootstrap: Option<&str>) -> Node {
-        std::fs::create_dir_all(dir).unwrap();
-        let config = dir.join("registries.yaml");
-        std::fs::write(&config, "mirrors:\n  ksd.test.com:\n").unwrap();
-        let psk = dir.join("psk");
-        std::fs::write(&psk, PSK).unwrap();
-        let (api, p2p, http) = (free_port(), free_port(), free_port());
-        let log = dir.join("kagami.log");
-        let mut cmd = kagami();
-        cmd.arg("serve")
-            .args(["--listen", &format!("{ip}:{api}")])
-            .args(["--p2p-listen", &format!("{ip}:{p2p}")])
-            .args(["--p2p-http-listen", &format!("{ip}:{http}")])
-            .arg("--p2p-psk-file")
-            .arg(&psk)
-            .arg("--disable-default-registry-endpoint")
-            .args(["--log-format", "json"])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--config")
-            .arg(&config);
-        if let Some(b) = bootstrap {
-            cmd.args(["--p2p-bootstrap", b]);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start kagami serve");
-        let api = format!("{ip}:{api}");
-        wait_for_port(&api, Duration::from_secs(20));
-        Node {
-            _daemon: Daemon {
-                child,
-                name: "kagami",
-            },
-            api,
-            p2p: format!("{ip}:{p2p}"),
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// The digest containerd records for `name` (`ctr images ls`).
-fn containerd_digest(c: &Containerd, name: &str) -> String {
-    let out = run(c.ctr().args(["images", "ls"]));
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
-        .unwrap_or_else(|| panic!("{name} not in ctr images ls:\n{text}"))
-        .to_string()
-}
 
 #[test]
 fn ctr_export_imported_then_served_and_shared() {
@@ -96,7 +26,7 @@ fn ctr_export_imported_then_served_and_shared() {
         .ctr()
         .args(["images", "pull", "--plain-http", &pushed]));
     run(containerd.ctr().args(["images", "tag", &pushed, NAME]));
-    let digest = containerd_digest(&containerd, NAME);
+    let digest = containerd_digest(&containerd, "default", NAME);
     let tar = dir.path().join("nginx.tar");
     run(containerd
         .ctr()

@@ -10,6 +10,8 @@ mod deploy;
 mod explain;
 mod fake_registry;
 mod import;
+#[cfg(feature = "containerd")]
+mod p2p_containerd;
 mod pull;
 mod serve;
 mod status;

@@ -74,6 +74,21 @@ pub struct Args {
     /// Resolve `latest` tags through other nodes too (off, as in K3s).
     #[arg(long, env = "KAGAMI_P2P_RESOLVE_LATEST")]
     p2p_resolve_latest: bool,
+    /// Share the images of this node's containerd with other nodes (those of shared
+    /// registries, such as images imported from air-gap tarballs), read live through
+    /// containerd's API; nothing is copied into kagami's store. Needs --p2p-listen.
+    #[cfg(feature = "containerd")]
+    #[arg(long, env = "KAGAMI_CONTAINERD_CONTENT")]
+    containerd_content: bool,
+    /// containerd's gRPC socket, for --containerd-content.
+    #[cfg(feature = "containerd")]
+    #[arg(long, env = "KAGAMI_CONTAINERD_ADDRESS", value_name = "PATH", default_value = kagami_containerd::DEFAULT_SOCKET)]
+    containerd_address: PathBuf,
+    /// The containerd namespace whose images are shared, for --containerd-content (the
+    /// kubelet's is k8s.io).
+    #[cfg(feature = "containerd")]
+    #[arg(long, env = "KAGAMI_CONTAINERD_NAMESPACE", value_name = "NS", default_value = kagami_containerd::DEFAULT_NAMESPACE)]
+    containerd_namespace: String,
     /// Log format: text for people, json for collectors.
     #[arg(long, env = "KAGAMI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -156,6 +171,13 @@ fn write_hosts(args: &Args, config: &Config) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    // Checked here rather than by clap, which would also refuse KAGAMI_CONTAINERD_CONTENT=false.
+    #[cfg(feature = "containerd")]
+    if args.containerd_content && args.p2p_listen.is_none() {
+        anyhow::bail!(
+            "--containerd-content shares containerd's images with other nodes: it needs --p2p-listen"
+        );
+    }
     let config = load(&args.config)?;
     let store = Store::open(
         args.data_dir.join("store"),
@@ -191,6 +213,10 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         Some(listen) => Some(start_p2p(&args, listen, &state).await?),
         None => None,
     };
+    #[cfg(feature = "containerd")]
+    if args.containerd_content {
+        start_containerd(&args, &state)?;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -237,6 +263,25 @@ async fn start_p2p(
     Ok(super::node::start_p2p(&opts, state).await?.peer_server)
 }
 
+/// Shares containerd's images with other nodes; an unreachable containerd is retried in
+/// the background (kagami serves meanwhile).
+#[cfg(feature = "containerd")]
+fn start_containerd(args: &Args, state: &AppState) -> anyhow::Result<()> {
+    if !kagami_containerd::valid_namespace(&args.containerd_namespace) {
+        anyhow::bail!(
+            "--containerd-namespace {:?} is not a containerd namespace (letters and digits, separated by single '.', '_' or '-')",
+            args.containerd_namespace
+        );
+    }
+    tracing::info!(socket = %args.containerd_address.display(), namespace = %args.containerd_namespace, "sharing containerd's images with other nodes");
+    kagami_server::containerd::start(
+        state,
+        args.containerd_address.clone(),
+        args.containerd_namespace.clone(),
+    );
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
@@ -268,6 +313,10 @@ async fn reload_loop(args: Arc<Args>, state: AppState) {
                     tracing::warn!(error = %format!("{e:#}"), "cannot rewrite hosts.toml files");
                 }
                 state.set_config(config);
+                #[cfg(feature = "containerd")]
+                if let Some(c) = state.containerd() {
+                    c.request_rescan();
+                }
                 tracing::info!(path = %args.config.display(), "configuration reloaded");
             }
             Err(e) => {

@@ -4,7 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod node;
 pub mod pki;
+
+pub use node::{Node, containerd_digest};
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
