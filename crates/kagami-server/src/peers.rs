@@ -115,10 +115,14 @@ impl Peers {
         let mut banned = self.banned.lock().expect("lock");
         banned.retain(|_, until| *until > now);
         let own = self.own_http_addr.get();
-        let found: Vec<Peer> = found
+        let mut found: Vec<Peer> = found
             .into_iter()
             .filter(|p| !banned.contains_key(&p.id) && Some(&p.http_addr) != own)
             .collect();
+        // In random order: the DHT returns providers in the same order to everyone, and
+        // nodes pulling the same blob would all ask the first one.
+        let order = std::collections::hash_map::RandomState::new();
+        found.sort_by_cached_key(|p| std::hash::BuildHasher::hash_one(&order, &p.id));
         if !found.is_empty() {
             self.lookup_hits.fetch_add(1, Ordering::Relaxed);
         }
