@@ -140,6 +140,16 @@ upstream_bytes() {
   tail -n +"$(($1 + 1))" "$WORK/origin/log" | grep -o '"GET /v2/bench/big/blobs/[^"]*" 20[06] [0-9]*' | awk '{s += $NF} END {print s + 0}'
 }
 ratio() { echo "scale=2; $1 / $2" | bc; }
+# LOOKUPS requests, spread over nodes 1..$1, for digests nobody holds (a peers-only
+# registry): each a 404 after one DHT lookup; times (s) in $WORK/missing.
+missing_lookups() {
+  : >"$WORK/missing"
+  for j in $(seq "$LOOKUPS"); do
+    local i=$((j % $1 + 1)) d
+    d=$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1)
+    curl -s -o /dev/null -w '%{time_total}\n' "http://$(ip_of "$i"):5000/v2/x/manifests/sha256:$d?ns=registry.peers" >>"$WORK/missing"
+  done
+}
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo); kagami $("$KAGAMI" --version | cut -d' ' -f2); image $((IMAGE_BYTES / 1000000)) MB; $NODES nodes"
 
@@ -156,12 +166,7 @@ if [ -n "$SCALE" ]; then
     for i in $(seq 2 "$n"); do
       curl -s -o /dev/null -w '%{time_total}\n' "http://$(ip_of "$i"):5000/v2/bench/big/manifests/$MD?ns=registry.bench" >>"$WORK/held"
     done
-    : >"$WORK/missing"
-    for j in $(seq "$LOOKUPS"); do
-      i=$((j % n + 1))
-      d=$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1)
-      curl -s -o /dev/null -w '%{time_total}\n' "http://$(ip_of "$i"):5000/v2/x/manifests/sha256:$d?ns=registry.peers" >>"$WORK/missing"
-    done
+    missing_lookups "$n"
     rss=$(for i in $(seq "$n"); do awk '/VmRSS/{print $2/1024}' "/proc/${NODE_PIDS[$i]}/status"; done | median)
     printf '%-8s %-14s %-22s %-22s %-12s\n' "$n" "$(printf '%.2f s' "$CONVERGED")" \
       "$(awk '{print $1*1000}' "$WORK/missing" | pct 50) / $(awk '{print $1*1000}' "$WORK/missing" | pct 99)" \
@@ -258,12 +263,7 @@ fi
 if on lookup; then
 # lookup: a digest nobody holds, on a peers-only registry.
 start_network "$NODES" p2p
-: >"$WORK/missing"
-for j in $(seq "$LOOKUPS"); do
-  i=$((j % NODES + 1))
-  d=$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1)
-  curl -s -o /dev/null -w '%{time_total}\n' "http://$(ip_of "$i"):5000/v2/x/manifests/sha256:$d?ns=registry.peers" >>"$WORK/missing"
-done
+missing_lookups "$NODES"
 echo "lookup of a missing digest ($LOOKUPS requests over $NODES nodes, answered 404): p50 $(awk '{print $1*1000}' "$WORK/missing" | pct 50) ms, p99 $(awk '{print $1*1000}' "$WORK/missing" | pct 99) ms"
 stop_nodes
 fi

@@ -220,7 +220,7 @@ async fn run_fetch(
             },
             None => pump(&mut sink, &mut body).await,
         };
-        match outcome {
+        let next = match outcome {
             Pump::Yield(peer) => {
                 rival = None;
                 // The pump was stopped between chunks: continue at what the store has.
@@ -239,7 +239,7 @@ async fn run_fetch(
                     }
                     None => None,
                 };
-                let next = match from_peer {
+                match from_peer {
                     Some(mut b) => {
                         tracing::info!(%digest, offset, node = %peer.id, "another node is fetching this blob from upstream too; continuing from it");
                         // Should that node fail, the endpoint this one used is next.
@@ -248,17 +248,6 @@ async fn run_fetch(
                         Ok(b)
                     }
                     None => sources.open(offset, body.attempt).await,
-                };
-                match next {
-                    Ok(b) => {
-                        body = b;
-                        contributors.push(body.source.clone());
-                    }
-                    Err(e) => {
-                        tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
-                        upstream_failed(state, &plan, &e.message);
-                        return;
-                    }
                 }
             }
             Pump::Done if size.is_none_or(|s| sink.received == s) => break,
@@ -274,17 +263,7 @@ async fn run_fetch(
                 } else {
                     body.attempt + 1
                 };
-                match sources.open(offset, from).await {
-                    Ok(b) => {
-                        body = b;
-                        contributors.push(body.source.clone());
-                    }
-                    Err(e) => {
-                        tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
-                        upstream_failed(state, &plan, &e.message);
-                        return; // dropping the writer aborts: followers get an error
-                    }
-                }
+                sources.open(offset, from).await
             }
             Pump::StoreFailed => {
                 let (_, e) = sink.finish().await;
@@ -292,6 +271,18 @@ async fn run_fetch(
                 tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
                 mark_store_full(state);
                 return;
+            }
+        };
+        match next {
+            Ok(b) => {
+                body = b;
+                contributors.push(body.source.clone());
+            }
+            Err(e) => {
+                let offset = sink.received;
+                tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
+                upstream_failed(state, &plan, &e.message);
+                return; // dropping the writer aborts: followers get an error
             }
         }
     }
@@ -648,7 +639,7 @@ pub(crate) async fn serve_in_flight(
     }
 }
 
-fn blob_response(status: StatusCode, digest: &Digest, len: Option<u64>) -> Response {
+pub(crate) fn blob_response(status: StatusCode, digest: &Digest, len: Option<u64>) -> Response {
     let mut r = Response::new(Body::empty());
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -667,14 +658,14 @@ fn blob_response(status: StatusCode, digest: &Digest, len: Option<u64>) -> Respo
     r
 }
 
-fn content_range(r: &mut Response, start: u64, end: u64, size: u64) {
+pub(crate) fn content_range(r: &mut Response, start: u64, end: u64, size: u64) {
     r.headers_mut().insert(
         header::CONTENT_RANGE,
         HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")).expect("ascii"),
     );
 }
 
-fn unsatisfiable(size: u64) -> Response {
+pub(crate) fn unsatisfiable(size: u64) -> Response {
     let mut r = axum::response::IntoResponse::into_response(ApiError::range_not_satisfiable(size));
     r.headers_mut().insert(
         header::CONTENT_RANGE,

@@ -24,15 +24,14 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use futures_util::{FutureExt, StreamExt};
 use kagami_config::{Digest, Reference};
 use kagami_containerd::Containerd;
 use sha2::{Digest as _, Sha256};
 
 use crate::app::AppState;
-use crate::error::ApiError;
 use crate::manifests::MAX_MANIFEST;
 use crate::range::{self, RangeRequest};
 
@@ -407,14 +406,7 @@ impl ContainerdContent {
         let (status, start, len) = match range::parse(range_header, size) {
             RangeRequest::Full => (StatusCode::OK, 0, size),
             RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
-            RangeRequest::Unsatisfiable => {
-                let mut r = ApiError::range_not_satisfiable(size).into_response();
-                r.headers_mut().insert(
-                    header::CONTENT_RANGE,
-                    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-                );
-                return Some(r);
-            }
+            RangeRequest::Unsatisfiable => return Some(crate::blobs::unsatisfiable(size)),
         };
         let body = if head {
             Body::empty()
@@ -434,22 +426,10 @@ impl ContainerdContent {
                 }
             }))
         };
-        let mut r = Response::new(body);
-        *r.status_mut() = status;
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        h.insert("Docker-Content-Digest", digest_header(digest));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        let mut r = crate::blobs::blob_response(status, digest, Some(len));
+        *r.body_mut() = body;
         if status == StatusCode::PARTIAL_CONTENT {
-            h.insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1))
-                    .expect("ascii"),
-            );
+            crate::blobs::content_range(&mut r, start, start + len - 1, size);
         }
         Some(r)
     }
@@ -481,21 +461,13 @@ impl ContainerdContent {
             self.served_manifests.fetch_add(1, Ordering::Relaxed);
             Body::from(bytes)
         };
-        let mut r = Response::new(body);
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_str(&media_type)
-                .unwrap_or(HeaderValue::from_static("application/octet-stream")),
-        );
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-        h.insert("Docker-Content-Digest", digest_header(digest));
-        Some(r)
+        Some(crate::manifests::manifest_headers(
+            size,
+            &media_type,
+            digest,
+            body,
+        ))
     }
-}
-
-fn digest_header(d: &Digest) -> HeaderValue {
-    HeaderValue::from_str(&d.to_string()).expect("a digest is ascii")
 }
 
 /// True when `bytes` hash to `d` (sha256; other algorithms are left to the fetching node,

@@ -359,7 +359,12 @@ fn manifest_response(bytes: &[u8], media_type: &str, digest: &Digest, head: bool
     manifest_headers(bytes.len() as u64, media_type, digest, body)
 }
 
-fn manifest_headers(len: u64, media_type: &str, digest: &Digest, body: Body) -> Response {
+pub(crate) fn manifest_headers(
+    len: u64,
+    media_type: &str,
+    digest: &Digest,
+    body: Body,
+) -> Response {
     let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
