@@ -357,37 +357,16 @@ pub async fn advertise_store(state: crate::AppState) {
     }
 }
 
-/// The tag keys of the store's tag index whose registry is shared (SPEC.md section 6),
-/// read from the tag files (`<store>/tags/*.json`, each naming its registry, repository
-/// and tag) and kept only when the index has the tag.
+/// The tag keys of the store's tag index whose registry is shared (SPEC.md section 6).
 pub fn stored_tag_keys(state: &crate::AppState) -> Vec<String> {
     let config = state.config();
-    let store = state.store();
-    let Ok(dir) = std::fs::read_dir(store.root().join("tags")) else {
-        return Vec::new();
-    };
-    let mut keys = Vec::new();
-    for entry in dir.flatten() {
-        let Ok(bytes) = std::fs::read(entry.path()) else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-            continue;
-        };
-        let field = |k: &str| v.get(k).and_then(|s| s.as_str());
-        let (Some(registry), Some(repository), Some(tag)) =
-            (field("registry"), field("repository"), field("tag"))
-        else {
-            continue;
-        };
-        if kagami_config::plan::is_shared(&config, registry)
-            && store.get_tag(registry, repository, tag).is_some()
-        {
-            keys.push(tag_key(registry, repository, tag));
-        }
-    }
-    keys.sort();
-    keys
+    state
+        .store()
+        .all_tags()
+        .into_iter()
+        .filter(|(registry, _, _)| kagami_config::plan::is_shared(&config, registry))
+        .map(|(registry, repository, tag)| tag_key(&registry, &repository, &tag))
+        .collect()
 }
 
 /// Whether kagami's own store holds what `key` names (a digest, or a tag key): such a key

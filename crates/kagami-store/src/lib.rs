@@ -445,6 +445,21 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// Every tag in the index, as (registry, repository, tag), sorted.
+    pub fn all_tags(&self) -> Vec<(String, String, String)> {
+        let st = self.inner.state();
+        let mut out: Vec<(String, String, String)> = st
+            .tags
+            .iter()
+            .flat_map(|((registry, repository), tags)| {
+                tags.keys()
+                    .map(move |t| (registry.clone(), repository.clone(), t.clone()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Records the media type of a manifest stored as blob `d`; persisted at once.
     pub fn put_media_type(&self, d: &Digest, media_type: &str) -> Result<(), StoreError> {
         tags::check_media_type(media_type)?;
