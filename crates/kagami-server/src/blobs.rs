@@ -330,16 +330,37 @@ async fn cluster_fetcher(
     let key = crate::peers::inflight_key(digest);
     peers.router.advertise(vec![key.clone()]).await;
     tokio::time::sleep(SETTLE).await;
-    let mut earlier: Vec<kagami_p2p::Peer> = peers
+    let earlier: Vec<kagami_p2p::Peer> = peers
         .providers(&key)
         .await
         .into_iter()
         .filter(|p| p.id < me)
         .collect();
-    earlier.sort_by(|a, b| a.id.cmp(&b.id));
-    if !earlier.is_empty() {
-        tracing::debug!(%digest, leader = %earlier[0].id, "another node is fetching this blob; streaming from it");
+    let earlier = spread_followers(&me, digest, earlier);
+    if let Some(first) = earlier.first() {
+        tracing::debug!(%digest, from = %first.id, "another node is fetching this blob; streaming from it");
     }
+    earlier
+}
+
+/// The order in which a follower tries the nodes that announced a blob before it: by a
+/// hash of (its own id, theirs, the digest) rather than lowest id first, so that followers
+/// spread over every earlier node (each streaming from the fetching node or from another
+/// follower, verifying as it goes) instead of all streaming from the one fetching node.
+/// Every earlier node has a lower id, so the chains end at the fetching node and never
+/// loop.
+fn spread_followers(
+    me: &str,
+    digest: &Digest,
+    mut earlier: Vec<kagami_p2p::Peer>,
+) -> Vec<kagami_p2p::Peer> {
+    use std::hash::{Hash, Hasher};
+    earlier.sort_by_cached_key(|p| {
+        // SipHash with fixed keys: the same order on every run and every node.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (me, &p.id, digest.to_string()).hash(&mut h);
+        h.finish()
+    });
     earlier
 }
 
@@ -748,4 +769,33 @@ fn serve_inflight(
         *resp.body_mut() = Body::from_stream(stream);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn followers_spread_over_earlier_nodes() {
+        let earlier: Vec<kagami_p2p::Peer> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| kagami_p2p::Peer {
+                id: id.to_string(),
+                http_addr: "127.0.0.1:9".parse().unwrap(),
+            })
+            .collect();
+        let mut first = std::collections::HashMap::new();
+        for i in 0..200u32 {
+            let digest =
+                Digest::sha256_from_bytes(&<sha2::Sha256 as sha2::Digest>::digest(i.to_be_bytes()));
+            let order = spread_followers("z", &digest, earlier.clone());
+            assert_eq!(order.len(), 4, "every earlier node stays a fallback");
+            assert_eq!(order, spread_followers("z", &digest, earlier.clone()));
+            *first.entry(order[0].id.clone()).or_insert(0) += 1;
+        }
+        // 200 blobs over 4 nodes: each is tried first for some of them.
+        for id in ["a", "b", "c", "d"] {
+            assert!(first.get(id).copied().unwrap_or(0) >= 20, "{first:?}");
+        }
+    }
 }
