@@ -40,46 +40,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/lib.sh
 wait_http() { for _ in $(seq 400); do curl -s -o /dev/null "http://$1/v2/" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p/100+0.5); if(i<1)i=1; print a[i]}'; }
-now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc; }
 
 ORIGIN=$(port)
-mkdir -p "$WORK/origin"
-cat >"$WORK/origin/config.yml" <<YAML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $WORK/origin/data
-http:
-  addr: 127.0.0.1:$ORIGIN
-health:
-  storagedriver:
-    enabled: false
-YAML
-docker-registry serve "$WORK/origin/config.yml" >"$WORK/origin/log" 2>&1 &
-PIDS+=($!)
-wait_http "127.0.0.1:$ORIGIN"
-
+start_registry "$WORK/origin" "$ORIGIN" true
 echo "building a ${SIZE_MB} MB image..." >&2
-(
-  cd "$WORK"
-  umoci init --layout oci >/dev/null
-  umoci new --image oci:big >/dev/null
-  head -c $((SIZE_MB * 1024 * 1024)) /dev/urandom >big.bin
-  umoci insert --image oci:big big.bin /big.bin >/dev/null
-  umoci config --image oci:big --architecture amd64 --os linux --config.cmd /big.bin >/dev/null
-  rm big.bin
-  skopeo copy --quiet --dest-tls-verify=false oci:oci:big "docker://127.0.0.1:$ORIGIN/bench/big:1"
-  rm -rf oci
-)
+push_big_image "$WORK" "$SIZE_MB" "127.0.0.1:$ORIGIN/bench/big:1"
 RAW=$(skopeo inspect --tls-verify=false --raw "docker://127.0.0.1:$ORIGIN/bench/big:1")
 IMAGE_BYTES=$(echo "$RAW" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]) + m["config"]["size"])')
 

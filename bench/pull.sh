@@ -25,43 +25,12 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK" "$OUT"; }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/v2/" && return 0; sleep 0.05; done; echo "port $1 never answered" >&2; exit 1; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-now() { date +%s.%N; }
+. bench/lib.sh
 
 PORT=$(port)
-mkdir -p "$WORK/reg"
-cat >"$WORK/reg/config.yml" <<YAML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $WORK/reg/data
-http:
-  addr: 127.0.0.1:$PORT
-health:
-  storagedriver:
-    enabled: false
-YAML
-docker-registry serve "$WORK/reg/config.yml" >"$WORK/reg/log" 2>&1 &
-PIDS+=($!)
-wait_port "$PORT"
-
+start_registry "$WORK/reg" "$PORT" false
 echo "building a ${SIZE_MB} MB single-layer image..." >&2
-(
-  cd "$WORK"
-  umoci init --layout oci >/dev/null
-  umoci new --image oci:big >/dev/null
-  head -c $((SIZE_MB * 1024 * 1024)) /dev/urandom >big.bin
-  umoci insert --image oci:big big.bin /big.bin >/dev/null
-  umoci config --image oci:big --architecture amd64 --os linux --config.cmd /big.bin >/dev/null
-  rm big.bin
-  skopeo copy --quiet --dest-tls-verify=false oci:oci:big "docker://127.0.0.1:$PORT/bench/big:1"
-)
+push_big_image "$WORK" "$SIZE_MB" "127.0.0.1:$PORT/bench/big:1"
 IMAGE=127.0.0.1:$PORT/bench/big:1
 LAYER=$(skopeo inspect --tls-verify=false --raw "docker://$IMAGE" |
   python3 -c 'import json,sys; m=json.load(sys.stdin); print(max(m["layers"], key=lambda l: l["size"])["digest"])')

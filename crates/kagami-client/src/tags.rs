@@ -97,7 +97,7 @@ pub fn next_page(link: &str) -> Option<(Option<u32>, String)> {
     for kv in query.split('&') {
         match kv.split_once('=') {
             Some(("n", v)) => n = v.parse().ok(),
-            Some(("last", v)) => last = Some(decode(v)),
+            Some(("last", v)) => last = Some(percent_decode(v)),
             _ => {}
         }
     }
@@ -118,7 +118,8 @@ fn encode(s: &str) -> String {
     out
 }
 
-fn decode(s: &str) -> String {
+/// Decodes `%XX` escapes of a query value (invalid ones are kept as they are).
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -156,7 +157,8 @@ mod tests {
         );
         assert_eq!(next_page("</v2/x/tags/list?n=5>; rel=\"next\""), None);
         assert_eq!(next_page("garbage"), None);
-        assert_eq!(decode("a%2Bb"), "a+b");
+        assert_eq!(percent_decode("a%2Bb"), "a+b");
+        assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(encode("a+b/c"), "a%2Bb%2Fc");
     }
 }

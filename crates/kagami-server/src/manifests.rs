@@ -399,7 +399,10 @@ pub(crate) async fn tags_list(
                 .map_err(|_| ApiError::unsupported(format!("n={v:?} is not a number of tags")))?,
         ),
     };
-    let last = crate::path::query_param(query, "last").filter(|l| !l.is_empty());
+    let last = crate::path::query_param(query, "last")
+        .filter(|l| !l.is_empty())
+        .map(kagami_client::percent_decode);
+    let last = last.as_deref();
     let plan = plan(&path.reference(), config, state.plan_options());
     let why_local = if kagami_client::endpoint_attempts(&plan).next().is_some() {
         match state.inner.upstream.tags(&plan, n, last).await {

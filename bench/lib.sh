@@ -1,0 +1,52 @@
+# Shared by the bench scripts (sourced, not run). Everything listens on loopback.
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p/100+0.5); if(i<1)i=1; print a[i]}'; }
+now() { date +%s.%N; }
+
+# start_registry DIR PORT ACCESSLOG(true|false): a docker-registry on 127.0.0.1:PORT with
+# its data under DIR; appends its pid to PIDS and waits until it answers.
+start_registry() {
+  local dir=$1 port=$2 log=${3:-false}
+  local disabled=true
+  [ "$log" = true ] && disabled=false
+  mkdir -p "$dir"
+  cat >"$dir/config.yml" <<YAML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: $disabled
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+http:
+  addr: 127.0.0.1:$port
+health:
+  storagedriver:
+    enabled: false
+YAML
+  docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && return 0; sleep 0.05; done
+  echo "registry on port $port never answered" >&2
+  exit 1
+}
+
+# push_big_image WORKDIR SIZE_MB DEST: a single-layer image of SIZE_MB random bytes
+# (umoci: the layer is gzip of incompressible data, SIZE_MB on the wire) pushed to DEST.
+push_big_image() {
+  local work=$1 size=$2 dest=$3
+  (
+    cd "$work"
+    umoci init --layout oci >/dev/null
+    umoci new --image oci:big >/dev/null
+    head -c $((size * 1024 * 1024)) /dev/urandom >big.bin
+    umoci insert --image oci:big big.bin /big.bin >/dev/null
+    umoci config --image oci:big --architecture amd64 --os linux --config.cmd /big.bin >/dev/null
+    rm big.bin
+    skopeo copy --quiet --dest-tls-verify=false oci:oci:big "docker://$dest"
+    rm -rf oci
+  )
+}
