@@ -551,11 +551,13 @@ pub async fn run(state: AppState, content: Arc<ContainerdContent>) {
                 }
             },
         };
+        // Connected before the scan publishes what it found: the status never shows
+        // containerd's images with `connected: false`.
+        content.connected.store(true, Ordering::Relaxed);
         // Subscribe before scanning so that a change during the scan triggers another.
         let mut events = client.subscribe();
         match content.rescan(&state).await {
             Ok(_) => {
-                content.connected.store(true, Ordering::Relaxed);
                 retry = Duration::from_secs(1);
                 warned = false;
             }
