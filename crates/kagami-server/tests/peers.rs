@@ -322,7 +322,7 @@ async fn a_second_fetcher_yields_to_the_node_with_the_lower_id() {
     let d = digest_of(&data);
     let (a_addr, a_hits) = fake_peer(Bytes::from(data.clone()), PeerMode::Good).await;
     let mut fake = Fake::new(vec![BlobMode::Good]).with_blob(&data);
-    fake.chunk_delay = Duration::from_millis(30); // ~1 s for the whole blob
+    fake.chunk_delay = Duration::from_millis(60); // ~2 s for the whole blob
     let s = start(fake, ServerOptions::default()).await;
     let net = MemoryNetwork::new();
     let me: Arc<dyn Router> = Arc::new(MemoryRouter::join(
@@ -341,8 +341,9 @@ async fn a_second_fetcher_yields_to_the_node_with_the_lower_id() {
     let late = {
         let net = net.clone();
         tokio::spawn(async move {
-            // After this node's own settle-and-look (150 ms), before its first re-check.
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // Well after this node's own settle-and-look (150 ms), before its re-checks
+            // (0.3 and 1 s after it started streaming) and the end of the transfer.
+            tokio::time::sleep(Duration::from_millis(400)).await;
             let a = MemoryRouter::join(&net, "a", a_addr);
             a.advertise(vec![key]).await;
             a
