@@ -37,16 +37,20 @@ impl Client {
         last: Option<&str>,
     ) -> Result<TagPage, Error> {
         let mut url = a.url("tags", "list");
-        let mut params = Vec::new();
-        if let Some(n) = n {
-            params.push(format!("n={n}"));
-        }
-        if let Some(last) = last {
-            params.push(format!("last={}", encode(last)));
-        }
-        for p in params {
+        // In a block: the serializer is not `Send`, and must not live across an await.
+        let query = {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(n) = n {
+                q.append_pair("n", &n.to_string());
+            }
+            if let Some(last) = last {
+                q.append_pair("last", last);
+            }
+            q.finish()
+        };
+        if !query.is_empty() {
             url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str(&p);
+            url.push_str(&query);
         }
         let resp = self
             .send(
@@ -94,50 +98,21 @@ pub fn next_page(link: &str) -> Option<(Option<u32>, String)> {
     let query = target.split_once('?')?.1;
     let mut n = None;
     let mut last = None;
-    for kv in query.split('&') {
-        match kv.split_once('=') {
-            Some(("n", v)) => n = v.parse().ok(),
-            Some(("last", v)) => last = Some(percent_decode(v)),
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "n" => n = v.parse().ok(),
+            "last" => last = Some(v.into_owned()),
             _ => {}
         }
     }
     Some((n, last?))
 }
 
-/// Percent-encodes what a tag may hold beyond URL-safe characters (tags are
-/// `[A-Za-z0-9_][A-Za-z0-9_.-]*`, but a `last` taken from elsewhere may not be).
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Decodes `%XX` escapes of a query value (invalid ones are kept as they are).
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The decoded value of query parameter `name` (`%XX` escapes and `+` undone), if present.
+pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 #[cfg(test)]
@@ -157,8 +132,14 @@ mod tests {
         );
         assert_eq!(next_page("</v2/x/tags/list?n=5>; rel=\"next\""), None);
         assert_eq!(next_page("garbage"), None);
-        assert_eq!(percent_decode("a%2Bb"), "a+b");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(encode("a+b/c"), "a%2Bb%2Fc");
+        assert_eq!(
+            query_value(Some("n=2&last=a%2Bb"), "last").as_deref(),
+            Some("a+b")
+        );
+        assert_eq!(
+            query_value(Some("last=100%"), "last").as_deref(),
+            Some("100%")
+        );
+        assert_eq!(query_value(Some("n=2"), "last"), None);
     }
 }

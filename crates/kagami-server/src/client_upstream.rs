@@ -24,6 +24,16 @@ impl ClientUpstream {
             client: Client::new(options),
         }
     }
+
+    /// The mirror's upstream: timeouts shorter than containerd's own patience (30 s per
+    /// hanging host), so that kagami answers, even with a 404, before containerd gives up.
+    pub fn for_mirror() -> Self {
+        Self::with_options(ClientOptions {
+            connect_timeout: std::time::Duration::from_secs(2),
+            read_timeout: std::time::Duration::from_secs(10),
+            ..Default::default()
+        })
+    }
 }
 
 impl Default for ClientUpstream {

@@ -399,9 +399,7 @@ pub(crate) async fn tags_list(
                 .map_err(|_| ApiError::unsupported(format!("n={v:?} is not a number of tags")))?,
         ),
     };
-    let last = crate::path::query_param(query, "last")
-        .filter(|l| !l.is_empty())
-        .map(kagami_client::percent_decode);
+    let last = kagami_client::query_value(query, "last").filter(|l| !l.is_empty());
     let last = last.as_deref();
     let plan = plan(&path.reference(), config, state.plan_options());
     let why_local = if kagami_client::endpoint_attempts(&plan).next().is_some() {
@@ -467,7 +465,7 @@ fn tags_response(
         let link = format!(
             "</v2/{}/tags/list?{n}last={}&ns={}>; rel=\"next\"",
             path.repository,
-            url_safe(&last),
+            url::form_urlencoded::byte_serialize(last.as_bytes()).collect::<String>(),
             path.registry
         );
         if let Ok(v) = HeaderValue::from_str(&link) {
@@ -475,17 +473,4 @@ fn tags_response(
         }
     }
     r
-}
-
-/// A tag for a query string: tags are URL-safe already; anything else is percent-encoded.
-fn url_safe(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }

@@ -27,8 +27,8 @@ use crate::{Inner, StoreError, StoreEvent};
 pub const CHUNK: usize = 128 * 1024;
 
 /// Bytes already on disk that a write keeps in memory for followers a little behind it.
-/// Chunks not yet on disk stay in the window whatever its size; the writer writes one chunk
-/// at a time, so a window holds at most this plus one chunk.
+/// Chunks not yet on disk stay in the window whatever its size; the writer writes one batch
+/// (one `write_chunks` call) at a time, so a window holds at most this plus one batch.
 pub const WINDOW: usize = 4 * 1024 * 1024;
 
 /// A complete blob opened for reading. The blob cannot be evicted while this handle lives.

@@ -262,14 +262,19 @@ fn configmap_registries_yaml_passes_kagami_check() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("registries.yaml");
     std::fs::write(&file, cm["data"]["registries.yaml"].as_str().unwrap()).unwrap();
+    assert_check_passes(&file, "configmap.yaml's registries.yaml");
+}
+
+/// `kagami check --config FILE` succeeds; `what` names the file in the failure.
+fn assert_check_passes(file: &std::path::Path, what: &str) {
     let out = kagami()
         .args(["check", "--config"])
-        .arg(&file)
+        .arg(file)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "kagami check on configmap.yaml's registries.yaml:\n{}",
+        "kagami check on {what}:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -296,16 +301,7 @@ fn k3s_doc_examples_pass_kagami_check() {
             .map(|l| format!("{}\n", l.strip_prefix("   ").unwrap_or(l)))
             .collect();
         std::fs::write(&file, text).unwrap();
-        let out = kagami()
-            .args(["check", "--config"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "docs/k3s.md example {i}:\n{b}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_check_passes(&file, &format!("docs/k3s.md example {i}:\n{b}"));
     }
 }
 

@@ -362,16 +362,7 @@ async fn start_node(
     let store = Store::open(data_dir.join("store"), StoreOptions { max_size: None })
         .await
         .context("opening the content store")?;
-    // As serve: answer before containerd's patience runs out.
-    let upstream = Arc::new(
-        kagami_server::client_upstream::ClientUpstream::with_options(
-            kagami_client::ClientOptions {
-                connect_timeout: Duration::from_secs(2),
-                read_timeout: Duration::from_secs(10),
-                ..Default::default()
-            },
-        ),
-    );
+    let upstream = Arc::new(kagami_server::client_upstream::ClientUpstream::for_mirror());
     let state = AppState::new(
         config,
         store,

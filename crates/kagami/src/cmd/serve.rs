@@ -187,17 +187,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     )
     .await
     .with_context(|| format!("opening the content store in {}", args.data_dir.display()))?;
-    // Shorter than containerd's own patience (30 s per hanging host): kagami must answer,
-    // even with a 404, before containerd gives up on it.
-    let upstream = Arc::new(
-        kagami_server::client_upstream::ClientUpstream::with_options(
-            kagami_client::ClientOptions {
-                connect_timeout: Duration::from_secs(2),
-                read_timeout: Duration::from_secs(10),
-                ..Default::default()
-            },
-        ),
-    );
+    let upstream = Arc::new(kagami_server::client_upstream::ClientUpstream::for_mirror());
     write_hosts(&args, &config)?;
     let state = AppState::new(
         config,
