@@ -33,6 +33,9 @@ pub struct ServerOptions {
     /// How long a resolved tag is served without asking upstream again.
     pub tag_ttl: Duration,
     pub disable_default_endpoint: bool,
+    /// The registry of requests that name none (no `ns`, no registry in the path), as
+    /// dockerd's `registry-mirrors` sends them; `None` refuses them.
+    pub default_registry: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -40,6 +43,7 @@ impl Default for ServerOptions {
         Self {
             tag_ttl: Duration::from_secs(300),
             disable_default_endpoint: false,
+            default_registry: Some(kagami_config::endpoint::DOCKER_HUB.to_string()),
         }
     }
 }
@@ -69,6 +73,8 @@ pub(crate) struct Inner {
     pub node_info: std::sync::OnceLock<crate::peer_api::NodeInfo>,
     /// Recent pulls, bytes over time and endpoint health for `/status`.
     pub status: crate::status::Status,
+    /// Requests kagami refused (each one a pull that went around it).
+    pub refusals: crate::refusals::Refusals,
     /// The node's containerd as a source of content for peers, when sharing it is on.
     #[cfg(feature = "containerd")]
     pub containerd: std::sync::OnceLock<Arc<crate::containerd::ContainerdContent>>,
@@ -95,6 +101,7 @@ impl AppState {
                 peers: std::sync::OnceLock::new(),
                 node_info: std::sync::OnceLock::new(),
                 status: crate::status::Status::new(),
+                refusals: crate::refusals::Refusals::default(),
                 #[cfg(feature = "containerd")]
                 containerd: std::sync::OnceLock::new(),
             }),
@@ -280,10 +287,16 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let (route, result) = route(&state, req).await;
+    let mut registry = None;
+    let (route, result) = route(&state, req, &mut registry).await;
     let (mut resp, source) = match result {
         Ok(r) => r,
-        Err(e) => (e.into_response(), Source::None),
+        Err(e) => {
+            if let Some(reason) = e.refusal {
+                crate::refusals::record(&state, registry.as_deref(), reason, &method, &uri, &e);
+            }
+            (e.into_response(), Source::None)
+        }
     };
     let status = resp.status().as_u16();
     let method_label = match method {
@@ -321,7 +334,12 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
 
 type Handled = Result<(Response, Source), ApiError>;
 
-async fn route(state: &AppState, req: Request) -> (&'static str, Handled) {
+/// Handles one request; `registry` is set to the registry it names once that is known.
+async fn route(
+    state: &AppState,
+    req: Request,
+    registry: &mut Option<String>,
+) -> (&'static str, Handled) {
     let path = req.uri().path().to_string();
     let is_head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !is_head {
@@ -338,14 +356,15 @@ async fn route(state: &AppState, req: Request) -> (&'static str, Handled) {
         );
         return ("base", Ok((r, Source::None)));
     }
-    let Some(rest) = path.strip_prefix("/v2/") else {
+    if !path.starts_with("/v2/") {
         return ("other", Err(ApiError::not_found("not found")));
-    };
-    let ns = path::ns_param(req.uri().query()).map(str::to_string);
-    let parsed = match path::parse(rest, ns.as_deref()) {
+    }
+    let default = state.inner.options.default_registry.as_deref();
+    let (parsed, query) = match path::parse_uri(req.uri(), default) {
         Ok(p) => p,
         Err(e) => return ("invalid", Err(e)),
     };
+    *registry = Some(parsed.registry.clone());
     let config = state.config();
     if config.mirror_for(&parsed.registry).is_none() {
         return (
@@ -353,7 +372,8 @@ async fn route(state: &AppState, req: Request) -> (&'static str, Handled) {
             Err(ApiError::name_unknown(format!(
                 "registry {} is not served by this mirror (no mirrors entry and no \"*\")",
                 parsed.registry
-            ))),
+            ))
+            .refused("registry_not_served")),
         );
     }
     let range = req
@@ -378,7 +398,7 @@ async fn route(state: &AppState, req: Request) -> (&'static str, Handled) {
         }
         Target::TagsList => (
             "tags",
-            crate::manifests::tags_list(state, &config, &parsed, req.uri().query()).await,
+            crate::manifests::tags_list(state, &config, &parsed, &query).await,
         ),
     }
 }

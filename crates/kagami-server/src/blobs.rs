@@ -102,7 +102,8 @@ pub(crate) async fn get(
             source,
         )),
         FetchState::PassThrough => pass_through(state, config, path, digest, head).await,
-        FetchState::Failed(why) => Err(ApiError::blob_unknown(why)),
+        // A blob a manifest names exists: failing to get it is a refusal.
+        FetchState::Failed(why) => Err(ApiError::blob_unknown(why).refused("upstream_failed")),
         FetchState::Connecting | FetchState::ConnectingUpstream => {
             unreachable!("waited for a later state")
         }
@@ -609,7 +610,7 @@ async fn pass_through(
         .blob(&plan, digest, 0, 0)
         .await
         .inspect_err(|e| crate::status::plan_failed(state, &plan, &e.message))
-        .map_err(|e| ApiError::blob_unknown(e.message))?;
+        .map_err(|e| ApiError::blob_unknown(e.message).refused("upstream_failed"))?;
     count_upstream(state, &body);
     let mut b = blob_response(StatusCode::OK, digest, body.size);
     if !head {

@@ -23,6 +23,7 @@ pub mod path;
 pub mod peer_api;
 pub mod peers;
 pub mod range;
+pub mod refusals;
 pub mod status;
 pub mod upstream;
 

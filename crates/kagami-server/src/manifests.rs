@@ -16,7 +16,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::app::{AppState, Source};
 use crate::error::ApiError;
-use crate::path::{ManifestRef, OciPath};
+use crate::path::{ManifestRef, OciPath, Query};
 use crate::upstream::FetchedManifest;
 
 /// The largest manifest kagami stores or serves.
@@ -60,7 +60,7 @@ pub(crate) async fn get(
                         .await
                         .inspect(|m| state.inner.status.endpoint_ok(&m.source))
                         .inspect_err(|e| crate::status::plan_failed(state, &plan, &e.message))
-                        .map_err(|e| ApiError::manifest_unknown(e.message))?,
+                        .map_err(|e| ApiError::manifest_unknown(e.message).upstream(e.not_found))?,
                     Source::Upstream,
                 ),
             };
@@ -118,8 +118,7 @@ pub(crate) async fn get(
                         );
                         return Ok((resp, Source::Local));
                     }
-                    let _ = not_found;
-                    Err(ApiError::manifest_unknown(message))
+                    Err(ApiError::manifest_unknown(message).upstream(not_found))
                 }
             }
         }
@@ -390,28 +389,28 @@ pub(crate) async fn tags_list(
     state: &AppState,
     config: &Config,
     path: &OciPath,
-    query: Option<&str>,
+    query: &Query,
 ) -> Handled {
-    let n = match crate::path::query_param(query, "n") {
+    let n = match query.get("n") {
         None => None,
         Some(v) => Some(
             v.parse::<u32>()
-                .map_err(|_| ApiError::unsupported(format!("n={v:?} is not a number of tags")))?,
+                .map_err(|_| ApiError::bad_request(format!("n={v:?} is not a number of tags")))?,
         ),
     };
-    let last = kagami_client::query_value(query, "last").filter(|l| !l.is_empty());
-    let last = last.as_deref();
+    let last = query.get("last").filter(|l| !l.is_empty());
     let plan = plan(&path.reference(), config, state.plan_options());
+    let mut upstream_failed = false;
     let why_local = if kagami_client::endpoint_attempts(&plan).next().is_some() {
         match state.inner.upstream.tags(&plan, n, last).await {
             Ok(page) => {
-                // Registries that ignore `n` and `last` (docker-registry 2.8 does) are
-                // paginated here, in their own order.
+                // The list is in lexical order (the distribution spec asks for it, and
+                // docker-registry 2.8 does not sort); registries that ignore `n` and
+                // `last` (2.8 does) are paginated here.
                 let (mut tags, mut next) = (page.tags, page.next);
-                if let Some(last) = last
-                    && let Some(i) = tags.iter().position(|t| t == last)
-                {
-                    tags.drain(..=i);
+                tags.sort();
+                if let Some(last) = last {
+                    tags.retain(|t| t.as_str() > last);
                 }
                 if let Some(n) = n
                     && tags.len() > n as usize
@@ -421,7 +420,10 @@ pub(crate) async fn tags_list(
                 }
                 return Ok((tags_response(path, tags, next), Source::Upstream));
             }
-            Err(e) => e.message,
+            Err(e) => {
+                upstream_failed = !e.not_found;
+                e.message
+            }
         }
     } else {
         "no endpoint to ask".to_string()
@@ -431,10 +433,11 @@ pub(crate) async fn tags_list(
         .store
         .list_tags(&path.registry, &path.repository);
     if tags.is_empty() {
-        return Err(ApiError::name_unknown(format!(
+        let e = ApiError::name_unknown(format!(
             "{}/{}: no tags known to this mirror ({why_local})",
             path.registry, path.repository
-        )));
+        ));
+        return Err(e.upstream(!upstream_failed));
     }
     tracing::info!(registry = %path.registry, repository = %path.repository, reason = %why_local, "tag list answered from the tags this mirror has resolved");
     tags.sort();
@@ -454,7 +457,7 @@ fn tags_response(
     tags: Vec<String>,
     next: Option<(Option<u32>, String)>,
 ) -> Response {
-    let body = serde_json::json!({"name": path.repository, "tags": tags}).to_string();
+    let body = serde_json::json!({"name": path.client_name, "tags": tags}).to_string();
     let mut r = Response::new(Body::from(body));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -462,11 +465,15 @@ fn tags_response(
     );
     if let Some((n, last)) = next {
         let n = n.map(|n| format!("n={n}&")).unwrap_or_default();
+        let ns = if path.from_ns {
+            format!("&ns={}", crate::path::encode(&path.registry))
+        } else {
+            String::new()
+        };
         let link = format!(
-            "</v2/{}/tags/list?{n}last={}&ns={}>; rel=\"next\"",
-            path.repository,
-            url::form_urlencoded::byte_serialize(last.as_bytes()).collect::<String>(),
-            path.registry
+            "</v2/{}/tags/list?{n}last={}{ns}>; rel=\"next\"",
+            path.client_name,
+            crate::path::encode(&last),
         );
         if let Ok(v) = HeaderValue::from_str(&link) {
             r.headers_mut().insert(header::LINK, v);

@@ -35,6 +35,12 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub registry: String,
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -51,6 +57,7 @@ pub struct Metrics {
     pub peer_lookup_hits: Counter,
     pub peer_received: Family<PeerLabels, Counter>,
     pub peer_lookup_seconds: Histogram,
+    pub refused: Family<RefusalLabels, Counter>,
 }
 
 impl Metrics {
@@ -70,6 +77,7 @@ impl Metrics {
             peer_lookups: Counter::default(),
             peer_lookup_hits: Counter::default(),
             peer_received: Family::default(),
+            refused: Family::default(),
             peer_lookup_seconds: Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0,
             ]),
@@ -144,6 +152,11 @@ impl Metrics {
             "peer_lookup_seconds",
             "Time to find which other nodes hold a key (bounded by the lookup timeout)",
             m.peer_lookup_seconds.clone(),
+        );
+        registry.register(
+            "refused_requests",
+            "Requests kagami refused (every status but a genuine not-found), by registry and reason: containerd pulls each of them around the mirror",
+            m.refused.clone(),
         );
         Metrics { registry, ..m }
     }

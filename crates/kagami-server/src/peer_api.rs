@@ -91,12 +91,8 @@ async fn handle(
     if method != Method::GET && !head {
         return Err(ApiError::unsupported("the peer API is read-only"));
     }
-    let rest = uri
-        .path()
-        .strip_prefix("/v2/")
-        .ok_or_else(|| ApiError::not_found("not found"))?;
-    let ns = path::ns_param(uri.query());
-    let p = path::parse(rest, ns)?;
+    // Peers always name the registry (ns), so no default registry applies.
+    let (p, _) = path::parse_uri(&uri, None)?;
     let range = range.as_deref();
     let not_here = || ApiError::not_found("not held by this node");
     match &p.target {

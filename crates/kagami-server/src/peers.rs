@@ -181,7 +181,10 @@ impl Peers {
         digest: &Digest,
         offset: u64,
     ) -> Option<BlobBody> {
-        let path = format!("/v2/{repository}/blobs/{digest}?ns={registry}");
+        let path = format!(
+            "/v2/{repository}/blobs/{digest}?ns={}",
+            crate::path::encode(registry)
+        );
         let mut i = from;
         while i < peers.len() {
             let first = self.blob_from(&peers[i], &path, offset);
@@ -255,7 +258,10 @@ impl Peers {
             None => tag_key(registry, repository, reference),
         };
         let peers = self.providers(&key).await;
-        let path = format!("/v2/{repository}/manifests/{reference}?ns={registry}");
+        let path = format!(
+            "/v2/{repository}/manifests/{reference}?ns={}",
+            crate::path::encode(registry)
+        );
         for peer in peers {
             let Ok(resp) = self
                 .request(&peer, reqwest::Method::GET, &path)

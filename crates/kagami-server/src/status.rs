@@ -197,11 +197,8 @@ pub(crate) fn record_request(state: &AppState, r: Finished<'_>) {
     let Ok(uri) = r.uri.parse::<axum::http::Uri>() else {
         return;
     };
-    let Some(rest) = uri.path().strip_prefix("/v2/") else {
-        return;
-    };
-    let ns = crate::path::ns_param(uri.query());
-    let Ok(path) = crate::path::parse(rest, ns) else {
+    let default = state.inner.options.default_registry.as_deref();
+    let Ok((path, _)) = crate::path::parse_uri(&uri, default) else {
         return;
     };
     let (kind, reference, digest) = match &path.target {
@@ -262,6 +259,10 @@ pub(crate) fn manifest_fetched(
 pub struct Report {
     /// When the report was made (Unix seconds).
     pub generated_at: u64,
+    /// Requests kagami refused, most recent first: each one a pull that containerd made
+    /// around the mirror (see [`crate::refusals`]).
+    #[serde(default)]
+    pub refused: Vec<crate::refusals::Refusal>,
     pub node: Node,
     pub peers: PeersSummary,
     pub members: Vec<MemberInfo>,
@@ -494,6 +495,7 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
     recent_pulls.reverse();
     Report {
         generated_at: unix_secs(now),
+        refused: inner.refusals.rows(),
         node: Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             listen: st.listen.get().cloned(),
@@ -777,6 +779,7 @@ pub fn render_html(r: &Report) -> String {
          <span class=\"right\">updated {} UTC · refreshes every 5 s · <a style=\"color:#9fb0c4\" href=\"/status.json\">JSON</a></span></header>\n<main>\n",
         utc_datetime(r.generated_at)
     );
+    refused_card(&mut h, r);
     node_card(&mut h, r);
     store_card(&mut h, r);
     hit_card(&mut h, r);
@@ -787,6 +790,36 @@ pub fn render_html(r: &Report) -> String {
     pulls_card(&mut h, r);
     h.push_str("</main></body></html>\n");
     h
+}
+
+/// First on the page, and only when there is something to say.
+fn refused_card(h: &mut String, r: &Report) {
+    if r.refused.is_empty() {
+        return;
+    }
+    let total: u64 = r.refused.iter().map(|x| x.count).sum();
+    let _ = write!(
+        h,
+        "<section class=\"wide\" id=\"refused\"><h2 class=\"bad\">Refused requests: {total} pulled around this mirror</h2>\
+         <p class=\"muted\">containerd takes any error from kagami as \"try the next host\" and pulls from the registry itself: \
+         no cache and no sharing for these. <code>kagami doctor</code> checks a node's setup.</p>\
+         <table><tr><th>registry</th><th>reason</th><th class=\"num\">count</th><th class=\"num\">last</th><th class=\"num\">status</th><th>last request</th></tr>"
+    );
+    for x in &r.refused {
+        let _ = write!(
+            h,
+            "<tr class=\"joined\"><td class=\"mono\">{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num muted\">{}</td><td class=\"num bad\">{}</td><td class=\"mono\">{}</td></tr>\
+             <tr><td colspan=\"6\" class=\"err\">{}</td></tr>",
+            escape(&x.registry),
+            escape(&x.reason),
+            x.count,
+            ago(r.generated_at, x.last_at),
+            x.last_status,
+            escape(&ellipsis(&x.last_request, 120)),
+            escape(&x.last_message),
+        );
+    }
+    h.push_str("</table></section>\n");
 }
 
 fn node_card(h: &mut String, r: &Report) {
@@ -1329,6 +1362,7 @@ mod tests {
         let evil = "<img src=x onerror=alert(1)>\"'&";
         Report {
             generated_at: 1_795_328_464,
+            refused: vec![],
             node: Node {
                 version: "0.1.0".into(),
                 listen: None,

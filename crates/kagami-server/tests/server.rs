@@ -233,8 +233,19 @@ async fn bad_input_gets_oci_errors() {
         ),
         (
             "/v2/team/app/manifests/-x?ns=registry.example.test",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            "/v2/team/app/manifests/1?ns=registry.example.test%3",
             400,
-            "MANIFEST_INVALID",
+            "NAME_INVALID",
+        ),
+        ("/v2/team/app/manifests/1?ns=a%2Fb", 400, "NAME_INVALID"),
+        (
+            "/v2/team/app/tags/list?ns=registry.example.test&n=x",
+            400,
+            "UNSUPPORTED",
         ),
         (
             "/v2/team/app/manifests/1?ns=not/a/host",
@@ -269,6 +280,35 @@ async fn bad_input_gets_oci_errors() {
     .await;
     assert_eq!(got, 405);
     assert!(String::from_utf8_lossy(&body).contains("UNSUPPORTED"));
+    // Each refusal is counted by registry and reason and listed first in /status.json; the
+    // genuine not-found answers (invalid tag, unknown path) are not refusals.
+    let (_, _, body, _) = request(s.addr, "GET", "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&body);
+    for line in [
+        r#"kagami_refused_requests_total{registry="-",reason="invalid_name"} 5"#,
+        r#"kagami_refused_requests_total{registry="-",reason="invalid_digest"} 1"#,
+        r#"kagami_refused_requests_total{registry="quay.io",reason="registry_not_served"} 1"#,
+        r#"kagami_refused_requests_total{registry="docker.io",reason="registry_not_served"} 1"#,
+        r#"kagami_refused_requests_total{registry="-",reason="unsupported"} 2"#,
+        r#"kagami_refused_requests_total{registry="registry.example.test",reason="invalid_query"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    let (_, _, body, _) = request(s.addr, "GET", "/status.json", &[]).await;
+    let report: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let refused = report["refused"].as_array().unwrap();
+    let names = refused
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["registry"].as_str().unwrap(),
+                r["reason"].as_str().unwrap()
+            )
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("MANIFEST")), "{names:?}");
     // A huge header is refused by the HTTP layer, not by a crash.
     let big = "x".repeat(200 * 1024);
     let (got, _, _, _) = request(s.addr, "GET", "/v2/", &[("X-Big", &big)]).await;
@@ -316,6 +356,7 @@ async fn a_tag_with_no_endpoint_to_ask_stays_current() {
         ServerOptions {
             tag_ttl: Duration::ZERO,
             disable_default_endpoint: true,
+            ..Default::default()
         },
     )
     .await;

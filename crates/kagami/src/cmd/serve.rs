@@ -45,6 +45,11 @@ pub struct Args {
     /// As K3s's flag: no default endpoint for registries that have a mirrors entry.
     #[arg(long, env = "KAGAMI_DISABLE_DEFAULT_REGISTRY_ENDPOINT")]
     disable_default_registry_endpoint: bool,
+    /// The registry of requests that name none — no `?ns=` and no registry in the path —
+    /// as dockerd's `registry-mirrors` sends them (`/v2/library/alpine/manifests/3.20`).
+    /// An empty value refuses such requests.
+    #[arg(long, env = "KAGAMI_DEFAULT_REGISTRY", value_name = "REGISTRY", default_value = "docker.io", value_parser = parse_registry)]
+    default_registry: String,
     /// Write containerd's hosts.toml files into DIR at start (and on reload), with this
     /// kagami first for every registry it serves.
     #[arg(long, env = "KAGAMI_CONTAINERD_HOSTS_DIR", value_name = "DIR")]
@@ -196,6 +201,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         ServerOptions {
             tag_ttl: args.tag_ttl,
             disable_default_endpoint: args.disable_default_registry_endpoint,
+            default_registry: Some(args.default_registry.clone()).filter(|r| !r.is_empty()),
         },
     );
     state.status().set_listen(args.listen.to_string());
@@ -388,4 +394,14 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("5 minutes").is_err());
     }
+}
+
+/// A registry name (`host` or `host:port`), or empty.
+fn parse_registry(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    kagami_config::endpoint::validate_host(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("{s:?} is not a registry name: {e}"))
 }

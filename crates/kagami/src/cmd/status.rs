@@ -146,6 +146,38 @@ pub fn render(r: &Report, base: &str) -> String {
         utc_datetime(r.generated_at)
     );
 
+    if !r.refused.is_empty() {
+        let total: u64 = r.refused.iter().map(|x| x.count).sum();
+        let _ = writeln!(
+            o,
+            "REFUSED: {} pulled around this mirror (containerd tried its next host)",
+            plural(total, "request", "requests")
+        );
+        let rows: Vec<Vec<String>> = r
+            .refused
+            .iter()
+            .map(|x| {
+                vec![
+                    x.registry.clone(),
+                    x.reason.clone(),
+                    x.count.to_string(),
+                    x.last_status.to_string(),
+                    x.last_request.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &mut o,
+            &["registry", "reason", "count", "status", "last request"],
+            &[false, false, true, true, false],
+            &rows,
+        );
+        for x in &r.refused {
+            let _ = writeln!(o, "  {} {}: {}", x.registry, x.reason, x.last_message);
+        }
+        let _ = writeln!(o);
+    }
+
     let n = &r.node;
     let _ = writeln!(o, "Node");
     let address = n

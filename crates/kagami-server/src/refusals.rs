@@ -1,0 +1,136 @@
+//! Requests kagami refused. containerd takes any error from a mirror as "try the next
+//! host" and pulls from the registry itself, silently: no cache, no sharing. So every
+//! refusal (any error but a genuine not-found) is counted by registry and reason in
+//! `kagami_refused_requests_total`, kept for `/status` and `kagami status` (shown first),
+//! and logged at most once a minute per (registry, reason).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::http::{Method, Uri};
+use serde::{Deserialize, Serialize};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::metrics::RefusalLabels;
+
+/// Distinct registries given their own metric label and status row; the registry name
+/// comes from the client, so later ones are counted as `other`.
+pub const MAX_REGISTRIES: usize = 64;
+/// How often one (registry, reason) is logged.
+pub const LOG_EVERY: Duration = Duration::from_secs(60);
+/// The label of requests that named no valid registry.
+pub const NO_REGISTRY: &str = "-";
+/// The label of registries past [`MAX_REGISTRIES`].
+pub const OTHER: &str = "other";
+const MAX_MESSAGE: usize = 300;
+
+/// One (registry, reason) row of `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Refusal {
+    pub registry: String,
+    pub reason: String,
+    pub count: u64,
+    /// Unix milliseconds of the last one.
+    pub last_at: u64,
+    pub last_status: u16,
+    /// The last refused request (method and path with query).
+    pub last_request: String,
+    pub last_message: String,
+}
+
+#[derive(Default)]
+pub struct Refusals {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    rows: HashMap<(String, &'static str), (Refusal, Option<Instant>)>,
+    registries: std::collections::HashSet<String>,
+}
+
+impl Refusals {
+    /// Every row, most recent first.
+    pub fn rows(&self) -> Vec<Refusal> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<Refusal> = inner.rows.values().map(|(r, _)| r.clone()).collect();
+        v.sort_by(|a, b| b.last_at.cmp(&a.last_at));
+        v
+    }
+}
+
+/// Counts, keeps and (rate-limited) logs one refused request.
+pub(crate) fn record(
+    state: &AppState,
+    registry: Option<&str>,
+    reason: &'static str,
+    method: &Method,
+    uri: &Uri,
+    e: &ApiError,
+) {
+    let refusals = &state.inner.refusals;
+    let mut inner = refusals.inner.lock().unwrap_or_else(|e| e.into_inner());
+    let label = match registry {
+        None => NO_REGISTRY.to_string(),
+        Some(r) if inner.registries.contains(r) => r.to_string(),
+        Some(r) if inner.registries.len() < MAX_REGISTRIES => {
+            inner.registries.insert(r.to_string());
+            r.to_string()
+        }
+        Some(_) => OTHER.to_string(),
+    };
+    state
+        .inner
+        .metrics
+        .refused
+        .get_or_create(&RefusalLabels {
+            registry: label.clone(),
+            reason,
+        })
+        .inc();
+    let mut message = e.message.clone();
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    let request = format!("{method} {uri}");
+    let now = Instant::now();
+    let (row, logged) = inner
+        .rows
+        .entry((label.clone(), reason))
+        .or_insert_with(|| {
+            (
+                Refusal {
+                    registry: label.clone(),
+                    reason: reason.to_string(),
+                    count: 0,
+                    last_at: 0,
+                    last_status: 0,
+                    last_request: String::new(),
+                    last_message: String::new(),
+                },
+                None,
+            )
+        });
+    row.count += 1;
+    row.last_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    row.last_status = e.status.as_u16();
+    row.last_request = request.clone();
+    row.last_message = message.clone();
+    if logged.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+        *logged = Some(now);
+        tracing::warn!(
+            registry = %label, reason, status = e.status.as_u16(), request = %request,
+            error = %message, count = row.count,
+            "refused a request: containerd will try the next host in hosts.toml (normally the registry itself), so this pull bypasses the mirror; logged once a minute per registry and reason"
+        );
+    }
+}
