@@ -56,7 +56,7 @@ impl Refusals {
     pub fn rows(&self) -> Vec<Refusal> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<Refusal> = inner.rows.values().map(|(r, _)| r.clone()).collect();
-        v.sort_by(|a, b| b.last_at.cmp(&a.last_at));
+        v.sort_by_key(|r| std::cmp::Reverse(r.last_at));
         v
     }
 }
