@@ -373,6 +373,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// A registry name (`host` or `host:port`), or empty.
+fn parse_registry(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    kagami_config::endpoint::validate_host(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("{s:?} is not a registry name: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,14 +404,4 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("5 minutes").is_err());
     }
-}
-
-/// A registry name (`host` or `host:port`), or empty.
-fn parse_registry(s: &str) -> Result<String, String> {
-    if s.is_empty() {
-        return Ok(String::new());
-    }
-    kagami_config::endpoint::validate_host(s)
-        .map(|()| s.to_string())
-        .map_err(|e| format!("{s:?} is not a registry name: {e}"))
 }
