@@ -292,10 +292,20 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let (mut resp, source) = match result {
         Ok(r) => r,
         Err(e) => {
-            if let Some(reason) = e.refusal {
-                crate::refusals::record(&state, registry.as_deref(), reason, &method, &uri, &e);
+            let refused = e.refusal.map(|r| (r, e.status.as_u16(), e.message.clone()));
+            let mut resp = e.into_response();
+            if let Some((reason, status, message)) = refused {
+                let r = crate::refusals::Refused {
+                    registry: registry.as_deref(),
+                    reason,
+                    status,
+                    message: &message,
+                };
+                crate::refusals::record(&state, r, &method, &uri);
+                resp.headers_mut()
+                    .insert(crate::refusals::HEADER, HeaderValue::from_static(reason));
             }
-            (e.into_response(), Source::None)
+            (resp, Source::None)
         }
     };
     let status = resp.status().as_u16();
@@ -374,6 +384,12 @@ async fn route(
                 parsed.registry
             ))
             .refused("registry_not_served")),
+        );
+    }
+    if req.headers().contains_key(crate::refusals::PROBE_HEADER) {
+        return (
+            "probe",
+            Ok((crate::refusals::probe_answer(&parsed), Source::None)),
         );
     }
     let range = req

@@ -11,9 +11,41 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::http::{Method, Uri};
 use serde::{Deserialize, Serialize};
 
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+
 use crate::app::AppState;
-use crate::error::ApiError;
 use crate::metrics::RefusalLabels;
+use crate::path::OciPath;
+
+/// The response header that names the reason of a refusal (`curl -I` shows it).
+pub const HEADER: &str = "kagami-refused";
+/// A request carrying this header (what `kagami doctor` sends) is parsed and checked
+/// against the configuration like any other, then answered `200` with the registry and
+/// repository kagami understood, without asking any source.
+pub const PROBE_HEADER: &str = "kagami-probe";
+
+/// The answer to a probe that kagami would serve.
+pub(crate) fn probe_answer(path: &OciPath) -> Response {
+    let body = serde_json::json!({"registry": path.registry, "repository": path.repository});
+    let mut r = Response::new(Body::from(body.to_string()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(PROBE_HEADER, HeaderValue::from_static("accepted"));
+    r
+}
+
+/// What one refused request was.
+pub(crate) struct Refused<'a> {
+    pub registry: Option<&'a str>,
+    pub reason: &'static str,
+    pub status: u16,
+    pub message: &'a str,
+}
 
 /// Distinct registries given their own metric label and status row; the registry name
 /// comes from the client, so later ones are counted as `other`.
@@ -62,14 +94,13 @@ impl Refusals {
 }
 
 /// Counts, keeps and (rate-limited) logs one refused request.
-pub(crate) fn record(
-    state: &AppState,
-    registry: Option<&str>,
-    reason: &'static str,
-    method: &Method,
-    uri: &Uri,
-    e: &ApiError,
-) {
+pub(crate) fn record(state: &AppState, r: Refused<'_>, method: &Method, uri: &Uri) {
+    let Refused {
+        registry,
+        reason,
+        status,
+        message,
+    } = r;
     let refusals = &state.inner.refusals;
     let mut inner = refusals.inner.lock().unwrap_or_else(|e| e.into_inner());
     let label = match registry {
@@ -90,7 +121,7 @@ pub(crate) fn record(
             reason,
         })
         .inc();
-    let mut message = e.message.clone();
+    let mut message = message.to_string();
     if message.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
         while !message.is_char_boundary(cut) {
@@ -122,13 +153,13 @@ pub(crate) fn record(
     row.last_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    row.last_status = e.status.as_u16();
+    row.last_status = status;
     row.last_request = request.clone();
     row.last_message = message.clone();
     if logged.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
         *logged = Some(now);
         tracing::warn!(
-            registry = %label, reason, status = e.status.as_u16(), request = %request,
+            registry = %label, reason, status, request = %request,
             error = %message, count = row.count,
             "refused a request: containerd will try the next host in hosts.toml (normally the registry itself), so this pull bypasses the mirror; logged once a minute per registry and reason"
         );

@@ -59,6 +59,12 @@ enum Command {
     /// Run the mirror: the OCI distribution pull API containerd talks to, with a
     /// content store, one upstream fetch per blob, tag revalidation and metrics.
     Serve(Box<cmd::serve::Args>),
+    /// Check that containerd on this node pulls through kagami: for every registry in
+    /// containerd's hosts directory (and K3s's registries.yaml), whether the first host is
+    /// this kagami and whether kagami accepts a request encoded as containerd encodes it.
+    ///
+    /// Exits 0 when every registry goes through kagami, 1 when one bypasses it.
+    Doctor(cmd::doctor::Args),
     /// Ask a running `kagami serve` for its status (node, members, store, hit ratio, bytes
     /// by source, recent pulls, endpoint health) and print a summary.
     Status(cmd::status::Args),
@@ -86,6 +92,7 @@ fn main() -> ExitCode {
         Command::Sync(a) => cmd::sync::run(a),
         Command::Serve(a) => cmd::serve::run(*a),
         Command::Status(a) => cmd::status::run(a),
+        Command::Doctor(a) => cmd::doctor::run(a),
         Command::Import(a) => cmd::import::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Man(a) => cmd::completions::man(a),

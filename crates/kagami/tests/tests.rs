@@ -10,6 +10,7 @@ mod deploy;
 mod explain;
 mod fake_registry;
 mod import;
+mod name_forms;
 #[cfg(feature = "containerd")]
 mod p2p_containerd;
 mod pull;

@@ -12,6 +12,7 @@ pub mod check;
 pub mod completions;
 pub mod containerd_config;
 pub mod demo;
+pub mod doctor;
 pub mod explain;
 pub mod import;
 pub mod node;
