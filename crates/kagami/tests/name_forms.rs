@@ -238,11 +238,7 @@ fn every_name_form_through_containerd_is_cached() {
     .unwrap();
     let d = bad.join("ghcr.io");
     std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(
-        d.join("hosts.toml"),
-        "server = \"https://ghcr.io\"\n".to_string(),
-    )
-    .unwrap();
+    std::fs::write(d.join("hosts.toml"), "server = \"https://ghcr.io\"\n").unwrap();
     let out = crate::support::kagami()
         .args(["doctor", "--format", "json", "--kagami", &k2.addr()])
         .arg("--hosts-dir")
