@@ -54,6 +54,12 @@ fn serve_and_pull() -> Pulled {
         "/v2/registry.example.test/team/tool/manifests/missing",
     );
     assert_eq!(status, 404);
+    // A request kagami refuses (malformed percent-encoding in ns): listed first.
+    let (status, _, _) = http_get(
+        &k.addr(),
+        "/v2/team/tool/manifests/3?ns=registry.example.test%3",
+    );
+    assert_eq!(status, 400);
     Pulled {
         _dir: dir,
         _registry: registry,
@@ -95,6 +101,22 @@ fn kagami_status_prints_what_status_json_says() {
         serde_json::to_value(after.bytes_served).unwrap()
     );
     let r = after;
+    // The refused request leads the report and the text, and the missing tag (a genuine
+    // not-found) is not among the refusals.
+    assert_eq!(r.refused.len(), 1, "{:?}", r.refused);
+    assert_eq!(
+        (r.refused[0].registry.as_str(), r.refused[0].reason.as_str()),
+        ("-", "invalid_name")
+    );
+    let first = text.lines().nth(2).unwrap_or_default();
+    assert!(
+        first.starts_with("REFUSED: 1 request pulled around this mirror"),
+        "{text}"
+    );
+    assert!(
+        text.contains("malformed percent-encoding at byte"),
+        "{text}"
+    );
     for section in [
         "Node\n",
         "Members (0)\n",
@@ -303,4 +325,11 @@ fn a_headless_browser_renders_the_status_page() {
     assert!(dom.contains("registry.example.test/team/tool"), "{dom}");
     assert!(dom.contains(">upstream</span>") && dom.contains(">local</span>"));
     assert!(dom.contains(&addr), "the node's address");
+    // The refused requests come first on the page.
+    let refused = dom.find("id=\"refused\"").expect("a refused section");
+    assert!(refused < dom.find("id=\"node\"").unwrap(), "{dom}");
+    assert!(
+        dom.contains("Refused requests: 1 pulled around this mirror"),
+        "{dom}"
+    );
 }
