@@ -48,7 +48,9 @@ impl Cri {
                 .timeout(Duration::from_secs(180))
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let socket = socket.clone();
-                    async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
+                    }
                 }))
                 .await
         })?;

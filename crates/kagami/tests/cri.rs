@@ -15,11 +15,7 @@ use crate::support::{Registry, RegistryOptions, TestImage, build_image, htpasswd
 fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.split(['{', ' '])
-                .next()
-                .is_some_and(|n| n == name)
-        })
+        .filter(|l| l.split(['{', ' ']).next().is_some_and(|n| n == name))
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .map(|l| {
             l.rsplit(' ')
@@ -333,4 +329,76 @@ fn cri_credentials_only_in_the_request_bypass_kagami() {
         0,
         "{metrics}"
     );
+}
+
+/// Part of issue 14: containerd's older mirror form. With the CRI `config_path` empty,
+/// containerd 1.6 reads `registry.mirrors."<registry>".endpoint` from config.toml (the form
+/// older K3s releases wrote); `kagami containerd-config --containerd-config-out FILE
+/// --legacy-mirrors --mirror URL` renders it with kagami first. A CRI pull of
+/// `127.0.0.1:PORT/team/app:1` must go through kagami.
+#[test]
+fn cri_pull_through_legacy_mirrors_without_config_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "1", 2, 256 * 1024);
+    let name = format!("{}/team/app:1", registry.addr());
+    image.push(&name);
+    let config = dir.path().join("registries.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mirrors:\n  \"{0}\":\n    endpoint: [\"http://{0}\"]\n",
+            registry.addr()
+        ),
+    )
+    .unwrap();
+    let port = crate::support::free_port();
+    let stanza = dir.path().join("legacy.toml");
+    run(kagami()
+        .args(["containerd-config", "-c"])
+        .arg(&config)
+        .args(["--mirror", &format!("http://127.0.0.1:{port}")])
+        .arg("--containerd-config-out")
+        .arg(&stanza)
+        .arg("--legacy-mirrors"));
+    let stanza = std::fs::read_to_string(&stanza).unwrap();
+    assert!(
+        stanza.contains(&format!(
+            "endpoint = [\"http://127.0.0.1:{port}\", \"http://{}\"]",
+            registry.addr()
+        )),
+        "{stanza}"
+    );
+    let k = Kagami::start_on(dir.path(), &config, port, &[]);
+    let containerd = CriContainerd::start(
+        &dir.path().join("containerd"),
+        RegistryConfig::Legacy(&stanza),
+    );
+    let mut cri = containerd.cri();
+    let pushed = registry.access_log().len();
+    cri.pull(&name, None).unwrap_or_else(|e| {
+        panic!(
+            "CRI pull failed: {e}\nkagami:\n{}\nregistry:\n{:#?}",
+            k.log_text(),
+            registry.access_log()
+        )
+    });
+    let served = metric(
+        &k.metrics(),
+        "kagami_http_requests_total",
+        &["route=\"blob\"", "method=\"GET\"", "status=\"200\""],
+    );
+    assert!(
+        served >= 3,
+        "kagami served {served} blobs\nkagami:\n{}\nregistry:\n{:#?}",
+        k.log_text(),
+        registry.access_log()
+    );
+    assert_blobs_fetched_once_by_kagami(&registry, pushed, &image, 3);
+
+    containerd.remove_all();
+    let blob_gets = registry.count_gets("/blobs/");
+    cri.pull(&name, None).unwrap();
+    assert_eq!(registry.count_gets("/blobs/"), blob_gets);
+    assert!(not_from_kagami(&registry, pushed).is_empty());
 }
