@@ -402,3 +402,79 @@ fn cri_pull_through_legacy_mirrors_without_config_path() {
     assert_eq!(registry.count_gets("/blobs/"), blob_gets);
     assert!(not_from_kagami(&registry, pushed).is_empty());
 }
+
+/// Docker Hub names as pod specs write them (`app:1`, `library/app:1`,
+/// `docker.io/library/app:1`): the CRI normalises them to `docker.io/library/app`, reads
+/// `certs.d/docker.io`, and kagami serves them. Docker Hub itself is replaced by a loopback
+/// registry and the default endpoint is disabled, so nothing leaves the machine.
+#[test]
+fn cri_pull_of_docker_hub_short_names_goes_through_kagami() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "1", 2, 128 * 1024);
+    image.push(&format!("{}/library/app:1", registry.addr()));
+    let config = dir.path().join("registries.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mirrors:\n  docker.io:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+    )
+    .unwrap();
+    let hosts_dir = dir.path().join("certs.d");
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &[
+            "--disable-default-registry-endpoint",
+            "--containerd-hosts-dir",
+            hosts_dir.to_str().unwrap(),
+        ],
+    );
+    let containerd = CriContainerd::start(
+        &dir.path().join("containerd"),
+        RegistryConfig::ConfigPath(&hosts_dir),
+    );
+    let mut cri = containerd.cri();
+    let pushed = registry.access_log().len();
+    for (i, name) in ["app:1", "library/app:1", "docker.io/library/app:1"]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            containerd.remove_all();
+        }
+        cri.pull(name, None).unwrap_or_else(|e| {
+            panic!(
+                "CRI pull of {name} failed: {e}\nkagami:\n{}\nregistry:\n{:#?}",
+                k.log_text(),
+                registry.access_log()
+            )
+        });
+        let images = cri.list().unwrap();
+        assert!(
+            images
+                .iter()
+                .any(|i| i.repo_tags.iter().any(|t| t == "docker.io/library/app:1")),
+            "{images:?}"
+        );
+        let served = metric(
+            &k.metrics(),
+            "kagami_http_requests_total",
+            &["route=\"blob\"", "method=\"GET\"", "status=\"200\""],
+        );
+        assert!(
+            served >= 3 * (i as u64 + 1),
+            "kagami served {served} blobs after pulling {name}\n{}",
+            k.log_text()
+        );
+    }
+    // Fetched once upstream, by kagami, for the three pulls.
+    assert_blobs_fetched_once_by_kagami(&registry, pushed, &image, 3);
+    assert!(
+        k.log_text().contains("ns=docker.io"),
+        "containerd names the registry: {}",
+        k.log_text()
+    );
+}
