@@ -334,24 +334,19 @@ fn cri_credentials_only_in_the_request_bypass_kagami() {
 /// Part of issue 14: containerd's older mirror form. With the CRI `config_path` empty,
 /// containerd 1.6 reads `registry.mirrors."<registry>".endpoint` from config.toml (the form
 /// older K3s releases wrote); `kagami containerd-config --containerd-config-out FILE
-/// --legacy-mirrors --mirror URL` renders it with kagami first. A CRI pull of
-/// `127.0.0.1:PORT/team/app:1` must go through kagami.
-#[test]
-fn cri_pull_through_legacy_mirrors_without_config_path() {
+/// --legacy-mirrors --mirror URL` renders it with kagami first. A CRI pull of `image`
+/// (given the registry's address) with kagami configured by `yaml` must go through kagami:
+/// every blob fetched upstream once, by kagami, and a second cold pull fetches none.
+/// containerd appends each registry's default endpoint itself; every name used here has a
+/// loopback one.
+fn pull_through_legacy_mirrors(yaml: impl Fn(&str) -> String, image: impl Fn(&str) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry"));
-    let image = build_image(&dir.path().join("image"), "1", 2, 256 * 1024);
-    let name = format!("{}/team/app:1", registry.addr());
-    image.push(&name);
+    let built = build_image(&dir.path().join("image"), "1", 2, 256 * 1024);
+    built.push(&format!("{}/team/app:1", registry.addr()));
+    let name = image(&registry.addr());
     let config = dir.path().join("registries.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "mirrors:\n  \"{0}\":\n    endpoint: [\"http://{0}\"]\n",
-            registry.addr()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, yaml(&registry.addr())).unwrap();
     let port = crate::support::free_port();
     let stanza = dir.path().join("legacy.toml");
     run(kagami()
@@ -363,10 +358,7 @@ fn cri_pull_through_legacy_mirrors_without_config_path() {
         .arg("--legacy-mirrors"));
     let stanza = std::fs::read_to_string(&stanza).unwrap();
     assert!(
-        stanza.contains(&format!(
-            "endpoint = [\"http://127.0.0.1:{port}\", \"http://{}\"]",
-            registry.addr()
-        )),
+        stanza.contains(&format!("endpoint = [\"http://127.0.0.1:{port}\"")),
         "{stanza}"
     );
     let k = Kagami::start_on(dir.path(), &config, port, &[]);
@@ -378,7 +370,7 @@ fn cri_pull_through_legacy_mirrors_without_config_path() {
     let pushed = registry.access_log().len();
     cri.pull(&name, None).unwrap_or_else(|e| {
         panic!(
-            "CRI pull failed: {e}\nkagami:\n{}\nregistry:\n{:#?}",
+            "CRI pull of {name} failed: {e}\nkagami:\n{}\nregistry:\n{:#?}",
             k.log_text(),
             registry.access_log()
         )
@@ -390,17 +382,47 @@ fn cri_pull_through_legacy_mirrors_without_config_path() {
     );
     assert!(
         served >= 3,
-        "kagami served {served} blobs\nkagami:\n{}\nregistry:\n{:#?}",
+        "kagami served {served} blobs of {name}\nkagami:\n{}\nregistry:\n{:#?}",
         k.log_text(),
         registry.access_log()
     );
-    assert_blobs_fetched_once_by_kagami(&registry, pushed, &image, 3);
+    assert_blobs_fetched_once_by_kagami(&registry, pushed, &built, 3);
 
     containerd.remove_all();
     let blob_gets = registry.count_gets("/blobs/");
     cri.pull(&name, None).unwrap();
     assert_eq!(registry.count_gets("/blobs/"), blob_gets);
     assert!(not_from_kagami(&registry, pushed).is_empty());
+}
+
+/// Legacy form, a registry named with a port (`127.0.0.1:PORT/team/app:1`): containerd
+/// sends `?ns=127.0.0.1%3APORT`, as through hosts.toml.
+#[test]
+fn cri_pull_through_legacy_mirrors_registry_with_a_port() {
+    pull_through_legacy_mirrors(
+        |addr| format!("mirrors:\n  \"{addr}\":\n    endpoint: [\"http://{addr}\"]\n"),
+        |addr| format!("{addr}/team/app:1"),
+    );
+}
+
+/// Legacy form, a registry name without a port (`localhost/team/app:1`, served by the
+/// loopback registry as its endpoint).
+#[test]
+fn cri_pull_through_legacy_mirrors_registry_without_a_port() {
+    pull_through_legacy_mirrors(
+        |addr| format!("mirrors:\n  localhost:\n    endpoint: [\"http://{addr}\"]\n"),
+        |_| "localhost/team/app:1".to_string(),
+    );
+}
+
+/// Legacy form, `mirrors."*"`: containerd 1.6 uses it for a registry without a table of
+/// its own; kagami serves the registry from its default endpoint.
+#[test]
+fn cri_pull_through_legacy_mirrors_wildcard() {
+    pull_through_legacy_mirrors(
+        |_| "mirrors:\n  \"*\": {}\n".to_string(),
+        |addr| format!("{addr}/team/app:1"),
+    );
 }
 
 /// Docker Hub names as pod specs write them (`app:1`, `library/app:1`,
