@@ -303,6 +303,27 @@ fn legacy_mirrors_flags() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The default endpoint cannot be disabled in the legacy form: a warning says so.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.yaml"),
+        "mirrors:\n  docker.io:\n    endpoint: [\"https://m.example.com\"]\n",
+    )
+    .unwrap();
+    let out = run(kagami().current_dir(dir.path()).args([
+        "containerd-config",
+        "-c",
+        "r.yaml",
+        "--containerd-config-out",
+        "c.toml",
+        "--legacy-mirrors",
+        "--disable-default-registry-endpoint",
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--disable-default-registry-endpoint does not apply"),
+        "{stderr}"
+    );
     let out = kagami().args(["containerd-config"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(

@@ -234,7 +234,7 @@ fn private_config(dir: &Path, registry: &Registry, with_auth: bool) -> std::path
 }
 
 /// (b) Credentials. With them in registries.yaml, kagami authenticates upstream and the
-/// kubelet's pull (no credentials in the CRI request) goes through kagami.
+/// kubelet's pull goes through kagami, with or without a pull secret in the CRI request.
 #[test]
 fn cri_pull_of_a_private_registry_with_credentials_in_registries_yaml() {
     let dir = tempfile::tempdir().unwrap();
@@ -263,6 +263,15 @@ fn cri_pull_of_a_private_registry_with_credentials_in_registries_yaml() {
         )
     });
     assert_blobs_fetched_once_by_kagami(&p.registry, p.pushed, &p.image, 3);
+
+    // The same pull with a pull secret in the request as well: containerd has no reason to
+    // send it (kagami never challenges), kagami serves from its store, and nothing reaches
+    // upstream.
+    containerd.remove_all();
+    let blob_gets = p.registry.count_gets("/blobs/");
+    cri.pull(PRIVATE, Some(basic_auth(USER, PASSWORD))).unwrap();
+    assert_eq!(p.registry.count_gets("/blobs/"), blob_gets);
+    assert!(not_from_kagami(&p.registry, p.pushed).is_empty());
 }
 
 /// (b) Credentials only in the CRI request (an image pull secret), none in registries.yaml.
