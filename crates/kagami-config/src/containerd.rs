@@ -245,6 +245,89 @@ pub fn render_auth_stanza(config: &Config) -> String {
     s
 }
 
+/// The legacy registry tables of `config.toml`, for a containerd that does not read
+/// hosts.toml files: before 1.5, and 1.5 to 1.7 whenever the CRI `config_path` is empty
+/// (the form older K3s releases wrote). One
+/// `[plugins."io.containerd.grpc.v1.cri".registry.mirrors."<registry>"]` per `mirrors` key
+/// with its `endpoint` list (kagami's endpoint first with `mirror`, then the endpoints stock
+/// containerd can use unchanged, as in hosts.toml), and the `configs.<host>.tls` tables.
+/// containerd always appends the registry's default endpoint itself, and reads no rewrite
+/// tables; auth is [`render_auth_stanza`]'s.
+pub fn render_legacy_stanza(config: &Config, options: &RenderOptions) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n# Legacy registry mirrors: only for a containerd whose CRI config_path is empty (containerd"
+    );
+    let _ = writeln!(
+        s,
+        "# rejects registry.mirrors when config_path is set). containerd adds each registry's default"
+    );
+    let _ = writeln!(s, "# endpoint after these.");
+    for m in &config.mirrors {
+        let mut endpoints: Vec<String> = Vec::new();
+        if let Some(mirror) = &options.mirror {
+            endpoints.push(legacy_url(mirror));
+        }
+        for ep in &m.endpoints {
+            if options.mirror.is_some() && !m.rewrites.is_empty() {
+                // Stock containerd would ask them for the wrong path: only kagami rewrites.
+                continue;
+            }
+            let url = legacy_url(ep);
+            if !endpoints.contains(&url) {
+                endpoints.push(url);
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.{}]",
+            quote(&m.registry)
+        );
+        let list: Vec<String> = endpoints.iter().map(|e| quote(e)).collect();
+        let _ = writeln!(s, "  endpoint = [{}]", list.join(", "));
+    }
+    for c in &config.configs {
+        let Some(tls) = c.tls.as_deref() else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "\n[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.{}.tls]",
+            quote(&c.host)
+        );
+        if let Some(ca) = &tls.ca_file {
+            let _ = writeln!(s, "  ca_file = {}", quote(&ca.display().to_string()));
+        }
+        if let Some(client) = &tls.client {
+            let _ = writeln!(
+                s,
+                "  cert_file = {}",
+                quote(&client.cert_file.display().to_string())
+            );
+            let _ = writeln!(
+                s,
+                "  key_file = {}",
+                quote(&client.key_file.display().to_string())
+            );
+        }
+        if tls.insecure_skip_verify {
+            let _ = writeln!(s, "  insecure_skip_verify = true");
+        }
+    }
+    s
+}
+
+/// An endpoint as the legacy `endpoint` list takes it: containerd appends `/v2` to a URL
+/// without a path and uses a path as given.
+fn legacy_url(ep: &Endpoint) -> String {
+    if ep.override_path {
+        ep.base()
+    } else {
+        ep.origin()
+    }
+}
+
 /// What [`write_hosts_dir`] did.
 #[derive(Debug, Default)]
 pub struct WriteReport {

@@ -235,3 +235,100 @@ fn real_containerd_pulls_through_rendered_hosts_toml() {
     );
     assert!(registry.count_gets("/v2/production/app/blobs/sha256:") >= 3);
 }
+
+/// Renders `--containerd-config-out` with `--legacy-mirrors` (no hosts dir) for `yaml`;
+/// the output must be valid TOML.
+fn render_legacy(yaml: &str, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    pki::generate(&dir.path().join("certs"));
+    std::fs::write(dir.path().join("registries.yaml"), yaml).unwrap();
+    run(kagami()
+        .current_dir(dir.path())
+        .args([
+            "containerd-config",
+            "--config",
+            "registries.yaml",
+            "--containerd-config-out",
+            "config.toml",
+            "--legacy-mirrors",
+        ])
+        .args(extra));
+    assert!(!dir.path().join("certs.d").exists());
+    let text = std::fs::read_to_string(dir.path().join("config.toml")).unwrap();
+    text.parse::<toml_edit::DocumentMut>()
+        .unwrap_or_else(|e| panic!("not valid TOML: {e}\n{text}"));
+    text.replace(&dir.path().display().to_string(), "<dir>")
+        .replace("<dir>/./", "<dir>/")
+}
+
+/// The legacy `registry.mirrors` form (containerd without `config_path`): K3s's order
+/// without --mirror; kagami first, and no endpoint with rewrites, with it.
+#[test]
+fn legacy_mirrors_for_config_toml() {
+    insta::assert_snapshot!(
+        "legacy_spec_section4",
+        render_legacy(&example("spec-section4.yaml"), &[])
+    );
+    insta::assert_snapshot!(
+        "legacy_spec_section4_mirror",
+        render_legacy(
+            &example("spec-section4.yaml"),
+            &["--mirror", "127.0.0.1:5000"]
+        )
+    );
+    insta::assert_snapshot!(
+        "legacy_endpoints_auth_tls_mirror",
+        render_legacy(
+            &example("endpoints-auth-tls.yaml"),
+            &["--mirror", "http://127.0.0.1:5000"]
+        )
+    );
+    let wildcard = "mirrors:\n  \"*\":\n    endpoint: [\"https://cache.example.com\"]\n  \"127.0.0.1:5001\": {}\n";
+    insta::assert_snapshot!(
+        "legacy_wildcard_mirror",
+        render_legacy(wildcard, &["--mirror", "http://127.0.0.1:5000"])
+    );
+}
+
+/// Without --hosts-dir, --containerd-config-out is needed; --legacy-mirrors needs it too.
+#[test]
+fn legacy_mirrors_flags() {
+    let out = kagami()
+        .args(["containerd-config", "--legacy-mirrors", "--hosts-dir", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--containerd-config-out"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The default endpoint cannot be disabled in the legacy form: a warning says so.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.yaml"),
+        "mirrors:\n  docker.io:\n    endpoint: [\"https://m.example.com\"]\n",
+    )
+    .unwrap();
+    let out = run(kagami().current_dir(dir.path()).args([
+        "containerd-config",
+        "-c",
+        "r.yaml",
+        "--containerd-config-out",
+        "c.toml",
+        "--legacy-mirrors",
+        "--disable-default-registry-endpoint",
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--disable-default-registry-endpoint does not apply"),
+        "{stderr}"
+    );
+    let out = kagami().args(["containerd-config"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--hosts-dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -5,6 +5,8 @@ mod support;
 mod check;
 mod client;
 mod containerd;
+#[cfg(feature = "containerd")]
+mod cri;
 mod demo;
 mod deploy;
 mod explain;

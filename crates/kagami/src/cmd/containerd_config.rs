@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use kagami_config::Endpoint;
-use kagami_config::containerd::{RenderOptions, render, render_auth_stanza, write_hosts_dir};
+use kagami_config::containerd::{
+    RenderOptions, render, render_auth_stanza, render_legacy_stanza, write_hosts_dir,
+};
 
 use super::load_config;
 use crate::ConfigArgs;
@@ -15,8 +17,14 @@ pub struct Args {
     #[command(flatten)]
     config: ConfigArgs,
     /// containerd's hosts directory (`config_path`), e.g. /etc/containerd/certs.d.
-    #[arg(long, env = "KAGAMI_CONTAINERD_HOSTS_DIR", value_name = "DIR")]
-    hosts_dir: PathBuf,
+    /// Optional with --containerd-config-out (a containerd without `config_path`).
+    #[arg(
+        long,
+        env = "KAGAMI_CONTAINERD_HOSTS_DIR",
+        value_name = "DIR",
+        required_unless_present = "containerd_config_out"
+    )]
+    hosts_dir: Option<PathBuf>,
     /// kagami's own endpoint (e.g. http://127.0.0.1:5000): written first for every
     /// registry kagami serves, before the direct endpoints and the server, so that a node
     /// whose kagami is down still pulls. Without it, the files are what K3s would write.
@@ -28,6 +36,11 @@ pub struct Args {
     /// Also write the config.toml auth stanza (containerd reads credentials there).
     #[arg(long, value_name = "FILE")]
     containerd_config_out: Option<PathBuf>,
+    /// Add the legacy `registry.mirrors` tables (and `configs.<host>.tls`) to
+    /// --containerd-config-out, for a containerd whose `config_path` is empty (before 1.5,
+    /// or older K3s). containerd 1.5+ refuses them when `config_path` is set.
+    #[arg(long, requires = "containerd_config_out")]
+    legacy_mirrors: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -38,19 +51,37 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(Endpoint::parse)
         .transpose()
         .context("invalid --mirror")?;
-    let files = render(
-        &config,
-        &RenderOptions {
-            mirror,
-            disable_default_endpoint: args.disable_default_registry_endpoint,
-        },
-    );
-    let report = write_hosts_dir(&args.hosts_dir, &files).with_context(|| {
-        format!(
-            "writing hosts.toml files under {}",
-            args.hosts_dir.display()
-        )
-    })?;
+    let options = RenderOptions {
+        mirror,
+        disable_default_endpoint: args.disable_default_registry_endpoint,
+    };
+    if let Some(hosts_dir) = &args.hosts_dir {
+        write_hosts(&config, &options, hosts_dir)?;
+    }
+    if let Some(out) = &args.containerd_config_out {
+        let mut text = render_auth_stanza(&config);
+        if args.legacy_mirrors {
+            if args.disable_default_registry_endpoint {
+                eprintln!(
+                    "kagami: warning: --disable-default-registry-endpoint does not apply to the legacy mirrors: containerd always adds each registry's default endpoint after them"
+                );
+            }
+            text.push_str(&render_legacy_stanza(&config, &options));
+        }
+        std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_hosts(
+    config: &kagami_config::Config,
+    options: &RenderOptions,
+    hosts_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let files = render(config, options);
+    let report = write_hosts_dir(hosts_dir, &files)
+        .with_context(|| format!("writing hosts.toml files under {}", hosts_dir.display()))?;
     for p in &report.written {
         println!("wrote {}", p.display());
     }
@@ -66,10 +97,5 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             p.display()
         );
     }
-    if let Some(out) = &args.containerd_config_out {
-        std::fs::write(out, render_auth_stanza(&config))
-            .with_context(|| format!("writing {}", out.display()))?;
-        println!("wrote {}", out.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "containerd")]
+pub mod cri;
 pub mod node;
 pub mod pki;
 
