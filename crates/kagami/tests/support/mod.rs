@@ -4,9 +4,11 @@
 
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod node;
 pub mod pki;
 
+pub use clients::{ContainersTools, Dockerd, HostsGuard};
 pub use node::{Node, containerd_digest};
 
 use std::io::{Read as _, Write as _};
