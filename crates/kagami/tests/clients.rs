@@ -195,7 +195,7 @@ fn podman_case(dir: &Path, origin: &Registry, case: PodmanCase) -> (Kagami, Stri
     let mark = origin.access_log().len();
     let out = run(tools
         .cmd("skopeo")
-        .args(["inspect", "--format", "{{.Digest}}"])
+        .args(["inspect", "--no-tags", "--format", "{{.Digest}}"])
         .arg(format!("docker://{}", case.stored)));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("sha256:"));
     for l in origin_lines(origin, mark) {
