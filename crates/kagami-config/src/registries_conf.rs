@@ -121,7 +121,11 @@ fn render_registry(s: &mut String, config: &Config, mirror: &Endpoint, m: &Mirro
         let _ = writeln!(s, "insecure = true");
     }
     let _ = writeln!(s, "\n[[registry.mirror]]");
-    let _ = writeln!(s, "location = {}", quote(&format!("{}/{form}", mirror.host)));
+    let _ = writeln!(
+        s,
+        "location = {}",
+        quote(&format!("{}/{form}", mirror.host))
+    );
     if mirror.scheme == "http" {
         let _ = writeln!(s, "insecure = true");
     }
@@ -253,7 +257,11 @@ configs:
 "#;
         let text = render(&config(yaml), &kagami()).unwrap();
         let doc = check_toml(&text);
-        let mirrors = doc["registry"].as_array_of_tables().unwrap().get(0).unwrap()["mirror"]
+        let mirrors = doc["registry"]
+            .as_array_of_tables()
+            .unwrap()
+            .get(0)
+            .unwrap()["mirror"]
             .as_array_of_tables()
             .unwrap()
             .iter()
@@ -273,7 +281,10 @@ configs:
             ]
         );
         // Secrets never go into the drop-in.
-        assert!(!text.contains("password") && !text.contains("\"p\""), "{text}");
+        assert!(
+            !text.contains("password") && !text.contains("\"p\""),
+            "{text}"
+        );
         insta::assert_snapshot!("registries_conf_endpoints_paths_tls_and_auth", text);
     }
 
@@ -282,7 +293,11 @@ configs:
         let c = config("mirrors:\n  quay.io:\n");
         let text = render(&c, &Endpoint::parse("https://kagami.local:5443").unwrap()).unwrap();
         let doc = check_toml(&text);
-        let m = &doc["registry"].as_array_of_tables().unwrap().get(0).unwrap()["mirror"]
+        let m = &doc["registry"]
+            .as_array_of_tables()
+            .unwrap()
+            .get(0)
+            .unwrap()["mirror"]
             .as_array_of_tables()
             .unwrap()
             .get(0)

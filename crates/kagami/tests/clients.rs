@@ -118,16 +118,15 @@ fn dockerd_registry_mirrors_pull_through_kagami() {
     let k = Kagami::start(dir.path(), &cfg, &["--disable-default-registry-endpoint"]);
     // dockerd falls back to registry-1.docker.io when the mirror fails.
     let _hosts = HostsGuard::map(&["registry-1.docker.io", "index.docker.io"]);
-    let dockerd = Dockerd::start(
-        &dir.path().join("dockerd"),
-        &format!("http://{}", k.addr()),
-    );
+    let dockerd = Dockerd::start(&dir.path().join("dockerd"), &format!("http://{}", k.addr()));
 
     let mark = origin.access_log().len();
     let out = run(dockerd.docker().args(["pull", "app:1"]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("docker.io/library/app:1"), "{stdout}");
-    run(dockerd.docker().args(["image", "inspect", "docker.io/library/app:1"]));
+    run(dockerd
+        .docker()
+        .args(["image", "inspect", "docker.io/library/app:1"]));
     assert_pulled_through_kagami(&origin, mark, &image);
     // dockerd named no registry: kagami served the bare path as docker.io.
     let log = k.log_text();
@@ -199,7 +198,10 @@ fn podman_case(dir: &Path, origin: &Registry, case: PodmanCase) -> (Kagami, Stri
         .arg(format!("docker://{}", case.stored)));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("sha256:"));
     for l in origin_lines(origin, mark) {
-        assert!(l.ends_with("\"kagami/0.1.0\""), "skopeo went around kagami: {l}");
+        assert!(
+            l.ends_with("\"kagami/0.1.0\""),
+            "skopeo went around kagami: {l}"
+        );
     }
 
     tools.rmi(case.stored);
@@ -237,7 +239,11 @@ fn podman_pulls_a_registry_with_a_port_through_kagami() {
     // The origin's own endpoint is the registry itself (its `location`, insecure), not a
     // mirror.
     let doc: toml_edit::DocumentMut = rendered.parse().unwrap();
-    let reg = doc["registry"].as_array_of_tables().unwrap().get(0).unwrap();
+    let reg = doc["registry"]
+        .as_array_of_tables()
+        .unwrap()
+        .get(0)
+        .unwrap();
     assert_eq!(reg["location"].as_str(), Some(o.as_str()));
     assert_eq!(reg["insecure"].as_bool(), Some(true));
     assert_eq!(reg["mirror"].as_array_of_tables().unwrap().len(), 1);
@@ -293,10 +299,17 @@ fn podman_pulls_through_a_kagami_rewrite() {
     let lines = origin_lines(&origin, mark);
     assert!(!lines.iter().any(|l| l.contains("/v2/team/")), "{lines:#?}");
     let doc: toml_edit::DocumentMut = rendered.parse().unwrap();
-    let reg = doc["registry"].as_array_of_tables().unwrap().get(0).unwrap();
+    let reg = doc["registry"]
+        .as_array_of_tables()
+        .unwrap()
+        .get(0)
+        .unwrap();
     let mirrors = reg["mirror"].as_array_of_tables().unwrap();
     assert_eq!(mirrors.len(), 1, "{rendered}");
-    assert!(rendered.contains(&format!("# Not listed: http://{o}/v2")), "{rendered}");
+    assert!(
+        rendered.contains(&format!("# Not listed: http://{o}/v2")),
+        "{rendered}"
+    );
 }
 
 /// The drop-in is written only over a file kagami wrote, and goes to stdout without -o.
@@ -308,7 +321,10 @@ fn registries_conf_output_ownership() {
         .args(["registries-conf", "--mirror", "http://127.0.0.1:5000", "-c"])
         .arg(&cfg));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("location = \"127.0.0.1:5000/quay.io\""), "{text}");
+    assert!(
+        text.contains("location = \"127.0.0.1:5000/quay.io\""),
+        "{text}"
+    );
 
     let file = dir.path().join("50-kagami.conf");
     std::fs::write(&file, "# mine\n").unwrap();
@@ -336,7 +352,12 @@ fn registries_conf_output_ownership() {
     }
     assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
     let out = kagami()
-        .args(["registries-conf", "--mirror", "http://127.0.0.1:5000/v2/x", "-c"])
+        .args([
+            "registries-conf",
+            "--mirror",
+            "http://127.0.0.1:5000/v2/x",
+            "-c",
+        ])
         .arg(&cfg)
         .output()
         .unwrap();

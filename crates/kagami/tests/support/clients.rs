@@ -121,11 +121,7 @@ impl Dockerd {
                 d.socket.display(),
                 d.log_text()
             );
-            assert!(
-                d.daemon_alive(),
-                "dockerd exited:\n{}",
-                d.log_text()
-            );
+            assert!(d.daemon_alive(), "dockerd exited:\n{}", d.log_text());
             std::thread::sleep(Duration::from_millis(100));
         }
         d
@@ -222,7 +218,10 @@ impl ContainersTools {
         let mut c = Command::new(program);
         c.env("HOME", self.dir.join("home"))
             .env_remove("XDG_CONFIG_HOME")
-            .env("CONTAINERS_REGISTRIES_CONF", self.dir.join("registries.conf"))
+            .env(
+                "CONTAINERS_REGISTRIES_CONF",
+                self.dir.join("registries.conf"),
+            )
             .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
             .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
             .stdin(Stdio::null());
