@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl chromium podman docker.io)
+packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl chromium podman buildah docker.io)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,7 +3,7 @@
 //! - dockerd 20.10 (Debian's `docker.io`) with `registry-mirrors`: it asks a mirror only for
 //!   Docker Hub images and names no registry (`/v2/library/app/manifests/1`), which kagami
 //!   serves as `--default-registry` (docker.io);
-//! - podman 4.3 and skopeo 1.9 (containers/image) through the registries.conf.d drop-in
+//! - podman 4.3, buildah 1.28 and skopeo 1.9 (containers/image) through the registries.conf.d drop-in
 //!   `kagami registries-conf` renders: a registry with a port (path form `host_port`), a
 //!   Docker Hub short name, and a registry whose mirrors entry rewrites repositories.
 //!
@@ -209,6 +209,22 @@ fn podman_case(dir: &Path, origin: &Registry, case: PodmanCase) -> (Kagami, Stri
     tools.pull(case.pull);
     let again = origin_lines(origin, mark);
     assert_eq!(blob_gets(&again), Vec::<String>::new(), "{again:#?}");
+
+    // buildah too (`--policy always` asks for the manifest even though podman's shared
+    // storage holds the image).
+    let asked = |k: &Kagami| k.log_text().matches(&case.kagami_path).count();
+    let before = asked(&k);
+    let mark = origin.access_log().len();
+    run(tools
+        .cmd("buildah")
+        .args(["pull", "--quiet", "--policy", "always", case.pull]));
+    assert!(asked(&k) > before, "buildah did not go through kagami");
+    for l in origin_lines(origin, mark) {
+        assert!(
+            l.ends_with("\"kagami/0.1.0\""),
+            "buildah went around kagami: {l}"
+        );
+    }
     assert_nothing_refused(&k);
     (k, rendered)
 }

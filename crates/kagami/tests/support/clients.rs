@@ -167,7 +167,7 @@ impl Drop for Dockerd {
     }
 }
 
-/// podman and skopeo (containers/image) confined to `dir`: rootful, storage (vfs) and
+/// podman, buildah and skopeo (containers/image) confined to `dir`: rootful, storage (vfs) and
 /// podman's runtime files under `dir`, the main registries.conf given by the test and the
 /// drop-in directory `dir/home/.config/containers/registries.conf.d` (containers/image
 /// reads `$HOME`'s drop-in directory as well as the system one; podman 4.3 has no variable
@@ -178,7 +178,7 @@ pub struct ContainersTools {
 
 impl ContainersTools {
     pub fn new(dir: &Path, main_registries_conf: &str) -> ContainersTools {
-        require(&["podman", "skopeo"]);
+        require(&["podman", "skopeo", "buildah"]);
         let home = dir.join("home");
         std::fs::create_dir_all(home.join(".config/containers/registries.conf.d")).unwrap();
         for d in ["run", "graph", "tmp"] {
