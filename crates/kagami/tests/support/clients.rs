@@ -33,6 +33,9 @@ impl HostsGuard {
             std::process::id(),
             HOSTS_SEQ.fetch_add(1, Ordering::SeqCst)
         );
+        if names.is_empty() {
+            return HostsGuard { marker };
+        }
         let _lock = HOSTS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let mut text = std::fs::read_to_string(HOSTS).unwrap_or_default();
         if !text.is_empty() && !text.ends_with('\n') {
