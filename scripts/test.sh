@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine: installs the real tools the
-# integration tests drive (docker-registry, containerd, skopeo, umoci, ...), then runs
-# formatting and lint checks and every test. Run from anywhere; needs root for apt-get.
+# integration tests drive (docker-registry, containerd, skopeo, umoci, podman, dockerd, ...),
+# then runs formatting and lint checks and every test. Run from anywhere; needs root for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl chromium)
+packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl chromium podman buildah docker.io)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,6 @@
 //! kagami's configuration layer: `registries.yaml` loading and checking, image
-//! references, the resolution plan and containerd `hosts.toml` rendering.
+//! references, the resolution plan, containerd `hosts.toml` rendering and the
+//! `registries.conf.d` drop-in for containers/image clients (podman, buildah, skopeo, CRI-O).
 //!
 //! Invariant: this crate does no network I/O. It reads files only to load the
 //! configuration and the certificates it names, and writes only through
@@ -12,6 +13,7 @@ pub mod endpoint;
 pub mod plan;
 pub mod raw;
 pub mod reference;
+pub mod registries_conf;
 pub mod yaml;
 
 pub use config::{

@@ -51,6 +51,9 @@ enum Command {
     Explain(cmd::explain::Args),
     /// Write containerd's certs.d/<registry>/hosts.toml files for a registries.yaml.
     ContainerdConfig(cmd::containerd_config::Args),
+    /// Write the registries.conf.d drop-in (containers-registries.conf v2) that sends the
+    /// pulls of podman, buildah, skopeo and CRI-O through kagami.
+    RegistriesConf(cmd::registries_conf::Args),
     /// Fetch IMAGE through the resolution plan (mirrors, rewrites, auth, TLS, fallback)
     /// into an OCI image layout directory.
     Pull(cmd::pull::Args),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Explain(a) => cmd::explain::run(a),
         Command::ContainerdConfig(a) => cmd::containerd_config::run(a),
+        Command::RegistriesConf(a) => cmd::registries_conf::run(a),
         Command::Pull(a) => cmd::pull::run(a),
         Command::Sync(a) => cmd::sync::run(a),
         Command::Serve(a) => cmd::serve::run(*a),

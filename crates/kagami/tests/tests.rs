@@ -4,6 +4,7 @@ mod support;
 
 mod check;
 mod client;
+mod clients;
 mod containerd;
 #[cfg(feature = "containerd")]
 mod cri;

@@ -17,6 +17,7 @@ pub mod explain;
 pub mod import;
 pub mod node;
 pub mod pull;
+pub mod registries_conf;
 pub mod serve;
 pub mod status;
 pub mod sync;

@@ -4,11 +4,13 @@
 
 #![allow(dead_code)]
 
+pub mod clients;
 #[cfg(feature = "containerd")]
 pub mod cri;
 pub mod node;
 pub mod pki;
 
+pub use clients::{ContainersTools, Dockerd, HostsGuard};
 pub use node::{Node, containerd_digest};
 
 use std::io::{Read as _, Write as _};
