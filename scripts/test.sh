@@ -5,15 +5,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl chromium podman buildah docker.io)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}"
+packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl chromium podman buildah)
+# dockerd without its recommends (apparmor, needrestart, ...): the tests only pull with it.
+bare_packages=(docker.io)
+missing() {
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+mapfile -t missing < <(missing "${packages[@]}")
+mapfile -t missing_bare < <(missing "${bare_packages[@]}")
+if ((${#missing[@]} + ${#missing_bare[@]})); then
+  echo "installing: ${missing[*]} ${missing_bare[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ((${#missing[@]})); then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ((${#missing_bare[@]})); then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing_bare[@]}" >/dev/null
+  fi
 fi
 
 cargo fmt --all -- --check

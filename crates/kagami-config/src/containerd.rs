@@ -144,6 +144,16 @@ pub fn render(config: &Config, options: &RenderOptions) -> BTreeMap<String, Stri
         }
         out.insert(dir, render_file(&file));
     }
+    // containerd looks hosts.toml up by the name in the image reference, and does not know
+    // that index.docker.io and registry-1.docker.io are Docker Hub: without their own
+    // directories, `index.docker.io/library/alpine` would go around kagami.
+    if options.mirror.is_some()
+        && let Some(hub) = out.get(crate::endpoint::DOCKER_HUB).cloned()
+    {
+        for alias in ["index.docker.io", crate::endpoint::DOCKER_HUB_HOST] {
+            out.entry(alias.to_string()).or_insert_with(|| hub.clone());
+        }
+    }
     out
 }
 

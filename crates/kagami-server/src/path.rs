@@ -231,15 +231,6 @@ fn path_registry(first: &str) -> Option<String> {
     (first.contains('.') || first.contains(':') || first == "localhost").then(|| first.to_string())
 }
 
-/// The first path component that names `registry` in the path form (`host:port` is
-/// written `host_port`; an IPv6 literal cannot be written there).
-pub fn path_form_registry(registry: &str) -> Option<String> {
-    if registry.starts_with('[') {
-        return None;
-    }
-    Some(registry.replacen(':', "_", 1))
-}
-
 fn normalise_registry(r: &str) -> String {
     if r == DOCKER_HUB_HOST || r == "index.docker.io" {
         DOCKER_HUB.to_string()
@@ -419,9 +410,12 @@ mod tests {
                 (registry, "team/app")
             );
             assert_eq!(p.client_name, format!("{first}/team/app"));
-            assert_eq!(path_form_registry(registry).as_deref(), Some(first));
+            // What `kagami registries-conf` writes is what this parser reads.
+            assert_eq!(
+                kagami_config::registries_conf::path_form(registry).as_deref(),
+                Some(first)
+            );
         }
-        assert_eq!(path_form_registry("[::1]:5000"), None);
         // Not a registry: no dot before the port.
         assert_eq!(
             parse("team_1/app/manifests/1", None, None)
