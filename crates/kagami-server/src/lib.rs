@@ -23,6 +23,7 @@ pub mod path;
 pub mod peer_api;
 pub mod peers;
 pub mod range;
+pub mod request_id;
 pub mod status;
 pub mod upstream;
 
