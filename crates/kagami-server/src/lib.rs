@@ -16,6 +16,7 @@ pub mod client_upstream;
 pub mod containerd;
 pub mod error;
 pub mod import;
+pub mod listener;
 mod log;
 mod manifests;
 pub mod metrics;

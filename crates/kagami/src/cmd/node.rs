@@ -88,11 +88,10 @@ pub async fn start_p2p(opts: &P2pOptions, state: &AppState) -> anyhow::Result<P2
         .await
         .with_context(|| format!("listening for peers on {http_addr}"))?;
     let app = kagami_server::peer_router(state.clone(), info.clone());
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let peer_server = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let opts = kagami_server::listener::ListenOptions::default();
+        let forever = std::future::pending::<()>();
+        if let Err(e) = kagami_server::listener::serve(listener, app, opts, forever).await {
             tracing::error!(error = %e, "peer API stopped");
         }
     });

@@ -216,18 +216,18 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     tokio::spawn(reload_loop(args.clone(), state.clone()));
 
     let shutdown_state = state.clone();
-    // No Nagle: a blob in flight is sent as it arrives, and a short segment must not wait
-    // for the client's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move {
+    // Header timeout, connection cap, request ids: see kagami_server::listener.
+    kagami_server::listener::serve(
+        listener,
+        router(state.clone()),
+        kagami_server::listener::ListenOptions::default(),
+        async move {
             shutdown_signal().await;
             tracing::info!("shutting down: finishing requests in progress");
             shutdown_state.set_ready(false);
-        })
-        .await
+        },
+    )
+    .await
         .context("serving")?;
     if let Some(peer_server) = peer_server {
         kagami_server::peers::withdraw_all(&state).await;
