@@ -21,7 +21,8 @@ const DEFAULT_CONFIG: &str = "/etc/kagami/registries.yaml";
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// registries.yaml (K3s format). When the file does not exist, kagami uses its
-    /// embedded default, which mirrors every registry from its default endpoint. The file
+    /// embedded default, which mirrors the well-known public registries (docker.io,
+    /// ghcr.io, quay.io, registry.k8s.io, ...) from their default endpoints. The file
     /// is reloaded on SIGHUP and when it changes; a new version with errors is refused
     /// and the old one kept.
     #[arg(long, short = 'c', env = "KAGAMI_CONFIG", value_name = "FILE", default_value = DEFAULT_CONFIG)]
@@ -125,7 +126,7 @@ fn init_logging(format: LogFormat) {
 /// exist. Errors are fatal at start and refused on reload.
 fn load(path: &Path) -> anyhow::Result<Config> {
     if !path.exists() {
-        tracing::info!(path = %path.display(), "no registries.yaml; using the embedded default (mirror every registry)");
+        tracing::info!(path = %path.display(), "no registries.yaml; using the embedded default (the well-known public registries)");
         return Ok(Config::embedded_default());
     }
     match Config::load(path) {
