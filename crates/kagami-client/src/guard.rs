@@ -116,9 +116,7 @@ impl Resolve for PublicOnly {
         let host = name.as_str().to_string();
         Box::pin(async move {
             type BoxError = Box<dyn std::error::Error + Send + Sync>;
-            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let public: Vec<SocketAddr> = all
                 .iter()
                 .copied()

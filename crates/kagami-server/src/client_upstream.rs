@@ -59,7 +59,12 @@ fn all_failed(what: &str, errors: &[(String, Error)]) -> UpstreamError {
     }
     let id = crate::request_id::current_or_new();
     let detail: Vec<String> = errors.iter().map(|(ep, e)| format!("{ep}: {e}")).collect();
-    tracing::warn!(request_id = %id, "{what}: every attempt failed: {}", detail.join("; "));
+    let not_found = errors.iter().all(|(_, e)| e.status() == Some(404));
+    if not_found {
+        tracing::info!(request_id = %id, "{what}: every attempt failed: {}", detail.join("; "));
+    } else {
+        tracing::warn!(request_id = %id, "{what}: every attempt failed: {}", detail.join("; "));
+    }
     let short: Vec<String> = errors
         .iter()
         .map(|(ep, e)| format!("{ep}: {}", client_reason(e)))
@@ -69,7 +74,7 @@ fn all_failed(what: &str, errors: &[(String, Error)]) -> UpstreamError {
             "{what}: every attempt failed: {} (details in kagami's log, request id {id})",
             short.join("; ")
         ),
-        not_found: errors.iter().all(|(_, e)| e.status() == Some(404)),
+        not_found,
     }
 }
 

@@ -123,7 +123,8 @@ where
             .timer(TokioTimer::new())
             .header_read_timeout(opts.header_timeout)
             .keep_alive(true);
-        let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let conn =
+            builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

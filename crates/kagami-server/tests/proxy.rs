@@ -65,13 +65,17 @@ async fn upstream(dead: u16) -> Upstream {
                     .unwrap();
             }
             if path.starts_with("/v2/chatty/") {
-                return (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL-UPSTREAM-TEXT").into_response();
+                return (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL-UPSTREAM-TEXT")
+                    .into_response();
             }
             let m = manifest();
             let by_digest = format!("/v2/team/app/manifests/{}", digest_of(m.as_bytes()));
             if path == "/v2/team/app/manifests/1" || path == by_digest {
                 let r = Response::builder()
-                    .header(header::CONTENT_TYPE, "application/vnd.oci.image.manifest.v1+json")
+                    .header(
+                        header::CONTENT_TYPE,
+                        "application/vnd.oci.image.manifest.v1+json",
+                    )
                     .header("Docker-Content-Digest", digest_of(m.as_bytes()).to_string())
                     .header(header::CONTENT_LENGTH, m.len());
                 return r.body(Body::from(m)).unwrap();
@@ -156,7 +160,11 @@ async fn star_does_not_reach_loopback_or_ip_literals() {
         let (status, _, body, _) = request(m.addr, "GET", &path, &[]).await;
         assert_eq!(status, 404, "{registry}: {}", text(&body));
     }
-    assert_eq!(up.hits.load(Ordering::SeqCst), 0, "kagami reached the loopback registry");
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        0,
+        "kagami reached the loopback registry"
+    );
 }
 
 /// A mirrors entry that names the loopback registry is the operator's choice: allowed.
@@ -165,13 +173,21 @@ async fn a_named_loopback_registry_is_reached() {
     let up = upstream(dead_port()).await;
     let reg = up.addr.to_string();
     let m = mirror(&format!("mirrors:\n  \"*\":\n  \"{reg}\":\n")).await;
-    let (status, _, body, _) =
-        request(m.addr, "GET", &format!("/v2/team/app/manifests/1?ns={reg}"), &[]).await;
+    let (status, _, body, _) = request(
+        m.addr,
+        "GET",
+        &format!("/v2/team/app/manifests/1?ns={reg}"),
+        &[],
+    )
+    .await;
     assert_eq!(status, 200, "{}", text(&body));
     assert_eq!(body, manifest().as_bytes());
     assert!(up.hits.load(Ordering::SeqCst) > 0);
     // So is a loopback endpoint listed under "*": the file names it.
-    let m = mirror(&format!("mirrors:\n  \"*\":\n    endpoint: [\"http://{reg}\"]\n")).await;
+    let m = mirror(&format!(
+        "mirrors:\n  \"*\":\n    endpoint: [\"http://{reg}\"]\n"
+    ))
+    .await;
     let (status, _, body, _) = request(
         m.addr,
         "GET",
@@ -214,16 +230,28 @@ async fn error_bodies_carry_no_upstream_text() {
     for (path, must_not) in [
         ("/v2/team/app/manifests/1?ns=dead.example.test", "os error"),
         ("/v2/team/app/manifests/1?ns=dead.example.test", "refused"),
-        ("/v2/signed/app/manifests/1?ns=registry.example.test", "SECRETSIG"),
-        ("/v2/signed/app/manifests/1?ns=registry.example.test", "bucket"),
-        ("/v2/chatty/app/manifests/1?ns=registry.example.test", "INTERNAL-UPSTREAM-TEXT"),
+        (
+            "/v2/signed/app/manifests/1?ns=registry.example.test",
+            "SECRETSIG",
+        ),
+        (
+            "/v2/signed/app/manifests/1?ns=registry.example.test",
+            "bucket",
+        ),
+        (
+            "/v2/chatty/app/manifests/1?ns=registry.example.test",
+            "INTERNAL-UPSTREAM-TEXT",
+        ),
     ] {
         let (status, h, body, _) = request(m.addr, "GET", path, &[]).await;
         assert_eq!(status, 404, "{path}");
         let body = text(&body);
         assert!(!body.contains(must_not), "{path}: {must_not:?} in {body}");
         let id = &h["x-request-id"];
-        assert!(body.contains(id.as_str()), "{path}: request id {id} not in {body}");
+        assert!(
+            body.contains(id.as_str()),
+            "{path}: request id {id} not in {body}"
+        );
     }
 }
 
@@ -320,7 +348,11 @@ async fn idle_keep_alive_connection_is_closed() {
         .unwrap();
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
-    assert!(text(&buf[..n]).starts_with("HTTP/1.1 200"), "{}", text(&buf[..n]));
+    assert!(
+        text(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        text(&buf[..n])
+    );
     assert!(closed_by(&mut s, Instant::now() + Duration::from_secs(5)).await);
 }
 

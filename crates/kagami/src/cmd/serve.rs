@@ -229,7 +229,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         },
     )
     .await
-        .context("serving")?;
+    .context("serving")?;
     if let Some(peer_server) = peer_server {
         kagami_server::peers::withdraw_all(&state).await;
         peer_server.abort();
