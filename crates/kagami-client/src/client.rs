@@ -138,8 +138,9 @@ impl Client {
             b = b.no_proxy();
         }
         if public_only {
-            // Checked at connect time, on the addresses actually used.
-            b = b.dns_resolver(crate::guard::PublicOnly);
+            // Checked at connect time, on the addresses actually used. Directly: through
+            // an HTTP proxy, the proxy would resolve the name and nothing would be checked.
+            b = b.dns_resolver(crate::guard::PublicOnly).no_proxy();
         }
         let c = b.build().map_err(|e| Error::TlsSetup {
             host: host.to_string(),

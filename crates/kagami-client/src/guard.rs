@@ -4,7 +4,8 @@
 //! whose addresses are all public, never to an IP literal, loopback, link-local, private
 //! or otherwise special address. The address is checked when the connection is opened
 //! (a DNS resolver wrapper), so a name that resolves differently the second time (DNS
-//! rebinding) is caught too. And, for every request: redirects only to http(s), never
+//! rebinding) is caught too; such requests ignore proxy settings, since a proxy would
+//! resolve the name itself. And, for every request: redirects only to http(s), never
 //! from https down to http.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
