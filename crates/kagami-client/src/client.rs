@@ -26,6 +26,11 @@ pub struct ClientOptions {
     /// for this long is given up on.
     pub read_timeout: Duration,
     pub user_agent: String,
+    /// Requests of attempts whose host came from the image name alone
+    /// ([`EndpointAttempt::name_chosen`]) go to DNS names with public addresses only, and
+    /// so do their redirects ([`crate::guard`]). For servers, whose clients choose image
+    /// names; off for the command line, whose user does.
+    pub public_only_for_name_chosen: bool,
 }
 
 impl Default for ClientOptions {
@@ -34,6 +39,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(3),
             read_timeout: Duration::from_secs(30),
             user_agent: concat!("kagami/", env!("CARGO_PKG_VERSION")).into(),
+            public_only_for_name_chosen: false,
         }
     }
 }
@@ -46,8 +52,9 @@ pub struct Client {
 
 pub(crate) struct Inner {
     options: ClientOptions,
-    /// reqwest clients by (origin, address of the TLS settings; 0 for none).
-    http: Mutex<HashMap<(String, usize), reqwest::Client>>,
+    /// reqwest clients by (origin, address of the TLS settings (0 for none), public
+    /// addresses only).
+    http: Mutex<HashMap<(String, usize, bool), reqwest::Client>>,
     tokens: TokenCache,
     /// Token requests are made one at a time, so that concurrent requests that need the
     /// same token cause one token request.
@@ -96,11 +103,18 @@ impl Client {
         }
     }
 
-    /// The reqwest client for an origin with the given TLS settings (built once).
-    fn http_client(&self, origin: &str, tls: Option<&Arc<Tls>>) -> Result<reqwest::Client, Error> {
+    /// The reqwest client for an origin with the given TLS settings (built once);
+    /// `public_only` resolves names to public addresses only.
+    fn http_client(
+        &self,
+        origin: &str,
+        tls: Option<&Arc<Tls>>,
+        public_only: bool,
+    ) -> Result<reqwest::Client, Error> {
         let key = (
             origin.to_string(),
             tls.map_or(0, |t| Arc::as_ptr(t) as usize),
+            public_only,
         );
         let mut map = self.inner.http.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(&key) {
@@ -122,6 +136,11 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60));
         if is_loopback_host(split_host_port(host).0) {
             b = b.no_proxy();
+        }
+        if public_only {
+            // Checked at connect time, on the addresses actually used. Directly: through
+            // an HTTP proxy, the proxy would resolve the name and nothing would be checked.
+            b = b.dns_resolver(crate::guard::PublicOnly).no_proxy();
         }
         let c = b.build().map_err(|e| Error::TlsSetup {
             host: host.to_string(),
@@ -147,10 +166,13 @@ impl Client {
         let mut auth = self.preemptive_auth(a, scopes, url).await?;
         let mut sent_fresh = false;
         loop {
-            let resp = self
+            let (resp, home) = self
                 .send_following(a, &method, url, &headers, body.as_ref(), auth.as_ref())
                 .await?;
-            if resp.status() != StatusCode::UNAUTHORIZED || sent_fresh {
+            // A 401 from another origin (the target of a redirect) is that origin's
+            // business: answering it would send this endpoint's credentials to a token
+            // service chosen by someone else.
+            if resp.status() != StatusCode::UNAUTHORIZED || sent_fresh || !home {
                 return Ok(resp);
             }
             sent_fresh = true;
@@ -218,7 +240,10 @@ impl Client {
 
     /// One request, following up to 10 redirects. The Authorization header goes only to
     /// the attempt's own origin (scheme, host and port); a redirect elsewhere is followed
-    /// without it, with default TLS settings.
+    /// without it, with default TLS settings. Redirects go to http(s) only and never from
+    /// https to http; for a name-chosen attempt of a public-only client, every hop must be
+    /// a DNS name with public addresses. Returns the response and whether it came from
+    /// the attempt's own origin.
     async fn send_following(
         &self,
         a: &EndpointAttempt,
@@ -227,16 +252,27 @@ impl Client {
         headers: &HeaderMap,
         body: Option<&ReqBody>,
         auth: Option<&HeaderValue>,
-    ) -> Result<Response, Error> {
+    ) -> Result<(Response, bool), Error> {
         let home = endpoint_origin(a);
+        let public_only = self.inner.options.public_only_for_name_chosen && a.name_chosen;
         let mut url = Url::parse(url).map_err(|e| Error::Auth {
             url: url.to_string(),
             why: format!("invalid URL: {e}"),
         })?;
         for _ in 0..10 {
+            if public_only && let Some(why) = crate::guard::refuse_host(&url) {
+                return Err(Error::Refused {
+                    url: url.to_string(),
+                    why,
+                });
+            }
             let origin = origin_of(&url);
             let same = origin == home;
-            let client = self.http_client(&origin, if same { a.tls.as_ref() } else { None })?;
+            let client = self.http_client(
+                &origin,
+                if same { a.tls.as_ref() } else { None },
+                public_only,
+            )?;
             let mut req = client
                 .request(method.clone(), url.clone())
                 .headers(headers.clone());
@@ -258,11 +294,17 @@ impl Client {
                     url: url.to_string(),
                     why: format!("bad redirect location {loc:?}: {e}"),
                 })?;
+                if let Some(why) = crate::guard::refuse_redirect(&url, &next) {
+                    return Err(Error::Refused {
+                        url: url.to_string(),
+                        why,
+                    });
+                }
                 tracing::debug!(from = %url, to = %next, "redirect");
                 url = next;
                 continue;
             }
-            return Ok(resp);
+            return Ok((resp, same));
         }
         Err(Error::Redirects {
             url: url.to_string(),
@@ -305,7 +347,13 @@ impl Client {
         let tls = (realm_origin == endpoint_origin(a))
             .then_some(a.tls.as_ref())
             .flatten();
-        let client = self.http_client(&realm_origin, tls)?;
+        // The realm is named by the endpoint; for a name-chosen endpoint of a public-only
+        // client it must be public too.
+        let public_only = self.inner.options.public_only_for_name_chosen && a.name_chosen;
+        if public_only && let Some(why) = crate::guard::refuse_host(&realm) {
+            return Err(auth_err(format!("token realm refused: {why}")));
+        }
+        let client = self.http_client(&realm_origin, tls, public_only)?;
         let (token, lifetime) = match (&a.auth, creds_ok) {
             (Some(Auth::IdentityToken(refresh)), true) => {
                 let form = [

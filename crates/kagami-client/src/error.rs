@@ -46,6 +46,10 @@ pub enum Error {
     Auth { url: String, why: String },
     #[error("{url}: too many redirects")]
     Redirects { url: String },
+    /// kagami refused to send the request: a redirect to a scheme other than http(s) or
+    /// from https to http, or a host chosen by the image name that is not public.
+    #[error("{url}: refused: {why}")]
+    Refused { url: String, why: String },
     #[error("TLS setup for {host}: {why}")]
     TlsSetup { host: String, why: String },
     #[error("{what}: {source}")]

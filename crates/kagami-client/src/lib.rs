@@ -10,7 +10,11 @@
 //! - a token request carries exactly one scope for pulls, the path actually sent to
 //!   that endpoint ([`kagami_config::EndpointAttempt::token_scope`]);
 //! - credentials are sent only to the endpoint's own origin (and to the token realm it
-//!   names); redirects to another origin are followed without them;
+//!   names); redirects to another origin are followed without them, and a 401 from
+//!   another origin is never answered with them;
+//! - redirects go to http(s) only, never from https to http; with
+//!   [`ClientOptions::public_only_for_name_chosen`], an attempt whose host came from the
+//!   image name alone reaches public addresses only ([`guard`]);
 //! - the client knows nothing about peers, the local store or files other than those a
 //!   caller hands it.
 
@@ -18,6 +22,7 @@ pub mod auth;
 mod client;
 pub mod digest;
 pub mod error;
+pub mod guard;
 pub mod manifest;
 mod pull;
 mod push;

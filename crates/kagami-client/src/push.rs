@@ -28,6 +28,8 @@ pub fn push_target(config: &Config, host: &str, repository: &str) -> EndpointAtt
         config_key: host_config.map(|c| c.host.clone()),
         auth: host_config.and_then(|c| c.auth.clone()),
         tls: host_config.and_then(|c| c.tls.clone()),
+        // The target is named on the command line, not by a client of a server.
+        name_chosen: false,
     }
 }
 

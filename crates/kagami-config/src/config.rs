@@ -15,9 +15,39 @@ use crate::endpoint::{DOCKER_HUB, DOCKER_HUB_HOST, Endpoint, HostError, validate
 use crate::raw::{self, RawAuth, RawTls, Spanned};
 use crate::yaml::{self, Pos};
 
-/// The registries.yaml kagami uses when none exists: serve (and share) every registry
-/// from its default endpoint.
-pub const EMBEDDED_DEFAULT: &str = "# kagami's embedded default: mirror every registry from its default endpoint\nmirrors:\n  \"*\":\n";
+/// The registries.yaml kagami uses when none exists: the well-known public registries,
+/// each from its default endpoint. Not `"*"`: a client of `kagami serve` names the
+/// registry, and `"*"` would let it make kagami connect anywhere (docs/security.md).
+pub const EMBEDDED_DEFAULT: &str = "\
+# kagami's embedded default: the well-known public registries, each from its default endpoint
+mirrors:
+  docker.io:
+  ghcr.io:
+  quay.io:
+  registry.k8s.io:
+  gcr.io:
+  mcr.microsoft.com:
+  public.ecr.aws:
+  registry.gitlab.com:
+  docker.elastic.co:
+  nvcr.io:
+  cgr.dev:
+";
+
+/// The registries [`EMBEDDED_DEFAULT`] mirrors.
+pub const EMBEDDED_DEFAULT_REGISTRIES: &[&str] = &[
+    "docker.io",
+    "ghcr.io",
+    "quay.io",
+    "registry.k8s.io",
+    "gcr.io",
+    "mcr.microsoft.com",
+    "public.ecr.aws",
+    "registry.gitlab.com",
+    "docker.elastic.co",
+    "nvcr.io",
+    "cgr.dev",
+];
 
 /// A checked registries.yaml.
 #[derive(Debug, Clone, Default)]
@@ -818,8 +848,14 @@ mod tests {
     }
 
     #[test]
-    fn embedded_default_serves_everything() {
+    fn embedded_default_serves_the_public_registries_by_name() {
         let c = Config::embedded_default();
-        assert_eq!(c.mirror_for("quay.io").unwrap().registry, "*");
+        let names: Vec<&str> = c.mirrors.iter().map(|m| m.registry.as_str()).collect();
+        assert_eq!(names, EMBEDDED_DEFAULT_REGISTRIES);
+        assert!(c.mirrors.iter().all(|m| m.endpoints.is_empty()));
+        assert_eq!(c.mirror_for("quay.io").unwrap().registry, "quay.io");
+        // Nothing else: no "*", so a client cannot name any other host.
+        assert!(c.mirror_for("127.0.0.1:5000").is_none());
+        assert!(c.mirror_for("evil.example.com").is_none());
     }
 }

@@ -54,6 +54,12 @@ pub struct EndpointAttempt {
     pub config_key: Option<String>,
     pub auth: Option<Auth>,
     pub tls: Option<Arc<Tls>>,
+    /// True when the host came from the image name alone: the default endpoint of a
+    /// registry that has no `mirrors` entry of its own (reached through `"*"`, or through
+    /// nothing). A server that takes image names from its clients lets such an attempt
+    /// reach public addresses only (see docs/security.md); `configs."*".auth` is never
+    /// sent to it.
+    pub name_chosen: bool,
 }
 
 impl EndpointAttempt {
@@ -168,7 +174,15 @@ fn endpoint_attempt(
     registry: &str,
     config: &Config,
 ) -> EndpointAttempt {
+    // The host is named by the configuration when it is a mirrors endpoint, or the default
+    // endpoint of a registry with a mirrors entry of its own.
+    let name_chosen =
+        source == Source::Default && !config.mirrors.iter().any(|m| m.registry == registry);
     let host_config = config.config_for_host(config_host);
+    // `configs."*".auth` goes only to hosts the file names (docs/security.md).
+    let auth = host_config
+        .filter(|c| !(name_chosen && c.host == "*"))
+        .and_then(|c| c.auth.clone());
     EndpointAttempt {
         source,
         ns: sends_ns(&endpoint.host, registry).then(|| registry.to_string()),
@@ -176,8 +190,9 @@ fn endpoint_attempt(
         repository,
         rewrite,
         config_key: host_config.map(|c| c.host.clone()),
-        auth: host_config.and_then(|c| c.auth.clone()),
+        auth,
         tls: host_config.and_then(|c| c.tls.clone()),
+        name_chosen,
     }
 }
 

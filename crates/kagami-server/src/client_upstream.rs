@@ -27,10 +27,14 @@ impl ClientUpstream {
 
     /// The mirror's upstream: timeouts shorter than containerd's own patience (30 s per
     /// hanging host), so that kagami answers, even with a 404, before containerd gives up.
+    ///
+    /// Its clients choose the image names, so a registry without a `mirrors` entry of its
+    /// own (reached through `"*"`) is reached on public addresses only.
     pub fn for_mirror() -> Self {
         Self::with_options(ClientOptions {
             connect_timeout: std::time::Duration::from_secs(2),
             read_timeout: std::time::Duration::from_secs(10),
+            public_only_for_name_chosen: true,
             ..Default::default()
         })
     }
@@ -42,7 +46,10 @@ impl Default for ClientUpstream {
     }
 }
 
-/// The error when every attempt failed: names each endpoint and why.
+/// The error when every attempt failed. The full story (connection errors, redirect
+/// URLs, what each registry answered) goes to the log under a request id; the message,
+/// which reaches clients, names each endpoint with a short reason of kagami's own words
+/// (an HTTP status, "no answer", "digest mismatch", ...) and that id.
 fn all_failed(what: &str, errors: &[(String, Error)]) -> UpstreamError {
     if errors.is_empty() {
         return UpstreamError {
@@ -50,10 +57,45 @@ fn all_failed(what: &str, errors: &[(String, Error)]) -> UpstreamError {
             not_found: true,
         };
     }
+    let id = crate::request_id::current_or_new();
     let detail: Vec<String> = errors.iter().map(|(ep, e)| format!("{ep}: {e}")).collect();
+    let not_found = errors.iter().all(|(_, e)| e.status() == Some(404));
+    if not_found {
+        tracing::info!(request_id = %id, "{what}: every attempt failed: {}", detail.join("; "));
+    } else {
+        tracing::warn!(request_id = %id, "{what}: every attempt failed: {}", detail.join("; "));
+    }
+    let short: Vec<String> = errors
+        .iter()
+        .map(|(ep, e)| format!("{ep}: {}", client_reason(e)))
+        .collect();
     UpstreamError {
-        message: format!("{what}: every attempt failed: {}", detail.join("; ")),
-        not_found: errors.iter().all(|(_, e)| e.status() == Some(404)),
+        message: format!(
+            "{what}: every attempt failed: {} (details in kagami's log, request id {id})",
+            short.join("; ")
+        ),
+        not_found,
+    }
+}
+
+/// What a client may learn about a failed attempt: nothing the upstream wrote (error
+/// bodies, redirect targets) and nothing that tells a refused connection from a timeout.
+pub fn client_reason(e: &Error) -> String {
+    match e {
+        Error::Status { status, .. } => format!("HTTP {status}"),
+        Error::Network { source, .. } if kagami_client::guard::is_refused_address(source) => {
+            "refused: not a public address".into()
+        }
+        Error::Network { .. } | Error::Io { .. } => "no answer".into(),
+        Error::DigestMismatch { .. } => "digest mismatch".into(),
+        Error::SizeMismatch { .. } => "size mismatch".into(),
+        Error::ManifestTooBig { .. } => "manifest too big".into(),
+        Error::InvalidManifest { .. } => "invalid manifest".into(),
+        Error::Auth { .. } => "authentication failed".into(),
+        Error::Redirects { .. } => "too many redirects".into(),
+        Error::Refused { .. } => "refused (address or redirect not allowed)".into(),
+        Error::TlsSetup { .. } => "TLS setup failed".into(),
+        Error::AllFailed { .. } => "failed".into(),
     }
 }
 

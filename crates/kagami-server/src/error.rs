@@ -1,5 +1,7 @@
 //! The one HTTP error type: renders the OCI error envelope
-//! `{"errors":[{"code":"...","message":"...","detail":...}]}` with the right status.
+//! `{"errors":[{"code":"...","message":"...","detail":{"request_id":"..."}}]}` with the
+//! right status. The request id (see [`crate::request_id`]) is there when the request
+//! went through [`crate::request_id::layer`]; the message never holds upstream error text.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -101,8 +103,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let detail = match crate::request_id::current() {
+            Some(id) => serde_json::json!({ "request_id": id }),
+            None => serde_json::Value::Null,
+        };
         let body = serde_json::json!({
-            "errors": [{"code": self.code, "message": self.message, "detail": null}]
+            "errors": [{"code": self.code, "message": self.message, "detail": detail}]
         });
         let mut resp = (self.status, body.to_string()).into_response();
         resp.headers_mut().insert(

@@ -16,6 +16,7 @@ pub mod client_upstream;
 pub mod containerd;
 pub mod error;
 pub mod import;
+pub mod listener;
 mod log;
 mod manifests;
 pub mod metrics;
@@ -24,6 +25,7 @@ pub mod peer_api;
 pub mod peers;
 pub mod range;
 pub mod refusals;
+pub mod request_id;
 pub mod status;
 pub mod upstream;
 

@@ -29,6 +29,8 @@ struct Counting<S> {
     log: RequestLog,
     /// The response's `Docker-Content-Digest`, for the status page's recent pulls.
     digest: Option<String>,
+    /// The request id ([`crate::request_id`]), when the request has one.
+    request_id: Option<String>,
 }
 
 impl<S> Stream for Counting<S>
@@ -74,6 +76,7 @@ impl<S> Drop for Counting<S> {
             bytes = self.bytes,
             duration_ms = l.start.elapsed().as_secs_f64() * 1000.0,
             complete = !self.failed,
+            request_id = self.request_id.as_deref(),
             "request"
         );
         crate::status::record_request(
@@ -115,6 +118,7 @@ pub fn wrap(resp: Response, log: RequestLog) -> Response {
         failed: false,
         log,
         digest,
+        request_id: crate::request_id::current(),
     };
     Response::from_parts(parts, Body::from_stream(stream))
 }

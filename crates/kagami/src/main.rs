@@ -35,7 +35,8 @@ pub enum Format {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {
     /// registries.yaml to read (K3s format). Without it, kagami uses its embedded
-    /// default, which mirrors every registry from its default endpoint.
+    /// default, which mirrors the well-known public registries (docker.io, ghcr.io,
+    /// quay.io, registry.k8s.io, ...) from their default endpoints.
     #[arg(long, short = 'c', env = "KAGAMI_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 }

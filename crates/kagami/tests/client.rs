@@ -208,3 +208,66 @@ fn server_errors_are_retried_once_on_the_last_attempt_only() {
     assert!(err.contains("HTTP 503"), "{err}");
     assert_eq!(seen.len(), 2, "exactly one retry: {seen:#?}");
 }
+
+/// A 401 from the target of a cross-origin redirect is not answered with the endpoint's
+/// credentials: its challenge names a token service chosen by that other origin (here on
+/// the endpoint's own host name, where kagami would otherwise send the password over
+/// plain http).
+#[test]
+fn credentials_not_sent_to_a_token_service_named_by_a_redirect_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = build_image(&tmp.path().join("img"), "1", 1, 16 * 1024);
+    let tokens = Fake::start(
+        "127.0.0.1",
+        &img.layout,
+        FakeOptions {
+            token_scope: Some("repository:library/redirected:pull".into()),
+            token_basic: Some(("alice".into(), "secret".into())),
+            ..Default::default()
+        },
+    );
+    let storage = Fake::start(
+        "127.0.0.2",
+        &img.layout,
+        FakeOptions {
+            bearer_realm: Some(format!("{}/token", tokens.url())),
+            ..Default::default()
+        },
+    );
+    let registry = Fake::start(
+        "127.0.0.1",
+        &img.layout,
+        FakeOptions {
+            basic: Some(("alice".into(), "secret".into())),
+            redirect_blobs_to: Some(storage.url()),
+            ..Default::default()
+        },
+    );
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            "configs:\n  \"{}\":\n    auth:\n      username: alice\n      password: secret\n",
+            registry.addr
+        ),
+    );
+    let out = tmp.path().join("out");
+    let o = pull(
+        Some(&cfg),
+        &format!("{}/library/redirected:1", registry.addr),
+        &out,
+        &[],
+    );
+    let err = crate::pull::failed(&o);
+    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(
+        storage.seen().iter().all(|r| r.status == 401),
+        "{:#?}",
+        storage.seen()
+    );
+    assert_eq!(
+        tokens.seen().len(),
+        0,
+        "credentials went to the redirect target's token service: {:#?}",
+        tokens.seen()
+    );
+}

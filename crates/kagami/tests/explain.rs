@@ -252,14 +252,29 @@ fn docker_hub_credentials_under_either_name() {
 
 #[test]
 fn wildcard_configs_apply_to_hosts_without_their_own() {
-    let yaml = "configs:\n  \"*\":\n    auth: {identity_token: tok}\n  quay.io:\n    tls: {insecure_skip_verify: true}\n";
-    assert_eq!(
-        explain(yaml, "ghcr.io/a/b", &[])["attempts"][0]["auth"],
-        "identity_token"
-    );
+    let yaml = "mirrors:\n  ghcr.io:\n  quay.io:\n  \"*\":\n    endpoint: [\"https://cache.example.com\"]\nconfigs:\n  \"*\":\n    auth: {identity_token: tok}\n  quay.io:\n    tls: {insecure_skip_verify: true}\n";
+    let g = explain(yaml, "ghcr.io/a/b", &[]);
+    assert_eq!(g["attempts"][1]["auth"], "identity_token", "{g}");
     let q = explain(yaml, "quay.io/a/b", &[]);
-    assert_eq!(q["attempts"][0]["auth"], "none");
-    assert_eq!(q["attempts"][0]["tls"]["insecure_skip_verify"], true);
+    assert_eq!(q["attempts"][1]["auth"], "none");
+    assert_eq!(q["attempts"][1]["tls"]["insecure_skip_verify"], true);
+}
+
+/// `configs."*".auth` goes only to hosts the file names: not to the default endpoint of
+/// a registry reached through `mirrors."*"` (a client of `kagami serve` names it), but to
+/// the endpoints listed under `"*"`.
+#[test]
+fn wildcard_credentials_are_not_sent_to_registries_the_file_does_not_name() {
+    let yaml = "mirrors:\n  \"*\":\n    endpoint: [\"https://cache.example.com\"]\nconfigs:\n  \"*\":\n    auth: {username: u, password: p}\n";
+    let p = explain(yaml, "evil.example.com/a/b", &[]);
+    assert_eq!(p["attempts"][1]["endpoint"], "https://cache.example.com/v2");
+    assert_eq!(p["attempts"][1]["auth"], "basic", "{p}");
+    assert_eq!(p["attempts"][2]["endpoint"], "https://evil.example.com/v2");
+    assert_eq!(p["attempts"][2]["auth"], "none", "{p}");
+    // Nor without any mirrors entry.
+    let yaml = "configs:\n  \"*\":\n    auth: {username: u, password: p}\n";
+    let p = explain(yaml, "ghcr.io/a/b", &[]);
+    assert_eq!(p["attempts"][0]["auth"], "none", "{p}");
 }
 
 #[test]

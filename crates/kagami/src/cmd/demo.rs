@@ -393,7 +393,8 @@ async fn start_node(
     state.status().set_listen(api.to_string());
     let app = router(state.clone());
     let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let opts = kagami_server::listener::ListenOptions::default();
+        let _ = kagami_server::listener::serve(listener, app, opts, std::future::pending()).await;
     });
     Ok(Node {
         n,

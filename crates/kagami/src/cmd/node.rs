@@ -88,11 +88,13 @@ pub async fn start_p2p(opts: &P2pOptions, state: &AppState) -> anyhow::Result<P2
         .await
         .with_context(|| format!("listening for peers on {http_addr}"))?;
     let app = kagami_server::peer_router(state.clone(), info.clone());
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let peer_server = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        // Half the API listener's cap: both together stay within three quarters of the
+        // open-file limit.
+        let mut opts = kagami_server::listener::ListenOptions::default();
+        opts.max_connections = (opts.max_connections / 2).max(32);
+        let forever = std::future::pending::<()>();
+        if let Err(e) = kagami_server::listener::serve(listener, app, opts, forever).await {
             tracing::error!(error = %e, "peer API stopped");
         }
     });

@@ -21,7 +21,8 @@ const DEFAULT_CONFIG: &str = "/etc/kagami/registries.yaml";
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// registries.yaml (K3s format). When the file does not exist, kagami uses its
-    /// embedded default, which mirrors every registry from its default endpoint. The file
+    /// embedded default, which mirrors the well-known public registries (docker.io,
+    /// ghcr.io, quay.io, registry.k8s.io, ...) from their default endpoints. The file
     /// is reloaded on SIGHUP and when it changes; a new version with errors is refused
     /// and the old one kept.
     #[arg(long, short = 'c', env = "KAGAMI_CONFIG", value_name = "FILE", default_value = DEFAULT_CONFIG)]
@@ -130,7 +131,7 @@ fn init_logging(format: LogFormat) {
 /// exist. Errors are fatal at start and refused on reload.
 fn load(path: &Path) -> anyhow::Result<Config> {
     if !path.exists() {
-        tracing::info!(path = %path.display(), "no registries.yaml; using the embedded default (mirror every registry)");
+        tracing::info!(path = %path.display(), "no registries.yaml; using the embedded default (the well-known public registries)");
         return Ok(Config::embedded_default());
     }
     match Config::load(path) {
@@ -222,19 +223,19 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     tokio::spawn(reload_loop(args.clone(), state.clone()));
 
     let shutdown_state = state.clone();
-    // No Nagle: a blob in flight is sent as it arrives, and a short segment must not wait
-    // for the client's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move {
+    // Header timeout, connection cap, request ids: see kagami_server::listener.
+    kagami_server::listener::serve(
+        listener,
+        router(state.clone()),
+        kagami_server::listener::ListenOptions::default(),
+        async move {
             shutdown_signal().await;
             tracing::info!("shutting down: finishing requests in progress");
             shutdown_state.set_ready(false);
-        })
-        .await
-        .context("serving")?;
+        },
+    )
+    .await
+    .context("serving")?;
     if let Some(peer_server) = peer_server {
         kagami_server::peers::withdraw_all(&state).await;
         peer_server.abort();
