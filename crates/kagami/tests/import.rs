@@ -101,7 +101,7 @@ fn ctr_export_imported_then_served_and_shared() {
         .unwrap();
     assert_eq!(denied.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&denied.stderr);
-    assert!(stderr.contains("admin token"), "{stderr}");
+    assert!(stderr.contains("admin.token"), "{stderr}");
 
     // Node B, which reaches no registry either, gets it from A over P2P.
     let b = Node::start(&dir.path().join("b"), "127.0.0.3", Some(&a.p2p));
