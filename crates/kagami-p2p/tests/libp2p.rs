@@ -103,6 +103,11 @@ async fn a_node_without_the_psk_cannot_join() {
         format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", "ab".repeat(32)),
     )
     .unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let psk = kagami_p2p::load_psk(&key_file).unwrap();
 
     let mut a_config = support::config(dir.path(), "a", "127.0.0.2", 6021);
