@@ -35,6 +35,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, Transport, identify, nois
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::capped_store::CappedStore;
 use crate::keys::load_or_create_identity;
 use crate::{BoxFuture, Member, P2pError, Peer, Router};
 
@@ -47,6 +48,10 @@ const AGENT_HTTP_MARKER: &str = " http=";
 const REBOOTSTRAP_INTERVAL: Duration = Duration::from_secs(10);
 /// How long [`Libp2pRouter::start`] waits for the listener to report its address.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`P2pConfig::max_provider_records_per_peer`] by default: a node advertises each blob and
+/// tag it holds, and 100,000 is several times what a large node holds.
+pub const DEFAULT_MAX_PROVIDER_RECORDS_PER_PEER: usize = 100_000;
 
 /// Settings of a [`Libp2pRouter`]. [`P2pConfig::new`] fills in the defaults.
 #[derive(Clone)]
@@ -70,6 +75,9 @@ pub struct P2pConfig {
     /// How often this node re-announces what it holds (default 3 min); keep it well under
     /// `provider_ttl`.
     pub reprovide_interval: Duration,
+    /// The most provider records this node keeps for any one other node (default 100,000):
+    /// beyond it that node's announcements are refused until some expire.
+    pub max_provider_records_per_peer: usize,
 }
 
 impl P2pConfig {
@@ -87,6 +95,7 @@ impl P2pConfig {
             lookup_timeout: Duration::from_millis(150),
             provider_ttl: Duration::from_secs(10 * 60),
             reprovide_interval: Duration::from_secs(3 * 60),
+            max_provider_records_per_peer: DEFAULT_MAX_PROVIDER_RECORDS_PER_PEER,
         }
     }
 }
@@ -102,6 +111,10 @@ impl fmt::Debug for P2pConfig {
             .field("lookup_timeout", &self.lookup_timeout)
             .field("provider_ttl", &self.provider_ttl)
             .field("reprovide_interval", &self.reprovide_interval)
+            .field(
+                "max_provider_records_per_peer",
+                &self.max_provider_records_per_peer,
+            )
             .finish()
     }
 }
@@ -275,7 +288,7 @@ fn http_addr_from_record(peer: &PeerId, record: &kad::Record) -> Option<SocketAd
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<CappedStore>,
     identify: identify::Behaviour,
 }
 
@@ -312,7 +325,7 @@ fn build_transport(
 /// Requests one query keeps in flight (Kademlia's alpha; libp2p's default is 3).
 const LOOKUP_PARALLELISM: std::num::NonZeroUsize = std::num::NonZeroUsize::new(8).unwrap();
 
-fn build_kad(peer_id: PeerId, config: &P2pConfig) -> kad::Behaviour<MemoryStore> {
+fn build_kad(peer_id: PeerId, config: &P2pConfig) -> kad::Behaviour<CappedStore> {
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_config
         // Background queries (announcements, record fetches); lookups end by their own deadline.
@@ -325,14 +338,18 @@ fn build_kad(peer_id: PeerId, config: &P2pConfig) -> kad::Behaviour<MemoryStore>
         .set_record_ttl(Some(config.provider_ttl))
         .set_publication_interval(Some(config.reprovide_interval))
         .set_replication_interval(None);
-    let store = MemoryStore::with_config(
+    let store = CappedStore::new(
+        MemoryStore::with_config(
+            peer_id,
+            MemoryStoreConfig {
+                max_records: 65_536,
+                max_value_bytes: 1024,
+                max_providers_per_key: kad::K_VALUE.get(),
+                max_provided_keys: 1_000_000,
+            },
+        ),
         peer_id,
-        MemoryStoreConfig {
-            max_records: 65_536,
-            max_value_bytes: 1024,
-            max_providers_per_key: kad::K_VALUE.get(),
-            max_provided_keys: 1_000_000,
-        },
+        config.max_provider_records_per_peer,
     );
     let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
     // Every node answers queries, whatever its addresses look like (by default a node is a
@@ -605,7 +622,7 @@ impl Task {
         tracing::debug!(peer_id = %self.local, "p2p router stopped");
     }
 
-    fn kad(&mut self) -> &mut kad::Behaviour<MemoryStore> {
+    fn kad(&mut self) -> &mut kad::Behaviour<CappedStore> {
         &mut self.swarm.behaviour_mut().kad
     }
 
