@@ -336,7 +336,9 @@ async fn http_addresses_must_be_on_the_peers_own_ip() {
                 .find(|m| m.id == liar_id)
                 .expect("the liar stays a member");
             !found.iter().any(|p| p.id == liar_id)
-                && !found.iter().any(|p| p.http_addr.ip().to_string() == "127.0.0.99")
+                && !found
+                    .iter()
+                    .any(|p| p.http_addr.ip().to_string() == "127.0.0.99")
                 && member.http_addr.is_none()
         },
     )

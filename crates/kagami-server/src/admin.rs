@@ -81,7 +81,10 @@ pub fn read_token(path: &Path) -> io::Result<String> {
     let text = std::fs::read_to_string(path)?;
     let token = text.trim();
     if token.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "the file is empty"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the file is empty",
+        ));
     }
     Ok(token.to_string())
 }

@@ -82,7 +82,12 @@ pub(crate) async fn get(
             // A tag learnt from a peer counts only for the TTL (`peers::LearntTags`).
             if cached.is_none()
                 && let Some(e) = state.peers().and_then(|p| {
-                    p.learnt_tag(&path.registry, &path.repository, tag, state.inner.options.tag_ttl)
+                    p.learnt_tag(
+                        &path.registry,
+                        &path.repository,
+                        tag,
+                        state.inner.options.tag_ttl,
+                    )
                 })
                 && let Some(resp) = serve_stored(state, &e.digest, head).await?
             {

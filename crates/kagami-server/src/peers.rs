@@ -379,11 +379,8 @@ impl Peers {
         entry: kagami_store::TagEntry,
         ttl: Duration,
     ) {
-        self.learnt.insert(
-            (registry.into(), repository.into(), tag.into()),
-            entry,
-            ttl,
-        );
+        self.learnt
+            .insert((registry.into(), repository.into(), tag.into()), entry, ttl);
     }
 
     /// A tag learnt from a peer less than `ttl` ago.
@@ -394,14 +391,17 @@ impl Peers {
         tag: &str,
         ttl: Duration,
     ) -> Option<kagami_store::TagEntry> {
-        self.learnt.get(
-            &(registry.into(), repository.into(), tag.into()),
-            ttl,
-        )
+        self.learnt
+            .get(&(registry.into(), repository.into(), tag.into()), ttl)
     }
 
     /// The tags of `registry/repository` learnt from peers less than `ttl` ago.
-    pub(crate) fn learnt_tags(&self, registry: &str, repository: &str, ttl: Duration) -> Vec<String> {
+    pub(crate) fn learnt_tags(
+        &self,
+        registry: &str,
+        repository: &str,
+        ttl: Duration,
+    ) -> Vec<String> {
         let now = std::time::SystemTime::now();
         self.learnt
             .0

@@ -96,9 +96,15 @@ async fn chunked_peer_manifests_are_bounded_to_4_mib() {
     let big_digest = digest_of(&big);
     let (peer, hits) = chunked_peer(Bytes::from(big.clone()), up.clone()).await;
     let (s, _other) = node(ServerOptions::default(), peer, &[big_digest.to_string()]).await;
-    let (status, _, body, _) = request(s.addr, "GET", &manifest_url(&big_digest.to_string()), &[]).await;
+    let (status, _, body, _) =
+        request(s.addr, "GET", &manifest_url(&big_digest.to_string()), &[]).await;
     assert_eq!(hits.load(Ordering::SeqCst), 1, "the peer was asked");
-    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+    assert_eq!(
+        status,
+        404,
+        "{}",
+        String::from_utf8_lossy(&body[..body.len().min(300)])
+    );
     assert!(s.state.store().blob_size(&big_digest).is_none());
 
     let small = manifest_of(100 * 1024);
@@ -168,8 +174,13 @@ async fn a_tag_learnt_from_a_peer_lasts_the_ttl_and_is_not_passed_on() {
     let (status, _, _, _) = request(s.addr, "GET", &manifest_url("1.0"), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(hits.load(Ordering::SeqCst), 1);
-    let (status, _, body, _) =
-        request(s.addr, "GET", "/v2/team/app/tags/list?ns=registry.example.test", &[]).await;
+    let (status, _, body, _) = request(
+        s.addr,
+        "GET",
+        "/v2/team/app/tags/list?ns=registry.example.test",
+        &[],
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("1.0"));
 
@@ -196,9 +207,14 @@ async fn a_tag_learnt_from_a_peer_lasts_the_ttl_and_is_not_passed_on() {
         },
     );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    assert_eq!(request(peer_api, "GET", &manifest_url("1.0"), &[]).await.0, 404);
     assert_eq!(
-        request(peer_api, "GET", &manifest_url(&d.to_string()), &[]).await.0,
+        request(peer_api, "GET", &manifest_url("1.0"), &[]).await.0,
+        404
+    );
+    assert_eq!(
+        request(peer_api, "GET", &manifest_url(&d.to_string()), &[])
+            .await
+            .0,
         200
     );
 
