@@ -154,7 +154,7 @@ async fn a_tag_learnt_from_a_peer_lasts_the_ttl_and_is_not_passed_on() {
     let up = Arc::new(AtomicBool::new(true));
     let (peer, hits) = chunked_peer(Bytes::from(m.clone()), up.clone()).await;
     let key = "tag:registry.example.test/team/app:1.0".to_string();
-    let ttl = Duration::from_millis(400);
+    let ttl = Duration::from_secs(2);
     let (s, other) = node(
         ServerOptions {
             tag_ttl: ttl,
@@ -221,7 +221,7 @@ async fn a_tag_learnt_from_a_peer_lasts_the_ttl_and_is_not_passed_on() {
     // Past the TTL, with the peer gone and the upstream down: not served stale.
     up.store(false, Ordering::SeqCst);
     s.fake.down.store(true, Ordering::SeqCst);
-    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     let (status, _, _, _) = request(s.addr, "GET", &manifest_url("1.0"), &[]).await;
     assert_eq!(status, 404);
     assert_eq!(hits.load(Ordering::SeqCst), 2, "the peer was asked again");
