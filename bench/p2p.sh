@@ -59,7 +59,7 @@ mirrors:
     endpoint: ["http://127.0.0.1:$ORIGIN"]
   registry.peers:
 YAML
-openssl rand -hex 32 >"$WORK/psk" 2>/dev/null || python3 -c 'import os; print(os.urandom(32).hex())' >"$WORK/psk"
+(umask 077; openssl rand -hex 32 >"$WORK/psk" 2>/dev/null || python3 -c 'import os; print(os.urandom(32).hex())' >"$WORK/psk")
 
 ip_of() { echo "127.0.0.$(($1 + 1))"; }
 # start_node I MODE [DATA]: MODE p2p or solo; the API is on <ip>:5000.

@@ -13,8 +13,22 @@ const SWARM_KEY_ENCODING: &str = "/base16/";
 
 /// Reads a 32-byte pre-shared key from `path`: either the libp2p `swarm.key` format
 /// (`/key/swarm/psk/1.0.0/`, `/base16/`, then 64 hex digits, one per line) or a single line of
-/// 64 hex digits.
+/// 64 hex digits. A file that users other than its owner may read or write (any of the
+/// mode bits 0o077 set) is refused: the key is the network's only credential.
 pub fn load_psk(path: &Path) -> Result<[u8; 32], P2pError> {
+    let meta = std::fs::metadata(path).map_err(|source| P2pError::PskRead {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(P2pError::PskInvalid {
+            path: path.to_owned(),
+            reason: format!(
+                "its mode is {mode:04o}: group and other users may access it; chmod 600 it (in Kubernetes, defaultMode: 0400 on the Secret volume)"
+            ),
+        });
+    }
     let text = std::fs::read_to_string(path).map_err(|source| P2pError::PskRead {
         path: path.to_owned(),
         source,
@@ -165,6 +179,8 @@ mod tests {
         assert!(err.starts_with("cannot read pre-shared key file"), "{err}");
         assert!(err.contains("swarm.key"), "{err}");
 
+        std::fs::write(&path, format!("{HEX}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         for (content, expect) in [
             ("", "empty"),
             ("abcd\n", "64 hex digits"),
@@ -179,6 +195,26 @@ mod tests {
             let err = load_psk(&path).unwrap_err().to_string();
             assert!(err.contains("swarm.key is invalid"), "{err}");
             assert!(err.contains(expect), "{content:?}: {err}");
+        }
+    }
+
+    /// Finding 2g: a key file others may read (or write) is refused, naming the file and
+    /// its mode; 0600 and 0400 are accepted.
+    #[test]
+    fn psk_file_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psk");
+        std::fs::write(&path, format!("{HEX}\n")).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = load_psk(&path).unwrap_err().to_string();
+            assert!(err.contains("psk is invalid"), "{err}");
+            assert!(err.contains(&format!("{mode:04o}")), "{err}");
+            assert!(err.contains("chmod 600"), "{err}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(load_psk(&path).is_ok(), "{mode:o}");
         }
     }
 

@@ -26,12 +26,13 @@ use std::path::PathBuf;
 
 pub use futures_util::future::BoxFuture;
 
+mod capped_store;
 mod keys;
 mod libp2p_router;
 mod memory;
 
 pub use keys::{identity_peer_id, load_psk};
-pub use libp2p_router::{Libp2pRouter, P2pConfig};
+pub use libp2p_router::{DEFAULT_MAX_PROVIDER_RECORDS_PER_PEER, Libp2pRouter, P2pConfig};
 pub use memory::{MemoryNetwork, MemoryRouter};
 
 /// A node that holds content: its stable id and the HTTP address where it serves peers.

@@ -8,12 +8,17 @@
 //!   connected peer sends at once; and a DHT value record `/kagami/node/<peer-id>` → `<addr>`
 //!   that each node puts when it joins and Kademlia re-publishes, fetched for providers this node
 //!   has never been connected to.
+//! - An HTTP address is used only when it is bound to the peer: its IP must be one the peer
+//!   proved it has — the source of a connection it opened to this node, or an address this
+//!   node dialled and reached it at (noise authenticates the peer id). Otherwise a member
+//!   could aim the other nodes' token-carrying requests at any host. An unspecified IP
+//!   (`0.0.0.0:port`) is taken as the peer's proven IP with that port.
 //! - The swarm lives in one tokio task; the [`Router`] methods talk to it over a channel, and it
 //!   answers every lookup by its deadline with what it has resolved by then.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,12 +34,13 @@ use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryId, QueryResult, Quorum, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, Transport, identify, noise, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::capped_store::CappedStore;
 use crate::keys::load_or_create_identity;
 use crate::{BoxFuture, Member, P2pError, Peer, Router};
 
@@ -47,6 +53,10 @@ const AGENT_HTTP_MARKER: &str = " http=";
 const REBOOTSTRAP_INTERVAL: Duration = Duration::from_secs(10);
 /// How long [`Libp2pRouter::start`] waits for the listener to report its address.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`P2pConfig::max_provider_records_per_peer`] by default: a node advertises each blob and
+/// tag it holds, and 100,000 is several times what a large node holds.
+pub const DEFAULT_MAX_PROVIDER_RECORDS_PER_PEER: usize = 100_000;
 
 /// Settings of a [`Libp2pRouter`]. [`P2pConfig::new`] fills in the defaults.
 #[derive(Clone)]
@@ -70,6 +80,9 @@ pub struct P2pConfig {
     /// How often this node re-announces what it holds (default 3 min); keep it well under
     /// `provider_ttl`.
     pub reprovide_interval: Duration,
+    /// The most provider records this node keeps for any one other node (default 100,000):
+    /// beyond it that node's announcements are refused until some expire.
+    pub max_provider_records_per_peer: usize,
 }
 
 impl P2pConfig {
@@ -87,6 +100,7 @@ impl P2pConfig {
             lookup_timeout: Duration::from_millis(150),
             provider_ttl: Duration::from_secs(10 * 60),
             reprovide_interval: Duration::from_secs(3 * 60),
+            max_provider_records_per_peer: DEFAULT_MAX_PROVIDER_RECORDS_PER_PEER,
         }
     }
 }
@@ -102,6 +116,10 @@ impl fmt::Debug for P2pConfig {
             .field("lookup_timeout", &self.lookup_timeout)
             .field("provider_ttl", &self.provider_ttl)
             .field("reprovide_interval", &self.reprovide_interval)
+            .field(
+                "max_provider_records_per_peer",
+                &self.max_provider_records_per_peer,
+            )
             .finish()
     }
 }
@@ -238,6 +256,18 @@ fn split_peer(mut addr: Multiaddr) -> (Multiaddr, Option<PeerId>) {
     }
 }
 
+/// The most IPs remembered per peer as proven.
+const MAX_PROVEN_IPS: usize = 8;
+
+/// The IP an address starts with.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => Some(IpAddr::V4(ip)),
+        Some(Protocol::Ip6(ip)) => Some(IpAddr::V6(ip)),
+        _ => None,
+    }
+}
+
 fn is_loopback(addr: &Multiaddr) -> bool {
     match addr.iter().next() {
         Some(Protocol::Ip4(ip)) => ip.is_loopback(),
@@ -275,7 +305,7 @@ fn http_addr_from_record(peer: &PeerId, record: &kad::Record) -> Option<SocketAd
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<CappedStore>,
     identify: identify::Behaviour,
 }
 
@@ -312,7 +342,7 @@ fn build_transport(
 /// Requests one query keeps in flight (Kademlia's alpha; libp2p's default is 3).
 const LOOKUP_PARALLELISM: std::num::NonZeroUsize = std::num::NonZeroUsize::new(8).unwrap();
 
-fn build_kad(peer_id: PeerId, config: &P2pConfig) -> kad::Behaviour<MemoryStore> {
+fn build_kad(peer_id: PeerId, config: &P2pConfig) -> kad::Behaviour<CappedStore> {
     let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_config
         // Background queries (announcements, record fetches); lookups end by their own deadline.
@@ -325,14 +355,18 @@ fn build_kad(peer_id: PeerId, config: &P2pConfig) -> kad::Behaviour<MemoryStore>
         .set_record_ttl(Some(config.provider_ttl))
         .set_publication_interval(Some(config.reprovide_interval))
         .set_replication_interval(None);
-    let store = MemoryStore::with_config(
+    let store = CappedStore::new(
+        MemoryStore::with_config(
+            peer_id,
+            MemoryStoreConfig {
+                max_records: 65_536,
+                max_value_bytes: 1024,
+                max_providers_per_key: kad::K_VALUE.get(),
+                max_provided_keys: 1_000_000,
+            },
+        ),
         peer_id,
-        MemoryStoreConfig {
-            max_records: 65_536,
-            max_value_bytes: 1024,
-            max_providers_per_key: kad::K_VALUE.get(),
-            max_provided_keys: 1_000_000,
-        },
+        config.max_provider_records_per_peer,
     );
     let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
     // Every node answers queries, whatever its addresses look like (by default a node is a
@@ -475,6 +509,8 @@ impl Libp2pRouter {
             lookup_timeout: config.lookup_timeout,
             http_from_identify,
             http_addrs: HashMap::new(),
+            proven_ips: HashMap::new(),
+            listen_addrs: HashMap::new(),
             lookups: HashMap::new(),
             record_queries: HashMap::new(),
             resolving: HashSet::new(),
@@ -577,8 +613,14 @@ struct Task {
     http_addr: SocketAddr,
     lookup_timeout: Duration,
     http_from_identify: bool,
-    /// Peers' HTTP addresses, from identify and node records.
+    /// Peers' HTTP addresses as they claim them, from identify and node records; used only
+    /// through [`Task::http_addr_of`].
     http_addrs: HashMap<PeerId, SocketAddr>,
+    /// The IPs each peer proved it has (see the module doc), most recent last, each with
+    /// whether this node reached the peer there (else the peer connected from it).
+    proven_ips: HashMap<PeerId, Vec<(IpAddr, bool)>>,
+    /// Peers' listen addresses from identify (to dial a claimed IP and prove it).
+    listen_addrs: HashMap<PeerId, Vec<Multiaddr>>,
     lookups: HashMap<QueryId, PendingLookup>,
     /// Node-record queries in flight, and the peer each is about.
     record_queries: HashMap<QueryId, PeerId>,
@@ -605,7 +647,7 @@ impl Task {
         tracing::debug!(peer_id = %self.local, "p2p router stopped");
     }
 
-    fn kad(&mut self) -> &mut kad::Behaviour<MemoryStore> {
+    fn kad(&mut self) -> &mut kad::Behaviour<CappedStore> {
         &mut self.swarm.behaviour_mut().kad
     }
 
@@ -718,9 +760,12 @@ impl Task {
     /// Rebuilds the member list from the routing table; on joining, announces what this node
     /// holds at once instead of waiting for the next re-provide.
     fn refresh_members(&mut self) {
-        let Task {
-            swarm, http_addrs, ..
-        } = self;
+        let resolved: HashMap<PeerId, SocketAddr> = self
+            .http_addrs
+            .keys()
+            .filter_map(|p| self.http_addr_of(p).map(|a| (*p, a)))
+            .collect();
+        let Task { swarm, .. } = self;
         let mut members: Vec<Member> = swarm
             .behaviour_mut()
             .kad
@@ -732,7 +777,7 @@ impl Task {
                         let peer = *entry.node.key.preimage();
                         Member {
                             id: peer.to_string(),
-                            http_addr: http_addrs.get(&peer).copied(),
+                            http_addr: resolved.get(&peer).copied(),
                             addrs: entry.node.value.iter().map(ToString::to_string).collect(),
                         }
                     })
@@ -779,6 +824,21 @@ impl Task {
                 peer_id, endpoint, ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                // Dialled: the peer answered at that address; listened: it connected from it.
+                if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                    let ips = self.proven_ips.entry(peer_id).or_default();
+                    let mut reached = endpoint.is_dialer();
+                    ips.retain(|(i, r)| {
+                        reached |= *i == ip && *r;
+                        *i != ip
+                    });
+                    ips.push((ip, reached));
+                    if ips.len() > MAX_PROVEN_IPS {
+                        ips.remove(0);
+                    }
+                }
+                self.refresh_members();
+                self.check_lookups();
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, error = %error, "connection failed");
@@ -791,10 +851,19 @@ impl Task {
         let identify::Event::Received { peer_id, info, .. } = event else {
             return;
         };
+        let tcp_listen: Vec<Multiaddr> = info
+            .listen_addrs
+            .iter()
+            .filter(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+            .take(MAX_PROVEN_IPS)
+            .cloned()
+            .collect();
+        self.listen_addrs.insert(peer_id, tcp_listen);
         if let Some(addr) = http_addr_from_agent(&info.agent_version)
             && self.http_from_identify
         {
             self.http_addrs.insert(peer_id, addr);
+            self.prove_http_addr(peer_id);
         }
         // Peers that connected to us are only routable once we know where they listen.
         // A node listening on every interface also lists its loopback addresses; they are
@@ -851,6 +920,7 @@ impl Task {
                         && let Some(addr) = http_addr_from_record(&peer, &found.record)
                     {
                         self.http_addrs.entry(peer).or_insert(addr);
+                        self.prove_http_addr(peer);
                         if let Some(mut query) = self.kad().query_mut(&id) {
                             query.finish();
                         }
@@ -871,6 +941,59 @@ impl Task {
             },
             kad::Event::RoutingUpdated { .. } => self.refresh_members(),
             _ => {}
+        }
+    }
+
+    /// The HTTP address of `peer` when it is bound to the peer (see the module doc).
+    fn http_addr_of(&self, peer: &PeerId) -> Option<SocketAddr> {
+        let claimed = *self.http_addrs.get(peer)?;
+        let proven = self.proven_ips.get(peer)?;
+        let same_family = |ip: &&(IpAddr, bool)| ip.0.is_ipv4() == claimed.is_ipv4();
+        if claimed.ip().is_unspecified() {
+            // Where this node reached the peer (a listen address) rather than where a
+            // connection came from (the source address the peer's kernel picked).
+            let (ip, _) = proven
+                .iter()
+                .rev()
+                .filter(same_family)
+                .find(|(_, reached)| *reached)
+                .or_else(|| proven.iter().rev().find(same_family))?;
+            return Some(SocketAddr::new(*ip, claimed.port()));
+        }
+        // to_canonical: an IPv4 peer seen over an IPv6 socket (::ffff:a.b.c.d).
+        proven
+            .iter()
+            .any(|(ip, _)| ip.to_canonical() == claimed.ip().to_canonical())
+            .then_some(claimed)
+    }
+
+    /// When `peer` claims an HTTP address on an IP it has not proven, dials its libp2p
+    /// listen address on that IP, if it has one: reaching it there proves the IP.
+    fn prove_http_addr(&mut self, peer: PeerId) {
+        let Some(claimed) = self.http_addrs.get(&peer).copied() else {
+            return;
+        };
+        if self.http_addr_of(&peer).is_some() {
+            return;
+        }
+        let on_ip: Vec<Multiaddr> = self
+            .listen_addrs
+            .get(&peer)
+            .into_iter()
+            .flatten()
+            .filter(|a| ip_of(a) == Some(claimed.ip()))
+            .cloned()
+            .collect();
+        if on_ip.is_empty() {
+            tracing::warn!(%peer, http_addr = %claimed, "peer's HTTP address is not on an IP it connects from or listens on: not used");
+            return;
+        }
+        let dial = DialOpts::peer_id(peer)
+            .condition(PeerCondition::Always)
+            .addresses(on_ip)
+            .build();
+        if let Err(e) = self.swarm.dial(dial) {
+            tracing::debug!(%peer, error = %e, "cannot dial to check a peer's HTTP address");
         }
     }
 
@@ -902,9 +1025,9 @@ impl Task {
             .providers
             .iter()
             .filter_map(|p| {
-                self.http_addrs.get(p).map(|a| Peer {
+                self.http_addr_of(p).map(|a| Peer {
                     id: p.to_string(),
-                    http_addr: *a,
+                    http_addr: a,
                 })
             })
             .take(lookup.limit)

@@ -103,6 +103,11 @@ async fn a_node_without_the_psk_cannot_join() {
         format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", "ab".repeat(32)),
     )
     .unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let psk = kagami_p2p::load_psk(&key_file).unwrap();
 
     let mut a_config = support::config(dir.path(), "a", "127.0.0.2", 6021);
@@ -268,4 +273,74 @@ async fn a_node_started_before_its_bootstrap_peer_joins_later() {
     .await;
     a.advertise(vec!["sha256:1a7e".to_owned()]).await;
     finds(&b, "sha256:1a7e", &peer_of(&a, a_http)).await;
+}
+
+/// Finding 2c: a member's HTTP address is used only on an IP the member proved it has (it
+/// connected from it, or was reached there): one claiming another host's address is never
+/// returned by lookups nor shown with an address; one listening on every interface
+/// (`0.0.0.0:port`) is reached on the IP it connected from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_addresses_must_be_on_the_peers_own_ip() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let honest_config = support::config(dir.path(), "honest", "127.0.0.12", 6091);
+    let honest_http = honest_config.http_addr;
+    let honest = support::start(honest_config).await;
+    let bootstrap = honest.listen_multiaddrs();
+
+    // Listens on 127.0.0.13 but sends other nodes to 127.0.0.99 (say, an internal service).
+    let mut liar_config = support::config(dir.path(), "liar", "127.0.0.13", 6092);
+    liar_config.http_addr = addr("127.0.0.99:6092");
+    liar_config.bootstrap = bootstrap.clone();
+    let liar = support::start(liar_config).await;
+
+    let mut wildcard_config = support::config(dir.path(), "wildcard", "127.0.0.14", 6093);
+    wildcard_config.http_addr = addr("0.0.0.0:6093");
+    wildcard_config.bootstrap = bootstrap.clone();
+    let wildcard = support::start(wildcard_config).await;
+
+    let mut observer_config = support::config(dir.path(), "observer", "127.0.0.15", 6094);
+    observer_config.bootstrap = bootstrap;
+    let observer = support::start(observer_config).await;
+
+    let key = "sha256:c1a1".to_owned();
+    for node in [&honest, &liar, &wildcard] {
+        node.advertise(vec![key.clone()]).await;
+    }
+    wait_members(
+        &observer,
+        &[honest.local_peer_id(), wildcard.local_peer_id()],
+    )
+    .await;
+    let honest_peer = peer_of(&honest, honest_http);
+    let wildcard_peer = peer_of(&wildcard, addr("127.0.0.14:6093"));
+    finds(&observer, &key, &honest_peer).await;
+    finds(&observer, &key, &wildcard_peer).await;
+    eventually("the observer knows the liar", WITHIN, || async {
+        observer
+            .members()
+            .iter()
+            .any(|m| m.id == liar.local_peer_id())
+            .then_some(())
+    })
+    .await;
+    let liar_id = liar.local_peer_id();
+    always(
+        "the liar's claimed address is never used",
+        Duration::from_secs(2),
+        || async {
+            let found = observer.lookup(&key, 10).await;
+            let member = observer
+                .members()
+                .into_iter()
+                .find(|m| m.id == liar_id)
+                .expect("the liar stays a member");
+            !found.iter().any(|p| p.id == liar_id)
+                && !found
+                    .iter()
+                    .any(|p| p.http_addr.ip().to_string() == "127.0.0.99")
+                && member.http_addr.is_none()
+        },
+    )
+    .await;
 }

@@ -78,6 +78,8 @@ pub(crate) struct Inner {
     /// The node's containerd as a source of content for peers, when sharing it is on.
     #[cfg(feature = "containerd")]
     pub containerd: std::sync::OnceLock<Arc<crate::containerd::ContainerdContent>>,
+    /// The admin routes' credential, when they are on (see `crate::admin`).
+    pub admin: std::sync::OnceLock<crate::admin::Admin>,
 }
 
 impl AppState {
@@ -104,6 +106,7 @@ impl AppState {
                 refusals: crate::refusals::Refusals::default(),
                 #[cfg(feature = "containerd")]
                 containerd: std::sync::OnceLock::new(),
+                admin: std::sync::OnceLock::new(),
             }),
         }
     }

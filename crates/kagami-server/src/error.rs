@@ -19,7 +19,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with any status and OCI code (the refusal reason follows from the code).
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         let refusal = match code {
             "MANIFEST_UNKNOWN" | "BLOB_UNKNOWN" | "NOT_FOUND" | "NAME_UNKNOWN" => None,
             "NAME_INVALID" => Some("invalid_name"),

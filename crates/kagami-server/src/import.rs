@@ -34,12 +34,11 @@ use sha2::Digest as _;
 use tokio::io::AsyncReadExt;
 
 use crate::app::AppState;
+use crate::error::ApiError;
 use crate::manifests::MAX_MANIFEST;
 
-/// The header every request to the admin route must carry with the value `1`: a browser
-/// cannot send it cross-site without a CORS preflight, which kagami never grants.
-pub const ADMIN_HEADER: &str = "x-kagami-admin";
-/// The admin route that imports a file on the server's machine.
+/// The admin route that imports a file on the server's machine (it needs the admin token,
+/// see [`crate::admin`]).
 pub const IMPORT_PATH: &str = "/kagami/import";
 
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -89,6 +88,8 @@ pub struct ImportedImage {
 /// Why an import failed. Messages name the archive and the entry in it.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
+    #[error("{}: {why}", path.display())]
+    Denied { path: PathBuf, why: String },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -153,7 +154,14 @@ pub async fn import_path(
     name: Option<&str>,
 ) -> Result<ImportReport, ImportError> {
     let given = name.map(GivenName::parse).transpose()?;
-    let meta = tokio::fs::metadata(path)
+    // Everything below reads the real path: a symbolic link is followed once, here, and its
+    // target is what must not be in kagami's own directories.
+    let real = std::fs::canonicalize(path).map_err(|source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    refuse_own_files(state, path, &real)?;
+    let meta = tokio::fs::metadata(&real)
         .await
         .map_err(|source| ImportError::Io {
             path: path.to_path_buf(),
@@ -162,8 +170,8 @@ pub async fn import_path(
     let mut ctx = Ctx {
         state,
         archive: path.to_path_buf(),
-        root: path.to_path_buf(),
-        confined: None,
+        root: real.clone(),
+        confined: real.clone(),
         done: HashSet::new(),
         report: ImportReport {
             path: path.display().to_string(),
@@ -185,19 +193,17 @@ pub async fn import_path(
             NEXT_TEMP.fetch_add(1, Ordering::Relaxed)
         ));
         _temp = TempDir(dir.clone());
-        let (a, d) = (path.to_path_buf(), dir.clone());
+        let (a, d) = (real.clone(), dir.clone());
         tokio::task::spawn_blocking(move || unpack(&a, &d))
             .await
             .map_err(|e| ImportError::Io {
                 path: path.to_path_buf(),
                 source: io::Error::other(e),
             })??;
-        ctx.confined = Some(
-            std::fs::canonicalize(&dir).map_err(|source| ImportError::Io {
-                path: dir.clone(),
-                source,
-            })?,
-        );
+        ctx.confined = std::fs::canonicalize(&dir).map_err(|source| ImportError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         ctx.root = dir;
         ctx.report.format = "oci-archive".into();
     }
@@ -241,6 +247,29 @@ pub async fn import_path(
         "imported"
     );
     Ok(ctx.report)
+}
+
+/// Refuses to import anything inside kagami's data directory (its store included): files
+/// there are written by kagami for clients (a blob fetched on anyone's request is a file
+/// there), so importing one would let a client plant images.
+fn refuse_own_files(state: &AppState, given: &Path, real: &Path) -> Result<(), ImportError> {
+    let mut own = vec![state.store().root().to_path_buf()];
+    if let Some(admin) = crate::admin::get(state) {
+        own.push(admin.data_dir().to_path_buf());
+    }
+    for dir in own {
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        if real.starts_with(&dir) {
+            return Err(ImportError::Denied {
+                path: given.to_path_buf(),
+                why: format!(
+                    "is inside kagami's data directory {} (whose files clients can have written); copy the archive elsewhere first",
+                    dir.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The only entry of `dir`, when it is a directory.
@@ -373,8 +402,9 @@ struct Ctx<'a> {
     archive: PathBuf,
     /// The directory read: the layout itself, or where the tar was unpacked.
     root: PathBuf,
-    /// For unpacked tars: the canonical temp directory no file read may leave (symlinks).
-    confined: Option<PathBuf>,
+    /// The canonical directory no file read may leave through a symbolic link: the layout
+    /// or `docker save` directory imported, or where the tar was unpacked.
+    confined: PathBuf,
     /// Manifests and indexes already imported.
     done: HashSet<Digest>,
     report: ImportReport,
@@ -426,8 +456,9 @@ impl Ctx<'_> {
         }
     }
 
-    /// The path of `rel` inside the layout, or `None` when it does not exist. Refuses names
-    /// that leave the layout (`..`, absolute paths, symlinks out of an unpacked tar).
+    /// The real path of `rel` inside the layout, or `None` when it does not exist. Refuses
+    /// names that leave the layout (`..`, absolute paths, symbolic links pointing out of the
+    /// directory or tar imported).
     fn locate(&self, rel: &str) -> Result<Option<PathBuf>, ImportError> {
         let p = Path::new(rel);
         if p.components()
@@ -439,19 +470,20 @@ impl Ctx<'_> {
         if !full.exists() {
             return Ok(None);
         }
-        if let Some(jail) = &self.confined {
-            let real = std::fs::canonicalize(&full).map_err(|source| ImportError::Io {
-                path: full.clone(),
-                source,
-            })?;
-            if !real.starts_with(jail) {
-                return Err(self.invalid(rel, "is a link to a file outside the archive"));
-            }
+        let real = std::fs::canonicalize(&full).map_err(|source| ImportError::Io {
+            path: full.clone(),
+            source,
+        })?;
+        if !real.starts_with(&self.confined) {
+            return Err(self.invalid(
+                rel,
+                "is a symbolic link to a file outside what is imported: refused",
+            ));
         }
-        if !full.is_file() {
+        if !real.is_file() {
             return Err(self.invalid(rel, "is not a regular file"));
         }
-        Ok(Some(full))
+        Ok(Some(real))
     }
 
     /// Reads a small file (JSON) whole, refusing one larger than `max`.
@@ -1163,30 +1195,27 @@ fn hash_file(path: &Path) -> io::Result<(Digest, u64, bool)> {
     ))
 }
 
-/// `POST /kagami/import`: `{"path": "/abs/file.tar", "name": null}` → the [`ImportReport`]
-/// as JSON, or `{"error": "..."}` with 400 (bad input), 403 (no admin header) or 500.
+/// `POST /kagami/import`: `{"path": "/abs/file.tar", "name": null}` with
+/// `Authorization: Bearer <admin token>` → the [`ImportReport`] as JSON, or an error in the
+/// OCI envelope (`{"errors":[{"code","message","detail"}]}`): 400 `IMPORT_INVALID` (bad
+/// input), 401 `UNAUTHORIZED` (no or wrong token), 403 `DENIED` (admin off, or a path inside
+/// kagami's data directory) or 500 `UNKNOWN`.
 pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if headers.get(ADMIN_HEADER).and_then(|v| v.to_str().ok()) != Some("1") {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            format!("the admin route needs the header {ADMIN_HEADER}: 1"),
-        );
+    if let Err(e) = crate::admin::check(&state, &headers) {
+        tracing::warn!(error = %e.message, "admin request refused");
+        return e.into_response();
     }
     let req: ImportRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                format!("expected {{\"path\": \"/abs/file.tar\", \"name\": null}}: {e}"),
-            );
+            return invalid(format!(
+                "expected {{\"path\": \"/abs/file.tar\", \"name\": null}}: {e}"
+            ));
         }
     };
     let path = PathBuf::from(&req.path);
     if !path.is_absolute() {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            format!("{}: the path must be absolute", req.path),
-        );
+        return invalid(format!("{}: the path must be absolute", req.path));
     }
     // Run to the end even if the client goes away: an import is not left half-way.
     let st = state.clone();
@@ -1204,25 +1233,18 @@ pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Byte
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "import failed");
-            let status = if e.is_bad_input() {
-                StatusCode::BAD_REQUEST
+            if matches!(e, ImportError::Denied { .. }) {
+                ApiError::new(StatusCode::FORBIDDEN, "DENIED", e.to_string()).into_response()
+            } else if e.is_bad_input() {
+                invalid(e.to_string())
             } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            json_error(status, e.to_string())
+                ApiError::internal(e.to_string()).into_response()
+            }
         }
-        Err(e) => json_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the import task failed: {e}"),
-        ),
+        Err(e) => ApiError::internal(format!("the import task failed: {e}")).into_response(),
     }
 }
 
-fn json_error(status: StatusCode, message: String) -> Response {
-    let mut resp = (status, serde_json::json!({ "error": message }).to_string()).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+fn invalid(message: String) -> Response {
+    ApiError::new(StatusCode::BAD_REQUEST, "IMPORT_INVALID", message).into_response()
 }

@@ -9,6 +9,7 @@
 //! request the mirror cannot serve gets a fast OCI error (404 so that containerd moves on),
 //! never a hang; what is stored has been verified against its digest by the store.
 
+pub mod admin;
 pub mod app;
 mod blobs;
 pub mod client_upstream;

@@ -79,6 +79,21 @@ pub(crate) async fn get(
         ManifestRef::Tag(tag) => {
             let store = &state.inner.store;
             let cached = store.get_tag(&path.registry, &path.repository, tag);
+            // A tag learnt from a peer counts only for the TTL (`peers::LearntTags`).
+            if cached.is_none()
+                && let Some(e) = state.peers().and_then(|p| {
+                    p.learnt_tag(
+                        &path.registry,
+                        &path.repository,
+                        tag,
+                        state.inner.options.tag_ttl,
+                    )
+                })
+                && let Some(resp) = serve_stored(state, &e.digest, head).await?
+            {
+                state.count_cache("manifest", "hit");
+                return Ok((resp, Source::Local));
+            }
             if let Some(e) = &cached {
                 let age = SystemTime::now()
                     .duration_since(e.fetched_at)
@@ -218,6 +233,14 @@ async fn resolve_tag(
                 media_type: m.media_type.clone(),
                 fetched_at: now,
             };
+            if m.source.starts_with("peer:")
+                && let Some(peers) = state.peers()
+            {
+                // Not stored, not advertised: see `peers::LearntTags`.
+                let ttl = inner.options.tag_ttl;
+                peers.learn_tag(&path.registry, &path.repository, tag, entry.clone(), ttl);
+                return Revalidation::Current(entry, Source::Peer);
+            }
             if let Err(e) =
                 inner
                     .store
@@ -432,6 +455,12 @@ pub(crate) async fn tags_list(
         .inner
         .store
         .list_tags(&path.registry, &path.repository);
+    if let Some(peers) = state.peers() {
+        let ttl = state.inner.options.tag_ttl;
+        tags.extend(peers.learnt_tags(&path.registry, &path.repository, ttl));
+        tags.sort();
+        tags.dedup();
+    }
     if tags.is_empty() {
         let e = ApiError::name_unknown(format!(
             "{}/{}: no tags known to this mirror ({why_local})",

@@ -52,11 +52,10 @@ async fn require_token(
     next: axum::middleware::Next,
 ) -> Response {
     if let Some(expected) = state.peers().and_then(|p| p.token())
-        && req
+        && !req
             .headers()
             .get(PEER_TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            != Some(expected)
+            .is_some_and(|v| crate::admin::ct_eq(v.as_bytes(), expected.as_bytes()))
     {
         let body = serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": "not a member of this kagami network", "detail": null}]});
         let mut r = (StatusCode::UNAUTHORIZED, body.to_string()).into_response();

@@ -62,6 +62,72 @@ pub struct Peers {
     /// This node's own peer HTTP address: a provider there is this node under an earlier
     /// identity (a record that outlived a restart with a new data directory), never asked.
     own_http_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// Tags resolved through peers: kept here, not in the store (see [`LearntTags`]).
+    learnt: LearntTags,
+}
+
+/// The most tags learnt from peers kept at once; beyond it the oldest go first.
+const MAX_LEARNT_TAGS: usize = 10_000;
+
+/// Tags this node resolved through peers. A peer's answer for a tag is not verifiable (any
+/// holder of the key can answer any digest), so it is worth less than an endpoint's: it is
+/// kept in memory only for the tag TTL, then asked again; it is never written to the
+/// store's tag index, so it is never served stale when every source fails, never
+/// advertised as this node's own and never served to other nodes. The manifest it names is
+/// content like any other (verified by digest, stored, shared).
+#[derive(Default)]
+struct LearntTags(Mutex<HashMap<crate::app::TagKey, kagami_store::TagEntry>>);
+
+impl LearntTags {
+    fn insert(&self, key: crate::app::TagKey, entry: kagami_store::TagEntry, ttl: Duration) {
+        let mut map = self.0.lock().expect("lock");
+        if map.len() >= MAX_LEARNT_TAGS {
+            let now = std::time::SystemTime::now();
+            map.retain(|_, e| now.duration_since(e.fetched_at).unwrap_or_default() < ttl);
+            while map.len() >= MAX_LEARNT_TAGS {
+                let oldest = map
+                    .iter()
+                    .min_by_key(|(_, e)| e.fetched_at)
+                    .map(|(k, _)| k.clone());
+                match oldest {
+                    Some(k) => map.remove(&k),
+                    None => break,
+                };
+            }
+        }
+        map.insert(key, entry);
+    }
+
+    fn get(&self, key: &crate::app::TagKey, ttl: Duration) -> Option<kagami_store::TagEntry> {
+        let mut map = self.0.lock().expect("lock");
+        let entry = map.get(key)?;
+        let age = std::time::SystemTime::now()
+            .duration_since(entry.fetched_at)
+            .unwrap_or_default();
+        if age < ttl {
+            return Some(entry.clone());
+        }
+        map.remove(key);
+        None
+    }
+}
+
+/// The body of `resp` when it is at most `max` bytes, read as it streams (a chunked answer
+/// has no length to check first); `None` when larger or cut.
+async fn read_bounded(resp: reqwest::Response, max: u64) -> Option<Vec<u8>> {
+    if resp.content_length().is_some_and(|l| l > max) {
+        return None;
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.ok()?;
+        if (body.len() + chunk.len()) as u64 > max {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
 }
 
 impl Peers {
@@ -90,6 +156,7 @@ impl Peers {
             lookup_hits: AtomicU64::new(0),
             lookup_seconds: std::sync::OnceLock::new(),
             own_http_addr: std::sync::OnceLock::new(),
+            learnt: LearntTags::default(),
         }
     }
 
@@ -280,16 +347,18 @@ impl Peers {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/vnd.oci.image.manifest.v1+json")
                 .to_string();
-            if resp
-                .content_length()
-                .is_some_and(|l| l > crate::manifests::MAX_MANIFEST)
-            {
-                continue;
-            }
-            let Ok(bytes) = resp.bytes().await else {
+            let Some(bytes) = read_bounded(resp, crate::manifests::MAX_MANIFEST).await else {
+                tracing::debug!(peer = %peer.id, reference, "peer manifest unreadable or over 4 MiB");
                 continue;
             };
-            let actual = Digest::sha256_from_bytes(&Sha256::digest(&bytes));
+            // By digest, with that digest's algorithm; by tag, the canonical sha256.
+            let actual = match &by_digest {
+                Some(d) => match kagami_client::digest::digest_like(d, &bytes).parse::<Digest>() {
+                    Ok(actual) => actual,
+                    Err(_) => continue,
+                },
+                None => Digest::sha256_from_bytes(&Sha256::digest(&bytes)),
+            };
             if let Some(d) = &by_digest
                 && &actual != d
             {
@@ -305,6 +374,53 @@ impl Peers {
             });
         }
         None
+    }
+
+    /// Remembers that `tag` resolved to `entry` through a peer (see [`LearntTags`]).
+    pub(crate) fn learn_tag(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        entry: kagami_store::TagEntry,
+        ttl: Duration,
+    ) {
+        self.learnt
+            .insert((registry.into(), repository.into(), tag.into()), entry, ttl);
+    }
+
+    /// A tag learnt from a peer less than `ttl` ago.
+    pub(crate) fn learnt_tag(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        ttl: Duration,
+    ) -> Option<kagami_store::TagEntry> {
+        self.learnt
+            .get(&(registry.into(), repository.into(), tag.into()), ttl)
+    }
+
+    /// The tags of `registry/repository` learnt from peers less than `ttl` ago.
+    pub(crate) fn learnt_tags(
+        &self,
+        registry: &str,
+        repository: &str,
+        ttl: Duration,
+    ) -> Vec<String> {
+        let now = std::time::SystemTime::now();
+        self.learnt
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|((r, p, _), e)| {
+                r == registry
+                    && p == repository
+                    && now.duration_since(e.fetched_at).unwrap_or_default() < ttl
+            })
+            .map(|((_, _, t), _)| t.clone())
+            .collect()
     }
 
     fn add_received(&self, peer: &str, n: u64) {

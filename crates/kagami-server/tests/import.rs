@@ -446,8 +446,30 @@ async fn post(
     (status, body)
 }
 
+const TOKEN: &str = "5ecret5ecret5ecret5ecret5ecret5ecret5ecret5ecret5ecret5ecret0000";
+
+/// Turns the admin route on with [`TOKEN`]; the server's data directory is its temp dir.
+fn enable_admin(s: &Server) {
+    kagami_server::admin::enable(
+        &s.state,
+        kagami_server::admin::Admin::new(TOKEN.into(), s._dir.path()),
+    );
+}
+
+/// The message and code of an OCI error envelope.
+fn envelope(b: &[u8]) -> (String, String) {
+    let err: serde_json::Value = serde_json::from_slice(b).unwrap();
+    assert_eq!(err["errors"].as_array().map(Vec::len), Some(1), "{err}");
+    (
+        err["errors"][0]["code"].as_str().unwrap().to_string(),
+        err["errors"][0]["message"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Finding 1: the route needs the admin token (the old `X-Kagami-Admin: 1` header alone is
+/// refused), answers errors in the OCI envelope, and imports with the token.
 #[tokio::test]
-async fn the_admin_route_needs_its_header_and_answers_the_report() {
+async fn the_admin_route_needs_the_token_and_answers_the_report() {
     let s = start(Fake::new(vec![]), ServerOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
@@ -461,33 +483,50 @@ async fn the_admin_route_needs_its_header_and_answers_the_report() {
     );
     write_image(&layout, &img);
     let body = json!({"path": layout.display().to_string(), "name": null}).to_string();
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
 
-    let (status, b) = post(s.addr, "/kagami/import", &[], &body).await;
+    // Admin off (no token set): refused whatever the request carries.
+    let (status, b) = post(s.addr, "/kagami/import", &auth, &body).await;
     assert_eq!(status, 403, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(envelope(&b).0, "DENIED");
+    enable_admin(&s);
+    for headers in [
+        &[("X-Kagami-Admin", "1")][..],
+        &[][..],
+        &[("Authorization", "Bearer wrong")][..],
+        &[("X-Kagami-Admin", "1"), ("Authorization", TOKEN)][..],
+    ] {
+        let (status, b) = post(s.addr, "/kagami/import", headers, &body).await;
+        assert_eq!(status, 401, "{headers:?}: {}", String::from_utf8_lossy(&b));
+        let (code, message) = envelope(&b);
+        assert_eq!(code, "UNAUTHORIZED");
+        assert!(message.contains("admin.token"), "{message}");
+    }
     assert_eq!(s.state.store().usage().blobs, 0);
-    let (status, _) = post(
+
+    let (status, b) = post(
         s.addr,
         "/kagami/import",
-        &[("X-Kagami-Admin", "1")],
+        &auth,
         r#"{"path": "relative.tar"}"#,
     )
     .await;
     assert_eq!(status, 400);
+    assert_eq!(envelope(&b).0, "IMPORT_INVALID");
     let (status, b) = post(
         s.addr,
         "/kagami/import",
-        &[("X-Kagami-Admin", "1")],
+        &auth,
         &json!({"path": dir.path().join("missing.tar").display().to_string()}).to_string(),
     )
     .await;
     assert_eq!(status, 400);
-    let err: serde_json::Value = serde_json::from_slice(&b).unwrap();
-    assert!(
-        err["error"].as_str().unwrap().contains("missing.tar"),
-        "{err}"
-    );
+    let (code, message) = envelope(&b);
+    assert_eq!(code, "IMPORT_INVALID");
+    assert!(message.contains("missing.tar"), "{message}");
 
-    let (status, b) = post(s.addr, "/kagami/import", &[("X-Kagami-Admin", "1")], &body).await;
+    let (status, b) = post(s.addr, "/kagami/import", &auth, &body).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
     let r: ImportReport = serde_json::from_slice(&b).unwrap();
     assert_eq!(
@@ -497,6 +536,147 @@ async fn the_admin_route_needs_its_header_and_answers_the_report() {
     let (_, body) = get_ok(&s, "/v2/web/site/manifests/3?ns=registry.example.test").await;
     assert_eq!(body, img.manifest.bytes);
     assert_upstream_untouched(&s);
+}
+
+/// A `docker save` directory whose layer `layer0id/layer.tar` is given by `link`.
+fn docker_dir_with_layer(root: &Path, layer: &Blob, link: impl FnOnce(&Path)) {
+    let config = blob(
+        serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+        }))
+        .unwrap(),
+    );
+    let config_name = format!("{}.json", config.digest.strip_prefix("sha256:").unwrap());
+    std::fs::create_dir_all(root.join("layer0id")).unwrap();
+    std::fs::write(root.join(&config_name), &config.bytes).unwrap();
+    link(&root.join("layer0id/layer.tar"));
+    std::fs::write(
+        root.join("manifest.json"),
+        serde_json::to_vec(&json!([{
+            "Config": config_name,
+            "RepoTags": ["registry.example.test/lib/linked:1"],
+            "Layers": ["layer0id/layer.tar"],
+        }]))
+        .unwrap(),
+    )
+    .unwrap();
+}
+
+/// Finding 1: a directory's symbolic link to a file outside it (say a root-only file) is
+/// refused, for `docker save` directories and OCI layouts alike; a link inside it is fine.
+#[tokio::test]
+async fn symlinks_out_of_an_imported_directory_are_refused() {
+    let s = start(Fake::new(vec![]), ServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = blob(random(64 * 1024, 77));
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, &layer.bytes).unwrap();
+
+    let out = dir.path().join("out");
+    docker_dir_with_layer(&out, &layer, |p| {
+        std::os::unix::fs::symlink(&secret, p).unwrap()
+    });
+    let e = import_path(&s.state, &out, None).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("layer0id/layer.tar"), "{msg}");
+    assert!(msg.contains("outside what is imported"), "{msg}");
+    assert_eq!(s.state.store().usage().blobs, 0, "nothing stored");
+    assert!(
+        s.state
+            .store()
+            .get_tag("registry.example.test", "lib/linked", "1")
+            .is_none()
+    );
+
+    // An OCI layout whose blob is a link out of it.
+    let layout = dir.path().join("layout");
+    let img = image(12, "amd64");
+    write_index(
+        &layout,
+        json!([{
+            "mediaType": OCI_MANIFEST, "digest": img.manifest.digest, "size": img.manifest.bytes.len(),
+            "annotations": {"io.containerd.image.name": "registry.example.test/lib/oci:1"},
+        }]),
+    );
+    write_image(&layout, &img);
+    let (alg, hex) = img.layers[0].digest.split_once(':').unwrap();
+    let linked = layout.join("blobs").join(alg).join(hex);
+    let outside = dir.path().join("outside-blob");
+    std::fs::rename(&linked, &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, &linked).unwrap();
+    let e = import_path(&s.state, &layout, None).await.unwrap_err();
+    assert!(e.to_string().contains("outside what is imported"), "{e}");
+    assert_eq!(s.state.store().usage().blobs, 0, "nothing stored");
+
+    // A link that stays inside the directory (docker save links repeated layers).
+    let inside = dir.path().join("inside");
+    docker_dir_with_layer(&inside, &layer, |p| {
+        let real = p.parent().unwrap().parent().unwrap().join("real-layer.tar");
+        std::fs::write(&real, &layer.bytes).unwrap();
+        std::os::unix::fs::symlink("../real-layer.tar", p).unwrap()
+    });
+    let r = import_path(&s.state, &inside, None).await.unwrap();
+    assert_eq!(r.format, "docker-directory");
+    assert_eq!(
+        r.images[0].name.as_deref(),
+        Some("registry.example.test/lib/linked:1")
+    );
+}
+
+/// Finding 1: nothing inside kagami's data directory is imported — not a file the store
+/// wrote (a blob anyone can have fetched, say a docker save tar), not a link to one, not
+/// anything else there — through the route (403) as through `import_path`.
+#[tokio::test]
+async fn paths_inside_the_data_directory_are_refused() {
+    let s = start(Fake::new(vec![]), ServerOptions::default()).await;
+    enable_admin(&s);
+    // A valid archive, as a client could have had it stored as a blob.
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let img = image(13, "amd64");
+    write_index(
+        &layout,
+        json!([{
+            "mediaType": OCI_MANIFEST, "digest": img.manifest.digest, "size": img.manifest.bytes.len(),
+            "annotations": {"io.containerd.image.name": "registry.example.test/evil/planted:1"},
+        }]),
+    );
+    write_image(&layout, &img);
+    let tar = dir.path().join("planted.tar");
+    tar_dir(&layout, &tar);
+    let bytes = std::fs::read(&tar).unwrap();
+    let d = digest_of(&bytes);
+    assert!(s.state.store().put_bytes(&d, &bytes).await.unwrap());
+    let stored = s.state.store().root().join("blobs/sha256").join(d.hex());
+    assert!(stored.is_file(), "{}", stored.display());
+
+    let in_data_dir = s._dir.path().join("planted.tar");
+    std::fs::copy(&tar, &in_data_dir).unwrap();
+    let link = dir.path().join("link.tar");
+    std::os::unix::fs::symlink(&stored, &link).unwrap();
+    for p in [&stored, &in_data_dir, &link] {
+        let e = import_path(&s.state, p, None).await.unwrap_err();
+        assert!(e.to_string().contains("data directory"), "{e}");
+        let bearer = format!("Bearer {TOKEN}");
+        let (status, b) = post(
+            s.addr,
+            "/kagami/import",
+            &[("Authorization", bearer.as_str())],
+            &json!({"path": p.display().to_string()}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 403, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(envelope(&b).0, "DENIED");
+    }
+    assert!(
+        s.state
+            .store()
+            .get_tag("registry.example.test", "evil/planted", "1")
+            .is_none()
+    );
+    // The same archive from elsewhere imports.
+    import_path(&s.state, &tar, None).await.unwrap();
 }
 
 /// A tar of a directory (everything under `layout/`), whose only name is invalid: the name is

@@ -12,6 +12,16 @@ use crate::support::{
 
 const NAME: &str = "ksd.test.com/ksd/nginx:1.27";
 
+/// `kagami import` aimed at `node`, with its data directory (where its admin token is).
+fn import(node: &Node) -> Command {
+    let mut cmd = kagami();
+    cmd.arg("import")
+        .args(["--addr", &format!("http://{}", node.api)])
+        .arg("--data-dir")
+        .arg(node.dir.join("data"));
+    cmd
+}
+
 #[test]
 fn ctr_export_imported_then_served_and_shared() {
     let dir = tempfile::tempdir().unwrap();
@@ -46,10 +56,7 @@ fn ctr_export_imported_then_served_and_shared() {
         .unwrap();
     assert!(!before.status.success(), "A served the image before import");
 
-    let out = run(kagami()
-        .arg("import")
-        .arg(&tar)
-        .args(["--addr", &format!("http://{}", a.api)]));
+    let out = run(import(&a).arg(&tar));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
         stdout.contains(&format!("imported {NAME} {digest}")),
@@ -65,7 +72,7 @@ fn ctr_export_imported_then_served_and_shared() {
 
     // Importing it again adds nothing; a file that is not an archive is refused (exit 2)
     // with a message naming it.
-    let again = run(kagami().arg("import").arg(&tar).args(["--addr", &a.api]));
+    let again = run(import(&a).arg(&tar));
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("0 blobs added"),
         "{}",
@@ -73,18 +80,28 @@ fn ctr_export_imported_then_served_and_shared() {
     );
     let junk = dir.path().join("junk.tar");
     std::fs::write(&junk, b"not a tar archive at all").unwrap();
-    let bad = kagami()
+    let bad = import(&a).arg(&junk).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    // The message of the server's error envelope, not the raw JSON.
+    assert!(stderr.contains("junk.tar"), "{stderr}");
+    assert!(!stderr.contains("\"errors\""), "{stderr}");
+
+    // Without the node's admin token (another data directory), nothing is imported.
+    let elsewhere = dir.path().join("not-the-data-dir");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("admin.token"), "0".repeat(64)).unwrap();
+    let denied = kagami()
         .arg("import")
-        .arg(&junk)
+        .arg(&tar)
         .args(["--addr", &a.api])
+        .arg("--data-dir")
+        .arg(&elsewhere)
         .output()
         .unwrap();
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("junk.tar"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
+    assert_eq!(denied.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(stderr.contains("admin.token"), "{stderr}");
 
     // Node B, which reaches no registry either, gets it from A over P2P.
     let b = Node::start(&dir.path().join("b"), "127.0.0.3", Some(&a.p2p));
@@ -157,11 +174,7 @@ fn skopeo_oci_and_docker_archives() {
     let layout_layers = inspect(&src, "{{len .Layers}}");
 
     let node = Node::start(&dir.path().join("node"), "127.0.0.1", None);
-    let out = run(kagami()
-        .arg("import")
-        .arg(&oci_tar)
-        .arg(&docker_tar)
-        .args(["--addr", &node.api]));
+    let out = run(import(&node).arg(&oci_tar).arg(&docker_tar));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("(oci-archive)"), "{stdout}");
     assert!(stdout.contains("(docker-archive)"), "{stdout}");

@@ -781,6 +781,7 @@ fn three_nodes_share_through_the_dht() {
         &dir.path().join("psk"),
         "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n",
     );
+    crate::support::private(&psk);
     let config_a = write(
         &dir.path().join("a.yaml"),
         &format!(
@@ -928,6 +929,7 @@ fn one_upstream_fetch_per_cluster() {
         &dir.path().join("psk"),
         "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
     );
+    crate::support::private(&psk);
     let config = mirror_config(dir.path(), &registry);
     let mut nodes = Vec::new();
     let mut first_p2p: Option<String> = None;

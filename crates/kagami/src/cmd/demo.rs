@@ -136,7 +136,17 @@ async fn demo(args: &Args, dir: &Path) -> anyhow::Result<(ExitCode, Vec<SocketAd
     let reg_task = registry.serve(reg_listener);
 
     let psk = generate_psk()?;
-    std::fs::write(dir.join("psk"), format!("{}\n", hex::encode(psk)))?;
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dir.join("psk"))?
+            .write_all(format!("{}\n", hex::encode(psk)).as_bytes())?;
+    }
 
     let mut nodes: Vec<Node> = Vec::new();
     for n in 1..=usize::from(args.nodes) {

@@ -1,14 +1,16 @@
 //! `kagami import`: asks the running `kagami serve` to load image tarballs (OCI layouts,
 //! `ctr images export` / `skopeo ... oci-archive:` tars, `docker save` tars) into its store.
 //! The server does the work (one process owns the store); this command posts each file's
-//! absolute path to its admin route and prints what was imported.
+//! absolute path to its admin route, with the admin token that server wrote to its data
+//! directory, and prints what was imported.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kagami_server::import::{ADMIN_HEADER, IMPORT_PATH, ImportReport, ImportRequest};
+use kagami_server::admin::{ADMIN_TOKEN_FILE, read_token};
+use kagami_server::import::{IMPORT_PATH, ImportReport, ImportRequest};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -27,6 +29,18 @@ pub struct Args {
         value_name = "URL"
     )]
     addr: String,
+    /// The data directory of that kagami (its --data-dir): the admin token is read from
+    /// admin.token there, a file only root can read.
+    #[arg(
+        long,
+        env = "KAGAMI_DATA_DIR",
+        default_value = "/var/lib/kagami",
+        value_name = "DIR"
+    )]
+    data_dir: PathBuf,
+    /// The admin token file to use instead of <data-dir>/admin.token.
+    #[arg(long, env = "KAGAMI_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Print each report as JSON (one line per file) instead of the summary.
     #[arg(long)]
     json: bool,
@@ -39,6 +53,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         format!("http://{}", args.addr.trim_end_matches('/'))
     };
     let url = format!("{base}{IMPORT_PATH}");
+    let token_file = args
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join(ADMIN_TOKEN_FILE));
+    let token = read_token(&token_file).with_context(|| {
+        format!(
+            "reading the admin token {} (written by `kagami serve` at start, readable by root only; run as root, or give the server's --data-dir or --admin-token-file)",
+            token_file.display()
+        )
+    })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -62,7 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             path: path.display().to_string(),
             name: args.name.clone(),
         };
-        match rt.block_on(post(&client, &url, &req)) {
+        match rt.block_on(post(&client, &url, &token, &req)) {
             Ok((report, raw)) => {
                 if args.json {
                     println!("{}", raw.trim_end());
@@ -86,11 +110,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 async fn post(
     client: &reqwest::Client,
     url: &str,
+    token: &str,
     req: &ImportRequest,
 ) -> anyhow::Result<(ImportReport, String)> {
     let resp = client
         .post(url)
-        .header(ADMIN_HEADER, "1")
+        .bearer_auth(token)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(serde_json::to_vec(req).expect("a request serialises"))
         .send()
@@ -109,7 +134,7 @@ async fn post(
     if !status.is_success() {
         let message = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
             .unwrap_or_else(|| format!("{url} answered {status}: {}", body.trim()));
         anyhow::bail!("{message}");
     }

@@ -206,6 +206,15 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         },
     );
     state.status().set_listen(args.listen.to_string());
+    let admin = kagami_server::admin::Admin::create(&args.data_dir).with_context(|| {
+        format!(
+            "writing the admin token {}",
+            args.data_dir
+                .join(kagami_server::admin::ADMIN_TOKEN_FILE)
+                .display()
+        )
+    })?;
+    kagami_server::admin::enable(&state, admin);
     let peer_server = match args.p2p_listen {
         Some(listen) => Some(start_p2p(&args, listen, &state).await?),
         None => None,

@@ -11,7 +11,7 @@ pub mod node;
 pub mod pki;
 
 pub use clients::{ContainersTools, Dockerd, HostsGuard};
-pub use node::{Node, containerd_digest};
+pub use node::{Node, containerd_digest, private};
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};

@@ -31,6 +31,7 @@ impl Node {
         std::fs::write(&config, "mirrors:\n  ksd.test.com:\n").unwrap();
         let psk = dir.join("psk");
         std::fs::write(&psk, PSK).unwrap();
+        private(&psk);
         let (api, p2p, http) = (free_port(), free_port(), free_port());
         let log = dir.join("kagami.log");
         let mut cmd = kagami();
@@ -101,6 +102,13 @@ impl Node {
         let (alg, hex) = digest.split_once(':').unwrap();
         self.dir.join("data/store/blobs").join(alg).join(hex)
     }
+}
+
+/// Makes a key file readable by its owner only (kagami refuses a pre-shared key others can
+/// read).
+pub fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// The digest containerd records for `name` (`ctr images ls`) in namespace `ns`.
