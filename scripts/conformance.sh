@@ -38,9 +38,11 @@ for t in "${tags[@]}"; do
   skopeo copy --quiet --dest-tls-verify=false oci:oci:img "docker://$origin/myorg/myrepo:$t"
 done
 cd - >/dev/null
-manifest=$(skopeo inspect --raw --tls-verify=false "docker://$origin/myorg/myrepo:v1")
-manifest_digest=sha256:$(printf '%s' "$manifest" | sha256sum | cut -d' ' -f1)
-config_digest=$(printf '%s' "$manifest" | python3 -c 'import json,sys; print(json.load(sys.stdin)["config"]["digest"])')
+accept=application/vnd.oci.image.manifest.v1+json
+manifest_digest=$(curl -sfI -H "Accept: $accept" "http://$origin/v2/myorg/myrepo/manifests/v1" |
+  tr -d '\r' | awk 'tolower($1)=="docker-content-digest:" {print $2}')
+config_digest=$(curl -sf -H "Accept: $accept" "http://$origin/v2/myorg/myrepo/manifests/v1" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["config"]["digest"])')
 
 kagami_port=$(port)
 cat >"$OUT/registries.yaml" <<YAML
