@@ -175,9 +175,14 @@ fn endpoint_attempt(
     config: &Config,
 ) -> EndpointAttempt {
     // The host is named by the configuration when it is a mirrors endpoint, or the default
-    // endpoint of a registry with a mirrors entry of its own.
-    let name_chosen =
-        source == Source::Default && !config.mirrors.iter().any(|m| m.registry == registry);
+    // endpoint of a registry with a mirrors entry of its own, or an endpoint some entry
+    // lists (a last endpoint equal to the default endpoint is tried as the default).
+    let name_chosen = source == Source::Default
+        && !config.mirrors.iter().any(|m| m.registry == registry)
+        && !config
+            .mirrors
+            .iter()
+            .any(|m| m.endpoints.iter().any(|e| *e == endpoint));
     let host_config = config.config_for_host(config_host);
     // `configs."*".auth` goes only to hosts the file names (docs/security.md).
     let auth = host_config
