@@ -41,6 +41,41 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Label values that come from clients (registry names, endpoints of plans made for
+/// client-chosen registries) could grow the metrics without bound: the first `max`
+/// distinct values keep their own label, later ones are counted as `other`.
+pub struct LabelBudget {
+    max: usize,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl LabelBudget {
+    pub const OTHER: &'static str = "other";
+
+    pub fn new(max: usize) -> LabelBudget {
+        LabelBudget {
+            max,
+            seen: Default::default(),
+        }
+    }
+
+    /// The label to use for `value`.
+    pub fn label(&self, value: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(value) {
+            value.to_string()
+        } else if seen.len() < self.max {
+            seen.insert(value.to_string());
+            value.to_string()
+        } else {
+            Self::OTHER.to_string()
+        }
+    }
+}
+
+/// Distinct endpoints given their own label in the upstream metrics.
+pub const MAX_ENDPOINT_LABELS: usize = 64;
+
 pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -58,6 +93,8 @@ pub struct Metrics {
     pub peer_received: Family<PeerLabels, Counter>,
     pub peer_lookup_seconds: Histogram,
     pub refused: Family<RefusalLabels, Counter>,
+    /// Bounds the `endpoint` label of the upstream metrics.
+    pub endpoint_labels: LabelBudget,
 }
 
 impl Metrics {
@@ -78,6 +115,7 @@ impl Metrics {
             peer_lookup_hits: Counter::default(),
             peer_received: Family::default(),
             refused: Family::default(),
+            endpoint_labels: LabelBudget::new(MAX_ENDPOINT_LABELS),
             peer_lookup_seconds: Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0,
             ]),
@@ -161,6 +199,13 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// The `endpoint` label for `endpoint`, within [`MAX_ENDPOINT_LABELS`].
+    pub fn endpoint(&self, endpoint: &str) -> EndpointLabels {
+        EndpointLabels {
+            endpoint: self.endpoint_labels.label(endpoint),
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -172,5 +217,19 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_chosen_labels_are_bounded() {
+        let b = LabelBudget::new(2);
+        assert_eq!(b.label("a"), "a");
+        assert_eq!(b.label("b"), "b");
+        assert_eq!(b.label("c"), "other");
+        assert_eq!(b.label("a"), "a");
     }
 }

@@ -16,7 +16,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::Response;
 
 use crate::app::AppState;
-use crate::metrics::RefusalLabels;
+use crate::metrics::{LabelBudget, RefusalLabels};
 use crate::path::OciPath;
 
 /// The response header that names the reason of a refusal (`curl -I` shows it).
@@ -54,8 +54,6 @@ pub const MAX_REGISTRIES: usize = 64;
 pub const LOG_EVERY: Duration = Duration::from_secs(60);
 /// The label of requests that named no valid registry.
 pub const NO_REGISTRY: &str = "-";
-/// The label of registries past [`MAX_REGISTRIES`].
-pub const OTHER: &str = "other";
 const MAX_MESSAGE: usize = 300;
 
 /// One (registry, reason) row of `/status`.
@@ -72,15 +70,23 @@ pub struct Refusal {
     pub last_message: String,
 }
 
-#[derive(Default)]
 pub struct Refusals {
     inner: Mutex<Inner>,
+    registries: LabelBudget,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Refusals {
+            inner: Mutex::default(),
+            registries: LabelBudget::new(MAX_REGISTRIES),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Inner {
     rows: HashMap<(String, &'static str), (Refusal, Option<Instant>)>,
-    registries: std::collections::HashSet<String>,
 }
 
 impl Refusals {
@@ -105,12 +111,7 @@ pub(crate) fn record(state: &AppState, r: Refused<'_>, method: &Method, uri: &Ur
     let mut inner = refusals.inner.lock().unwrap_or_else(|e| e.into_inner());
     let label = match registry {
         None => NO_REGISTRY.to_string(),
-        Some(r) if inner.registries.contains(r) => r.to_string(),
-        Some(r) if inner.registries.len() < MAX_REGISTRIES => {
-            inner.registries.insert(r.to_string());
-            r.to_string()
-        }
-        Some(_) => OTHER.to_string(),
+        Some(r) => refusals.registries.label(r),
     };
     state
         .inner
