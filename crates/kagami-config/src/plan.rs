@@ -182,7 +182,7 @@ fn endpoint_attempt(
         && !config
             .mirrors
             .iter()
-            .any(|m| m.endpoints.iter().any(|e| *e == endpoint));
+            .any(|m| m.endpoints.contains(&endpoint));
     let host_config = config.config_for_host(config_host);
     // `configs."*".auth` goes only to hosts the file names (docs/security.md).
     let auth = host_config
