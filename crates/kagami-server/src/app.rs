@@ -33,6 +33,8 @@ pub struct ServerOptions {
     /// How long a resolved tag is served without asking upstream again.
     pub tag_ttl: Duration,
     pub disable_default_endpoint: bool,
+    /// Bounds on blob fetches and revalidations (`crate::blobs::FetchLimits`).
+    pub limits: crate::blobs::FetchLimits,
 }
 
 impl Default for ServerOptions {
@@ -40,6 +42,7 @@ impl Default for ServerOptions {
         Self {
             tag_ttl: Duration::from_secs(300),
             disable_default_endpoint: false,
+            limits: Default::default(),
         }
     }
 }
@@ -57,7 +60,11 @@ pub(crate) struct Inner {
     pub options: ServerOptions,
     pub metrics: Metrics,
     /// Blob fetches in flight, shared by every request for the same digest.
-    pub fetches: Mutex<HashMap<Digest, Arc<Fetch>>>,
+    pub fetches: Mutex<HashMap<crate::blobs::FetchKey, Arc<Fetch>>>,
+    /// What fetches may hold at once (count and memory).
+    pub fetch_budget: crate::blobs::Budget,
+    /// Blob sizes named by the manifests served, by (registry, digest).
+    pub descriptor_sizes: Mutex<HashMap<(String, Digest), u64>>,
     /// Tag revalidations in flight, by (registry, repository, tag).
     pub revalidations: Mutex<HashMap<TagKey, SharedRevalidation>>,
     /// Set while the store refuses writes (disk full): cold blobs pass through uncached.
@@ -81,6 +88,7 @@ impl AppState {
         upstream: Arc<dyn Upstream>,
         options: ServerOptions,
     ) -> AppState {
+        let fetch_budget = crate::blobs::Budget::new(&options.limits);
         AppState {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
@@ -89,6 +97,8 @@ impl AppState {
                 options,
                 metrics: Metrics::new(),
                 fetches: Mutex::new(HashMap::new()),
+                fetch_budget,
+                descriptor_sizes: Mutex::new(HashMap::new()),
                 revalidations: Mutex::new(HashMap::new()),
                 store_full_until: Mutex::new(None),
                 ready: AtomicBool::new(true),

@@ -370,6 +370,7 @@ async fn start_node(
         ServerOptions {
             tag_ttl: Duration::from_secs(300),
             disable_default_endpoint: true,
+            ..Default::default()
         },
     );
     let http_listen = free_port(ip)?;
