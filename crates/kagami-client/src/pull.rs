@@ -549,7 +549,14 @@ impl Client {
     ) -> Result<Option<u64>, Error> {
         let url = a.url("blobs", &digest.to_string());
         let resp = self
-            .send(a, &pull_scopes(a), Method::HEAD, &url, HeaderMap::new(), None)
+            .send(
+                a,
+                &pull_scopes(a),
+                Method::HEAD,
+                &url,
+                HeaderMap::new(),
+                None,
+            )
             .await?;
         if !resp.status().is_success() {
             return Err(status_error(&url, resp).await);

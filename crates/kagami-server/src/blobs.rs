@@ -727,9 +727,9 @@ fn too_large(
     expected: Option<u64>,
 ) -> String {
     let why = match expected {
-        Some(e) => format!(
-            "{digest} from {source}: {bytes} bytes, more than the {e} its manifest gives"
-        ),
+        Some(e) => {
+            format!("{digest} from {source}: {bytes} bytes, more than the {e} its manifest gives")
+        }
         None => format!(
             "{digest} from {source}: {bytes} bytes, more than --max-blob-size ({} bytes) and no manifest served by this node gives its size",
             state.inner.options.limits.max_blob_size

@@ -8,9 +8,7 @@ use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use kagami_client::{Client, ClientOptions, Error, endpoint_attempts};
 use kagami_config::{Digest, Plan};
 
-use crate::upstream::{
-    BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError,
-};
+use crate::upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};
 
 pub struct ClientUpstream {
     client: Client,

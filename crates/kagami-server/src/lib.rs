@@ -30,6 +30,4 @@ pub use app::{AppState, ServerOptions, Source, router};
 pub use blobs::{FETCH_MEMORY_MAX, FetchLimits};
 pub use peer_api::{NodeInfo, peer_router};
 pub use peers::Peers;
-pub use upstream::{
-    BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError,
-};
+pub use upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};

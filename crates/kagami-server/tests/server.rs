@@ -376,9 +376,15 @@ mod bounds {
     pub enum Mode {
         Good,
         /// One byte every `every`; wrong bytes when `wrong`. The size is announced.
-        Trickle { every: Duration, wrong: bool },
+        Trickle {
+            every: Duration,
+            wrong: bool,
+        },
         /// `chunk` bytes every `every`, for ever; no size announced.
-        Endless { chunk: usize, every: Duration },
+        Endless {
+            chunk: usize,
+            every: Duration,
+        },
         /// The blob in `chunk`-byte pieces every `every`; its size announced or not.
         Paced {
             chunk: usize,
@@ -512,10 +518,7 @@ mod bounds {
         ) -> BoxFuture<'a, Result<BlobHead, UpstreamError>> {
             async move {
                 self.blob_heads.fetch_add(1, Ordering::SeqCst);
-                let data = self
-                    .blobs
-                    .get(digest)
-                    .ok_or_else(|| self.missing("blob"))?;
+                let data = self.blobs.get(digest).ok_or_else(|| self.missing("blob"))?;
                 Ok(BlobHead {
                     size: Some(data.len() as u64),
                     source: "scripted".into(),
@@ -599,8 +602,8 @@ mod bounds {
         }
 
         pub async fn metric(&self, name: &str) -> f64 {
-            let text = String::from_utf8(request(self.addr, "GET", "/metrics", &[]).await.2)
-                .unwrap();
+            let text =
+                String::from_utf8(request(self.addr, "GET", "/metrics", &[]).await.2).unwrap();
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
                 .unwrap_or_else(|| panic!("no {name} in\n{text}"))
@@ -628,9 +631,7 @@ mod bounds {
         .unwrap();
         let mut yaml = String::from("mirrors:\n");
         for r in fake.modes.keys() {
-            yaml.push_str(&format!(
-                "  {r}:\n    endpoint: [\"http://127.0.0.1:9\"]\n"
-            ));
+            yaml.push_str(&format!("  {r}:\n    endpoint: [\"http://127.0.0.1:9\"]\n"));
         }
         let config = Config::parse(&yaml, std::path::Path::new("test.yaml"))
             .unwrap()
@@ -698,7 +699,9 @@ use bounds::{Mode, Scripted};
 
 #[tokio::test]
 async fn forty_trickling_blobs_stay_within_the_fetch_budget_and_release_their_sockets() {
-    let blobs: Vec<Vec<u8>> = (0..40).map(|i| bounds::random_blob(64 * 1024, 100 + i)).collect();
+    let blobs: Vec<Vec<u8>> = (0..40)
+        .map(|i| bounds::random_blob(64 * 1024, 100 + i))
+        .collect();
     let mut fake = Scripted::new(&[(
         "trickle.example.test",
         Mode::Trickle {
@@ -723,7 +726,10 @@ async fn forty_trickling_blobs_stay_within_the_fetch_budget_and_release_their_so
     let s = bounds::start(fake, limits, Duration::from_secs(300), None).await;
     let mut tasks = Vec::new();
     for b in &blobs {
-        let (addr, url) = (s.addr, bounds::blob_url("trickle.example.test", &digest_of(b)));
+        let (addr, url) = (
+            s.addr,
+            bounds::blob_url("trickle.example.test", &digest_of(b)),
+        );
         tasks.push(tokio::spawn(async move {
             request(addr, "GET", &url, &[]).await
         }));
@@ -750,9 +756,15 @@ async fn forty_trickling_blobs_stay_within_the_fetch_budget_and_release_their_so
     }
     let most = s.fake.bodies.max.load(Ordering::SeqCst);
     assert!(most <= 3, "{most} upstream bodies open at once");
-    assert!(most_memory > 0.0 && most_memory <= budget as f64, "{most_memory}");
+    assert!(
+        most_memory > 0.0 && most_memory <= budget as f64,
+        "{most_memory}"
+    );
     assert!(refused >= 30, "{refused} refused");
-    assert_eq!(s.metric("kagami_fetches_refused_total").await, refused as f64);
+    assert_eq!(
+        s.metric("kagami_fetches_refused_total").await,
+        refused as f64
+    );
     // Every upstream socket is released, and the memory given back.
     assert!(
         bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await,
@@ -906,8 +918,13 @@ async fn a_blob_named_by_a_manifest_stops_at_its_descriptor_size() {
     )
     .await;
     assert_eq!(status, 200);
-    let (status, h, body, complete) =
-        request(s.addr, "GET", &bounds::blob_url("liar.example.test", &d), &[]).await;
+    let (status, h, body, complete) = request(
+        s.addr,
+        "GET",
+        &bounds::blob_url("liar.example.test", &d),
+        &[],
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(h["content-length"], "1000", "the size the manifest gives");
     assert!(!complete && body.len() <= 1000);
@@ -962,7 +979,12 @@ async fn a_fetch_nobody_follows_is_cancelled_unless_worth_finishing() {
         ..Default::default()
     };
     let s = bounds::start(fake, limits, Duration::from_secs(300), None).await;
-    bounds::get_and_leave(s.addr, &bounds::blob_url("big.example.test", &dbig), 200_000).await;
+    bounds::get_and_leave(
+        s.addr,
+        &bounds::blob_url("big.example.test", &dbig),
+        200_000,
+    )
+    .await;
     bounds::get_and_leave(
         s.addr,
         &bounds::blob_url("small.example.test", &dsmall),
@@ -970,8 +992,7 @@ async fn a_fetch_nobody_follows_is_cancelled_unless_worth_finishing() {
     )
     .await;
     assert!(
-        bounds::eventually(|| s.state.store().blob_size(&dsmall) == Some(small.len() as u64))
-            .await,
+        bounds::eventually(|| s.state.store().blob_size(&dsmall) == Some(small.len() as u64)).await,
         "the small blob is finished and stored"
     );
     assert!(
@@ -1027,7 +1048,11 @@ async fn a_head_of_a_cold_blob_downloads_nothing() {
     assert_eq!(h["content-length"], "100000");
     assert_eq!(h["docker-content-digest"], d.to_string());
     assert_eq!(s.fake.blob_heads.load(Ordering::SeqCst), 1);
-    assert_eq!(s.fake.blob_gets.load(Ordering::SeqCst), 0, "no GET upstream");
+    assert_eq!(
+        s.fake.blob_gets.load(Ordering::SeqCst),
+        0,
+        "no GET upstream"
+    );
     assert_eq!(s.state.store().usage().in_flight, 0);
     let missing = bounds::blob_url("head.example.test", &digest_of(b"absent"));
     assert_eq!(request(s.addr, "HEAD", &missing, &[]).await.0, 404);

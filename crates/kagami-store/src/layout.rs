@@ -228,9 +228,9 @@ pub(crate) fn write_temp(tmp: PathBuf, data: &[u8]) -> Result<PathBuf, StoreErro
         .open(&tmp)
         .and_then(|mut f| f.write_all(data))
         .map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        StoreError::io("write", &tmp, e)
-    })?;
+            let _ = fs::remove_file(&tmp);
+            StoreError::io("write", &tmp, e)
+        })?;
     Ok(tmp)
 }
 

@@ -435,7 +435,9 @@ impl Store {
         ));
         // A separate write is registered only when no other write of `d` is (followers
         // join the registered one).
-        st.inflight.entry(d.clone()).or_insert_with(|| shared.clone());
+        st.inflight
+            .entry(d.clone())
+            .or_insert_with(|| shared.clone());
         drop(st);
         Ok(Begin::Writer(BlobWriter::new(self.inner.clone(), shared)))
     }

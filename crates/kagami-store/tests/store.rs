@@ -1016,12 +1016,22 @@ async fn files_and_directories_are_private_to_the_store_user() {
         .unwrap();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&root), 0o700);
-    for sub in ["blobs", "blobs/sha256", "tmp", "tags", "meta", "meta/sha256"] {
+    for sub in [
+        "blobs",
+        "blobs/sha256",
+        "tmp",
+        "tags",
+        "meta",
+        "meta/sha256",
+    ] {
         assert_eq!(mode(&root.join(sub)), 0o700, "{sub}");
     }
     assert_eq!(mode(&blob_path(&root, &d)), 0o600);
     assert_eq!(mode(&root.join("meta/sha256").join(d.hex())), 0o600);
-    let tag = std::fs::read_dir(root.join("tags")).unwrap().next().unwrap();
+    let tag = std::fs::read_dir(root.join("tags"))
+        .unwrap()
+        .next()
+        .unwrap();
     assert_eq!(mode(&tag.unwrap().path()), 0o600);
 }
 
@@ -1036,7 +1046,11 @@ async fn writes_in_flight_count_in_the_size_limit() {
     let d = sha256(&big);
     let mut w = writer(&store, &d, None);
     w.write(&big[..512 * 1024]).await.unwrap();
-    assert_eq!(store.blob_size(&old), None, "evicted for the write in flight");
+    assert_eq!(
+        store.blob_size(&old),
+        None,
+        "evicted for the write in flight"
+    );
     assert_eq!(store.usage().tmp_bytes, 512 * 1024);
     // The write cannot go past the limit: it fails, its temp file goes, nothing is stored.
     w.write(&big[512 * 1024..1024 * 1024]).await.unwrap();
@@ -1072,6 +1086,10 @@ async fn a_separate_write_does_not_join_one_in_flight() {
     w.commit().await.unwrap();
     assert_eq!(read_blob(&store, &d).await, bytes);
     drop(stalled);
-    assert_eq!(read_blob(&store, &d).await, bytes, "the abandoned write removed nothing");
+    assert_eq!(
+        read_blob(&store, &d).await,
+        bytes,
+        "the abandoned write removed nothing"
+    );
     assert_eq!(store.usage().tmp_bytes, 0);
 }

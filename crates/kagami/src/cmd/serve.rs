@@ -92,7 +92,12 @@ pub struct Args {
     /// The most blob fetches from other nodes or registries at once (and uncached
     /// pass-throughs); a cold request that finds no room within 5 s gets 503 with
     /// Retry-After.
-    #[arg(long, env = "KAGAMI_MAX_FETCHES", value_name = "N", default_value_t = 32)]
+    #[arg(
+        long,
+        env = "KAGAMI_MAX_FETCHES",
+        value_name = "N",
+        default_value_t = 32
+    )]
     max_fetches: usize,
     /// Memory the blob fetches in flight may hold together (each up to about 8.5 MiB, less
     /// for a blob known to be smaller), e.g. 64MiB.
