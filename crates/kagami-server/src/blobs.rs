@@ -255,7 +255,8 @@ pub(crate) async fn get(
 
 /// A HEAD of a blob not in the store: answered from a fetch in flight when it knows the
 /// size, else from the endpoints' HEAD, downloading nothing. `None` when the plan has no
-/// endpoint (a registry served only by other nodes): the caller goes through a fetch.
+/// endpoint (a registry served only by other nodes), or none has the blob and other nodes
+/// might: the caller goes through a fetch.
 async fn head_cold(
     state: &AppState,
     config: &Config,
@@ -291,6 +292,16 @@ async fn head_cold(
                 blob_response(StatusCode::OK, digest, h.size),
                 Source::Upstream,
             ))
+        }
+        // Other nodes may have it when the endpoints do not: the caller tries them.
+        Err(_)
+            if state.peers().is_some()
+                && plan
+                    .attempts
+                    .iter()
+                    .any(|a| matches!(a, kagami_config::Attempt::Peers)) =>
+        {
+            return None;
         }
         Err(e) => Err(ApiError::blob_unknown(e.message)),
     })

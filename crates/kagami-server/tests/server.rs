@@ -900,7 +900,7 @@ async fn a_blob_named_by_a_manifest_stops_at_its_descriptor_size() {
         },
     )])
     .blob(&layer);
-    let m = FetchedManifestForTest::new(&manifest, &md);
+    let m = manifest_for_test(&manifest, &md);
     fake.manifests.insert("1".into(), m.clone());
     fake.manifests.insert(md.to_string(), m);
     let s = bounds::start(
@@ -933,16 +933,12 @@ async fn a_blob_named_by_a_manifest_stops_at_its_descriptor_size() {
     assert_eq!(s.state.store().blob_size(&d), None);
 }
 
-struct FetchedManifestForTest;
-
-impl FetchedManifestForTest {
-    fn new(body: &str, d: &kagami_config::Digest) -> kagami_server::FetchedManifest {
-        kagami_server::FetchedManifest {
-            bytes: bytes::Bytes::copy_from_slice(body.as_bytes()),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            digest: d.clone(),
-            source: "scripted".into(),
-        }
+fn manifest_for_test(body: &str, d: &kagami_config::Digest) -> kagami_server::FetchedManifest {
+    kagami_server::FetchedManifest {
+        bytes: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        digest: d.clone(),
+        source: "scripted".into(),
     }
 }
 

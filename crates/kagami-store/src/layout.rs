@@ -92,12 +92,12 @@ pub(crate) fn lock_root(root: &Path) -> Result<fs::File, StoreError> {
     fs::set_permissions(root, fs::Permissions::from_mode(0o700))
         .map_err(ctx("set permissions of", root))?;
     let f = fs::File::open(root).map_err(ctx("open", root))?;
-    match f.try_lock() {
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(f),
-        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(StoreError::Locked {
             path: root.to_path_buf(),
         }),
-        Err(fs::TryLockError::Error(e)) => Err(StoreError::io("lock", root, e)),
+        Err(e) => Err(StoreError::io("lock", root, e.into())),
     }
 }
 

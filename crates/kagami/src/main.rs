@@ -58,7 +58,7 @@ enum Command {
     Sync(cmd::sync::Args),
     /// Run the mirror: the OCI distribution pull API containerd talks to, with a
     /// content store, one upstream fetch per blob, tag revalidation and metrics.
-    Serve(cmd::serve::Args),
+    Serve(Box<cmd::serve::Args>),
     /// Ask a running `kagami serve` for its status (node, members, store, hit ratio, bytes
     /// by source, recent pulls, endpoint health) and print a summary.
     Status(cmd::status::Args),
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         Command::ContainerdConfig(a) => cmd::containerd_config::run(a),
         Command::Pull(a) => cmd::pull::run(a),
         Command::Sync(a) => cmd::sync::run(a),
-        Command::Serve(a) => cmd::serve::run(a),
+        Command::Serve(a) => cmd::serve::run(*a),
         Command::Status(a) => cmd::status::run(a),
         Command::Import(a) => cmd::import::run(a),
         Command::Completions(a) => cmd::completions::run(a),
