@@ -944,7 +944,8 @@ fn manifest_for_test(body: &str, d: &kagami_config::Digest) -> kagami_server::Fe
 
 #[tokio::test]
 async fn a_fetch_nobody_follows_is_cancelled_unless_worth_finishing() {
-    // Large and of unknown size: cancelled once its client has gone.
+    // Large and of unknown size: cancelled once its client has gone (finishing it would
+    // take 26 s at this pace, longer than the test's deadlines).
     let big = bounds::random_blob(32 * 1024 * 1024, 21);
     let dbig = digest_of(&big);
     // Small: finished and stored although its client went away.
@@ -955,7 +956,7 @@ async fn a_fetch_nobody_follows_is_cancelled_unless_worth_finishing() {
             "big.example.test",
             Mode::Paced {
                 chunk: 64 * 1024,
-                every: Duration::from_millis(20),
+                every: Duration::from_millis(50),
                 announce: false,
             },
         ),
