@@ -30,7 +30,17 @@ use crate::path::OciPath;
 use crate::range::{self, RangeRequest};
 use crate::upstream::BlobBody;
 
+/// Reads of a stored blob for one response, while few are being sent: large reads are
+/// fastest for one client (about 2 GB/s warm against 1.5 with 64 KiB).
 const CHUNK: usize = 256 * 1024;
+/// Reads once more than [`BUSY_RESPONSES`] stored blobs are being sent. Every response
+/// holds about two reads (the stream's buffer and the file's own), so this is what bounds
+/// the memory of many clients at once: 1,000 connections held 334 MiB with 256 KiB reads
+/// for everyone (docs/BENCHMARKS.md).
+const BUSY_CHUNK: usize = 64 * 1024;
+const BUSY_RESPONSES: usize = 32;
+/// Responses from stored blobs being sent, process-wide.
+static LOCAL_RESPONSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Small upstream chunks are gathered into batches of this size before the store.
 const WRITE_BATCH: usize = 256 * 1024;
 /// Chunks queued between reception and the store writer.
@@ -1226,14 +1236,24 @@ pub(crate) async fn serve_local(
                 .await
                 .map_err(|e| ApiError::internal(e.to_string()))?;
         }
+        use std::sync::atomic::Ordering::Relaxed;
+        let busy = LOCAL_RESPONSES.fetch_add(1, Relaxed) >= BUSY_RESPONSES;
+        let chunk = if busy { BUSY_CHUNK } else { CHUNK };
         let reader = tokio::io::AsyncReadExt::take(Pinned(handle), len);
-        *resp.body_mut() = Body::from_stream(ReaderStream::with_capacity(reader, CHUNK));
+        *resp.body_mut() = Body::from_stream(ReaderStream::with_capacity(reader, chunk));
     }
     Ok((resp, Source::Local))
 }
 
-/// Keeps the store's pin on a blob for as long as its body is being sent.
+/// Keeps the store's pin on a blob for as long as its body is being sent (and counts it in
+/// `LOCAL_RESPONSES`).
 struct Pinned(BlobHandle);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        LOCAL_RESPONSES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 impl AsyncRead for Pinned {
     fn poll_read(
