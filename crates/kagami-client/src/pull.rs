@@ -540,6 +540,34 @@ impl Client {
         .await
     }
 
+    /// HEAD of a blob on one endpoint: its size when the endpoint says (`Content-Length`).
+    /// Nothing is downloaded.
+    pub async fn head_blob_from(
+        &self,
+        a: &EndpointAttempt,
+        digest: &Digest,
+    ) -> Result<Option<u64>, Error> {
+        let url = a.url("blobs", &digest.to_string());
+        let resp = self
+            .send(
+                a,
+                &pull_scopes(a),
+                Method::HEAD,
+                &url,
+                HeaderMap::new(),
+                None,
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Err(status_error(&url, resp).await);
+        }
+        Ok(resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok()))
+    }
+
     /// HEAD of a manifest on one endpoint; an answer without `Docker-Content-Digest` is an
     /// error (the caller then GETs).
     pub async fn head_manifest_from(

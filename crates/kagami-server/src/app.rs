@@ -36,6 +36,8 @@ pub struct ServerOptions {
     /// The registry of requests that name none (no `ns`, no registry in the path), as
     /// dockerd's `registry-mirrors` sends them; `None` refuses them.
     pub default_registry: Option<String>,
+    /// Bounds on blob fetches and revalidations (`crate::blobs::FetchLimits`).
+    pub limits: crate::blobs::FetchLimits,
 }
 
 impl Default for ServerOptions {
@@ -44,6 +46,7 @@ impl Default for ServerOptions {
             tag_ttl: Duration::from_secs(300),
             disable_default_endpoint: false,
             default_registry: Some(kagami_config::endpoint::DOCKER_HUB.to_string()),
+            limits: Default::default(),
         }
     }
 }
@@ -61,7 +64,11 @@ pub(crate) struct Inner {
     pub options: ServerOptions,
     pub metrics: Metrics,
     /// Blob fetches in flight, shared by every request for the same digest.
-    pub fetches: Mutex<HashMap<Digest, Arc<Fetch>>>,
+    pub fetches: Mutex<HashMap<crate::blobs::FetchKey, Arc<Fetch>>>,
+    /// What fetches may hold at once (count and memory).
+    pub fetch_budget: crate::blobs::Budget,
+    /// Blob sizes named by the manifests served, by (registry, digest).
+    pub descriptor_sizes: Mutex<HashMap<(String, Digest), u64>>,
     /// Tag revalidations in flight, by (registry, repository, tag).
     pub revalidations: Mutex<HashMap<TagKey, SharedRevalidation>>,
     /// Set while the store refuses writes (disk full): cold blobs pass through uncached.
@@ -89,6 +96,7 @@ impl AppState {
         upstream: Arc<dyn Upstream>,
         options: ServerOptions,
     ) -> AppState {
+        let fetch_budget = crate::blobs::Budget::new(&options.limits);
         AppState {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
@@ -97,6 +105,8 @@ impl AppState {
                 options,
                 metrics: Metrics::new(),
                 fetches: Mutex::new(HashMap::new()),
+                fetch_budget,
+                descriptor_sizes: Mutex::new(HashMap::new()),
                 revalidations: Mutex::new(HashMap::new()),
                 store_full_until: Mutex::new(None),
                 ready: AtomicBool::new(true),

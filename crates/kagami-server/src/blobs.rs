@@ -1,5 +1,9 @@
-//! Blob GET/HEAD: from the store, else from one shared upstream fetch per digest, streamed
-//! to every waiting client while it is written to the store.
+//! Blob GET/HEAD: from the store, else from one shared upstream fetch per (digest,
+//! registry), streamed to every waiting client while it is written to the store.
+//!
+//! What fetches may hold is bounded (see [`FetchLimits`]): how many run at once and the
+//! memory they reserve, how slow a source may be, how large a blob may grow, and how long
+//! a fetch nobody follows any more keeps going.
 
 use std::io;
 use std::pin::Pin;
@@ -10,31 +14,166 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
 use kagami_config::{Config, Digest, plan};
 use kagami_store::{Begin, BlobHandle, Inflight};
 use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::io::ReaderStream;
 
 use crate::app::{AppState, Source};
 use crate::error::ApiError;
-use crate::metrics::EndpointLabels;
 use crate::path::OciPath;
 use crate::range::{self, RangeRequest};
 use crate::upstream::BlobBody;
 
+/// Reads of a stored blob for one response, while few are being sent: large reads are
+/// fastest for one client (about 2 GB/s warm against 1.5 with 64 KiB).
 const CHUNK: usize = 256 * 1024;
+/// Reads once more than [`BUSY_RESPONSES`] stored blobs are being sent. Every response
+/// holds about two reads (the stream's buffer and the file's own), so this is what bounds
+/// the memory of many clients at once: 1,000 connections held 334 MiB with 256 KiB reads
+/// for everyone (docs/BENCHMARKS.md).
+const BUSY_CHUNK: usize = 64 * 1024;
+const BUSY_RESPONSES: usize = 32;
+/// Responses from stored blobs being sent, process-wide.
+static LOCAL_RESPONSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Small upstream chunks are gathered into batches of this size before the store.
 const WRITE_BATCH: usize = 256 * 1024;
 /// Chunks queued between reception and the store writer.
 const QUEUE: usize = 16;
 /// How long cold blobs bypass the store after a write failed (disk full).
 const FULL_BACKOFF: Duration = Duration::from_secs(30);
+/// The most memory one fetch holds: the store's window (the last 4 MiB on disk plus the
+/// batch being written) and the queue to the writer.
+pub const FETCH_MEMORY_MAX: u64 =
+    kagami_store::WINDOW as u64 + ((QUEUE + 1) * WRITE_BATCH) as u64 + WRITE_BATCH as u64;
+/// A fetch nobody follows any more is finished anyway when the blob is at most this large
+/// (cheap to finish, likely asked again) ...
+const SMALL_BLOB: u64 = 16 * 1024 * 1024;
+/// ... or when at least this share of it has arrived (a percentage).
+const FINISH_PERCENT: u64 = 50;
 
-/// One upstream fetch of a blob, shared by every request for it.
+/// Bounds on blob fetches (flags of `kagami serve`; see docs/security.md, "Resource
+/// bounds").
+#[derive(Debug, Clone)]
+pub struct FetchLimits {
+    /// The most blob fetches (and uncached pass-throughs) at once.
+    pub max_fetches: usize,
+    /// The memory fetches in flight may reserve together: each reserves what it can hold,
+    /// [`FETCH_MEMORY_MAX`] or the blob's size when it is known and smaller.
+    pub fetch_memory: u64,
+    /// How long a cold request waits for room in the budget before a `503` with
+    /// `Retry-After`.
+    pub queue_wait: Duration,
+    /// The largest blob fetched when no manifest served by this node gave its size.
+    pub max_blob_size: u64,
+    /// A source body slower than this many bytes per second, averaged over
+    /// `rate_window`, is cut and the fetch continues from the next source.
+    pub min_rate: u64,
+    pub rate_window: Duration,
+    /// How long a fetch nobody follows keeps going before the cancel rule applies.
+    pub abandon_grace: Duration,
+    /// The longest a tag revalidation (HEAD and GET upstream) may take.
+    pub revalidation_timeout: Duration,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        FetchLimits {
+            max_fetches: 32,
+            fetch_memory: 64 * 1024 * 1024,
+            queue_wait: Duration::from_secs(5),
+            max_blob_size: 16 * 1024 * 1024 * 1024,
+            min_rate: 16 * 1024,
+            rate_window: Duration::from_secs(30),
+            abandon_grace: Duration::from_secs(5),
+            revalidation_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+/// The fetch budget: a count and memory (in KiB), each a fair (FIFO) semaphore.
+pub struct Budget {
+    count: Arc<Semaphore>,
+    kib: Arc<Semaphore>,
+    total_kib: u32,
+}
+
+/// Room taken in the [`Budget`] by one fetch or pass-through, given back on drop.
+pub struct Permit {
+    _count: OwnedSemaphorePermit,
+    _kib: OwnedSemaphorePermit,
+    bytes: u64,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.bytes as i64);
+    }
+}
+
+impl Budget {
+    pub fn new(limits: &FetchLimits) -> Budget {
+        let total_kib = (limits.fetch_memory / 1024).clamp(1, u32::MAX as u64) as u32;
+        Budget {
+            count: Arc::new(Semaphore::new(limits.max_fetches.max(1))),
+            kib: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+        }
+    }
+
+    /// Waits up to `wait` for room for one fetch holding up to `bytes` of memory.
+    async fn acquire(&self, state: &AppState, bytes: u64, wait: Duration) -> Option<Permit> {
+        let kib = bytes.div_ceil(1024).clamp(1, self.total_kib as u64) as u32;
+        let take = async {
+            let count = self.count.clone().acquire_owned().await.ok()?;
+            let kib = self.kib.clone().acquire_many_owned(kib).await.ok()?;
+            Some((count, kib))
+        };
+        let (count, kib_permit) = tokio::time::timeout(wait, take).await.ok()??;
+        let gauge = state.inner.metrics.fetch_memory.clone();
+        let bytes = kib as u64 * 1024;
+        gauge.inc_by(bytes as i64);
+        Some(Permit {
+            _count: count,
+            _kib: kib_permit,
+            bytes,
+            gauge,
+        })
+    }
+}
+
+/// Fetches are shared by requests for the same digest through the same registry: a
+/// registry's fetch never serves (or stalls) a request made through another one.
+pub type FetchKey = (Digest, String);
+
+/// One upstream fetch of a blob, shared by every request for it through one registry.
 pub struct Fetch {
     state: watch::Sender<FetchState>,
+    /// The repository of the request that started it (whose plan it walks).
+    repository: String,
+    /// Requests (and other nodes) streaming from it or waiting for it.
+    followers: watch::Sender<usize>,
+}
+
+/// Counts one follower of a fetch while it lives.
+pub(crate) struct Follower(Arc<Fetch>);
+
+impl Follower {
+    fn new(fetch: &Arc<Fetch>) -> Follower {
+        fetch.followers.send_modify(|n| *n += 1);
+        Follower(fetch.clone())
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.followers.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 #[derive(Clone)]
@@ -73,57 +212,235 @@ pub(crate) async fn get(
         return serve_local(handle, digest, range_header, head).await;
     }
     state.count_cache("blob", "miss");
+    if head && let Some(r) = head_cold(state, config, path, digest).await {
+        return r;
+    }
     let store_full = inner
         .store_full_until
         .lock()
         .expect("lock")
         .is_some_and(|t| Instant::now() < t);
-    let fetch = if store_full {
-        None
-    } else {
-        Some(join_or_start(state, config, path, digest))
-    };
-    let mut rx = match &fetch {
-        Some(f) => f.state.subscribe(),
-        None => watch::channel(FetchState::PassThrough).1,
-    };
-    let current = rx
-        .wait_for(|s| !matches!(s, FetchState::Connecting | FetchState::ConnectingUpstream))
-        .await
-        .map(|s| s.clone())
-        .unwrap_or(FetchState::Failed("fetch ended unexpectedly".into()));
-    match current {
-        FetchState::Streaming {
-            inflight,
-            size,
-            source,
-        } => Ok((
-            serve_inflight(&inflight, size, digest, range_header, head),
-            source,
-        )),
-        FetchState::PassThrough => pass_through(state, config, path, digest, head).await,
-        // A blob a manifest names exists: failing to get it is a refusal.
-        FetchState::Failed(why) => Err(ApiError::blob_unknown(why).refused("upstream_failed")),
-        FetchState::Connecting | FetchState::ConnectingUpstream => {
-            unreachable!("waited for a later state")
-        }
+    if store_full {
+        return pass_through(state, config, path, digest, head).await;
+    }
+    let mut fell_back = false;
+    loop {
+        let (fetch, follower) = match join_or_start(state, config, path, digest).await {
+            Ok(f) => f,
+            Err(busy) => return Err(busy),
+        };
+        let mut rx = fetch.state.subscribe();
+        let current = rx
+            .wait_for(|s| !matches!(s, FetchState::Connecting | FetchState::ConnectingUpstream))
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(FetchState::Failed("fetch ended unexpectedly".into()));
+        return match current {
+            FetchState::Streaming {
+                inflight,
+                size,
+                source,
+            } => Ok((
+                serve_inflight(&inflight, size, digest, range_header, head, Some(follower)),
+                source,
+            )),
+            FetchState::PassThrough => {
+                drop(follower);
+                pass_through(state, config, path, digest, head).await
+            }
+            // A fetch started for another repository of the registry walked that
+            // repository's plan: this request tries its own once.
+            FetchState::Failed(_) if !fell_back && fetch.repository != path.repository => {
+                fell_back = true;
+                continue;
+            }
+            // A blob a manifest names exists: failing to get it is a refusal.
+            FetchState::Failed(why) => Err(ApiError::blob_unknown(why).refused("upstream_failed")),
+            FetchState::Connecting | FetchState::ConnectingUpstream => {
+                unreachable!("waited for a later state")
+            }
+        };
     }
 }
 
-fn join_or_start(
+/// A HEAD of a blob not in the store: answered from a fetch in flight when it knows the
+/// size, else from the endpoints' HEAD, downloading nothing. `None` when the plan has no
+/// endpoint (a registry served only by other nodes), or none has the blob and other nodes
+/// might: the caller goes through a fetch.
+async fn head_cold(
+    state: &AppState,
+    config: &Config,
+    path: &OciPath,
+    digest: &Digest,
+) -> Option<Result<(Response, Source), ApiError>> {
+    let key = (digest.clone(), path.registry.clone());
+    let in_flight = state
+        .inner
+        .fetches
+        .lock()
+        .expect("fetches lock")
+        .get(&key)
+        .cloned();
+    if let Some(f) = in_flight
+        && let FetchState::Streaming {
+            size: Some(size),
+            source,
+            ..
+        } = &*f.state.borrow()
+    {
+        return Some(Ok((
+            blob_response(StatusCode::OK, digest, Some(*size)),
+            *source,
+        )));
+    }
+    let plan = plan(&path.reference(), config, state.plan_options());
+    kagami_client::endpoint_attempts(&plan).next()?;
+    Some(match state.inner.upstream.head_blob(&plan, digest).await {
+        Ok(h) => {
+            state.inner.status.endpoint_ok(&h.source);
+            Ok((
+                blob_response(StatusCode::OK, digest, h.size),
+                Source::Upstream,
+            ))
+        }
+        // Other nodes may have it when the endpoints do not: the caller tries them.
+        Err(_)
+            if state.peers().is_some()
+                && plan
+                    .attempts
+                    .iter()
+                    .any(|a| matches!(a, kagami_config::Attempt::Peers)) =>
+        {
+            return None;
+        }
+        Err(e) => Err(ApiError::blob_unknown(e.message)),
+    })
+}
+
+/// The size of `digest` named by a manifest this node served for `registry`, if any.
+fn descriptor_size(state: &AppState, registry: &str, digest: &Digest) -> Option<u64> {
+    state
+        .inner
+        .descriptor_sizes
+        .lock()
+        .expect("descriptor sizes lock")
+        .get(&(registry.to_string(), digest.clone()))
+        .copied()
+}
+
+/// Most descriptor sizes remembered; the map is emptied when it would grow past this.
+const MAX_DESCRIPTORS: usize = 100_000;
+
+/// Remembers the sizes of the blobs a manifest (or index) of `registry` names, so that a
+/// fetch of one of them knows where it must end. Kept per registry: a manifest from one
+/// registry cannot set the size another registry's fetch expects.
+pub(crate) fn note_descriptors(state: &AppState, registry: &str, manifest: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+        return;
+    };
+    let mut found = Vec::new();
+    let mut note = |d: &serde_json::Value| {
+        if let (Some(digest), Some(size)) = (
+            d.get("digest")
+                .and_then(|x| x.as_str())
+                .and_then(|x| x.parse::<Digest>().ok()),
+            d.get("size").and_then(|x| x.as_u64()),
+        ) {
+            found.push((digest, size));
+        }
+    };
+    if let Some(c) = v.get("config") {
+        note(c);
+    }
+    for list in ["layers", "manifests", "blobs"] {
+        for d in v.get(list).and_then(|l| l.as_array()).into_iter().flatten() {
+            note(d);
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    let mut map = state
+        .inner
+        .descriptor_sizes
+        .lock()
+        .expect("descriptor sizes lock");
+    if map.len() + found.len() > MAX_DESCRIPTORS {
+        map.clear();
+    }
+    for (d, size) in found {
+        map.insert((registry.to_string(), d), size);
+    }
+}
+
+/// The answer when the fetch budget stays full: containerd moves on to its next host (the
+/// registry itself, unless the default endpoint is disabled) and kagami stays within its
+/// memory.
+fn busy(limits: &crate::blobs::FetchLimits) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "TOOMANYREQUESTS",
+        format!(
+            "kagami is already fetching as many blobs as it may ({} at once, {} MiB of memory: --max-fetches, --fetch-memory); retry later",
+            limits.max_fetches,
+            limits.fetch_memory / (1024 * 1024)
+        ),
+    )
+    .refused("busy");
+    e.retry_after = Some(5);
+    e
+}
+
+/// The fetch in flight for `key` that a request may join (not one that already failed).
+fn joinable(
+    fetches: &std::collections::HashMap<FetchKey, Arc<Fetch>>,
+    key: &FetchKey,
+) -> Option<Arc<Fetch>> {
+    fetches
+        .get(key)
+        .filter(|f| !matches!(*f.state.borrow(), FetchState::Failed(_)))
+        .cloned()
+}
+
+/// Joins the fetch of `digest` through this registry, or starts one when the budget has
+/// room (waiting up to `queue_wait`); `Err` is the `503` to answer when it stays full.
+async fn join_or_start(
     state: &AppState,
     config: &Arc<Config>,
     path: &OciPath,
     digest: &Digest,
-) -> Arc<Fetch> {
+) -> Result<(Arc<Fetch>, Follower), ApiError> {
+    let key: FetchKey = (digest.clone(), path.registry.clone());
+    if let Some(f) = joinable(&state.inner.fetches.lock().expect("fetches lock"), &key) {
+        let follower = Follower::new(&f);
+        return Ok((f, follower));
+    }
+    let limits = &state.inner.options.limits;
+    let expected = descriptor_size(state, &path.registry, digest);
+    let memory = expected.map_or(FETCH_MEMORY_MAX, |s| s.min(FETCH_MEMORY_MAX));
+    let Some(permit) = state
+        .inner
+        .fetch_budget
+        .acquire(state, memory, limits.queue_wait)
+        .await
+    else {
+        state.inner.metrics.fetches_refused.inc();
+        tracing::warn!(%digest, registry = %path.registry, "fetch budget full; answering 503");
+        return Err(busy(limits));
+    };
     let mut fetches = state.inner.fetches.lock().expect("fetches lock");
-    if let Some(f) = fetches.get(digest) {
-        return f.clone();
+    if let Some(f) = joinable(&fetches, &key) {
+        let follower = Follower::new(&f);
+        return Ok((f, follower));
     }
     let fetch = Arc::new(Fetch {
         state: watch::channel(FetchState::Connecting).0,
+        repository: path.repository.clone(),
+        followers: watch::channel(0).0,
     });
-    fetches.insert(digest.clone(), fetch.clone());
+    // Counted before the task starts, so that it never sees a fetch nobody wants.
+    let follower = Follower::new(&fetch);
+    fetches.insert(key.clone(), fetch.clone());
     let (state, config, path, digest, f) = (
         state.clone(),
         config.clone(),
@@ -132,22 +449,106 @@ fn join_or_start(
         fetch.clone(),
     );
     tokio::spawn(async move {
+        let _permit = permit;
         state.inner.metrics.inflight.inc();
-        run_fetch(&state, &config, &path, &digest, &f).await;
+        run_fetch(&state, &config, &path, &digest, expected, &f).await;
         if let Some(p) = state.peers() {
             p.router
                 .withdraw(vec![crate::peers::inflight_key(&digest)])
                 .await;
         }
         state.inner.metrics.inflight.dec();
-        state
-            .inner
-            .fetches
-            .lock()
-            .expect("fetches lock")
-            .remove(&digest);
+        let mut fetches = state.inner.fetches.lock().expect("fetches lock");
+        if fetches.get(&key).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+            fetches.remove(&key);
+        }
     });
-    fetch
+    Ok((fetch, follower))
+}
+
+/// Whether a fetch nobody follows is finished anyway: a small blob, or one at least
+/// half there. A blob of unknown size is not.
+fn worth_finishing(written: u64, size: Option<u64>) -> bool {
+    size.is_some_and(|s| s <= SMALL_BLOB || written * 100 >= s * FINISH_PERCENT)
+}
+
+/// Resolves when the fetch should stop because nobody wants it: no follower for
+/// `grace`, and not worth finishing (see [`worth_finishing`]).
+async fn abandoned(fetch: &Fetch, progress: &Inflight, size: Option<u64>, grace: Duration) {
+    let mut rx = fetch.followers.subscribe();
+    loop {
+        // The sender lives in `fetch`, which outlives this future.
+        let _ = rx.wait_for(|n| *n == 0).await;
+        tokio::time::sleep(grace).await;
+        if *rx.borrow_and_update() == 0 {
+            if worth_finishing(progress.written(), size) {
+                return std::future::pending().await;
+            }
+            return;
+        }
+    }
+}
+
+/// Cuts a source body that delivers less than `min_rate` bytes per second over a window
+/// (including one that sends nothing at all): the fetch continues from the next source.
+struct RateGuard {
+    inner: BoxStream<'static, io::Result<Bytes>>,
+    min_bytes: u64,
+    window: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    got: u64,
+    done: bool,
+    slow: prometheus_client::metrics::counter::Counter,
+}
+
+impl Stream for RateGuard {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        while self.deadline.as_mut().poll(cx).is_ready() {
+            if self.got < self.min_bytes {
+                self.done = true;
+                self.slow.inc();
+                let msg = format!(
+                    "source too slow: {} bytes in {:?}, below the minimum of {} bytes in that time",
+                    self.got, self.window, self.min_bytes
+                );
+                return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::TimedOut, msg))));
+            }
+            self.got = 0;
+            let next = tokio::time::Instant::now() + self.window;
+            self.deadline.as_mut().reset(next);
+        }
+        let r = self.inner.as_mut().poll_next(cx);
+        match &r {
+            Poll::Ready(Some(Ok(c))) => self.got += c.len() as u64,
+            Poll::Ready(_) => self.done = true,
+            Poll::Pending => {}
+        }
+        r
+    }
+}
+
+fn rate_guarded(state: &AppState, mut body: BlobBody) -> BlobBody {
+    let limits = &state.inner.options.limits;
+    if limits.min_rate == 0 || limits.rate_window.is_zero() {
+        return body;
+    }
+    let inner = std::mem::replace(&mut body.stream, futures_util::stream::empty().boxed());
+    body.stream = RateGuard {
+        inner,
+        min_bytes: (limits.min_rate as f64 * limits.rate_window.as_secs_f64()) as u64,
+        window: limits.rate_window,
+        deadline: Box::pin(tokio::time::sleep(limits.rate_window)),
+        got: 0,
+        done: false,
+        slow: state.inner.metrics.slow_sources.clone(),
+    }
+    .boxed();
+    body
 }
 
 /// The leader: fetches the blob from upstream into the store, resuming from the next
@@ -157,11 +558,14 @@ async fn run_fetch(
     config: &Config,
     path: &OciPath,
     digest: &Digest,
+    expected: Option<u64>,
     fetch: &Fetch,
 ) {
     let inner = &state.inner;
+    let limits = &inner.options.limits;
     let plan = plan(&path.reference(), config, state.plan_options());
-    let writer = match inner.store.begin(digest, None) {
+    // Its own write, never another registry's write of the same digest.
+    let writer = match inner.store.begin_separate(digest, expected) {
         Ok(Begin::Writer(w)) => w,
         Ok(Begin::Joined(inflight)) => {
             let size = inflight.expected_size();
@@ -191,12 +595,21 @@ async fn run_fetch(
             return;
         }
     };
-    let size = body.size;
+    // Where the blob must end: the size its manifest gave, else the cap.
+    let cap = expected.unwrap_or(limits.max_blob_size);
+    if let Some(s) = body.size
+        && s > cap
+    {
+        let why = too_large(state, digest, &body.source, s, expected);
+        fetch.state.send_replace(FetchState::Failed(why));
+        return;
+    }
+    let size = expected.or(body.size);
     let mut contributors = vec![body.source.clone()];
     let follow = writer.follow();
     let mut sink = StoreSink::new(writer);
     fetch.state.send_replace(FetchState::Streaming {
-        inflight: Arc::new(follow),
+        inflight: Arc::new(follow.clone()),
         size,
         source: if body.source.starts_with("peer:") {
             Source::Peer
@@ -204,6 +617,7 @@ async fn run_fetch(
             Source::Upstream
         },
     });
+    let mut abandon = Box::pin(abandoned(fetch, &follow, size, limits.abandon_grace));
     // Announcements that crossed each other leave two nodes fetching the same blob from
     // upstream; the one with the higher id finds out and continues from the other.
     let mut rival = match state.peers() {
@@ -214,12 +628,16 @@ async fn run_fetch(
     let mut retry_same = false;
     loop {
         count_upstream(state, &body);
-        let outcome = match rival.as_mut() {
-            Some(r) => tokio::select! {
-                o = pump(&mut sink, &mut body) => o,
-                peer = r => Pump::Yield(peer),
-            },
-            None => pump(&mut sink, &mut body).await,
+        let rival_found = async {
+            match rival.as_mut() {
+                Some(r) => r.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            o = pump(&mut sink, &mut body, cap) => o,
+            peer = rival_found => Pump::Yield(peer),
+            () = &mut abandon => Pump::Abandoned,
         };
         let next = match outcome {
             Pump::Yield(peer) => {
@@ -246,10 +664,19 @@ async fn run_fetch(
                         // Should that node fail, the endpoint this one used is next.
                         b.attempt = body.attempt;
                         retry_same = true;
-                        Ok(b)
+                        Ok(rate_guarded(state, b))
                     }
                     None => sources.open(offset, body.attempt).await,
                 }
+            }
+            Pump::Abandoned => {
+                tracing::info!(%digest, written = follow.written(), size, "no client follows this fetch any more and it is not worth finishing; cancelled");
+                inner.metrics.fetches_cancelled.inc();
+                return; // dropping the writer aborts and deletes the temp file
+            }
+            Pump::TooLarge(n) => {
+                too_large(state, digest, &body.source, n, expected);
+                return;
             }
             Pump::Done if size.is_none_or(|s| sink.received == s) => break,
             Pump::Done | Pump::UpstreamFailed => {
@@ -287,6 +714,7 @@ async fn run_fetch(
             }
         }
     }
+    drop(abandon);
     let writer = match sink.finish().await {
         (w, None) => w,
         (_, Some(e)) => {
@@ -308,6 +736,29 @@ async fn run_fetch(
             }
         }
     }
+}
+
+/// A blob went past where it must end: logged, counted, reported on the status page.
+fn too_large(
+    state: &AppState,
+    digest: &Digest,
+    source: &str,
+    bytes: u64,
+    expected: Option<u64>,
+) -> String {
+    let why = match expected {
+        Some(e) => {
+            format!("{digest} from {source}: {bytes} bytes, more than the {e} its manifest gives")
+        }
+        None => format!(
+            "{digest} from {source}: {bytes} bytes, more than --max-blob-size ({} bytes) and no manifest served by this node gives its size",
+            state.inner.options.limits.max_blob_size
+        ),
+    };
+    tracing::warn!(%digest, source, bytes, "blob larger than allowed; fetch stopped");
+    state.inner.metrics.blobs_too_large.inc();
+    state.inner.status.endpoint_failed(source, &why);
+    why
 }
 
 /// How long a node waits, after announcing it is about to fetch a blob nobody holds, for
@@ -459,7 +910,7 @@ impl<'a> Sources<'a> {
                 )
                 .await
         {
-            return Ok(b);
+            return Ok(rate_guarded(self.state, b));
         }
         let mut b = self
             .state
@@ -468,7 +919,7 @@ impl<'a> Sources<'a> {
             .blob(self.plan, self.digest, offset, from.saturating_sub(n))
             .await?;
         b.attempt += n;
-        Ok(b)
+        Ok(rate_guarded(self.state, b))
     }
 }
 
@@ -478,6 +929,10 @@ enum Pump {
     Done,
     UpstreamFailed,
     StoreFailed,
+    /// Nobody follows the fetch and it is not worth finishing.
+    Abandoned,
+    /// The body went past where the blob must end (this many bytes).
+    TooLarge(u64),
 }
 
 /// The store side of a fetch, on its own task: network reception and file writes overlap
@@ -533,10 +988,16 @@ impl StoreSink {
 
 /// Hands a body to the store sink. Large network chunks go as they are (no copy); small
 /// ones (TLS records are 16 KiB) are gathered into batches of up to `WRITE_BATCH` bytes.
-async fn pump(sink: &mut StoreSink, body: &mut BlobBody) -> Pump {
+async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) -> Pump {
     let mut batch = bytes::BytesMut::new();
     loop {
         let next = body.stream.next().await;
+        if let Some(Ok(c)) = &next {
+            let total = sink.received + batch.len() as u64 + c.len() as u64;
+            if total > cap {
+                return Pump::TooLarge(total);
+            }
+        }
         let (end, failed) = match next {
             Some(Ok(c)) if c.len() >= WRITE_BATCH / 4 && batch.is_empty() => {
                 if !sink.send(c).await {
@@ -569,25 +1030,17 @@ async fn pump(sink: &mut StoreSink, body: &mut BlobBody) -> Pump {
 
 fn count_upstream(state: &AppState, body: &BlobBody) {
     state.inner.status.endpoint_ok(&body.source);
-    state
-        .inner
-        .metrics
-        .upstream_fetches
-        .get_or_create(&EndpointLabels {
-            endpoint: body.source.clone(),
-        })
+    let m = &state.inner.metrics;
+    m.upstream_fetches
+        .get_or_create(&m.endpoint(&body.source))
         .inc();
 }
 
 /// Every source of a blob failed: counted in the metrics and on the status page.
 fn upstream_failed(state: &AppState, plan: &kagami_config::Plan, why: &str) {
     let first = crate::status::first_endpoint(plan).unwrap_or_else(|| "none".into());
-    state
-        .inner
-        .metrics
-        .upstream_failures
-        .get_or_create(&EndpointLabels { endpoint: first })
-        .inc();
+    let m = &state.inner.metrics;
+    m.upstream_failures.get_or_create(&m.endpoint(&first)).inc();
     crate::status::plan_failed(state, plan, why);
 }
 
@@ -595,7 +1048,9 @@ fn mark_store_full(state: &AppState) {
     *state.inner.store_full_until.lock().expect("lock") = Some(Instant::now() + FULL_BACKOFF);
 }
 
-/// Streams straight from upstream to this client, storing nothing.
+/// Streams straight from upstream to this client, storing nothing. Counted in the fetch
+/// budget (one socket, little memory), cut below the minimum rate and at the blob's size
+/// or the cap, like a fetch.
 async fn pass_through(
     state: &AppState,
     config: &Config,
@@ -603,6 +1058,16 @@ async fn pass_through(
     digest: &Digest,
     head: bool,
 ) -> Result<(Response, Source), ApiError> {
+    let limits = &state.inner.options.limits;
+    let Some(permit) = state
+        .inner
+        .fetch_budget
+        .acquire(state, CHUNK as u64, limits.queue_wait)
+        .await
+    else {
+        state.inner.metrics.fetches_refused.inc();
+        return Err(busy(limits));
+    };
     let plan = plan(&path.reference(), config, state.plan_options());
     let body = state
         .inner
@@ -612,9 +1077,42 @@ async fn pass_through(
         .inspect_err(|e| crate::status::plan_failed(state, &plan, &e.message))
         .map_err(|e| ApiError::blob_unknown(e.message).refused("upstream_failed"))?;
     count_upstream(state, &body);
-    let mut b = blob_response(StatusCode::OK, digest, body.size);
+    let expected = descriptor_size(state, &path.registry, digest);
+    let cap = expected.unwrap_or(limits.max_blob_size);
+    if let Some(n) = body.size
+        && n > cap
+    {
+        return Err(ApiError::blob_unknown(too_large(
+            state,
+            digest,
+            &body.source,
+            n,
+            expected,
+        )));
+    }
+    let mut b = blob_response(StatusCode::OK, digest, expected.or(body.size));
     if !head {
-        *b.body_mut() = Body::from_stream(body.stream);
+        let body = rate_guarded(state, body);
+        let (state, digest, source) = (state.clone(), digest.clone(), body.source.clone());
+        // (bytes sent, cut): the stream ends after the error that cuts it.
+        let stream = body.stream.scan((0u64, false), move |(sent, over), c| {
+            let _permit = &permit;
+            let item = if *over {
+                None
+            } else {
+                if let Ok(c) = &c {
+                    *sent += c.len() as u64;
+                    if *sent > cap {
+                        *over = true;
+                        let why = too_large(&state, &digest, &source, *sent, expected);
+                        return std::future::ready(Some(Err(io::Error::other(why))));
+                    }
+                }
+                Some(c)
+            };
+            std::future::ready(item)
+        });
+        *b.body_mut() = Body::from_stream(stream);
     }
     Ok((b, Source::Upstream))
 }
@@ -630,13 +1128,17 @@ pub(crate) async fn serve_in_flight(
     range_header: Option<&str>,
     head: bool,
 ) -> Option<Response> {
+    // Any registry's fetch of the digest: the other node verifies what it receives.
     let fetch = state
         .inner
         .fetches
         .lock()
         .expect("fetches lock")
-        .get(digest)
-        .cloned()?;
+        .iter()
+        .filter(|((d, _), _)| d == digest)
+        .map(|(_, f)| f.clone())
+        .max_by_key(|f| matches!(*f.state.borrow(), FetchState::Streaming { .. }))?;
+    let follower = Follower::new(&fetch);
     let mut rx = fetch.state.subscribe();
     tokio::time::timeout(
         Duration::from_secs(1),
@@ -654,9 +1156,14 @@ pub(crate) async fn serve_in_flight(
     .ok()?
     .clone();
     match current {
-        FetchState::Streaming { inflight, size, .. } => {
-            Some(serve_inflight(&inflight, size, digest, range_header, head))
-        }
+        FetchState::Streaming { inflight, size, .. } => Some(serve_inflight(
+            &inflight,
+            size,
+            digest,
+            range_header,
+            head,
+            Some(follower),
+        )),
         _ => None,
     }
 }
@@ -720,14 +1227,24 @@ pub(crate) async fn serve_local(
                 .await
                 .map_err(|e| ApiError::internal(e.to_string()))?;
         }
+        use std::sync::atomic::Ordering::Relaxed;
+        let busy = LOCAL_RESPONSES.fetch_add(1, Relaxed) >= BUSY_RESPONSES;
+        let chunk = if busy { BUSY_CHUNK } else { CHUNK };
         let reader = tokio::io::AsyncReadExt::take(Pinned(handle), len);
-        *resp.body_mut() = Body::from_stream(ReaderStream::with_capacity(reader, CHUNK));
+        *resp.body_mut() = Body::from_stream(ReaderStream::with_capacity(reader, chunk));
     }
     Ok((resp, Source::Local))
 }
 
-/// Keeps the store's pin on a blob for as long as its body is being sent.
+/// Keeps the store's pin on a blob for as long as its body is being sent (and counts it in
+/// `LOCAL_RESPONSES`).
 struct Pinned(BlobHandle);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        LOCAL_RESPONSES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 impl AsyncRead for Pinned {
     fn poll_read(
@@ -739,12 +1256,15 @@ impl AsyncRead for Pinned {
     }
 }
 
+/// A response streaming a fetch in flight; `follower` counts this client as one of the
+/// fetch's followers for as long as its body is being sent.
 fn serve_inflight(
     inflight: &Inflight,
     size: Option<u64>,
     digest: &Digest,
     range_header: Option<&str>,
     head: bool,
+    follower: Option<Follower>,
 ) -> Response {
     let (status, start, len) = match size {
         None => (StatusCode::OK, 0, None),
@@ -767,6 +1287,10 @@ fn serve_inflight(
                 None
             },
         );
+        let stream = stream.map(move |c| {
+            let _follower = &follower;
+            c
+        });
         *resp.body_mut() = Body::from_stream(stream);
     }
     resp

@@ -8,7 +8,7 @@ use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use kagami_client::{Client, ClientOptions, Error, endpoint_attempts};
 use kagami_config::{Digest, Plan};
 
-use crate::upstream::{BlobBody, FetchedManifest, ManifestHead, Upstream, UpstreamError};
+use crate::upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};
 
 pub struct ClientUpstream {
     client: Client,
@@ -189,6 +189,29 @@ impl Upstream for ClientUpstream {
                 &format!("manifest HEAD {}:{tag}", plan.image.name()),
                 &errors,
             ))
+        }
+        .boxed()
+    }
+
+    fn head_blob<'a>(
+        &'a self,
+        plan: &'a Plan,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<BlobHead, UpstreamError>> {
+        async move {
+            let mut errors = Vec::new();
+            for a in endpoint_attempts(plan) {
+                match self.client.head_blob_from(a, digest).await {
+                    Ok(size) => {
+                        return Ok(BlobHead {
+                            size,
+                            source: a.endpoint.base(),
+                        });
+                    }
+                    Err(e) => errors.push((a.endpoint.base(), e)),
+                }
+            }
+            Err(all_failed(&format!("blob HEAD {digest}"), &errors))
         }
         .boxed()
     }

@@ -16,6 +16,8 @@ pub struct ApiError {
     /// (`kagami_refused_requests_total`, `/status`). `None` for a genuine "not found" (the
     /// registry itself would say the same).
     pub refusal: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -34,6 +36,7 @@ impl ApiError {
             code,
             message: message.into(),
             refusal,
+            retry_after: None,
         }
     }
     /// Marks this error as a refusal for `reason` (see [`ApiError::refusal`]).
@@ -116,6 +119,10 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
         resp
     }
 }

@@ -31,6 +31,7 @@ pub mod status;
 pub mod upstream;
 
 pub use app::{AppState, ServerOptions, Source, router};
+pub use blobs::{FETCH_MEMORY_MAX, FetchLimits};
 pub use peer_api::{NodeInfo, peer_router};
 pub use peers::Peers;
-pub use upstream::{BlobBody, FetchedManifest, ManifestHead, Upstream, UpstreamError};
+pub use upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};

@@ -35,7 +35,30 @@ pub enum Revalidation {
 
 type Handled = Result<(Response, Source), ApiError>;
 
+/// A manifest GET or HEAD. The sizes of the blobs a manifest served by GET names are
+/// remembered for this registry, so that fetching them stops where they must end
+/// (`crate::blobs::note_descriptors`).
 pub(crate) async fn get(
+    state: &AppState,
+    config: &Arc<Config>,
+    path: &OciPath,
+    r: &ManifestRef,
+    head: bool,
+) -> Handled {
+    let (resp, source) = get_inner(state, config, path, r, head).await?;
+    if head || resp.status() != axum::http::StatusCode::OK {
+        return Ok((resp, source));
+    }
+    // The body is the manifest already in memory (at most 4 MiB).
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_MANIFEST as usize)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    crate::blobs::note_descriptors(state, &path.registry, &bytes);
+    Ok((Response::from_parts(parts, Body::from(bytes)), source))
+}
+
+async fn get_inner(
     state: &AppState,
     config: &Arc<Config>,
     path: &OciPath,
@@ -164,15 +187,36 @@ async fn revalidate(
         } else {
             let (st, cfg, p, t) = (state.clone(), config.clone(), path.clone(), tag.to_string());
             let k = key.clone();
-            let fut = async move {
+            // A task of its own with a deadline: it ends (and leaves the map, releasing its
+            // upstream connections) even when every client waiting for it has gone.
+            let limit = state.inner.options.limits.revalidation_timeout;
+            let task = tokio::spawn(async move {
                 let plan = plan(&p.reference(), &cfg, st.plan_options());
-                let out = resolve_tag(&st, &plan, &p, &t, cached).await;
+                let out = tokio::time::timeout(limit, resolve_tag(&st, &plan, &p, &t, cached))
+                    .await
+                    .unwrap_or_else(|_| {
+                        st.inner.metrics.revalidation_timeouts.inc();
+                        tracing::warn!(registry = %p.registry, repository = %p.repository, tag = %t, "tag revalidation timed out");
+                        Revalidation::Failed {
+                            message: format!(
+                                "revalidation of {}/{}:{t} took longer than {limit:?}",
+                                p.registry, p.repository
+                            ),
+                            not_found: false,
+                        }
+                    });
                 st.inner
                     .revalidations
                     .lock()
                     .expect("revalidations lock")
                     .remove(&k);
                 out
+            });
+            let fut = async move {
+                task.await.unwrap_or_else(|e| Revalidation::Failed {
+                    message: format!("tag revalidation failed: {e}"),
+                    not_found: false,
+                })
             }
             .boxed()
             .shared();

@@ -95,6 +95,18 @@ pub struct Metrics {
     pub refused: Family<RefusalLabels, Counter>,
     /// Bounds the `endpoint` label of the upstream metrics.
     pub endpoint_labels: LabelBudget,
+    /// Cold blob requests refused (503) because the fetch budget stayed full.
+    pub fetches_refused: Counter,
+    /// Fetches stopped because no client followed them any more.
+    pub fetches_cancelled: Counter,
+    /// Source bodies cut for sending slower than the minimum rate.
+    pub slow_sources: Counter,
+    /// Fetches stopped for exceeding the blob's size (descriptor size or --max-blob-size).
+    pub blobs_too_large: Counter,
+    /// Memory reserved by the fetches in flight (their share of --fetch-memory).
+    pub fetch_memory: Gauge,
+    /// Tag revalidations given up after the revalidation timeout.
+    pub revalidation_timeouts: Counter,
 }
 
 impl Metrics {
@@ -119,6 +131,12 @@ impl Metrics {
             peer_lookup_seconds: Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0,
             ]),
+            fetches_refused: Counter::default(),
+            fetches_cancelled: Counter::default(),
+            slow_sources: Counter::default(),
+            blobs_too_large: Counter::default(),
+            fetch_memory: Gauge::default(),
+            revalidation_timeouts: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,6 +213,36 @@ impl Metrics {
             "refused_requests",
             "Requests kagami refused (every status but a genuine not-found), by registry and reason: containerd pulls each of them around the mirror",
             m.refused.clone(),
+        );
+        registry.register(
+            "fetches_refused",
+            "Cold blob requests answered 503 because the fetch budget stayed full",
+            m.fetches_refused.clone(),
+        );
+        registry.register(
+            "fetches_cancelled",
+            "Blob fetches stopped because no client followed them any more",
+            m.fetches_cancelled.clone(),
+        );
+        registry.register(
+            "slow_sources",
+            "Blob bodies cut for arriving slower than the minimum rate",
+            m.slow_sources.clone(),
+        );
+        registry.register(
+            "blobs_too_large",
+            "Blob fetches stopped at the blob's known size or at --max-blob-size",
+            m.blobs_too_large.clone(),
+        );
+        registry.register(
+            "fetch_memory_bytes",
+            "Memory reserved by the blob fetches in flight (bounded by --fetch-memory)",
+            m.fetch_memory.clone(),
+        );
+        registry.register(
+            "revalidation_timeouts",
+            "Tag revalidations given up after the revalidation timeout",
+            m.revalidation_timeouts.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -37,6 +37,14 @@ pub struct BlobBody {
     pub attempt: usize,
 }
 
+/// What a blob HEAD says.
+#[derive(Debug, Clone)]
+pub struct BlobHead {
+    /// The blob's size, when the endpoint said.
+    pub size: Option<u64>,
+    pub source: String,
+}
+
 /// Why every attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -73,6 +81,23 @@ pub trait Upstream: Send + Sync + 'static {
             Err(UpstreamError {
                 message: "this upstream does not list tags".into(),
                 not_found: true,
+            })
+        })
+    }
+
+    /// HEAD a blob through the plan (a client's HEAD of a blob not in the store). The
+    /// default opens a GET and drops it at once, reading only its headers; the real
+    /// upstream sends a HEAD.
+    fn head_blob<'a>(
+        &'a self,
+        plan: &'a Plan,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<BlobHead, UpstreamError>> {
+        Box::pin(async move {
+            let b = self.blob(plan, digest, 0, 0).await?;
+            Ok(BlobHead {
+                size: b.size,
+                source: b.source,
             })
         })
     }

@@ -386,3 +386,712 @@ async fn a_tag_with_no_endpoint_to_ask_stays_current() {
         "{metrics}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Resource bounds (docs/security.md, "Resource bounds"): a scripted upstream whose bodies
+// trickle, never end or go wrong per registry, and which counts the bodies it has open —
+// each one an upstream socket for the real client.
+
+mod bounds {
+    use std::collections::HashMap;
+    use std::io;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use futures_util::future::BoxFuture;
+    use futures_util::{FutureExt, StreamExt};
+    use kagami_config::{Config, Digest, Plan};
+    use kagami_server::{
+        AppState, BlobBody, BlobHead, FetchLimits, FetchedManifest, ManifestHead, ServerOptions,
+        Upstream, UpstreamError, router,
+    };
+    use kagami_store::{Store, StoreOptions};
+
+    use super::common::{digest_of, random, request};
+
+    /// How a registry's bodies behave.
+    #[derive(Clone, Copy)]
+    pub enum Mode {
+        Good,
+        /// One byte every `every`; wrong bytes when `wrong`. The size is announced.
+        Trickle {
+            every: Duration,
+            wrong: bool,
+        },
+        /// `chunk` bytes every `every`, for ever; no size announced.
+        Endless {
+            chunk: usize,
+            every: Duration,
+        },
+        /// The blob in `chunk`-byte pieces every `every`; its size announced or not.
+        Paced {
+            chunk: usize,
+            every: Duration,
+            announce: bool,
+        },
+    }
+
+    /// Counts what is open; remembers the most at once.
+    #[derive(Default)]
+    pub struct Gauge {
+        pub now: AtomicUsize,
+        pub max: AtomicUsize,
+    }
+
+    pub struct Open(Arc<Gauge>);
+
+    impl Open {
+        fn new(g: &Arc<Gauge>) -> Open {
+            let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+            g.max.fetch_max(n, Ordering::SeqCst);
+            Open(g.clone())
+        }
+    }
+
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.now.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub struct Scripted {
+        pub modes: HashMap<String, Mode>,
+        pub blobs: HashMap<Digest, Bytes>,
+        pub manifests: HashMap<String, FetchedManifest>,
+        /// Manifest HEADs and GETs hang for ever.
+        pub hang_manifests: bool,
+        /// Blob bodies open.
+        pub bodies: Arc<Gauge>,
+        /// Manifest requests in progress.
+        pub manifest_requests: Arc<Gauge>,
+        pub blob_gets: AtomicUsize,
+        pub blob_heads: AtomicUsize,
+    }
+
+    impl Scripted {
+        pub fn new(modes: &[(&str, Mode)]) -> Scripted {
+            Scripted {
+                modes: modes.iter().map(|(r, m)| (r.to_string(), *m)).collect(),
+                blobs: HashMap::new(),
+                manifests: HashMap::new(),
+                hang_manifests: false,
+                bodies: Default::default(),
+                manifest_requests: Default::default(),
+                blob_gets: AtomicUsize::new(0),
+                blob_heads: AtomicUsize::new(0),
+            }
+        }
+
+        pub fn blob(mut self, data: &[u8]) -> Self {
+            self.blobs
+                .insert(digest_of(data), Bytes::copy_from_slice(data));
+            self
+        }
+
+        fn missing(&self, what: &str) -> UpstreamError {
+            UpstreamError {
+                message: format!("{what}: not found"),
+                not_found: true,
+            }
+        }
+
+        async fn manifest_call(&self, reference: &str) -> Result<FetchedManifest, UpstreamError> {
+            let _open = Open::new(&self.manifest_requests);
+            if self.hang_manifests {
+                std::future::pending::<()>().await;
+            }
+            self.manifests
+                .get(reference)
+                .cloned()
+                .ok_or_else(|| self.missing(reference))
+        }
+    }
+
+    fn paced(
+        data: Bytes,
+        chunk: usize,
+        every: Duration,
+        open: Open,
+    ) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
+        futures_util::stream::unfold((data, open), move |(mut data, open)| async move {
+            if data.is_empty() {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            let piece = data.split_to(chunk.min(data.len()));
+            Some((Ok(piece), (data, open)))
+        })
+        .boxed()
+    }
+
+    impl Upstream for Scripted {
+        fn manifest<'a>(
+            &'a self,
+            _plan: &'a Plan,
+            reference: &'a str,
+        ) -> BoxFuture<'a, Result<FetchedManifest, UpstreamError>> {
+            self.manifest_call(reference).boxed()
+        }
+
+        fn head_manifest<'a>(
+            &'a self,
+            _plan: &'a Plan,
+            tag: &'a str,
+        ) -> BoxFuture<'a, Result<ManifestHead, UpstreamError>> {
+            async move {
+                let m = self.manifest_call(tag).await?;
+                Ok(ManifestHead {
+                    digest: m.digest,
+                    media_type: m.media_type,
+                    source: "scripted".into(),
+                })
+            }
+            .boxed()
+        }
+
+        fn head_blob<'a>(
+            &'a self,
+            _plan: &'a Plan,
+            digest: &'a Digest,
+        ) -> BoxFuture<'a, Result<BlobHead, UpstreamError>> {
+            async move {
+                self.blob_heads.fetch_add(1, Ordering::SeqCst);
+                let data = self.blobs.get(digest).ok_or_else(|| self.missing("blob"))?;
+                Ok(BlobHead {
+                    size: Some(data.len() as u64),
+                    source: "scripted".into(),
+                })
+            }
+            .boxed()
+        }
+
+        fn blob<'a>(
+            &'a self,
+            plan: &'a Plan,
+            digest: &'a Digest,
+            offset: u64,
+            from: usize,
+        ) -> BoxFuture<'a, Result<BlobBody, UpstreamError>> {
+            async move {
+                // One attempt per registry.
+                if from > 0 {
+                    return Err(self.missing("no further attempt"));
+                }
+                self.blob_gets.fetch_add(1, Ordering::SeqCst);
+                let mode = self.modes[&plan.image.registry];
+                let data = match mode {
+                    Mode::Endless { .. } => Bytes::new(),
+                    _ => self
+                        .blobs
+                        .get(digest)
+                        .cloned()
+                        .ok_or_else(|| self.missing("blob"))?
+                        .slice(offset as usize..),
+                };
+                let open = Open::new(&self.bodies);
+                let full = Some(offset + data.len() as u64);
+                let (stream, size) = match mode {
+                    Mode::Good => (paced(data, 64 * 1024, Duration::ZERO, open), full),
+                    Mode::Trickle { every, wrong } => {
+                        let data = if wrong {
+                            Bytes::from(vec![0x55; data.len()])
+                        } else {
+                            data
+                        };
+                        (paced(data, 1, every, open), full)
+                    }
+                    Mode::Paced {
+                        chunk,
+                        every,
+                        announce,
+                    } => (paced(data, chunk, every, open), full.filter(|_| announce)),
+                    Mode::Endless { chunk, every } => {
+                        let s = futures_util::stream::unfold(open, move |open| async move {
+                            tokio::time::sleep(every).await;
+                            Some((Ok(Bytes::from(vec![7u8; chunk])), open))
+                        })
+                        .boxed();
+                        (s, None)
+                    }
+                };
+                Ok(BlobBody {
+                    stream,
+                    size,
+                    source: format!("scripted:{}", plan.image.registry),
+                    attempt: 0,
+                })
+            }
+            .boxed()
+        }
+    }
+
+    pub struct Server {
+        pub addr: std::net::SocketAddr,
+        pub state: AppState,
+        pub dir: tempfile::TempDir,
+        pub fake: Arc<Scripted>,
+    }
+
+    impl Server {
+        pub fn tmp_files(&self) -> usize {
+            std::fs::read_dir(self.dir.path().join("store/tmp"))
+                .unwrap()
+                .count()
+        }
+
+        pub async fn metric(&self, name: &str) -> f64 {
+            let text =
+                String::from_utf8(request(self.addr, "GET", "/metrics", &[]).await.2).unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        }
+    }
+
+    pub fn blob_url(registry: &str, d: &Digest) -> String {
+        format!("/v2/team/app/blobs/{d}?ns={registry}")
+    }
+
+    pub async fn start(
+        fake: Scripted,
+        limits: FetchLimits,
+        tag_ttl: Duration,
+        max_store: Option<u64>,
+    ) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path().join("store"),
+            StoreOptions {
+                max_size: max_store,
+            },
+        )
+        .await
+        .unwrap();
+        let mut yaml = String::from("mirrors:\n");
+        for r in fake.modes.keys() {
+            yaml.push_str(&format!("  {r}:\n    endpoint: [\"http://127.0.0.1:9\"]\n"));
+        }
+        let config = Config::parse(&yaml, std::path::Path::new("test.yaml"))
+            .unwrap()
+            .0;
+        let fake = Arc::new(fake);
+        let state = AppState::new(
+            config,
+            store,
+            fake.clone(),
+            ServerOptions {
+                tag_ttl,
+                disable_default_endpoint: true,
+                limits,
+                ..Default::default()
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Server {
+            addr,
+            state,
+            dir,
+            fake,
+        }
+    }
+
+    /// Waits (up to 20 s) for `cond`; false if it never held.
+    pub async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cond()
+    }
+
+    /// Sends a GET and goes away after reading `n` bytes of the answer (or 5 s).
+    pub async fn get_and_leave(addr: std::net::SocketAddr, path: &str, n: usize) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: kagami\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while got < n {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k,
+                }
+            }
+        })
+        .await;
+    }
+
+    pub fn random_blob(n: usize, seed: u64) -> Vec<u8> {
+        random(n, seed)
+    }
+}
+
+use bounds::{Mode, Scripted};
+
+#[tokio::test]
+async fn forty_trickling_blobs_stay_within_the_fetch_budget_and_release_their_sockets() {
+    let blobs: Vec<Vec<u8>> = (0..40)
+        .map(|i| bounds::random_blob(64 * 1024, 100 + i))
+        .collect();
+    let mut fake = Scripted::new(&[(
+        "trickle.example.test",
+        Mode::Trickle {
+            every: Duration::from_millis(100),
+            wrong: false,
+        },
+    )]);
+    for b in &blobs {
+        fake = fake.blob(b);
+    }
+    // Memory for three fetches of unknown size; a cold request waits 300 ms for room.
+    let budget = 3 * kagami_server::FETCH_MEMORY_MAX;
+    let limits = kagami_server::FetchLimits {
+        max_fetches: 100,
+        fetch_memory: budget,
+        queue_wait: Duration::from_millis(300),
+        min_rate: 1000,
+        rate_window: Duration::from_secs(1),
+        abandon_grace: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let s = bounds::start(fake, limits, Duration::from_secs(300), None).await;
+    let mut tasks = Vec::new();
+    for b in &blobs {
+        let (addr, url) = (
+            s.addr,
+            bounds::blob_url("trickle.example.test", &digest_of(b)),
+        );
+        tasks.push(tokio::spawn(async move {
+            request(addr, "GET", &url, &[]).await
+        }));
+    }
+    // While they run: never more than the budget's fetches, nor memory.
+    let mut most_memory = 0.0f64;
+    let deadline = std::time::Instant::now() + Duration::from_millis(800);
+    while std::time::Instant::now() < deadline {
+        most_memory = most_memory.max(s.metric("kagami_fetch_memory_bytes").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut refused = 0;
+    for t in tasks {
+        let (status, h, _, complete) = t.await.unwrap();
+        match status {
+            503 => {
+                refused += 1;
+                assert_eq!(h["retry-after"], "5");
+            }
+            // Admitted, then cut for being too slow (the only source).
+            200 => assert!(!complete),
+            other => panic!("status {other}"),
+        }
+    }
+    let most = s.fake.bodies.max.load(Ordering::SeqCst);
+    assert!(most <= 3, "{most} upstream bodies open at once");
+    assert!(
+        most_memory > 0.0 && most_memory <= budget as f64,
+        "{most_memory}"
+    );
+    assert!(refused >= 30, "{refused} refused");
+    assert_eq!(
+        s.metric("kagami_fetches_refused_total").await,
+        refused as f64
+    );
+    // Every upstream socket is released, and the memory given back.
+    assert!(
+        bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await,
+        "{} upstream bodies still open",
+        s.fake.bodies.now.load(Ordering::SeqCst)
+    );
+    assert!(s.metric("kagami_slow_sources_total").await >= 1.0);
+    assert_eq!(s.metric("kagami_fetch_memory_bytes").await, 0.0);
+    assert_eq!(s.metric("kagami_inflight_fetches").await, 0.0);
+    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+}
+
+#[tokio::test]
+async fn a_registry_trickling_wrong_bytes_does_not_hold_up_another_registry() {
+    let data = bounds::random_blob(512 * 1024, 7);
+    let d = digest_of(&data);
+    let fake = Scripted::new(&[
+        (
+            "bad.example.test",
+            Mode::Trickle {
+                every: Duration::from_millis(50),
+                wrong: true,
+            },
+        ),
+        ("good.example.test", Mode::Good),
+    ])
+    .blob(&data);
+    let s = bounds::start(
+        fake,
+        kagami_server::FetchLimits::default(),
+        Duration::from_secs(300),
+        None,
+    )
+    .await;
+    let (addr, bad) = (s.addr, bounds::blob_url("bad.example.test", &d));
+    let slow = tokio::spawn(async move { request(addr, "GET", &bad, &[]).await });
+    assert!(bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 1).await);
+    // The good registry's client gets the blob, well before the bad one's would end
+    // (26 s at that pace); the deadline is generous, not a speed claim.
+    let good = bounds::blob_url("good.example.test", &d);
+    let (status, _, body, complete) =
+        tokio::time::timeout(Duration::from_secs(20), request(s.addr, "GET", &good, &[]))
+            .await
+            .expect("the good registry's client is not held up by the bad one");
+    assert_eq!(status, 200);
+    assert!(complete);
+    assert_eq!(body, data);
+    assert!(bounds::eventually(|| s.state.store().blob_size(&d).is_some()).await);
+    slow.abort();
+}
+
+#[tokio::test]
+async fn an_endless_blob_is_cut_at_the_cap_and_leaves_nothing() {
+    let endless = Mode::Endless {
+        chunk: 64 * 1024,
+        every: Duration::from_millis(1),
+    };
+    let d = digest_of(b"never ends");
+    let limits = kagami_server::FetchLimits {
+        max_blob_size: 2 * 1024 * 1024,
+        ..Default::default()
+    };
+    let s = bounds::start(
+        Scripted::new(&[("endless.example.test", endless)]),
+        limits,
+        Duration::from_secs(300),
+        None,
+    )
+    .await;
+    let url = bounds::blob_url("endless.example.test", &d);
+    // Chunked (no size announced): cut before its end, at most the cap.
+    let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.len() <= 2 * 1024 * 1024, "{}", body.len());
+    assert!(bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await);
+    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    assert_eq!(s.state.store().usage().blobs, 0);
+    assert_eq!(s.state.store().usage().tmp_bytes, 0);
+    assert_eq!(s.metric("kagami_blobs_too_large_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn an_endless_blob_is_cut_at_the_store_limit_then_passed_through_capped() {
+    let endless = Mode::Endless {
+        chunk: 64 * 1024,
+        every: Duration::from_millis(1),
+    };
+    let d = digest_of(b"never ends either");
+    let limits = kagami_server::FetchLimits {
+        max_blob_size: 4 * 1024 * 1024,
+        ..Default::default()
+    };
+    let s = bounds::start(
+        Scripted::new(&[("endless.example.test", endless)]),
+        limits,
+        Duration::from_secs(300),
+        Some(1024 * 1024),
+    )
+    .await;
+    let url = bounds::blob_url("endless.example.test", &d);
+    // The store's limit counts tmp/: the write stops at 1 MiB.
+    let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.len() <= 1024 * 1024, "{}", body.len());
+    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    // The store is now "full" for a while: the next request is passed through, and cut at
+    // --max-blob-size.
+    let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.len() <= 4 * 1024 * 1024, "{}", body.len());
+    assert!(body.len() > 1024 * 1024, "passed through: {}", body.len());
+    assert!(bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await);
+    assert_eq!(s.tmp_files(), 0);
+    let u = s.state.store().usage();
+    assert_eq!((u.blobs, u.bytes, u.tmp_bytes), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_blob_named_by_a_manifest_stops_at_its_descriptor_size() {
+    let layer = bounds::random_blob(300_000, 11);
+    let d = digest_of(&layer);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{d}","size":1000}},"layers":[]}}"#
+    );
+    let md = digest_of(manifest.as_bytes());
+    // The registry sends the blob unannounced, longer than its manifest says.
+    let mut fake = Scripted::new(&[(
+        "liar.example.test",
+        Mode::Paced {
+            chunk: 64 * 1024,
+            every: Duration::ZERO,
+            announce: false,
+        },
+    )])
+    .blob(&layer);
+    let m = manifest_for_test(&manifest, &md);
+    fake.manifests.insert("1".into(), m.clone());
+    fake.manifests.insert(md.to_string(), m);
+    let s = bounds::start(
+        fake,
+        kagami_server::FetchLimits::default(),
+        Duration::from_secs(300),
+        None,
+    )
+    .await;
+    let (status, _, _, _) = request(
+        s.addr,
+        "GET",
+        "/v2/team/app/manifests/1?ns=liar.example.test",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, h, body, complete) = request(
+        s.addr,
+        "GET",
+        &bounds::blob_url("liar.example.test", &d),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(h["content-length"], "1000", "the size the manifest gives");
+    assert!(!complete && body.len() <= 1000);
+    assert_eq!(s.metric("kagami_blobs_too_large_total").await, 1.0);
+    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    assert_eq!(s.state.store().blob_size(&d), None);
+}
+
+fn manifest_for_test(body: &str, d: &kagami_config::Digest) -> kagami_server::FetchedManifest {
+    kagami_server::FetchedManifest {
+        bytes: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        digest: d.clone(),
+        source: "scripted".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_fetch_nobody_follows_is_cancelled_unless_worth_finishing() {
+    // Large and of unknown size: cancelled once its client has gone (finishing it would
+    // take 26 s at this pace, longer than the test's deadlines).
+    let big = bounds::random_blob(32 * 1024 * 1024, 21);
+    let dbig = digest_of(&big);
+    // Small: finished and stored although its client went away.
+    let small = bounds::random_blob(200 * 1024, 22);
+    let dsmall = digest_of(&small);
+    let fake = Scripted::new(&[
+        (
+            "big.example.test",
+            Mode::Paced {
+                chunk: 64 * 1024,
+                every: Duration::from_millis(50),
+                announce: false,
+            },
+        ),
+        (
+            "small.example.test",
+            Mode::Paced {
+                chunk: 16 * 1024,
+                every: Duration::from_millis(20),
+                announce: true,
+            },
+        ),
+    ])
+    .blob(&big)
+    .blob(&small);
+    let limits = kagami_server::FetchLimits {
+        abandon_grace: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let s = bounds::start(fake, limits, Duration::from_secs(300), None).await;
+    bounds::get_and_leave(
+        s.addr,
+        &bounds::blob_url("big.example.test", &dbig),
+        200_000,
+    )
+    .await;
+    bounds::get_and_leave(
+        s.addr,
+        &bounds::blob_url("small.example.test", &dsmall),
+        20_000,
+    )
+    .await;
+    assert!(
+        bounds::eventually(|| s.state.store().blob_size(&dsmall) == Some(small.len() as u64)).await,
+        "the small blob is finished and stored"
+    );
+    assert!(
+        bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await,
+        "the big blob's fetch still runs"
+    );
+    assert_eq!(s.state.store().blob_size(&dbig), None);
+    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    assert_eq!(s.metric("kagami_fetches_cancelled_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn an_abandoned_tag_revalidation_ends_and_releases_its_connection() {
+    let mut fake = Scripted::new(&[("hang.example.test", Mode::Good)]);
+    fake.hang_manifests = true;
+    let limits = kagami_server::FetchLimits {
+        revalidation_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let s = bounds::start(fake, limits, Duration::ZERO, None).await;
+    let url = "/v2/team/app/manifests/1?ns=hang.example.test";
+    // The client gives up before the upstream answers.
+    let (addr, u) = (s.addr, url.to_string());
+    let client = tokio::spawn(async move { request(addr, "GET", &u, &[]).await });
+    assert!(bounds::eventually(|| s.fake.manifest_requests.now.load(Ordering::SeqCst) == 1).await);
+    client.abort();
+    assert!(
+        bounds::eventually(|| s.fake.manifest_requests.now.load(Ordering::SeqCst) == 0).await,
+        "the revalidation nobody waits for still holds its upstream request"
+    );
+    assert_eq!(s.metric("kagami_revalidation_timeouts_total").await, 1.0);
+    // The next request starts a new revalidation (the old one left the map), which times
+    // out for this client with a 404.
+    let (status, _, _, _) = request(s.addr, "GET", url, &[]).await;
+    assert_eq!(status, 404);
+    assert_eq!(s.metric("kagami_revalidation_timeouts_total").await, 2.0);
+}
+
+#[tokio::test]
+async fn a_head_of_a_cold_blob_downloads_nothing() {
+    let data = bounds::random_blob(100_000, 31);
+    let d = digest_of(&data);
+    let s = bounds::start(
+        Scripted::new(&[("head.example.test", Mode::Good)]).blob(&data),
+        kagami_server::FetchLimits::default(),
+        Duration::from_secs(300),
+        None,
+    )
+    .await;
+    let url = bounds::blob_url("head.example.test", &d);
+    let (status, h, body, _) = request(s.addr, "HEAD", &url, &[]).await;
+    assert_eq!((status, body.len()), (200, 0));
+    assert_eq!(h["content-length"], "100000");
+    assert_eq!(h["docker-content-digest"], d.to_string());
+    assert_eq!(s.fake.blob_heads.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        s.fake.blob_gets.load(Ordering::SeqCst),
+        0,
+        "no GET upstream"
+    );
+    assert_eq!(s.state.store().usage().in_flight, 0);
+    let missing = bounds::blob_url("head.example.test", &digest_of(b"absent"));
+    assert_eq!(request(s.addr, "HEAD", &missing, &[]).await.0, 404);
+}

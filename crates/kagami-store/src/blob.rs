@@ -306,6 +306,12 @@ impl BlobWriter {
             return Err(err);
         }
         let file = self.file().await?;
+        if let Err(err) = self.reserve(len).await {
+            self.fail(&err);
+            return Err(err);
+        }
+        // From here to the progress update there is no await: the bytes just counted in
+        // `tmp_bytes` are in `written` before anything can abandon the write.
         let start = self.written;
         {
             let mut w = self.shared.window();
@@ -360,6 +366,34 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// Counts `len` more bytes of this write in the store's size limit, evicting complete
+    /// blobs to make room when needed; fails when even that leaves no room.
+    async fn reserve(&mut self, len: u64) -> Result<(), StoreError> {
+        let fits = |st: &mut crate::State| {
+            let fits = self
+                .inner
+                .max_size
+                .is_none_or(|max| st.bytes + st.tmp_bytes + len <= max);
+            if fits {
+                st.tmp_bytes += len;
+            }
+            fits
+        };
+        if fits(&mut self.inner.state()) {
+            return Ok(());
+        }
+        self.inner.clone().evict_async(len).await;
+        let mut st = self.inner.state();
+        if fits(&mut st) {
+            return Ok(());
+        }
+        Err(StoreError::OverBudget {
+            digest: self.shared.digest.clone(),
+            max: self.inner.max_size.unwrap_or(u64::MAX),
+            used: st.bytes + st.tmp_bytes,
+        })
+    }
+
     /// The temp file, created on first use.
     async fn file(&mut self) -> Result<Arc<File>, StoreError> {
         if let Some(f) = self.shared.file.get() {
@@ -367,10 +401,12 @@ impl BlobWriter {
         }
         let path = self.shared.tmp_path.clone();
         let r = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::OpenOptionsExt;
             File::options()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&path)
         })
         .await
@@ -447,7 +483,7 @@ impl BlobWriter {
             .events
             .send(StoreEvent::Added(self.shared.digest.clone()));
         // The pin taken at commit keeps this blob out of its own eviction pass.
-        self.inner.clone().evict_async().await;
+        self.inner.clone().evict_async(0).await;
         Ok(size)
     }
 
@@ -481,6 +517,7 @@ fn abandon(inner: &Inner, shared: &Arc<Shared>, msg: String) {
         if !shared.is_writing() {
             return;
         }
+        st.tmp_bytes = st.tmp_bytes.saturating_sub(shared.tx.borrow().written);
         shared
             .tx
             .send_modify(|p| p.phase = Phase::Failed(msg.into()));
@@ -509,7 +546,7 @@ fn commit_blocking(
     file.sync_all()
         .map_err(|e| StoreError::io("sync", &shared.tmp_path, e))?;
     let dir = inner.layout.blobs_dir(shared.digest.algorithm());
-    std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+    crate::layout::create_private_dir(&dir)?;
     {
         let mut st = inner.state();
         if !shared.is_writing() {
@@ -537,7 +574,14 @@ fn commit_blocking(
             }
         }
         st.bytes += size;
-        st.inflight.remove(&shared.digest);
+        st.tmp_bytes = st.tmp_bytes.saturating_sub(size);
+        if st
+            .inflight
+            .get(&shared.digest)
+            .is_some_and(|s| Arc::ptr_eq(s, shared))
+        {
+            st.inflight.remove(&shared.digest);
+        }
         let _ = shared.pin.set(Pin {
             inner: inner.clone(),
             digest: shared.digest.clone(),

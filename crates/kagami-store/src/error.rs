@@ -38,6 +38,18 @@ pub enum StoreError {
     /// The write already failed (or was abandoned) and can take no more data.
     #[error("write of {digest} was abandoned: {reason}")]
     Aborted { digest: Digest, reason: String },
+    /// Another process (or another `Store` in this one) has the store open.
+    #[error(
+        "content store {} is in use by another process (it holds an exclusive lock on the directory); run one kagami serve per --data-dir",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+    /// Taking the blob further would put the store (complete blobs plus writes in flight)
+    /// over its size limit, and nothing more can be evicted.
+    #[error(
+        "writing {digest} would exceed the store's size limit of {max} bytes ({used} bytes used by stored blobs and writes in flight)"
+    )]
+    OverBudget { digest: Digest, max: u64, used: u64 },
     /// A tag index key or media type that cannot be stored.
     #[error("invalid {what} {value:?}: {why}")]
     Invalid {

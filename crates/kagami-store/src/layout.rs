@@ -71,6 +71,36 @@ fn ctx<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreE
     move |e| StoreError::io(op, path, e)
 }
 
+/// Creates `dir` and its missing parents, private to the store's user (0700).
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(ctx("create directory", dir))
+}
+
+/// Creates the root (0700) and takes an exclusive `flock` on it, held as long as the
+/// returned file is open: a second process (or a second `Store` in this one) opening the
+/// same root gets [`StoreError::Locked`]. Blocking.
+pub(crate) fn lock_root(root: &Path) -> Result<fs::File, StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    create_private_dir(root)?;
+    // A store created by an older version has 0755 directories: the root alone is enough
+    // to keep other users out of everything below it.
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+        .map_err(ctx("set permissions of", root))?;
+    let f = fs::File::open(root).map_err(ctx("open", root))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(StoreError::Locked {
+            path: root.to_path_buf(),
+        }),
+        Err(e) => Err(StoreError::io("lock", root, e.into())),
+    }
+}
+
 /// Creates the directories, empties `tmp/`, and reads blobs, media types and tags.
 /// Blocking: run it off the async threads.
 pub(crate) fn scan(layout: &Layout) -> Result<Scanned, StoreError> {
@@ -80,7 +110,7 @@ pub(crate) fn scan(layout: &Layout) -> Result<Scanned, StoreError> {
         layout.tags_dir(),
         layout.meta_dir(Algorithm::Sha256),
     ] {
-        fs::create_dir_all(&dir).map_err(ctx("create directory", &dir))?;
+        create_private_dir(&dir)?;
     }
     clean_tmp(&layout.tmp_dir())?;
 
@@ -189,10 +219,18 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
 /// lock. Not fsynced: tags and media types are a cache, and a torn file is deleted at the next
 /// open.
 pub(crate) fn write_temp(tmp: PathBuf, data: &[u8]) -> Result<PathBuf, StoreError> {
-    fs::write(&tmp, data).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        StoreError::io("write", &tmp, e)
-    })?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            StoreError::io("write", &tmp, e)
+        })?;
     Ok(tmp)
 }
 

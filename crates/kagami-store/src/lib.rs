@@ -12,8 +12,13 @@
 //!   never one that is pinned by an open [`BlobHandle`] or still read by a follower.
 //! - Tags and media types are small records held in memory and persisted one file each.
 //!
-//! One process per root: a second store opened on the same root would delete the first
-//! one's temp files.
+//! One process per root, enforced: `open` takes an exclusive `flock` on the root directory
+//! and a second open fails with [`StoreError::Locked`] naming it. Directories are created
+//! 0700 and files 0600.
+//!
+//! The size limit covers writes in flight too: every byte written to `tmp/` counts, and a
+//! write that would take complete blobs plus writes in flight over the limit (after evicting
+//! what can be evicted) fails with [`StoreError::OverBudget`].
 
 mod blob;
 mod error;
@@ -48,6 +53,8 @@ pub struct StoreOptions {
 pub struct Usage {
     /// Bytes of complete blobs (temp files of writes in flight not included).
     pub bytes: u64,
+    /// Bytes written so far by writes in flight (in `tmp/`); counted in the size limit.
+    pub tmp_bytes: u64,
     /// Number of complete blobs.
     pub blobs: u64,
     /// Blobs evicted since open.
@@ -81,6 +88,8 @@ impl std::fmt::Debug for Store {
 pub(crate) struct Inner {
     layout: Layout,
     max_size: Option<u64>,
+    /// The open root directory, exclusively `flock`ed while the store lives.
+    _lock: std::fs::File,
     state: Mutex<State>,
     events: broadcast::Sender<StoreEvent>,
     next_tmp: AtomicU64,
@@ -93,6 +102,9 @@ pub(crate) struct Inner {
 pub(crate) struct State {
     blobs: HashMap<Digest, Entry>,
     bytes: u64,
+    /// Bytes in `tmp/` of writes in flight (added as written, moved to `bytes` at commit,
+    /// dropped when a write is abandoned).
+    tmp_bytes: u64,
     /// Logical time for LRU: bumped on every use.
     clock: u64,
     evictions: u64,
@@ -132,21 +144,23 @@ impl Inner {
         None
     }
 
-    async fn evict_async(self: Arc<Self>) {
+    async fn evict_async(self: Arc<Self>, extra: u64) {
         if self.max_size.is_none() {
             return;
         }
-        let _ = tokio::task::spawn_blocking(move || self.evict()).await;
+        let _ = tokio::task::spawn_blocking(move || self.evict(extra)).await;
     }
 
-    /// Evicts least recently used, unpinned complete blobs until usage is within the limit
-    /// (or only pinned blobs are left). Blocking.
-    fn evict(&self) {
+    /// Evicts least recently used, unpinned complete blobs until complete blobs, writes in
+    /// flight and `extra` more bytes fit in the limit (or only pinned blobs are left).
+    /// Blocking.
+    fn evict(&self, extra: u64) {
         let Some(max) = self.max_size else { return };
         let mut victims = Vec::new();
         {
             let mut st = self.state();
-            if st.bytes <= max {
+            let over = |st: &State| st.bytes + st.tmp_bytes + extra > max;
+            if !over(&st) {
                 return;
             }
             let mut candidates: Vec<(u64, Digest)> = st
@@ -157,7 +171,7 @@ impl Inner {
                 .collect();
             candidates.sort();
             for (_, d) in candidates {
-                if st.bytes <= max {
+                if !over(&st) {
                     break;
                 }
                 // Move it out of blobs/ under the lock (a cheap rename), so that a new write
@@ -203,15 +217,21 @@ impl Store {
     pub async fn open(root: impl Into<PathBuf>, opts: StoreOptions) -> Result<Store, StoreError> {
         let layout = Layout::new(root.into());
         let l = layout.clone();
-        let scanned = tokio::task::spawn_blocking(move || layout::scan(&l))
-            .await
-            .map_err(|e| StoreError::io("open", layout.root(), std::io::Error::other(e)))??;
+        let (lock, scanned) = tokio::task::spawn_blocking(move || {
+            // The lock comes first: the scan empties tmp/, which must not be another
+            // process's writes in flight.
+            let lock = layout::lock_root(l.root())?;
+            Ok::<_, StoreError>((lock, layout::scan(&l)?))
+        })
+        .await
+        .map_err(|e| StoreError::io("open", layout.root(), std::io::Error::other(e)))??;
 
         let mut blobs = scanned.blobs;
         blobs.sort_by(|a, b| a.mtime.cmp(&b.mtime).then(a.digest.cmp(&b.digest)));
         let mut state = State {
             blobs: HashMap::with_capacity(blobs.len()),
             bytes: 0,
+            tmp_bytes: 0,
             clock: 0,
             evictions: 0,
             inflight: HashMap::new(),
@@ -238,13 +258,14 @@ impl Store {
         let inner = Arc::new(Inner {
             layout,
             max_size: opts.max_size,
+            _lock: lock,
             state: Mutex::new(state),
             events: broadcast::channel(1024).0,
             next_tmp: AtomicU64::new(0),
             #[cfg(feature = "fault-injection")]
             fail_after: AtomicU64::new(u64::MAX),
         });
-        inner.clone().evict_async().await;
+        inner.clone().evict_async(0).await;
         Ok(Store { inner })
     }
 
@@ -355,6 +376,28 @@ impl Store {
     /// Starts writing `d`, or joins the write already in flight for `d`. If `d` is already
     /// complete, returns `Joined` with a reader of the stored blob (pinned while it lives).
     pub fn begin(&self, d: &Digest, expected_size: Option<u64>) -> Result<Begin, StoreError> {
+        self.begin_inner(d, expected_size, true)
+    }
+
+    /// Like [`Store::begin`], but never joins a write of `d` already in flight: this
+    /// writer writes its own temp file (whichever verified write commits first stores the
+    /// blob; a later one replaces it with the same bytes). For a caller that must not
+    /// depend on another source's write (one registry's fetch must not be stalled by
+    /// another's). A complete blob is still returned as `Joined`.
+    pub fn begin_separate(
+        &self,
+        d: &Digest,
+        expected_size: Option<u64>,
+    ) -> Result<Begin, StoreError> {
+        self.begin_inner(d, expected_size, false)
+    }
+
+    fn begin_inner(
+        &self,
+        d: &Digest,
+        expected_size: Option<u64>,
+        join: bool,
+    ) -> Result<Begin, StoreError> {
         if let Some((pin, size)) = self.pin(d) {
             let shared = Shared::new(
                 d.clone(),
@@ -372,7 +415,7 @@ impl Store {
             }));
         }
         let mut st = self.inner.state();
-        if let Some(shared) = st.inflight.get(d) {
+        if join && let Some(shared) = st.inflight.get(d) {
             return Ok(Begin::Joined(Inflight {
                 shared: shared.clone(),
             }));
@@ -390,7 +433,11 @@ impl Store {
                 phase: Phase::Writing,
             },
         ));
-        st.inflight.insert(d.clone(), shared.clone());
+        // A separate write is registered only when no other write of `d` is (followers
+        // join the registered one).
+        st.inflight
+            .entry(d.clone())
+            .or_insert_with(|| shared.clone());
         drop(st);
         Ok(Begin::Writer(BlobWriter::new(self.inner.clone(), shared)))
     }
@@ -464,7 +511,7 @@ impl Store {
     pub fn put_media_type(&self, d: &Digest, media_type: &str) -> Result<(), StoreError> {
         tags::check_media_type(media_type)?;
         let dir = self.inner.layout.meta_dir(d.algorithm());
-        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+        layout::create_private_dir(&dir)?;
         let tmp = layout::write_temp(self.inner.tmp_path("meta"), media_type.as_bytes())?;
         let dest = self.inner.layout.meta(d);
         let mut st = self.inner.state();
@@ -484,6 +531,7 @@ impl Store {
         let st = self.inner.state();
         Usage {
             bytes: st.bytes,
+            tmp_bytes: st.tmp_bytes,
             blobs: st.blobs.len() as u64,
             evictions: st.evictions,
             in_flight: st.inflight.len() as u64,

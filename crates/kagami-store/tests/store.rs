@@ -455,12 +455,18 @@ async fn restart_keeps_blobs_tags_and_media_types() {
         store
             .put_tag("docker.io", "library/alpine", "3.20", entry.clone())
             .unwrap();
-        // A write that never finishes and is never dropped: as if the process died.
+        // A write that never finishes: as if the process died. (Its temp file is put back
+        // after the writer is dropped: a leaked writer would keep the store's lock.)
         let other = data(5000, 10);
         let mut w = writer(&store, &sha256(&other), None);
         w.write(&other).await.unwrap();
-        std::mem::forget(w);
-        assert_eq!(files_in(&root.join("tmp")).len(), 1);
+        let tmp = files_in(&root.join("tmp"));
+        assert_eq!(tmp.len(), 1);
+        let leftover = root.join("tmp").join(&tmp[0]);
+        let saved = std::fs::read(&leftover).unwrap();
+        drop(w);
+        drop(store);
+        std::fs::write(&leftover, saved).unwrap();
     }
     let store = open(root).await;
     assert!(files_in(&root.join("tmp")).is_empty());
@@ -574,7 +580,8 @@ async fn kill_9_mid_write_leaves_nothing_visible() {
 #[tokio::test]
 async fn lru_eviction_spares_pinned_and_recent_blobs() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_max(dir.path(), 3000).await;
+    // Room for three blobs and the write in flight (which counts in the limit).
+    let store = open_max(dir.path(), 4000).await;
     let mut events = store.subscribe();
     let [a, b, c, d, e] = [20, 21, 22, 23, 24].map(|s| data(1000, s));
     let da = put(&store, &a).await;
@@ -620,14 +627,16 @@ async fn lru_eviction_spares_pinned_and_recent_blobs() {
     for x in [&dc, &dd, &de] {
         assert!(store.blob_size(x).is_some(), "{x} was evicted");
     }
-    // The in-flight write was untouched and still commits; C goes for it.
+    // The in-flight write was untouched and still commits; it was counted all along, so
+    // nothing more goes for it.
     wf.commit().await.unwrap();
     assert_eq!(read_blob(&store, &df).await, f);
-    assert_eq!(store.blob_size(&dc), None);
-    assert_eq!(store.usage().bytes, 3000);
-    assert_eq!(store.usage().evictions, 3);
+    assert!(store.blob_size(&dc).is_some());
+    assert_eq!(store.usage().bytes, 4000);
+    assert_eq!(store.usage().tmp_bytes, 0);
+    assert_eq!(store.usage().evictions, 2);
     assert!(files_in(&dir.path().join("tmp")).is_empty());
-    assert_eq!(files_in(&dir.path().join("blobs/sha256")).len(), 3);
+    assert_eq!(files_in(&dir.path().join("blobs/sha256")).len(), 4);
 }
 
 #[tokio::test]
@@ -814,6 +823,7 @@ async fn tag_index_round_trip() {
     // Only flat files in tags/, none written outside the root.
     assert_eq!(files_in(&dir.path().join("tags")).len(), 6);
     assert!(files_in(&dir.path().join("tmp")).is_empty());
+    drop(store);
     let store = open(dir.path()).await;
     check(&store);
 
@@ -828,6 +838,7 @@ async fn tag_index_round_trip() {
     store
         .put_media_type(&d, "application/vnd.docker.distribution.manifest.v2+json")
         .unwrap();
+    drop(store);
     assert_eq!(
         open(dir.path()).await.media_type(&d).as_deref(),
         Some("application/vnd.docker.distribution.manifest.v2+json")
@@ -958,4 +969,127 @@ async fn a_cancelled_write_abandons_the_blob() {
     assert!(err.is_some(), "the follower must see the failure");
     assert!(store.open_blob(&d).await.unwrap().is_none());
     assert!(!blob_path(dir.path(), &d).exists());
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_same_root_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let first = open(&root).await;
+    let err = Store::open(&root, StoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(&root.display().to_string()), "{msg}");
+    assert!(msg.contains("in use by another process"), "{msg}");
+    // The lock goes with the store.
+    drop(first);
+    open(&root).await;
+}
+
+#[tokio::test]
+async fn files_and_directories_are_private_to_the_store_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    // A store made by an older version with world-readable directories.
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = open(&root).await;
+    let bytes = data(1000, 77);
+    let d = put(&store, &bytes).await;
+    store
+        .put_media_type(&d, "application/vnd.oci.image.manifest.v1+json")
+        .unwrap();
+    store
+        .put_tag(
+            "registry.example.test",
+            "team/app",
+            "1",
+            TagEntry {
+                digest: d.clone(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                fetched_at: SystemTime::now(),
+            },
+        )
+        .unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&root), 0o700);
+    for sub in [
+        "blobs",
+        "blobs/sha256",
+        "tmp",
+        "tags",
+        "meta",
+        "meta/sha256",
+    ] {
+        assert_eq!(mode(&root.join(sub)), 0o700, "{sub}");
+    }
+    assert_eq!(mode(&blob_path(&root, &d)), 0o600);
+    assert_eq!(mode(&root.join("meta/sha256").join(d.hex())), 0o600);
+    let tag = std::fs::read_dir(root.join("tags"))
+        .unwrap()
+        .next()
+        .unwrap();
+    assert_eq!(mode(&tag.unwrap().path()), 0o600);
+}
+
+#[tokio::test]
+async fn writes_in_flight_count_in_the_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = open_max(&root, 1024 * 1024).await;
+    // A stored blob is evicted to make room for a write in flight.
+    let old = put(&store, &data(600 * 1024, 1)).await;
+    let big = data(2 * 1024 * 1024, 2);
+    let d = sha256(&big);
+    let mut w = writer(&store, &d, None);
+    w.write(&big[..512 * 1024]).await.unwrap();
+    assert_eq!(
+        store.blob_size(&old),
+        None,
+        "evicted for the write in flight"
+    );
+    assert_eq!(store.usage().tmp_bytes, 512 * 1024);
+    // The write cannot go past the limit: it fails, its temp file goes, nothing is stored.
+    w.write(&big[512 * 1024..1024 * 1024]).await.unwrap();
+    let err = w.write(&big[1024 * 1024..]).await.unwrap_err();
+    assert!(matches!(err, StoreError::OverBudget { .. }), "{err}");
+    assert!(err.to_string().contains("1048576"), "{err}");
+    drop(w);
+    assert_eq!(files_in(&root.join("tmp")), Vec::<String>::new());
+    let u = store.usage();
+    assert_eq!((u.bytes, u.tmp_bytes, u.blobs), (0, 0, 0));
+    assert_eq!(store.blob_size(&d), None);
+    // A blob that fits is stored and its bytes move from tmp_bytes to bytes.
+    let small = put(&store, &data(100_000, 3)).await;
+    let u = store.usage();
+    assert_eq!((u.bytes, u.tmp_bytes), (100_000, 0));
+    assert_eq!(store.blob_size(&small), Some(100_000));
+}
+
+#[tokio::test]
+async fn a_separate_write_does_not_join_one_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let bytes = data(300_000, 9);
+    let d = sha256(&bytes);
+    // A stalled write of the blob (another registry's fetch) ...
+    let mut stalled = writer(&store, &d, None);
+    stalled.write(&bytes[..1000]).await.unwrap();
+    // ... does not hold up a separate one, which commits on its own.
+    let Begin::Writer(mut w) = store.begin_separate(&d, Some(300_000)).unwrap() else {
+        panic!("a separate write must not join");
+    };
+    w.write(&bytes).await.unwrap();
+    w.commit().await.unwrap();
+    assert_eq!(read_blob(&store, &d).await, bytes);
+    drop(stalled);
+    assert_eq!(
+        read_blob(&store, &d).await,
+        bytes,
+        "the abandoned write removed nothing"
+    );
+    assert_eq!(store.usage().tmp_bytes, 0);
 }

@@ -95,6 +95,29 @@ pub struct Args {
     #[cfg(feature = "containerd")]
     #[arg(long, env = "KAGAMI_CONTAINERD_NAMESPACE", value_name = "NS", default_value = kagami_containerd::DEFAULT_NAMESPACE)]
     containerd_namespace: String,
+    /// The most blob fetches from other nodes or registries at once (and uncached
+    /// pass-throughs); a cold request that finds no room within 5 s gets 503 with
+    /// Retry-After.
+    #[arg(
+        long,
+        env = "KAGAMI_MAX_FETCHES",
+        value_name = "N",
+        default_value_t = 32
+    )]
+    max_fetches: usize,
+    /// Memory the blob fetches in flight may hold together (each up to about 8.5 MiB, less
+    /// for a blob known to be smaller), e.g. 64MiB.
+    #[arg(long, env = "KAGAMI_FETCH_MEMORY", value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    fetch_memory: u64,
+    /// The largest blob fetched when no manifest served by this node gives its size
+    /// (a manifest's descriptor size always applies when known), e.g. 16GiB.
+    #[arg(long, env = "KAGAMI_MAX_BLOB_SIZE", value_name = "SIZE", default_value = "16GiB", value_parser = parse_size)]
+    max_blob_size: u64,
+    /// The slowest a source body may be, in bytes per second averaged over 30 s (e.g.
+    /// 16KiB); a slower one is cut and the fetch continues from the next source. 0 turns
+    /// the check off.
+    #[arg(long, env = "KAGAMI_MIN_FETCH_RATE", value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
+    min_fetch_rate: u64,
     /// Log format: text for people, json for collectors.
     #[arg(long, env = "KAGAMI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -203,6 +226,13 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             tag_ttl: args.tag_ttl,
             disable_default_endpoint: args.disable_default_registry_endpoint,
             default_registry: Some(args.default_registry.clone()).filter(|r| !r.is_empty()),
+            limits: kagami_server::FetchLimits {
+                max_fetches: args.max_fetches,
+                fetch_memory: args.fetch_memory,
+                max_blob_size: args.max_blob_size,
+                min_rate: args.min_fetch_rate,
+                ..Default::default()
+            },
         },
     );
     state.status().set_listen(args.listen.to_string());
