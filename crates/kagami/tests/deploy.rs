@@ -243,7 +243,7 @@ fn daemonset_runs_serve_on_the_host_network_with_real_flags() {
     assert_eq!(c["volumeMounts"][2]["name"], "certs-d");
     assert_eq!(pod["volumes"][2]["name"], "certs-d");
 
-    assert_eq!(c["resources"]["limits"]["memory"], "128Mi");
+    assert_eq!(c["resources"]["limits"]["memory"], "256Mi");
     let sc = &c["securityContext"];
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);

@@ -51,6 +51,11 @@ pub struct Args {
     /// An empty value refuses such requests.
     #[arg(long, env = "KAGAMI_DEFAULT_REGISTRY", value_name = "REGISTRY", default_value = "docker.io", value_parser = parse_registry)]
     default_registry: String,
+    /// Client connections served at once on --listen; more are accepted and closed. Default:
+    /// half the open-file limit, between 64 and 1024 (each costs up to ~150 KiB under
+    /// load). The peer listener takes half the default.
+    #[arg(long, env = "KAGAMI_MAX_CONNECTIONS", value_name = "N")]
+    max_connections: Option<usize>,
     /// Write containerd's hosts.toml files into DIR at start (and on reload), with this
     /// kagami first for every registry it serves.
     #[arg(long, env = "KAGAMI_CONTAINERD_HOSTS_DIR", value_name = "DIR")]
@@ -266,7 +271,12 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     kagami_server::listener::serve(
         listener,
         router(state.clone()),
-        kagami_server::listener::ListenOptions::default(),
+        kagami_server::listener::ListenOptions {
+            max_connections: args
+                .max_connections
+                .unwrap_or_else(kagami_server::listener::default_max_connections),
+            ..Default::default()
+        },
         async move {
             shutdown_signal().await;
             tracing::info!("shutting down: finishing requests in progress");
