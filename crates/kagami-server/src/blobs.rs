@@ -448,7 +448,9 @@ async fn join_or_start(
         digest.clone(),
         fetch.clone(),
     );
-    tokio::spawn(async move {
+    // Logged under the id of the request that started the fetch.
+    let id = crate::request_id::current();
+    tokio::spawn(crate::request_id::within(id, async move {
         let _permit = permit;
         state.inner.metrics.inflight.inc();
         run_fetch(&state, &config, &path, &digest, expected, &f).await;
@@ -462,7 +464,7 @@ async fn join_or_start(
         if fetches.get(&key).is_some_and(|x| Arc::ptr_eq(x, &f)) {
             fetches.remove(&key);
         }
-    });
+    }));
     Ok((fetch, follower))
 }
 

@@ -190,7 +190,9 @@ async fn revalidate(
             // A task of its own with a deadline: it ends (and leaves the map, releasing its
             // upstream connections) even when every client waiting for it has gone.
             let limit = state.inner.options.limits.revalidation_timeout;
-            let task = tokio::spawn(async move {
+            // Logged under the id of the request that started it (the one its client sees).
+            let id = crate::request_id::current();
+            let task = tokio::spawn(crate::request_id::within(id, async move {
                 let plan = plan(&p.reference(), &cfg, st.plan_options());
                 let out = tokio::time::timeout(limit, resolve_tag(&st, &plan, &p, &t, cached))
                     .await
@@ -211,7 +213,7 @@ async fn revalidate(
                     .expect("revalidations lock")
                     .remove(&k);
                 out
-            });
+            }));
             let fut = async move {
                 task.await.unwrap_or_else(|e| Revalidation::Failed {
                     message: format!("tag revalidation failed: {e}"),

@@ -53,6 +53,15 @@ pub fn current_or_new() -> String {
     current().unwrap_or_else(new_id)
 }
 
+/// Runs `f` under the request id `id` (the one of the request that started it, for work it
+/// spawns), or under none.
+pub async fn within<F: std::future::Future>(id: Option<String>, f: F) -> F::Output {
+    match id {
+        Some(id) => REQUEST_ID.scope(id, f).await,
+        None => f.await,
+    }
+}
+
 /// Middleware: gives the request an id, visible to [`current`] while it is handled, and
 /// returns it in the `X-Request-Id` header.
 pub async fn layer(req: Request, next: Next) -> Response {
