@@ -2,7 +2,7 @@
 //!
 //! A token is cached per (realm, service, scope, credential identity) until its
 //! `expires_in` runs out. Each token request carries exactly one scope for pulls (see
-//! SPEC.md section 3 and k3s-io/k3s#11238): the scope is chosen by the caller, never
+//! ARCHITECTURE.md, kagami-client, and k3s-io/k3s#11238): the scope is chosen by the caller, never
 //! taken from the challenge.
 
 use std::collections::HashMap;

@@ -2,7 +2,7 @@
 //!
 //! It walks a [`kagami_config::Plan`]: for each manifest and blob it tries the plan's
 //! endpoint attempts in order, with each endpoint's own credentials and TLS settings,
-//! and moves on to the next one on any failure (SPEC.md section 3). Everything it
+//! and moves on to the next one on any failure (ARCHITECTURE.md, kagami-client). Everything it
 //! returns has been checked against its digest; blobs are streamed, never held whole
 //! in memory.
 //!

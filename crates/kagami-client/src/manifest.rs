@@ -12,7 +12,7 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// The Accept header for manifest requests: every manifest type kagami handles.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
 
-/// Manifests larger than this are refused (SPEC.md section 3).
+/// Manifests larger than this are refused (ARCHITECTURE.md, kagami-client).
 pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 
 /// True for an index or manifest list media type.

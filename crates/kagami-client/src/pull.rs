@@ -1,6 +1,6 @@
 //! Pulling through a plan: manifests (HEAD then GET, at most 4 MiB, verified) and blobs
 //! (streamed, verified while they stream, resumable with `Range`), each trying the
-//! plan's endpoint attempts in order (SPEC.md section 3).
+//! plan's endpoint attempts in order (ARCHITECTURE.md, kagami-client).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

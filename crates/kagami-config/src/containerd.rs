@@ -1,4 +1,4 @@
-//! Rendering containerd `certs.d/<registry>/hosts.toml` files (SPEC.md section 4) and the
+//! Rendering containerd `certs.d/<registry>/hosts.toml` files (docs/containerd.md) and the
 //! `config.toml` auth stanza.
 //!
 //! Two modes: what K3s writes for a registries.yaml, and kagami's mode (`--mirror URL`),

@@ -1,4 +1,4 @@
-//! Endpoint and host name normalisation (SPEC.md section 2), shared by the loader,
+//! Endpoint and host name normalisation (docs/configuration.md), shared by the loader,
 //! the planner and the hosts.toml renderer.
 
 use std::fmt;

@@ -1,5 +1,5 @@
 //! The resolution plan: for an image, the ordered list of places kagami tries
-//! (SPEC.md section 3). A pure function of the image, the configuration and the options.
+//! (docs/configuration.md, ARCHITECTURE.md). A pure function of the image, the configuration and the options.
 
 use std::sync::Arc;
 
@@ -106,7 +106,7 @@ pub struct Plan {
     pub attempts: Vec<Attempt>,
 }
 
-/// True when a registry's content is shared between nodes (SPEC.md section 6).
+/// True when a registry's content is shared between nodes (docs/p2p.md).
 pub fn is_shared(config: &Config, registry: &str) -> bool {
     !is_loopback_registry(registry) && config.mirror_for(registry).is_some()
 }

@@ -1,4 +1,4 @@
-//! Content from other nodes (SPEC.md section 6): who has a key is asked of the P2P
+//! Content from other nodes (docs/p2p.md): who has a key is asked of the P2P
 //! [`Router`]; the bytes come over HTTP from the peer's peer API, which serves only what
 //! that node holds (no recursion). Everything from a peer is verified by digest: blobs by
 //! the store as they are written, manifests here. A peer that sends wrong bytes is dropped
@@ -479,7 +479,7 @@ pub async fn advertise_store(state: crate::AppState) {
     }
 }
 
-/// The tag keys of the store's tag index whose registry is shared (SPEC.md section 6).
+/// The tag keys of the store's tag index whose registry is shared (docs/p2p.md).
 pub fn stored_tag_keys(state: &crate::AppState) -> Vec<String> {
     let config = state.config();
     state

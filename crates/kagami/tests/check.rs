@@ -1,4 +1,4 @@
-//! `kagami check`: every mistake SPEC.md section 1 lists, with the right message at the
+//! `kagami check`: every mistake docs/configuration.md lists, with the right message at the
 //! right line (snapshots), and the exit codes.
 
 use std::path::Path;
