@@ -254,3 +254,61 @@ fn every_name_form_through_containerd_is_cached() {
         "{report:#}"
     );
 }
+
+/// `kagami doctor --k3s-config`: K3s writes containerd's hosts directory from its own
+/// registries.yaml, so a mirror there whose first endpoint is not kagami bypasses it, and
+/// one with no hosts.toml yet is reported too; a mirror listing kagami first whose
+/// hosts.toml is in place is probed like any other.
+#[test]
+fn doctor_reads_k3s_registries_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("registries.yaml");
+    std::fs::write(&config, "mirrors:\n  \"*\":\n").unwrap();
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &["--disable-default-registry-endpoint"],
+    );
+    let hosts = dir.path().join("certs.d");
+    std::fs::create_dir_all(hosts.join("good.example.test")).unwrap();
+    std::fs::write(
+        hosts.join("good.example.test/hosts.toml"),
+        format!("server = \"{DEAD}\"\n\n[host.\"http://{}\"]\n", k.addr()),
+    )
+    .unwrap();
+    let k3s = dir.path().join("k3s-registries.yaml");
+    std::fs::write(
+        &k3s,
+        format!(
+            "mirrors:\n  good.example.test:\n    endpoint: [\"http://{k}\"]\n  direct.example.test:\n    endpoint: [\"https://direct.example.test\"]\n  new.example.test:\n    endpoint: [\"http://{k}\"]\n",
+            k = k.addr()
+        ),
+    )
+    .unwrap();
+    let out = crate::support::kagami()
+        .args(["doctor", "--kagami", &k.addr()])
+        .arg("--hosts-dir")
+        .arg(&hosts)
+        .arg("--k3s-config")
+        .arg(&k3s)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ok     good.example.test"), "{text}");
+    assert!(text.contains("answer         200, accepted"), "{text}");
+    assert!(
+        text.contains("BYPASS direct.example.test")
+            && text.contains("its first endpoint in")
+            && text.contains("is https://direct.example.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("BYPASS new.example.test") && text.contains("no hosts.toml for it"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 of 3 registries go through kagami"),
+        "{text}"
+    );
+}
