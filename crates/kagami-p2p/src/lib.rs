@@ -56,7 +56,8 @@ pub struct Member {
 /// Finds the nodes that hold a key. Every method is cheap to call concurrently.
 pub trait Router: Send + Sync + 'static {
     /// Whether the router has joined the network (always true for a single node configured
-    /// without bootstrap peers); resolves at once, for `/readyz`.
+    /// without bootstrap peers); resolves at once. `/readyz` does not ask it: a node must
+    /// be ready (and so in the headless Service) for the others to join through it.
     fn ready(&self) -> BoxFuture<'_, bool>;
     /// Up to `limit` peers (never this node) that advertised `key`. Bounded by the router's
     /// lookup timeout: when nobody has the key the answer is an empty list, never a hang.

@@ -254,7 +254,7 @@ async fn p2p_status(State(state): State<AppState>) -> Response {
         .node_info
         .get()
         .map_or(serde_json::Value::Null, |n| serde_json::json!(n));
-    v["store"] = serde_json::json!({"blobs": usage.blobs, "bytes": usage.bytes, "advertised": if state.peers().is_some() { usage.blobs } else { 0 }});
+    v["store"] = serde_json::json!({"blobs": usage.blobs, "bytes": usage.bytes});
     #[cfg(feature = "containerd")]
     if let Some(c) = state.containerd() {
         v["containerd"] = c.status();

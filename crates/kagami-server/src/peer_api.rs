@@ -137,7 +137,10 @@ async fn handle(
             }
             Err(not_here())
         }
-        Target::TagsList => Ok(Response::new(Body::from("{}"))),
+        // Nodes resolve tags with manifest requests; no node asks a peer for a tag list.
+        Target::TagsList => Err(ApiError::not_found(
+            "the peer API serves blobs and manifests, not tag lists",
+        )),
     }
 }
 
