@@ -176,6 +176,28 @@ impl AppState {
         m.evictions
             .inner()
             .store(usage.evictions, Ordering::Relaxed);
+        // The P2P counters live in `Peers` (what /p2p/status and /status read); the
+        // metrics show the same numbers.
+        if let Some(p) = self.peers() {
+            m.peer_lookups
+                .inner()
+                .store(p.lookups.load(Ordering::Relaxed), Ordering::Relaxed);
+            m.peer_lookup_hits
+                .inner()
+                .store(p.lookup_hits.load(Ordering::Relaxed), Ordering::Relaxed);
+            let received = p.received.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            // Peers past the label budget are added up under `other`.
+            let mut by_label: HashMap<String, u64> = HashMap::new();
+            for (peer, bytes) in received {
+                *by_label.entry(m.peer_labels.label(&peer)).or_default() += bytes;
+            }
+            for (peer, bytes) in by_label {
+                m.peer_received
+                    .get_or_create(&crate::metrics::PeerLabels { peer })
+                    .inner()
+                    .store(bytes, Ordering::Relaxed);
+            }
+        }
         m.encode()
     }
 

@@ -73,6 +73,8 @@ impl LabelBudget {
     }
 }
 
+/// Distinct peers given their own label in `peer_received_bytes`.
+pub const MAX_PEER_LABELS: usize = 256;
 /// Distinct endpoints given their own label in the upstream metrics.
 pub const MAX_ENDPOINT_LABELS: usize = 64;
 
@@ -95,6 +97,8 @@ pub struct Metrics {
     pub refused: Family<RefusalLabels, Counter>,
     /// Bounds the `endpoint` label of the upstream metrics.
     pub endpoint_labels: LabelBudget,
+    /// Bounds the `peer` label of `peer_received_bytes`.
+    pub peer_labels: LabelBudget,
     /// Cold blob requests refused (503) because the fetch budget stayed full.
     pub fetches_refused: Counter,
     /// Fetches stopped because no client followed them any more.
@@ -128,6 +132,7 @@ impl Metrics {
             peer_received: Family::default(),
             refused: Family::default(),
             endpoint_labels: LabelBudget::new(MAX_ENDPOINT_LABELS),
+            peer_labels: LabelBudget::new(MAX_PEER_LABELS),
             peer_lookup_seconds: Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0,
             ]),

@@ -126,6 +126,21 @@ async fn a_peer_dying_mid_transfer_is_replaced_at_the_same_offset() {
         metrics.contains("kagami_served_bytes_total{source=\"peer\"}"),
         "{metrics}"
     );
+    // The P2P metrics moved, with the numbers /p2p/status has.
+    for line in [
+        "kagami_peer_lookups_total 1\n".to_string(),
+        "kagami_peer_lookup_hits_total 1\n".to_string(),
+        format!(
+            "kagami_peer_received_bytes_total{{peer=\"p1\"}} {}\n",
+            300 * 1024
+        ),
+        format!(
+            "kagami_peer_received_bytes_total{{peer=\"p2\"}} {}\n",
+            700 * 1024
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
 }
 
 #[tokio::test]
