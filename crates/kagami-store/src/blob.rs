@@ -564,6 +564,7 @@ fn commit_blocking(
             crate::Entry {
                 size,
                 last_used: tick,
+                used_at: std::time::SystemTime::now(),
                 pins: 1,
             },
         ) {

@@ -117,6 +117,8 @@ pub(crate) struct State {
 pub(crate) struct Entry {
     size: u64,
     last_used: u64,
+    /// Wall-clock time of the last use (the file's mtime at open), for eviction by age.
+    used_at: SystemTime,
     /// Open handles and committed writes still followed; a pinned blob is never evicted.
     pins: u32,
 }
@@ -174,28 +176,65 @@ impl Inner {
                 if !over(&st) {
                     break;
                 }
-                // Move it out of blobs/ under the lock (a cheap rename), so that a new write
-                // of the same digest committing later is never deleted by this eviction.
-                let from = self.layout.blob(&d);
-                let to = self.tmp_path("evicted");
-                match std::fs::rename(&from, &to) {
-                    Ok(()) => victims.push((d.clone(), Some(to))),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        victims.push((d.clone(), None))
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %from.display(), error = %e, "could not evict a blob");
-                        continue;
-                    }
-                }
-                let e = st.blobs.remove(&d).expect("candidate is present");
-                st.bytes -= e.size;
-                st.evictions += 1;
-                if st.media.remove(&d).is_some() {
-                    let _ = layout::remove_if_exists(&self.layout.meta(&d));
+                self.take_out(&mut st, &d, &mut victims);
+            }
+        }
+        self.delete_victims(victims);
+    }
+
+    /// Evicts every unpinned complete blob last used before `cutoff`; returns how many and
+    /// their bytes. Blocking.
+    fn evict_unused_since(&self, cutoff: SystemTime) -> (u64, u64) {
+        let mut victims = Vec::new();
+        let mut bytes = 0;
+        {
+            let mut st = self.state();
+            let old: Vec<(Digest, u64)> = st
+                .blobs
+                .iter()
+                .filter(|(_, e)| e.pins == 0 && e.used_at < cutoff)
+                .map(|(d, e)| (d.clone(), e.size))
+                .collect();
+            for (d, size) in old {
+                if self.take_out(&mut st, &d, &mut victims) {
+                    bytes += size;
                 }
             }
         }
+        let n = victims.len() as u64;
+        self.delete_victims(victims);
+        (n, bytes)
+    }
+
+    /// Moves a complete blob out of `blobs/` under the lock (a cheap rename, so that a new
+    /// write of the same digest committing later is never deleted by this eviction) and
+    /// forgets it; the file is deleted by [`Inner::delete_victims`] after the lock.
+    fn take_out(
+        &self,
+        st: &mut State,
+        d: &Digest,
+        victims: &mut Vec<(Digest, Option<PathBuf>)>,
+    ) -> bool {
+        let from = self.layout.blob(d);
+        let to = self.tmp_path("evicted");
+        match std::fs::rename(&from, &to) {
+            Ok(()) => victims.push((d.clone(), Some(to))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => victims.push((d.clone(), None)),
+            Err(e) => {
+                tracing::warn!(path = %from.display(), error = %e, "could not evict a blob");
+                return false;
+            }
+        }
+        let e = st.blobs.remove(d).expect("candidate is present");
+        st.bytes -= e.size;
+        st.evictions += 1;
+        if st.media.remove(d).is_some() {
+            let _ = layout::remove_if_exists(&self.layout.meta(d));
+        }
+        true
+    }
+
+    fn delete_victims(&self, victims: Vec<(Digest, Option<PathBuf>)>) {
         for (d, path) in victims {
             if let Some(path) = path
                 && let Err(e) = layout::remove_if_exists(&path)
@@ -244,6 +283,7 @@ impl Store {
             let entry = Entry {
                 size: b.size,
                 last_used: state.clock,
+                used_at: b.mtime,
                 pins: 0,
             };
             state.blobs.insert(b.digest, entry);
@@ -329,6 +369,20 @@ impl Store {
         }
     }
 
+    /// Evicts every complete blob not used for `age` (never a pinned one: an open handle, a
+    /// joined reader, a just-committed blob still followed); returns how many blobs and
+    /// bytes went. Use is the last open (the file's modification time across restarts) or
+    /// the commit.
+    pub async fn evict_unused_for(&self, age: std::time::Duration) -> (u64, u64) {
+        let Some(cutoff) = SystemTime::now().checked_sub(age) else {
+            return (0, 0);
+        };
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.evict_unused_since(cutoff))
+            .await
+            .unwrap_or((0, 0))
+    }
+
     /// Marks a complete blob used and pins it; returns the pin and the blob's size.
     fn pin(&self, d: &Digest) -> Option<(Pin, u64)> {
         let mut st = self.inner.state();
@@ -336,6 +390,7 @@ impl Store {
         let tick = st.clock;
         let e = st.blobs.get_mut(d)?;
         e.last_used = tick;
+        e.used_at = SystemTime::now();
         e.pins += 1;
         let pin = Pin {
             inner: self.inner.clone(),

@@ -1093,3 +1093,56 @@ async fn a_separate_write_does_not_join_one_in_flight() {
     );
     assert_eq!(store.usage().tmp_bytes, 0);
 }
+
+/// Eviction by age: a blob whose last use (its file's modification time across a restart)
+/// is older than the age goes; a recent one and a pinned old one (an open handle) stay.
+#[tokio::test]
+async fn blobs_unused_for_the_age_are_evicted_but_never_pinned_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let (old, old_pinned, recent) = {
+        let store = open(&root).await;
+        let old = put(&store, &data(10_000, 1)).await;
+        let old_pinned = put(&store, &data(20_000, 2)).await;
+        let recent = put(&store, &data(30_000, 3)).await;
+        (old, old_pinned, recent)
+    };
+    let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
+    for d in [&old, &old_pinned] {
+        std::fs::File::options()
+            .write(true)
+            .open(blob_path(&root, d))
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
+    }
+    let store = open(&root).await;
+    assert_eq!(store.usage().blobs, 3);
+    // Two were last used two days ago: none is three days old.
+    assert_eq!(
+        store
+            .evict_unused_for(Duration::from_secs(3 * 86_400))
+            .await,
+        (0, 0)
+    );
+    // Opening a blob is a use, and the handle pins it.
+    let mut handle = store.open_blob(&old_pinned).await.unwrap().unwrap();
+    let (n, bytes) = store.evict_unused_for(Duration::from_secs(86_400)).await;
+    assert_eq!((n, bytes), (1, 10_000), "only the old unpinned blob");
+    assert!(!blob_path(&root, &old).exists());
+    assert!(store.open_blob(&old).await.unwrap().is_none());
+    assert!(store.open_blob(&recent).await.unwrap().is_some());
+    // With age zero every unpinned blob goes: the recent one, not the pinned one.
+    let (n, _) = store.evict_unused_for(Duration::ZERO).await;
+    assert_eq!(n, 1);
+    assert!(
+        blob_path(&root, &old_pinned).exists(),
+        "the pinned blob stays"
+    );
+    let mut buf = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut handle.file, &mut buf)
+        .await
+        .unwrap();
+    assert_eq!(buf.len(), 20_000);
+    assert_eq!(store.usage().blobs, 1);
+}

@@ -475,6 +475,53 @@ fn twenty_concurrent_cold_requests_fetch_upstream_once() {
     );
 }
 
+/// `--max-blob-age`: a blob nobody asks for again is evicted once it is older than the age
+/// (counted in kagami_store_evictions_total), and the next request fetches it again.
+#[test]
+fn blobs_unused_for_max_blob_age_are_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let (digest, _) = push_blob(&registry, "team/aged", dir.path(), 64 * 1024);
+    let config = mirror_config(dir.path(), &registry);
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &[
+            "--disable-default-registry-endpoint",
+            "--max-blob-age",
+            "2s",
+        ],
+    );
+    let path = format!("/v2/team/aged/blobs/{digest}?ns=registry.example.test");
+    assert_eq!(http_get(&k.addr(), &path).0, 200);
+    let file = k
+        .data
+        .join("store/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    // Committed to the store as the body ends; then evicted once 2 s old.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "{} never stored", file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while file.exists() {
+        assert!(Instant::now() < deadline, "not evicted after 20 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        k.metrics().contains("kagami_store_evictions_total 1\n"),
+        "{}",
+        k.metrics()
+    );
+    assert!(
+        k.log_text()
+            .contains("unused for longer than --max-blob-age")
+    );
+    assert_eq!(http_get(&k.addr(), &path).0, 200);
+    assert_eq!(registry.count_gets(&format!("/blobs/{digest}")), 2);
+}
+
 /// kill -9 of kagami during a cold fetch, restart, pull again: no corrupt data, the pull works.
 #[test]
 fn kill_during_cold_fetch_then_restart() {

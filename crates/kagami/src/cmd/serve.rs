@@ -38,6 +38,11 @@ pub struct Args {
     /// are evicted beyond it. Unlimited when not set.
     #[arg(long, env = "KAGAMI_MAX_STORE_SIZE", value_parser = parse_size)]
     max_store_size: Option<u64>,
+    /// Evict blobs not used for this long (e.g. 30d, 12h), besides the size limit; never
+    /// one being read or written. Checked every tenth of it (between 1 s and 1 h). Off
+    /// when not set.
+    #[arg(long, env = "KAGAMI_MAX_BLOB_AGE", value_parser = parse_duration, value_name = "DURATION")]
+    max_blob_age: Option<Duration>,
     /// How long a resolved tag is served before kagami asks upstream again (e.g. 300s,
     /// 5m, 1h). Digests never expire. When every upstream fails, the cached digest is
     /// served anyway.
@@ -258,6 +263,9 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     if args.containerd_content {
         start_containerd(&args, &state)?;
     }
+    if let Some(age) = args.max_blob_age {
+        tokio::spawn(evict_by_age(state.store().clone(), age));
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -338,6 +346,20 @@ async fn shutdown_signal() {
 
 /// Reloads registries.yaml on SIGHUP and when its modification time changes (checked
 /// every 2 s). A file with errors is refused: the running configuration stays.
+/// `--max-blob-age`: every tenth of the age (1 s to 1 h), evicts the blobs not used for it.
+async fn evict_by_age(store: Store, age: Duration) {
+    let every = (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (blobs, bytes) = store.evict_unused_for(age).await;
+        if blobs > 0 {
+            tracing::info!(blobs, bytes, max_blob_age = ?age, "evicted blobs unused for longer than --max-blob-age");
+        }
+    }
+}
+
 async fn reload_loop(args: Arc<Args>, state: AppState) {
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
