@@ -67,7 +67,8 @@ enum Command {
     /// containerd's hosts directory (and K3s's registries.yaml), whether the first host is
     /// this kagami and whether kagami accepts a request encoded as containerd encodes it.
     ///
-    /// Exits 0 when every registry goes through kagami, 1 when one bypasses it.
+    /// Exits 0 when every registry goes through kagami, 1 when one bypasses it (or none is
+    /// configured).
     Doctor(cmd::doctor::Args),
     /// Ask a running `kagami serve` for its status (node, members, store, hit ratio, bytes
     /// by source, recent pulls, endpoint health) and print a summary.
