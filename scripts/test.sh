@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine: installs the real tools the
-# integration tests drive (docker-registry, containerd, skopeo, umoci, podman, dockerd, ...),
+# integration tests drive (docker-registry, containerd, skopeo, umoci, podman, dockerd, ...;
+# binutils and ca-certificates for scripts/build-image.sh),
 # then runs formatting and lint checks and every test. Run from anywhere; needs root for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl chromium podman buildah)
+packages=(docker-registry skopeo containerd umoci busybox-static protobuf-compiler apache2-utils curl chromium podman buildah binutils ca-certificates)
 # dockerd without its recommends (apparmor, needrestart, ...): the tests only pull with it.
 bare_packages=(docker.io)
 missing() {

@@ -12,6 +12,7 @@ mod demo;
 mod deploy;
 mod explain;
 mod fake_registry;
+mod image;
 mod import;
 mod name_forms;
 #[cfg(feature = "containerd")]
