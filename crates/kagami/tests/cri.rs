@@ -233,17 +233,13 @@ fn private_config(dir: &Path, registry: &Registry, with_auth: bool) -> std::path
     path
 }
 
-/// (b) Credentials. With them in registries.yaml, kagami authenticates upstream and the
-/// kubelet's pull goes through kagami, with or without a pull secret in the CRI request.
-#[test]
-fn cri_pull_of_a_private_registry_with_credentials_in_registries_yaml() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = private_registry(dir.path());
-    let config = private_config(dir.path(), &p.registry, true);
-    let hosts_dir = dir.path().join("certs.d");
+/// `kagami serve` writing containerd's hosts directory, and a containerd whose CRI plugin
+/// reads it (`config_path`), as on a node.
+fn kagami_with_cri(dir: &Path, config: &Path) -> (Kagami, CriContainerd) {
+    let hosts_dir = dir.join("certs.d");
     let k = Kagami::start(
-        dir.path(),
-        &config,
+        dir,
+        config,
         &[
             "--disable-default-registry-endpoint",
             "--containerd-hosts-dir",
@@ -251,9 +247,20 @@ fn cri_pull_of_a_private_registry_with_credentials_in_registries_yaml() {
         ],
     );
     let containerd = CriContainerd::start(
-        &dir.path().join("containerd"),
+        &dir.join("containerd"),
         RegistryConfig::ConfigPath(&hosts_dir),
     );
+    (k, containerd)
+}
+
+/// (b) Credentials. With them in registries.yaml, kagami authenticates upstream and the
+/// kubelet's pull goes through kagami, with or without a pull secret in the CRI request.
+#[test]
+fn cri_pull_of_a_private_registry_with_credentials_in_registries_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = private_registry(dir.path());
+    let config = private_config(dir.path(), &p.registry, true);
+    let (k, containerd) = kagami_with_cri(dir.path(), &config);
     let mut cri = containerd.cri();
     cri.pull(PRIVATE, None).unwrap_or_else(|e| {
         panic!(
@@ -285,20 +292,7 @@ fn cri_credentials_only_in_the_request_bypass_kagami() {
     let dir = tempfile::tempdir().unwrap();
     let p = private_registry(dir.path());
     let config = private_config(dir.path(), &p.registry, false);
-    let hosts_dir = dir.path().join("certs.d");
-    let k = Kagami::start(
-        dir.path(),
-        &config,
-        &[
-            "--disable-default-registry-endpoint",
-            "--containerd-hosts-dir",
-            hosts_dir.to_str().unwrap(),
-        ],
-    );
-    let containerd = CriContainerd::start(
-        &dir.path().join("containerd"),
-        RegistryConfig::ConfigPath(&hosts_dir),
-    );
+    let (k, containerd) = kagami_with_cri(dir.path(), &config);
     let mut cri = containerd.cri();
     cri.pull(PRIVATE, Some(basic_auth(USER, PASSWORD)))
         .unwrap_or_else(|e| panic!("CRI pull failed: {e}\nkagami:\n{}", k.log_text()));
@@ -455,20 +449,7 @@ fn cri_pull_of_docker_hub_short_names_goes_through_kagami() {
         ),
     )
     .unwrap();
-    let hosts_dir = dir.path().join("certs.d");
-    let k = Kagami::start(
-        dir.path(),
-        &config,
-        &[
-            "--disable-default-registry-endpoint",
-            "--containerd-hosts-dir",
-            hosts_dir.to_str().unwrap(),
-        ],
-    );
-    let containerd = CriContainerd::start(
-        &dir.path().join("containerd"),
-        RegistryConfig::ConfigPath(&hosts_dir),
-    );
+    let (k, containerd) = kagami_with_cri(dir.path(), &config);
     let mut cri = containerd.cri();
     let pushed = registry.access_log().len();
     for (i, name) in ["app:1", "library/app:1", "docker.io/library/app:1"]
