@@ -392,6 +392,7 @@ async fn start_node(
             psk: Some(psk),
             resolve_latest: false,
             data_dir: data_dir.clone(),
+            max_connections: kagami_server::listener::default_max_connections(),
         },
         &state,
     )

@@ -24,6 +24,8 @@ pub struct P2pOptions {
     pub resolve_latest: bool,
     /// The node's data directory (its identity lives in `p2p/identity.key`).
     pub data_dir: PathBuf,
+    /// The API listener's connection cap; the peer listener takes half of it.
+    pub max_connections: usize,
 }
 
 /// A node that joined: its identity and addresses, and the task serving the peer API.
@@ -88,11 +90,14 @@ pub async fn start_p2p(opts: &P2pOptions, state: &AppState) -> anyhow::Result<P2
         .await
         .with_context(|| format!("listening for peers on {http_addr}"))?;
     let app = kagami_server::peer_router(state.clone(), info.clone());
+    let max_connections = (opts.max_connections / 2).max(32);
     let peer_server = tokio::spawn(async move {
-        // Half the API listener's cap: both together stay within three quarters of the
-        // open-file limit.
-        let mut opts = kagami_server::listener::ListenOptions::default();
-        opts.max_connections = (opts.max_connections / 2).max(32);
+        // Half the API listener's cap: with the default cap both together stay within
+        // three quarters of the open-file limit.
+        let opts = kagami_server::listener::ListenOptions {
+            max_connections,
+            ..Default::default()
+        };
         let forever = std::future::pending::<()>();
         if let Err(e) = kagami_server::listener::serve(listener, app, opts, forever).await {
             tracing::error!(error = %e, "peer API stopped");

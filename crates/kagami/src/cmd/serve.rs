@@ -58,7 +58,7 @@ pub struct Args {
     default_registry: String,
     /// Client connections served at once on --listen; more are accepted and closed. Default:
     /// half the open-file limit, between 64 and 1024 (each costs up to ~150 KiB under
-    /// load). The peer listener takes half the default.
+    /// load). The peer listener takes half of it.
     #[arg(long, env = "KAGAMI_MAX_CONNECTIONS", value_name = "N")]
     max_connections: Option<usize>,
     /// Write containerd's hosts.toml files into DIR at start (and on reload), with this
@@ -280,9 +280,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         listener,
         router(state.clone()),
         kagami_server::listener::ListenOptions {
-            max_connections: args
-                .max_connections
-                .unwrap_or_else(kagami_server::listener::default_max_connections),
+            max_connections: max_connections(&args),
             ..Default::default()
         },
         async move {
@@ -313,6 +311,7 @@ async fn start_p2p(
         psk: super::node::load_psk(args.p2p_psk_file.as_deref())?,
         resolve_latest: args.p2p_resolve_latest,
         data_dir: args.data_dir.clone(),
+        max_connections: max_connections(args),
     };
     Ok(super::node::start_p2p(&opts, state).await?.peer_server)
 }
@@ -443,6 +442,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     Ok(Duration::from_secs(secs))
+}
+
+/// `--max-connections`, or the listener's default.
+fn max_connections(args: &Args) -> usize {
+    args.max_connections
+        .unwrap_or_else(kagami_server::listener::default_max_connections)
 }
 
 /// A registry name (`host` or `host:port`), or empty.
