@@ -34,4 +34,4 @@ pub use error::{AttemptError, Error, RegistryError};
 pub use manifest::{Descriptor, ManifestView, Platform};
 pub use pull::{BlobStream, Manifest, ManifestHead, endpoint_attempts};
 pub use push::{Mount, push_target};
-pub use tags::{MAX_TAG_LIST, TagPage, query_value};
+pub use tags::{MAX_TAG_LIST, TagPage};

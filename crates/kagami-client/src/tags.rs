@@ -108,13 +108,6 @@ pub fn next_page(link: &str) -> Option<(Option<u32>, String)> {
     Some((n, last?))
 }
 
-/// The decoded value of query parameter `name` (`%XX` escapes and `+` undone), if present.
-pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(query?.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,14 +125,5 @@ mod tests {
         );
         assert_eq!(next_page("</v2/x/tags/list?n=5>; rel=\"next\""), None);
         assert_eq!(next_page("garbage"), None);
-        assert_eq!(
-            query_value(Some("n=2&last=a%2Bb"), "last").as_deref(),
-            Some("a+b")
-        );
-        assert_eq!(
-            query_value(Some("last=100%"), "last").as_deref(),
-            Some("100%")
-        );
-        assert_eq!(query_value(Some("n=2"), "last"), None);
     }
 }

@@ -81,24 +81,16 @@ impl ApiError {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", m)
     }
     pub fn range_not_satisfiable(size: u64) -> Self {
-        Self::new_refused(
-            "range",
+        Self::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
             "BLOB_UNKNOWN",
             format!("range not satisfiable for a blob of {size} bytes"),
         )
+        .refused("range")
     }
     pub fn unavailable(m: impl Into<String>) -> Self {
         // 404 rather than 5xx: containerd moves on to its next host fastest on a 404.
         Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", m).refused("unavailable")
-    }
-    fn new_refused(
-        reason: &'static str,
-        status: StatusCode,
-        code: &'static str,
-        m: impl Into<String>,
-    ) -> Self {
-        Self::new(status, code, m).refused(reason)
     }
     pub fn internal(m: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", m)
