@@ -469,7 +469,8 @@ pub(crate) async fn tags_list(
     };
     let last = query.get("last").filter(|l| !l.is_empty());
     let plan = plan(&path.reference(), config, state.plan_options());
-    let mut upstream_failed = false;
+    // Whether nothing was found rather than an endpoint failing (nothing to ask is that too).
+    let mut not_found = true;
     let why_local = if kagami_client::endpoint_attempts(&plan).next().is_some() {
         match state.inner.upstream.tags(&plan, n, last).await {
             Ok(page) => {
@@ -490,7 +491,7 @@ pub(crate) async fn tags_list(
                 return Ok((tags_response(path, tags, next), Source::Upstream));
             }
             Err(e) => {
-                upstream_failed = !e.not_found;
+                not_found = e.not_found;
                 e.message
             }
         }
@@ -512,7 +513,7 @@ pub(crate) async fn tags_list(
             "{}/{}: no tags known to this mirror ({why_local})",
             path.registry, path.repository
         ));
-        return Err(e.upstream(!upstream_failed));
+        return Err(e.upstream(not_found));
     }
     tracing::info!(registry = %path.registry, repository = %path.repository, reason = %why_local, "tag list answered from the tags this mirror has resolved");
     tags.sort();
