@@ -18,8 +18,9 @@ use kagami_store::Store;
 use crate::blobs::Fetch;
 use crate::error::ApiError;
 use crate::manifests::Revalidation;
-use crate::metrics::{Metrics, RequestLabels};
 use crate::path::{self, Target};
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::RequestLabels;
 use crate::upstream::Upstream;
 
 /// (registry, repository, tag).
@@ -62,7 +63,8 @@ pub(crate) struct Inner {
     pub store: Store,
     pub upstream: Arc<dyn Upstream>,
     pub options: ServerOptions,
-    pub metrics: Metrics,
+    /// Metrics, the status recorder and the refusal log: every count goes through it.
+    pub telemetry: Arc<Telemetry>,
     /// Blob fetches in flight, shared by every request for the same digest.
     pub fetches: Mutex<HashMap<crate::blobs::FetchKey, Arc<Fetch>>>,
     /// What fetches may hold at once (count and memory).
@@ -78,10 +80,6 @@ pub(crate) struct Inner {
     pub peers: std::sync::OnceLock<Arc<crate::peers::Peers>>,
     /// This node's P2P identity and addresses, when P2P is on.
     pub node_info: std::sync::OnceLock<crate::peer_api::NodeInfo>,
-    /// Recent pulls, bytes over time and endpoint health for `/status`.
-    pub status: crate::status::Status,
-    /// Requests kagami refused (each one a pull that went around it).
-    pub refusals: crate::refusals::Refusals,
     /// The node's containerd as a source of content for peers, when sharing it is on.
     #[cfg(feature = "containerd")]
     pub containerd: std::sync::OnceLock<Arc<crate::containerd::ContainerdContent>>,
@@ -103,7 +101,7 @@ impl AppState {
                 store,
                 upstream,
                 options,
-                metrics: Metrics::new(),
+                telemetry: Arc::new(Telemetry::new()),
                 fetches: Mutex::new(HashMap::new()),
                 fetch_budget,
                 descriptor_sizes: Mutex::new(HashMap::new()),
@@ -112,8 +110,6 @@ impl AppState {
                 ready: AtomicBool::new(true),
                 peers: std::sync::OnceLock::new(),
                 node_info: std::sync::OnceLock::new(),
-                status: crate::status::Status::new(),
-                refusals: crate::refusals::Refusals::default(),
                 #[cfg(feature = "containerd")]
                 containerd: std::sync::OnceLock::new(),
                 admin: std::sync::OnceLock::new(),
@@ -134,7 +130,7 @@ impl AppState {
     pub fn set_peers(&self, peers: Arc<crate::peers::Peers>, node: crate::peer_api::NodeInfo) {
         let _ = peers
             .lookup_seconds
-            .set(self.inner.metrics.peer_lookup_seconds.clone());
+            .set(self.inner.telemetry.metrics.peer_lookup_seconds.clone());
         let _ = self.inner.peers.set(peers);
         let _ = self.inner.node_info.set(node);
     }
@@ -157,7 +153,11 @@ impl AppState {
 
     /// What `/status` remembers; `status().set_listen(..)` names the listen address.
     pub fn status(&self) -> &crate::status::Status {
-        &self.inner.status
+        &self.inner.telemetry.status
+    }
+
+    pub(crate) fn telemetry(&self) -> &Telemetry {
+        &self.inner.telemetry
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -169,7 +169,7 @@ impl AppState {
     }
 
     pub fn metrics_text(&self) -> String {
-        let m = &self.inner.metrics;
+        let m = &self.inner.telemetry.metrics;
         let usage = self.inner.store.usage();
         m.store_bytes.set(usage.bytes as i64);
         m.store_blobs.set(usage.blobs as i64);
@@ -193,21 +193,12 @@ impl AppState {
             }
             for (peer, bytes) in by_label {
                 m.peer_received
-                    .get_or_create(&crate::metrics::PeerLabels { peer })
+                    .get_or_create(&crate::telemetry::metrics::PeerLabels { peer })
                     .inner()
                     .store(bytes, Ordering::Relaxed);
             }
         }
         m.encode()
-    }
-
-    /// Counts a store lookup: `kind` is blob or manifest, `result` hit or miss.
-    pub(crate) fn count_cache(&self, kind: &'static str, result: &'static str) {
-        self.inner
-            .metrics
-            .cache
-            .get_or_create(&crate::metrics::CacheLabels { kind, result })
-            .inc();
     }
 
     pub(crate) fn plan_options(&self) -> PlanOptions {
@@ -322,23 +313,25 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let mut registry = None;
-    let (route, result) = route(&state, req, &mut registry).await;
+    let mut parsed = None;
+    let (route, result) = route(&state, req, &mut parsed).await;
     let (mut resp, source) = match result {
         Ok(r) => r,
         Err(e) => {
             let refused = e.refusal.map(|r| (r, e.status.as_u16(), e.message.clone()));
             let mut resp = e.into_response();
             if let Some((reason, status, message)) = refused {
-                let r = crate::refusals::Refused {
-                    registry: registry.as_deref(),
+                let r = crate::telemetry::refusals::Refused {
+                    registry: parsed.as_ref().map(|p: &path::OciPath| p.registry.as_str()),
                     reason,
                     status,
                     message: &message,
                 };
-                crate::refusals::record(&state, r, &method, &uri);
-                resp.headers_mut()
-                    .insert(crate::refusals::HEADER, HeaderValue::from_static(reason));
+                state.telemetry().refused(r, &method, &uri);
+                resp.headers_mut().insert(
+                    crate::telemetry::refusals::HEADER,
+                    HeaderValue::from_static(reason),
+                );
             }
             (resp, Source::None)
         }
@@ -350,7 +343,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         _ => "other",
     };
     state
-        .inner
+        .telemetry()
         .metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -372,18 +365,19 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             status,
             source,
             start,
-            state: state.clone(),
+            path: parsed,
+            telemetry: state.inner.telemetry.clone(),
         },
     )
 }
 
 type Handled = Result<(Response, Source), ApiError>;
 
-/// Handles one request; `registry` is set to the registry it names once that is known.
+/// Handles one request; `seen` is set to the request's parsed path once that is known.
 async fn route(
     state: &AppState,
     req: Request,
-    registry: &mut Option<String>,
+    seen: &mut Option<path::OciPath>,
 ) -> (&'static str, Handled) {
     let path = req.uri().path().to_string();
     let is_head = req.method() == Method::HEAD;
@@ -409,7 +403,7 @@ async fn route(
         Ok(p) => p,
         Err(e) => return ("invalid", Err(e)),
     };
-    *registry = Some(parsed.registry.clone());
+    *seen = Some(parsed.clone());
     let config = state.config();
     if config.mirror_for(&parsed.registry).is_none() {
         return (
@@ -421,11 +415,11 @@ async fn route(
             .refused("registry_not_served")),
         );
     }
-    if req.headers().contains_key(crate::refusals::PROBE_HEADER) {
-        return (
-            "probe",
-            Ok((crate::refusals::probe_answer(&parsed), Source::None)),
-        );
+    if req
+        .headers()
+        .contains_key(crate::telemetry::refusals::PROBE_HEADER)
+    {
+        return ("probe", Ok((probe_answer(&parsed), Source::None)));
     }
     let range = req
         .headers()
@@ -452,4 +446,19 @@ async fn route(
             crate::manifests::tags_list(state, &config, &parsed, &query).await,
         ),
     }
+}
+
+/// The answer to a probe that kagami would serve.
+fn probe_answer(path: &path::OciPath) -> Response {
+    let body = serde_json::json!({"registry": path.registry, "repository": path.repository});
+    let mut r = Response::new(Body::from(body.to_string()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        crate::telemetry::refusals::PROBE_HEADER,
+        HeaderValue::from_static("accepted"),
+    );
+    r
 }

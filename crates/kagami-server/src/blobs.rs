@@ -135,7 +135,7 @@ impl Budget {
             Some((count, kib))
         };
         let (count, kib_permit) = tokio::time::timeout(wait, take).await.ok()??;
-        let gauge = state.inner.metrics.fetch_memory.clone();
+        let gauge = state.telemetry().metrics.fetch_memory.clone();
         let bytes = kib as u64 * 1024;
         gauge.inc_by(bytes as i64);
         Some(Permit {
@@ -208,10 +208,10 @@ pub(crate) async fn get(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
     {
-        state.count_cache("blob", "hit");
+        state.telemetry().cache("blob", "hit");
         return serve_local(handle, digest, range_header, head).await;
     }
-    state.count_cache("blob", "miss");
+    state.telemetry().cache("blob", "miss");
     if head && let Some(r) = head_cold(state, config, path, digest).await {
         return r;
     }
@@ -297,7 +297,7 @@ async fn head_cold(
     kagami_client::endpoint_attempts(&plan).next()?;
     Some(match state.inner.upstream.head_blob(&plan, digest).await {
         Ok(h) => {
-            state.inner.status.endpoint_ok(&h.source);
+            state.telemetry().endpoint_ok(&h.source);
             Ok((
                 blob_response(StatusCode::OK, digest, h.size),
                 Source::Upstream,
@@ -424,7 +424,7 @@ async fn join_or_start(
         .acquire(state, memory, limits.queue_wait)
         .await
     else {
-        state.inner.metrics.fetches_refused.inc();
+        state.telemetry().metrics.fetches_refused.inc();
         tracing::warn!(%digest, registry = %path.registry, "fetch budget full; answering 503");
         return Err(busy(limits));
     };
@@ -452,14 +452,14 @@ async fn join_or_start(
     let id = crate::request_id::current();
     tokio::spawn(crate::request_id::within(id, async move {
         let _permit = permit;
-        state.inner.metrics.inflight.inc();
+        state.telemetry().metrics.inflight.inc();
         run_fetch(&state, &config, &path, &digest, expected, &f).await;
         if let Some(p) = state.peers() {
             p.router
                 .withdraw(vec![crate::peers::inflight_key(&digest)])
                 .await;
         }
-        state.inner.metrics.inflight.dec();
+        state.telemetry().metrics.inflight.dec();
         let mut fetches = state.inner.fetches.lock().expect("fetches lock");
         if fetches.get(&key).is_some_and(|x| Arc::ptr_eq(x, &f)) {
             fetches.remove(&key);
@@ -547,7 +547,7 @@ fn rate_guarded(state: &AppState, mut body: BlobBody) -> BlobBody {
         deadline: Box::pin(tokio::time::sleep(limits.rate_window)),
         got: 0,
         done: false,
-        slow: state.inner.metrics.slow_sources.clone(),
+        slow: state.telemetry().metrics.slow_sources.clone(),
     }
     .boxed();
     body
@@ -592,7 +592,7 @@ async fn run_fetch(
     let mut body = match sources.open(0, 0).await {
         Ok(b) => b,
         Err(e) => {
-            upstream_failed(state, &plan, &e.message);
+            state.telemetry().upstream_failed(&plan, &e.message);
             fetch.state.send_replace(FetchState::Failed(e.message));
             return;
         }
@@ -629,7 +629,7 @@ async fn run_fetch(
     // The current body is a rival node's, standing in for the attempt it replaced.
     let mut retry_same = false;
     loop {
-        count_upstream(state, &body);
+        state.telemetry().upstream_answered(&body.source);
         let rival_found = async {
             match rival.as_mut() {
                 Some(r) => r.as_mut().await,
@@ -673,7 +673,7 @@ async fn run_fetch(
             }
             Pump::Abandoned => {
                 tracing::info!(%digest, written = follow.written(), size, "no client follows this fetch any more and it is not worth finishing; cancelled");
-                inner.metrics.fetches_cancelled.inc();
+                inner.telemetry.metrics.fetches_cancelled.inc();
                 return; // dropping the writer aborts and deletes the temp file
             }
             Pump::TooLarge(n) => {
@@ -684,7 +684,7 @@ async fn run_fetch(
             Pump::Done | Pump::UpstreamFailed => {
                 let offset = sink.received;
                 tracing::warn!(%digest, offset, source = %body.source, "source failed mid-blob; continuing from the next one");
-                state.inner.status.endpoint_failed(
+                state.telemetry().endpoint_failed(
                     &body.source,
                     &format!("{digest}: body cut at byte {offset}"),
                 );
@@ -711,7 +711,7 @@ async fn run_fetch(
             Err(e) => {
                 let offset = sink.received;
                 tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
-                upstream_failed(state, &plan, &e.message);
+                state.telemetry().upstream_failed(&plan, &e.message);
                 return; // dropping the writer aborts: followers get an error
             }
         }
@@ -758,8 +758,8 @@ fn too_large(
         ),
     };
     tracing::warn!(%digest, source, bytes, "blob larger than allowed; fetch stopped");
-    state.inner.metrics.blobs_too_large.inc();
-    state.inner.status.endpoint_failed(source, &why);
+    state.telemetry().metrics.blobs_too_large.inc();
+    state.telemetry().endpoint_failed(source, &why);
     why
 }
 
@@ -1030,22 +1030,6 @@ async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) -> Pump {
     }
 }
 
-fn count_upstream(state: &AppState, body: &BlobBody) {
-    state.inner.status.endpoint_ok(&body.source);
-    let m = &state.inner.metrics;
-    m.upstream_fetches
-        .get_or_create(&m.endpoint(&body.source))
-        .inc();
-}
-
-/// Every source of a blob failed: counted in the metrics and on the status page.
-fn upstream_failed(state: &AppState, plan: &kagami_config::Plan, why: &str) {
-    let first = crate::status::first_endpoint(plan).unwrap_or_else(|| "none".into());
-    let m = &state.inner.metrics;
-    m.upstream_failures.get_or_create(&m.endpoint(&first)).inc();
-    crate::status::plan_failed(state, plan, why);
-}
-
 fn mark_store_full(state: &AppState) {
     *state.inner.store_full_until.lock().expect("lock") = Some(Instant::now() + FULL_BACKOFF);
 }
@@ -1067,7 +1051,7 @@ async fn pass_through(
         .acquire(state, CHUNK as u64, limits.queue_wait)
         .await
     else {
-        state.inner.metrics.fetches_refused.inc();
+        state.telemetry().metrics.fetches_refused.inc();
         return Err(busy(limits));
     };
     let plan = plan(&path.reference(), config, state.plan_options());
@@ -1076,9 +1060,9 @@ async fn pass_through(
         .upstream
         .blob(&plan, digest, 0, 0)
         .await
-        .inspect_err(|e| crate::status::plan_failed(state, &plan, &e.message))
+        .inspect_err(|e| state.telemetry().plan_failed(&plan, &e.message))
         .map_err(|e| ApiError::blob_unknown(e.message).refused("upstream_failed"))?;
-    count_upstream(state, &body);
+    state.telemetry().upstream_answered(&body.source);
     let expected = descriptor_size(state, &path.registry, digest);
     let cap = expected.unwrap_or(limits.max_blob_size);
     if let Some(n) = body.size

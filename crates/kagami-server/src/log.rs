@@ -10,8 +10,12 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::app::{AppState, Source};
-use crate::metrics::SourceLabels;
+use std::sync::Arc;
+
+use crate::app::Source;
+use crate::path::OciPath;
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::SourceLabels;
 
 pub struct RequestLog {
     pub method: &'static str,
@@ -19,7 +23,9 @@ pub struct RequestLog {
     pub status: u16,
     pub source: Source,
     pub start: Instant,
-    pub state: AppState,
+    /// The request as the dispatcher parsed it (`None` when it did not parse).
+    pub path: Option<OciPath>,
+    pub telemetry: Arc<Telemetry>,
 }
 
 struct Counting<S> {
@@ -45,7 +51,7 @@ where
             Poll::Ready(Some(Ok(b))) => {
                 let n = b.len() as u64;
                 self.bytes += n;
-                self.log.state.inner.status.add_bytes(self.log.source, n);
+                self.log.telemetry.status.add_bytes(self.log.source, n);
             }
             Poll::Ready(Some(Err(_))) => self.failed = true,
             _ => {}
@@ -58,8 +64,7 @@ impl<S> Drop for Counting<S> {
     fn drop(&mut self) {
         let l = &self.log;
         if l.source != Source::None && self.bytes > 0 {
-            l.state
-                .inner
+            l.telemetry
                 .metrics
                 .bytes_served
                 .get_or_create(&SourceLabels {
@@ -79,19 +84,17 @@ impl<S> Drop for Counting<S> {
             request_id = self.request_id.as_deref(),
             "request"
         );
-        crate::status::record_request(
-            &l.state,
-            crate::status::Finished {
-                method: l.method,
-                uri: &l.uri,
-                status: l.status,
-                source: l.source,
-                bytes: self.bytes,
-                duration_ms: l.start.elapsed().as_secs_f64() * 1000.0,
-                complete: !self.failed,
-                digest: self.digest.take(),
-            },
-        );
+        let Some(path) = &l.path else { return };
+        l.telemetry.status.record_request(crate::status::Finished {
+            method: l.method,
+            path,
+            status: l.status,
+            source: l.source,
+            bytes: self.bytes,
+            duration_ms: l.start.elapsed().as_secs_f64() * 1000.0,
+            complete: !self.failed,
+            digest: self.digest.take(),
+        });
     }
 }
 

@@ -68,10 +68,10 @@ async fn get_inner(
     match r {
         ManifestRef::Digest(d) => {
             if let Some(resp) = serve_stored(state, d, head).await? {
-                state.count_cache("manifest", "hit");
+                state.telemetry().cache("manifest", "hit");
                 return Ok((resp, Source::Local));
             }
-            state.count_cache("manifest", "miss");
+            state.telemetry().cache("manifest", "miss");
             let plan = plan(&path.reference(), config, state.plan_options());
             let (m, source) = match from_peers(state, &plan, path, &d.to_string()).await {
                 Some(m) => (m, Source::Peer),
@@ -81,8 +81,8 @@ async fn get_inner(
                         .upstream
                         .manifest(&plan, &d.to_string())
                         .await
-                        .inspect(|m| state.inner.status.endpoint_ok(&m.source))
-                        .inspect_err(|e| crate::status::plan_failed(state, &plan, &e.message))
+                        .inspect(|m| state.telemetry().endpoint_ok(&m.source))
+                        .inspect_err(|e| state.telemetry().plan_failed(&plan, &e.message))
                         .map_err(|e| ApiError::manifest_unknown(e.message).upstream(e.not_found))?,
                     Source::Upstream,
                 ),
@@ -114,7 +114,7 @@ async fn get_inner(
                 })
                 && let Some(resp) = serve_stored(state, &e.digest, head).await?
             {
-                state.count_cache("manifest", "hit");
+                state.telemetry().cache("manifest", "hit");
                 return Ok((resp, Source::Local));
             }
             if let Some(e) = &cached {
@@ -130,11 +130,11 @@ async fn get_inner(
                         .iter()
                         .any(|a| matches!(a, kagami_config::Attempt::Endpoint(_)));
                 if current && let Some(resp) = serve_stored(state, &e.digest, head).await? {
-                    state.count_cache("manifest", "hit");
+                    state.telemetry().cache("manifest", "hit");
                     return Ok((resp, Source::Local));
                 }
             }
-            state.count_cache("manifest", "miss");
+            state.telemetry().cache("manifest", "miss");
             match revalidate(state, config, path, tag, cached.clone()).await {
                 Revalidation::Current(entry, source) => {
                     match serve_stored(state, &entry.digest, head).await? {
@@ -149,7 +149,7 @@ async fn get_inner(
                     if let Some(e) = cached
                         && let Some(resp) = serve_stored(state, &e.digest, head).await?
                     {
-                        state.inner.metrics.stale_served.inc();
+                        state.telemetry().metrics.stale_served.inc();
                         tracing::warn!(
                             registry = %path.registry, repository = %path.repository, tag, digest = %e.digest,
                             error = %message, "every upstream failed; serving the cached digest (stale-if-error)"
@@ -197,7 +197,7 @@ async fn revalidate(
                 let out = tokio::time::timeout(limit, resolve_tag(&st, &plan, &p, &t, cached))
                     .await
                     .unwrap_or_else(|_| {
-                        st.inner.metrics.revalidation_timeouts.inc();
+                        st.telemetry().metrics.revalidation_timeouts.inc();
                         tracing::warn!(registry = %p.registry, repository = %p.repository, tag = %t, "tag revalidation timed out");
                         Revalidation::Failed {
                             message: format!(
@@ -265,7 +265,10 @@ async fn resolve_tag(
         },
         Some(_) => inner.upstream.manifest(plan, tag).await,
     };
-    crate::status::manifest_fetched(state, plan, &fetched);
+    match &fetched {
+        Ok(m) => state.telemetry().endpoint_ok(&m.source),
+        Err(e) => state.telemetry().plan_failed(plan, &e.message),
+    }
     match fetched {
         Ok(m) => {
             if !store_manifest(state, &m).await {

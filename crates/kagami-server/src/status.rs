@@ -19,8 +19,8 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use crate::app::{AppState, Source};
-use crate::metrics::{CacheLabels, SourceLabels};
 use crate::path::{ManifestRef, Target};
+use crate::telemetry::metrics::{CacheLabels, SourceLabels};
 
 /// Width of one bucket of the bytes-by-source series, in seconds.
 pub const INTERVAL_SECS: u64 = 10;
@@ -182,7 +182,8 @@ impl Status {
 /// A request for a manifest or blob that has ended (its body sent or abandoned).
 pub(crate) struct Finished<'a> {
     pub method: &'static str,
-    pub uri: &'a str,
+    /// The request as the dispatcher parsed it.
+    pub path: &'a crate::path::OciPath,
     pub status: u16,
     pub source: Source,
     pub bytes: u64,
@@ -192,62 +193,30 @@ pub(crate) struct Finished<'a> {
     pub digest: Option<String>,
 }
 
-/// Records a finished request in the recent pulls (manifests and blobs only).
-pub(crate) fn record_request(state: &AppState, r: Finished<'_>) {
-    let Ok(uri) = r.uri.parse::<axum::http::Uri>() else {
-        return;
-    };
-    let default = state.inner.options.default_registry.as_deref();
-    let Ok((path, _)) = crate::path::parse_uri(&uri, default) else {
-        return;
-    };
-    let (kind, reference, digest) = match &path.target {
-        Target::Blob(d) => ("blob", d.to_string(), Some(d.to_string())),
-        Target::Manifest(ManifestRef::Digest(d)) => ("manifest", d.to_string(), r.digest),
-        Target::Manifest(ManifestRef::Tag(t)) => ("manifest", t.clone(), r.digest),
-        Target::TagsList => return,
-    };
-    state.inner.status.push_pull(Pull {
-        at: unix_millis(SystemTime::now()),
-        method: r.method.to_string(),
-        kind: kind.to_string(),
-        registry: path.registry,
-        repository: path.repository,
-        reference,
-        digest,
-        source: r.source.as_str().to_string(),
-        bytes: r.bytes,
-        duration_ms: (r.duration_ms * 10.0).round() / 10.0,
-        status: r.status,
-        complete: r.complete,
-    });
-}
-
-/// Every attempt of a plan failed: the failure is counted against the first endpoint of
-/// the plan (as the `upstream_failures` metric does), with the message naming them all.
-pub(crate) fn plan_failed(state: &AppState, plan: &kagami_config::Plan, why: &str) {
-    if let Some(first) = first_endpoint(plan) {
-        state.inner.status.endpoint_failed(&first, why);
-    }
-}
-
-/// The base URL of the plan's first endpoint attempt: what failures are counted against.
-pub(crate) fn first_endpoint(plan: &kagami_config::Plan) -> Option<String> {
-    plan.attempts.iter().find_map(|a| match a {
-        kagami_config::Attempt::Endpoint(e) => Some(e.endpoint.base()),
-        kagami_config::Attempt::Peers => None,
-    })
-}
-
-/// The outcome of a manifest fetch through the plan.
-pub(crate) fn manifest_fetched(
-    state: &AppState,
-    plan: &kagami_config::Plan,
-    r: &Result<crate::upstream::FetchedManifest, crate::upstream::UpstreamError>,
-) {
-    match r {
-        Ok(m) => state.inner.status.endpoint_ok(&m.source),
-        Err(e) => plan_failed(state, plan, &e.message),
+impl Status {
+    /// Records a finished request in the recent pulls (manifests and blobs only).
+    pub(crate) fn record_request(&self, r: Finished<'_>) {
+        let path = r.path;
+        let (kind, reference, digest) = match &path.target {
+            Target::Blob(d) => ("blob", d.to_string(), Some(d.to_string())),
+            Target::Manifest(ManifestRef::Digest(d)) => ("manifest", d.to_string(), r.digest),
+            Target::Manifest(ManifestRef::Tag(t)) => ("manifest", t.clone(), r.digest),
+            Target::TagsList => return,
+        };
+        self.push_pull(Pull {
+            at: unix_millis(SystemTime::now()),
+            method: r.method.to_string(),
+            kind: kind.to_string(),
+            registry: path.registry.clone(),
+            repository: path.repository.clone(),
+            reference,
+            digest,
+            source: r.source.as_str().to_string(),
+            bytes: r.bytes,
+            duration_ms: (r.duration_ms * 10.0).round() / 10.0,
+            status: r.status,
+            complete: r.complete,
+        });
     }
 }
 
@@ -429,8 +398,8 @@ impl EndpointHealth {
 pub fn report(state: &AppState, address: Option<&str>) -> Report {
     let inner = &state.inner;
     let now = SystemTime::now();
-    let st = &inner.status;
-    let m = &inner.metrics;
+    let st = &inner.telemetry.status;
+    let m = &inner.telemetry.metrics;
     let cache = |kind: &'static str, result: &'static str| {
         m.cache
             .get(&CacheLabels { kind, result })
@@ -495,7 +464,7 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
     recent_pulls.reverse();
     Report {
         generated_at: unix_secs(now),
-        refused: inner.refusals.rows(),
+        refused: inner.telemetry.refusals.rows(),
         node: Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             listen: st.listen.get().cloned(),
