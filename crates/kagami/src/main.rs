@@ -76,6 +76,10 @@ enum Command {
     /// Load image tarballs (docker save, ctr images export, OCI archives or layouts) into a
     /// running `kagami serve`, which then serves them and shares them with other nodes.
     Import(cmd::import::Args),
+    /// Write an air-gap bundle: one archive with the kagami image, the deployment files
+    /// and the listed images (an OCI archive that `kagami import`, `ctr images import` and
+    /// K3s's agent/images folder accept), pulled through the resolution plan.
+    Bundle(cmd::bundle::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions(cmd::completions::CompletionsArgs),
     /// Print kagami's man page (roff) to stdout, or write one page per command with --output.
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::status::run(a),
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Import(a) => cmd::import::run(a),
+        Command::Bundle(a) => cmd::bundle::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Man(a) => cmd::completions::man(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -445,7 +445,7 @@ fn commented_containerd_settings_are_real() {
 fn grafana_dashboard_queries_existing_metrics() {
     let dash: Value =
         serde_json::from_str(&read("deploy/grafana/kagami-dashboard.json")).expect("valid JSON");
-    let metrics_rs = read("crates/kagami-server/src/metrics.rs");
+    let metrics_rs = read("crates/kagami-server/src/telemetry/metrics.rs");
     let (names, labels) = exposed_metrics(&metrics_rs);
     assert!(names.contains("kagami_http_requests_total"), "{names:?}");
     assert!(names.contains("kagami_store_size_bytes"), "{names:?}");

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod bundle;
 mod check;
 mod client;
 mod clients;

@@ -8,6 +8,7 @@ use kagami_config::{Config, Diagnostic, LoadError, Severity};
 
 use crate::ConfigArgs;
 
+pub mod bundle;
 pub mod check;
 pub mod completions;
 pub mod containerd_config;

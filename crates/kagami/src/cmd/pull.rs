@@ -67,7 +67,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
     );
     let rt = runtime()?;
-    let summary = rt.block_on(pull(&args, &p, want))?;
+    let into = Target {
+        output: &args.output,
+        all_platforms: args.all_platforms,
+        jobs: args.jobs,
+        name: None,
+    };
+    let summary = rt.block_on(pull(&into, &p, want))?;
     print!("{summary}");
     Ok(ExitCode::SUCCESS)
 }
@@ -81,10 +87,28 @@ struct Row {
     source: Option<String>,
 }
 
-async fn pull(args: &Args, plan: &Plan, want: Option<Platform>) -> anyhow::Result<String> {
+/// Where and how [`pull`] writes an image.
+pub(crate) struct Target<'a> {
+    /// The OCI layout directory (created if missing; shared by several images).
+    pub output: &'a Path,
+    pub all_platforms: bool,
+    /// Blobs downloaded at the same time.
+    pub jobs: usize,
+    /// The full image name recorded in index.json as `io.containerd.image.name` (what
+    /// `ctr images import`, K3s's `agent/images` and `kagami import` name the image by),
+    /// for layouts that hold several images.
+    pub name: Option<String>,
+}
+
+/// Pulls the image of `plan` into an OCI layout; returns the summary to print.
+pub(crate) async fn pull(
+    args: &Target<'_>,
+    plan: &Plan,
+    want: Option<Platform>,
+) -> anyhow::Result<String> {
     let client = Client::default();
     let image = &plan.image;
-    let layout = Layout::create(&args.output)?;
+    let layout = Layout::create(args.output)?;
     let top = client
         .manifest(plan, &image.reference())
         .await
@@ -180,7 +204,7 @@ async fn pull(args: &Args, plan: &Plan, want: Option<Platform>) -> anyhow::Resul
         annotations: None,
         urls: Vec::new(),
     };
-    layout.write_index(root_desc, tag.as_deref())?;
+    layout.write_index(root_desc, tag.as_deref(), args.name.as_deref())?;
 
     let mut s = String::new();
     use std::fmt::Write as _;
@@ -342,9 +366,15 @@ impl Layout {
         }
     }
 
-    /// Adds (or replaces, by tag) the image in index.json.
-    fn write_index(&self, mut desc: Descriptor, tag: Option<&str>) -> anyhow::Result<()> {
+    /// Adds (or replaces, by name, else by tag) the image in index.json.
+    fn write_index(
+        &self,
+        mut desc: Descriptor,
+        tag: Option<&str>,
+        name: Option<&str>,
+    ) -> anyhow::Result<()> {
         const REF_NAME: &str = "org.opencontainers.image.ref.name";
+        const CONTAINERD_NAME: &str = "io.containerd.image.name";
         let path = self.dir.join("index.json");
         let mut index: serde_json::Value = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -353,9 +383,14 @@ impl Layout {
                 serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []})
             }
         };
+        let mut ann = serde_json::Map::new();
         if let Some(t) = tag {
-            let mut ann = serde_json::Map::new();
             ann.insert(REF_NAME.into(), t.into());
+        }
+        if let Some(n) = name {
+            ann.insert(CONTAINERD_NAME.into(), n.into());
+        }
+        if !ann.is_empty() {
             desc.annotations = Some(ann);
         }
         let entry = serde_json::to_value(&desc)?;
@@ -363,9 +398,10 @@ impl Layout {
             .get_mut("manifests")
             .and_then(|m| m.as_array_mut())
             .with_context(|| format!("{} has no manifests list", path.display()))?;
-        manifests.retain(|m| match tag {
-            Some(t) => m["annotations"][REF_NAME].as_str() != Some(t),
-            None => m["digest"].as_str() != Some(desc.digest.as_str()),
+        manifests.retain(|m| match (name, tag) {
+            (Some(n), _) => m["annotations"][CONTAINERD_NAME].as_str() != Some(n),
+            (None, Some(t)) => m["annotations"][REF_NAME].as_str() != Some(t),
+            (None, None) => m["digest"].as_str() != Some(desc.digest.as_str()),
         });
         manifests.push(entry);
         write_atomic(&path, &serde_json::to_vec_pretty(&index)?)
