@@ -4,6 +4,10 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p/100+0.5); if(i<1)i=1; print a[i]}'; }
 now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc; }
+ratio() { echo "scale=2; $1 / $2" | bc; }
+# wait_http HOST:PORT: until /v2/ answers (20 s at most).
+wait_http() { for _ in $(seq 400); do curl -s -o /dev/null "http://$1/v2/" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }
 
 # start_registry DIR PORT ACCESSLOG(true|false): a docker-registry on 127.0.0.1:PORT with
 # its data under DIR; appends its pid to PIDS and waits until it answers.
@@ -34,18 +38,21 @@ YAML
   exit 1
 }
 
-# push_big_image WORKDIR SIZE_MB DEST: a single-layer image of SIZE_MB random bytes
-# (umoci: the layer is gzip of incompressible data, SIZE_MB on the wire) pushed to DEST.
+# push_big_image WORKDIR SIZE_MB DEST [LAYERS]: an image of SIZE_MB random bytes in LAYERS
+# layers (1 by default; umoci: each layer is gzip of incompressible data, its size on the
+# wire) pushed to DEST.
 push_big_image() {
-  local work=$1 size=$2 dest=$3
+  local work=$1 size=$2 dest=$3 layers=${4:-1}
   (
     cd "$work"
     umoci init --layout oci >/dev/null
     umoci new --image oci:big >/dev/null
-    head -c $((size * 1024 * 1024)) /dev/urandom >big.bin
-    umoci insert --image oci:big big.bin /big.bin >/dev/null
-    umoci config --image oci:big --architecture amd64 --os linux --config.cmd /big.bin >/dev/null
-    rm big.bin
+    for l in $(seq "$layers"); do
+      head -c $((size * 1024 * 1024 / layers)) /dev/urandom >"big$l.bin"
+      umoci insert --image oci:big "big$l.bin" "/big$l.bin" >/dev/null
+      rm "big$l.bin"
+    done
+    umoci config --image oci:big --architecture amd64 --os linux --config.cmd /big1.bin >/dev/null
     skopeo copy --quiet --dest-tls-verify=false oci:oci:big "docker://$dest"
     rm -rf oci
   )

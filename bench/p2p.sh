@@ -41,8 +41,6 @@ cleanup() {
 trap cleanup EXIT
 
 . bench/lib.sh
-wait_http() { for _ in $(seq 400); do curl -s -o /dev/null "http://$1/v2/" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }
-since() { echo "$(now) - $1" | bc; }
 
 ORIGIN=$(port)
 start_registry "$WORK/origin" "$ORIGIN" true
@@ -61,53 +59,7 @@ mirrors:
 YAML
 (umask 077; openssl rand -hex 32 >"$WORK/psk" 2>/dev/null || python3 -c 'import os; print(os.urandom(32).hex())' >"$WORK/psk")
 
-ip_of() { echo "127.0.0.$(($1 + 1))"; }
-# start_node I MODE [DATA]: MODE p2p or solo; the API is on <ip>:5000.
-start_node() {
-  local i=$1 mode=$2 ip; ip=$(ip_of "$1")
-  local data=${3:-$WORK/nodes/$mode-$i-$RANDOM}
-  local args=(serve --listen "$ip:5000" --data-dir "$data" --config "$WORK/registries.yaml"
-    --disable-default-registry-endpoint)
-  if [ "$mode" = p2p ]; then
-    args+=(--p2p-listen "$ip:5001" --p2p-http-listen "$ip:5002" --p2p-psk-file "$WORK/psk"
-      --p2p-bootstrap "$(ip_of 1):5001")
-  fi
-  mkdir -p "$data"
-  KAGAMI_LOG=${NODE_LOG:-warn} "$KAGAMI" "${args[@]}" 2>>"$WORK/node-$i.log" &
-  NODE_PIDS[$i]=$!
-  echo "$data" >"$WORK/data-$i"
-}
-stop_nodes() {
-  for i in "${!NODE_PIDS[@]}"; do kill "${NODE_PIDS[$i]}" 2>/dev/null || true; done
-  for i in "${!NODE_PIDS[@]}"; do wait "${NODE_PIDS[$i]}" 2>/dev/null || true; done
-  NODE_PIDS=()
-  rm -rf "$WORK/nodes"
-}
-members() { curl -s "http://$(ip_of "$1"):5000/p2p/status" | python3 -c 'import json,sys; print(len(json.load(sys.stdin).get("members", [])))' 2>/dev/null || echo 0; }
-# start_network N MODE: N nodes, ready (P2P: each sees at least min(N-1, 3) others).
-start_network() {
-  local n=$1 mode=$2 t0; t0=$(now)
-  for i in $(seq "$n"); do start_node "$i" "$mode"; done
-  for i in $(seq "$n"); do wait_http "$(ip_of "$i"):5000"; done
-  if [ "$mode" = p2p ]; then
-    local want=$((n - 1 < 3 ? n - 1 : 3))
-    for i in $(seq "$n"); do
-      for _ in $(seq 300); do [ "$(members "$i")" -ge "$want" ] && break; sleep 0.1; done
-    done
-  fi
-  CONVERGED=$(since "$t0")
-}
-pull() { # node -> seconds
-  local out="$WORK/out-$1" t0; rm -rf "$out"; t0=$(now)
-  "$KAGAMI" pull "$(ip_of "$1"):5000/registry.bench/bench/big:1" --output "$out" >/dev/null 2>>"$WORK/pull.log"
-  since "$t0"; rm -rf "$out"
-}
-log_mark() { wc -l <"$WORK/origin/log"; }
-# Bytes the origin sent for blobs of bench/big since line $1 of its access log.
-upstream_bytes() {
-  tail -n +"$(($1 + 1))" "$WORK/origin/log" | grep -o '"GET /v2/bench/big/blobs/[^"]*" 20[06] [0-9]*' | awk '{s += $NF} END {print s + 0}'
-}
-ratio() { echo "scale=2; $1 / $2" | bc; }
+. bench/nodes.sh
 # LOOKUPS requests, spread over nodes 1..$1, for digests nobody holds (a peers-only
 # registry): each a 404 after one DHT lookup; times (s) in $WORK/missing.
 missing_lookups() {
