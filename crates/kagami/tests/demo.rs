@@ -2,13 +2,12 @@
 //! node 1 fed from upstream, the others from peers, each blob sent upstream once, and
 //! nothing left listening or on disk afterwards. And the README's quickstart runs it.
 
-use std::io::Read as _;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use crate::support::kagami;
+use crate::support::{self, kagami};
 
 /// What a finished `kagami demo` printed.
 struct Run {
@@ -23,43 +22,17 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs `cmd` to completion within `limit`, killing it (by PID) past that.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> Run {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kagami demo");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "kagami demo did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                out_reader.join().unwrap(),
-                err_reader.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let done = support::run_bounded(cmd, limit);
+    let Some(status) = done.status else {
+        panic!(
+            "kagami demo did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            done.stdout, done.stderr
+        );
     };
     Run {
         code: status.code(),
-        stdout: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
+        stdout: done.stdout,
+        stderr: done.stderr,
     }
 }
 

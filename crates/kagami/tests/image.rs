@@ -6,11 +6,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Containerd, Registry, build_image, free_port, http_get, require, run};
+use crate::support::{
+    Containerd, Registry, build_image, eventually_sync, free_port, held_within, http_get, require,
+    run,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -75,10 +78,7 @@ impl Drop for Container<'_> {
             let _ = self.containerd.ctr().args(args).output();
         };
         ctr(&["tasks", "kill", "-s", "SIGTERM", &self.id]);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.running() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        held_within(Duration::from_secs(15), || !self.running());
         ctr(&["tasks", "kill", "-s", "SIGKILL", &self.id]);
         ctr(&["tasks", "rm", "-f", &self.id]);
         ctr(&["containers", "rm", &self.id]);
@@ -293,20 +293,22 @@ fn start<'c>(
     // Ready by the DaemonSet's own readiness probe path.
     let listen = &spec.listen;
     let ready_path = c["readinessProbe"]["httpGet"]["path"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ok =
-            std::net::TcpStream::connect(listen).is_ok() && http_get(listen, ready_path).0 == 200;
-        if ok {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline && container.running(),
-            "the containerized kagami did not become ready on {listen}:\n{}",
-            container.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually_sync(
+        Duration::from_secs(60),
+        format!("the containerized kagami to become ready on {listen}"),
+        || {
+            if std::net::TcpStream::connect(listen).is_ok() && http_get(listen, ready_path).0 == 200
+            {
+                return Ok(());
+            }
+            assert!(
+                container.running(),
+                "the containerized kagami did not become ready on {listen}:\n{}",
+                container.log()
+            );
+            Err(container.log())
+        },
+    );
 
     // kagami wrote the hosts.toml for the test registry into the hosts dir, pointing at
     // itself.
@@ -314,16 +316,17 @@ fn start<'c>(
         .hosts_dir
         .join(spec.registry.clone())
         .join("hosts.toml");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !hosts_toml.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no {}:\n{}",
-            hosts_toml.display(),
-            container.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually_sync(
+        Duration::from_secs(20),
+        format!("{} to be written", hosts_toml.display()),
+        || {
+            if hosts_toml.exists() {
+                Ok(())
+            } else {
+                Err(container.log())
+            }
+        },
+    );
     let hosts = std::fs::read_to_string(&hosts_toml).unwrap();
     assert!(
         hosts.contains(&format!("[host.\"http://{listen}/v2\"]")),

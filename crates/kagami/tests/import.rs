@@ -3,11 +3,11 @@
 //! through it with skopeo (same digest as in containerd) and from a second node over P2P.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{
-    Containerd, Node, Registry, build_image, containerd_digest, http_get, kagami, run,
-    skopeo_digest,
+    Containerd, Node, Registry, build_image, containerd_digest, eventually_sync, http_get, kagami,
+    run, skopeo_copy_retried, skopeo_digest,
 };
 
 const NAME: &str = "ksd.test.com/ksd/nginx:1.27";
@@ -105,39 +105,19 @@ fn ctr_export_imported_then_served_and_shared() {
 
     // Node B, which reaches no registry either, gets it from A over P2P.
     let b = Node::start(&dir.path().join("b"), "127.0.0.3", Some(&a.p2p));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually_sync(Duration::from_secs(20), "B to see A", || {
         let status = String::from_utf8(http_get(&b.api, "/p2p/status").2).unwrap();
         if status.contains("\"members\":[{") {
-            break;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "B never saw A: {status}\n{}",
-            b.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Err(format!("{status}\n{}", b.log_text()))
+    });
     let via_b = format!("{}/{NAME}", b.api);
-    let mut pulled = false;
-    for _ in 0..20 {
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--src-tls-verify=false"])
-            .arg(format!("docker://{via_b}"))
-            .arg(format!("oci:{}:b", dir.path().join("out-b").display()))
-            .output()
-            .unwrap();
-        if out.status.success() {
-            pulled = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert!(
-        pulled,
-        "B could not pull the imported image from A\nA:\n{}\nB:\n{}",
-        a.log_text(),
-        b.log_text()
+    skopeo_copy_retried(
+        &via_b,
+        &format!("oci:{}:b", dir.path().join("out-b").display()),
+        "B to pull the imported image from A",
+        || format!("A:\n{}\nB:\n{}", a.log_text(), b.log_text()),
     );
     assert_eq!(skopeo_digest(&via_b), digest);
 }

@@ -4,11 +4,11 @@
 //! pull it by tag and by digest. A serves it from containerd without copying it.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{
-    Containerd, Node, Registry, build_image, containerd_digest, http_get, run, sha256_hex,
-    skopeo_digest,
+    Containerd, Node, Registry, build_image, containerd_digest, eventually_sync, http_get, run,
+    sha256_hex, skopeo_copy_retried, skopeo_digest,
 };
 
 const NAME: &str = "ksd.test.com/ksd/nginx:1.27";
@@ -16,27 +16,16 @@ const NAME: &str = "ksd.test.com/ksd/nginx:1.27";
 /// `skopeo copy` of `docker://src` into an OCI layout, retried (bounded) while the nodes'
 /// routing tables fill.
 fn copy(src: &str, dest: &std::path::Path, logs: &[&Node]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--src-tls-verify=false"])
-            .arg(format!("docker://{src}"))
-            .arg(format!("oci:{}:x", dest.display()))
-            .output()
-            .unwrap();
-        if out.status.success() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "skopeo copy {src}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
+    skopeo_copy_retried(
+        src,
+        &format!("oci:{}:x", dest.display()),
+        &format!("skopeo copy {src}"),
+        || {
             logs.iter()
                 .map(|n| format!("{}:\n{}", n.api, n.log_text()))
                 .collect::<String>()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        },
+    );
 }
 
 #[test]
@@ -78,21 +67,19 @@ fn containerd_images_are_shared_with_nodes_that_reach_no_registry() {
         ],
     );
     // A scans containerd: the manifest, the config and two layers, and the tag.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let c = a.p2p_status()["containerd"].clone();
-        if c["tags"] == 1 && c["blobs"] == 4 {
-            assert_eq!(c["namespace"], "k8s.io");
-            assert_eq!(c["connected"], true);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "A did not find the image in containerd: {c}\n{}",
-            a.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually_sync(
+        Duration::from_secs(20),
+        "A to find the image in containerd",
+        || {
+            let c = a.p2p_status()["containerd"].clone();
+            if c["tags"] == 1 && c["blobs"] == 4 {
+                assert_eq!(c["namespace"], "k8s.io");
+                assert_eq!(c["connected"], true);
+                return Ok(());
+            }
+            Err(format!("{c}\n{}", a.log_text()))
+        },
+    );
 
     let b = Node::start(&dir.path().join("b"), "127.0.0.3", Some(&a.p2p));
     let c = Node::start(&dir.path().join("c"), "127.0.0.4", Some(&a.p2p));
@@ -187,19 +174,17 @@ fn containerd_flags_need_p2p_and_an_absent_containerd_is_not_fatal() {
         ],
     );
     assert_eq!(http_get(&a.api, "/healthz").0, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually_sync(Duration::from_secs(10), "an error reported", || {
         let c = a.p2p_status()["containerd"].clone();
         if c["last_error"]
             .as_str()
             .is_some_and(|e| e.contains(socket.to_str().unwrap()))
         {
             assert_eq!(c["connected"], false);
-            break;
+            return Ok(());
         }
-        assert!(Instant::now() < deadline, "no error reported: {c}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Err(c)
+    });
     assert!(
         a.log_text().contains("containerd is unreachable"),
         "{}",

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Containerd, Daemon, Registry, build_image, free_port, http_get, kagami, random_fill, run,
-    wait_for_port,
+    Containerd, Daemon, Registry, build_image, eventually_sync, free_port, http_get, kagami,
+    random_fill, run, skopeo_copy_retried, wait_for_port,
 };
 
 /// A `kagami serve` process on a loopback port.
@@ -499,16 +499,14 @@ fn blobs_unused_for_max_blob_age_are_evicted() {
         .join("store/blobs/sha256")
         .join(digest.trim_start_matches("sha256:"));
     // Committed to the store as the body ends; then evicted once 2 s old.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !file.exists() {
-        assert!(Instant::now() < deadline, "{} never stored", file.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while file.exists() {
-        assert!(Instant::now() < deadline, "not evicted after 20 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually_sync(
+        Duration::from_secs(10),
+        format!("{} to be stored", file.display()),
+        || file.exists(),
+    );
+    eventually_sync(Duration::from_secs(20), "the blob to be evicted", || {
+        !file.exists()
+    });
     assert!(
         k.metrics().contains("kagami_store_evictions_total 1\n"),
         "{}",
@@ -621,18 +619,17 @@ fn dead_endpoint_answers_fast() {
         .find_map(|l| l.strip_prefix("x-request-id: "))
         .unwrap_or_else(|| panic!("no X-Request-Id in {head}"));
     assert!(body.contains(id), "{body}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let logged = loop {
-        let log = k.log_text();
-        if let Some(l) = log
-            .lines()
-            .find(|l| l.contains(id) && l.contains("every attempt failed"))
-        {
-            break l.to_string();
-        }
-        assert!(Instant::now() < deadline, "no log line for {id}:\n{log}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let logged = eventually_sync(
+        Duration::from_secs(10),
+        format!("a log line for {id}"),
+        || {
+            let log = k.log_text();
+            log.lines()
+                .find(|l| l.contains(id) && l.contains("every attempt failed"))
+                .map(str::to_string)
+                .ok_or(log)
+        },
+    );
     assert!(logged.contains("os error 111"), "{logged}");
     assert!(
         took < Duration::from_secs(5),
@@ -774,33 +771,25 @@ fn reload_on_change_keeps_the_old_config_on_errors() {
             registry.addr()
         ),
     );
-    let served = |p: &str| {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if http_get(&k.addr(), p).0 == 200 {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    let served = |p: &str, what: &str| {
+        eventually_sync(Duration::from_secs(15), what, || {
+            http_get(&k.addr(), p).0 == 200
+        })
     };
-    assert!(served(path), "the changed file was not picked up");
+    served(path, "the changed file to be picked up");
     // A broken file is refused: two.example.test stays served.
     write(
         &config,
         "mirrors:\n  two.example.test:\n    endpoints: [oops]\n",
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !k.log_text().contains("new configuration refused") {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged:\n{}",
-            k.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually_sync(Duration::from_secs(15), "a refusal logged", || {
+        let log = k.log_text();
+        if log.contains("new configuration refused") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
     assert_eq!(http_get(&k.addr(), path).0, 200);
     // SIGHUP reloads too.
     write(
@@ -811,7 +800,10 @@ fn reload_on_change_keeps_the_old_config_on_errors() {
         ),
     );
     run(Command::new("kill").args(["-HUP", &k.daemon.child.id().to_string()]));
-    assert!(served("/v2/one.example.test/team/app/manifests/1"));
+    served(
+        "/v2/one.example.test/team/app/manifests/1",
+        "SIGHUP to reload the file",
+    );
 }
 
 /// The scenario: node A holds ksd.test.com/ksd/nginx:1.27 (pulled earlier through
@@ -901,41 +893,33 @@ fn three_nodes_share_through_the_dht() {
     );
     for (api, d) in [(&b_api, &b_dir), (&c_api, &c_dir)] {
         // Wait (bounded) until the node sees A.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = String::from_utf8(http_get(api, "/p2p/status").2).unwrap();
-            if status.contains("\"members\":[{") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{api} never saw a member: {status}\n{}",
-                std::fs::read_to_string(d.join("kagami.log")).unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        eventually_sync(
+            Duration::from_secs(20),
+            format!("{api} to see a member"),
+            || {
+                let status = String::from_utf8(http_get(api, "/p2p/status").2).unwrap();
+                if status.contains("\"members\":[{") {
+                    return Ok(());
+                }
+                Err(format!(
+                    "{status}\n{}",
+                    std::fs::read_to_string(d.join("kagami.log")).unwrap()
+                ))
+            },
+        );
     }
     for (name, api) in [("b", &b_api), ("c", &c_api)] {
         let by_tag = format!("{api}/ksd.test.com/ksd/nginx:1.27");
-        let mut pulled = None;
-        // Provider records take a moment to spread: retry a few times.
-        for _ in 0..20 {
-            let out = Command::new("skopeo")
-                .args(["copy", "--quiet", "--src-tls-verify=false"])
-                .arg(format!("docker://{by_tag}"))
-                .arg(format!(
-                    "oci:{}:tag",
-                    dir.path().join(format!("out-{name}")).display()
-                ))
-                .output()
-                .unwrap();
-            if out.status.success() {
-                pulled = Some(());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        assert!(pulled.is_some(), "node {name} could not pull by tag from A");
+        // Provider records take a moment to spread: retried.
+        skopeo_copy_retried(
+            &by_tag,
+            &format!(
+                "oci:{}:tag",
+                dir.path().join(format!("out-{name}")).display()
+            ),
+            &format!("node {name} to pull by tag from A"),
+            String::new,
+        );
         assert_eq!(crate::support::skopeo_digest(&by_tag), digest);
         let by_digest = format!("{api}/ksd.test.com/ksd/nginx@{digest}");
         run(Command::new("skopeo")
@@ -1022,18 +1006,17 @@ fn one_upstream_fetch_per_cluster() {
     }
     // Every node sees the two others before the race starts.
     for (_, addr) in &nodes {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = String::from_utf8(http_get(addr, "/p2p/status").2).unwrap();
-            if status.matches("\"http_addr\"").count() >= 2 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{addr} sees too few members: {status}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        eventually_sync(
+            Duration::from_secs(20),
+            format!("{addr} to see two members"),
+            || {
+                let status = String::from_utf8(http_get(addr, "/p2p/status").2).unwrap();
+                if status.matches("\"http_addr\"").count() >= 2 {
+                    return Ok(());
+                }
+                Err(status)
+            },
+        );
     }
     let children: Vec<_> = nodes
         .iter()

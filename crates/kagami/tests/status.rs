@@ -4,12 +4,14 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kagami_server::status::Report;
 
 use crate::serve::Kagami;
-use crate::support::{Registry, build_image, http_get, kagami, require, run};
+use crate::support::{
+    Registry, build_image, eventually_sync, http_get, kagami, require, run, run_bounded,
+};
 
 /// A running kagami that has served an image twice (cold, then warm) and failed one tag.
 struct Pulled {
@@ -75,16 +77,21 @@ fn report(addr: &str) -> Report {
 
 /// The report once every request has been recorded (recent pulls no longer growing).
 fn settled(addr: &str) -> Report {
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = report(addr);
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let r = report(addr);
-        if r.recent_pulls.len() == last.recent_pulls.len() || Instant::now() > deadline {
-            return r;
-        }
-        last = r;
-    }
+    eventually_sync(
+        Duration::from_secs(10),
+        "the recent pulls to stop growing",
+        || {
+            std::thread::sleep(Duration::from_millis(200));
+            let r = report(addr);
+            let seen = last.recent_pulls.len();
+            if r.recent_pulls.len() == seen {
+                return Ok(r);
+            }
+            last = r;
+            Err(format!("{seen} recent pulls"))
+        },
+    )
 }
 
 #[test]
@@ -212,8 +219,8 @@ fn kagami_status_prints_what_status_json_says() {
 
 /// Runs chromium with `args`, killed after 90 s; returns (success, stdout, stderr).
 fn chromium(profile: &Path, args: &[String]) -> (bool, String, String) {
-    let mut child = Command::new("chromium")
-        .args([
+    let mut cmd = Command::new("chromium");
+    cmd.args([
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -228,37 +235,12 @@ fn chromium(profile: &Path, args: &[String]) -> (bool, String, String) {
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start chromium");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    // Read the pipes on threads so that a chatty chromium never blocks on them.
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut so, &mut s).ok();
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut se, &mut s).ok();
-        s
-    });
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium {args:?} did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        .stdin(Stdio::null());
+    let done = run_bounded(&mut cmd, Duration::from_secs(90));
+    let Some(status) = done.status else {
+        panic!("chromium {args:?} did not finish within 90 s");
     };
-    (status.success(), out.join().unwrap(), err.join().unwrap())
+    (status.success(), done.stdout, done.stderr)
 }
 
 /// (width, height) from a PNG's IHDR chunk, after checking the signature.

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Daemon, require, run};
+use super::{Daemon, eventually_sync, require, run, wait_child};
 
 /// Serialises this process's edits of /etc/hosts.
 static HOSTS_LOCK: Mutex<()> = Mutex::new(());
@@ -111,22 +111,21 @@ impl Dockerd {
             socket,
             dir: dir.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !d
-            .docker()
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            assert!(
-                Instant::now() < deadline,
-                "dockerd does not answer on {}:\n{}",
-                d.socket.display(),
-                d.log_text()
-            );
-            assert!(d.daemon_alive(), "dockerd exited:\n{}", d.log_text());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually_sync(
+            Duration::from_secs(60),
+            format!("dockerd to answer on {}", d.socket.display()),
+            || {
+                if d.docker()
+                    .arg("version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                {
+                    return Ok(());
+                }
+                assert!(d.daemon_alive(), "dockerd exited:\n{}", d.log_text());
+                Err(d.log_text())
+            },
+        );
         d
     }
 
@@ -159,14 +158,7 @@ impl Drop for Dockerd {
     fn drop(&mut self) {
         let pid = self.daemon.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.daemon.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.daemon.stop();
+        wait_child(&mut self.daemon.child, Duration::from_secs(20));
     }
 }
 

@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use kagami_cri_test::{Cri, basic_auth};
 
-use super::{Daemon, require, run};
+use super::{Daemon, eventually_sync, require, run};
 
 /// How the CRI plugin finds registry hosts.
 pub enum RegistryConfig<'a> {
@@ -86,21 +86,19 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.tracing.
             dir: dir.to_path_buf(),
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if c.socket.exists()
-                && let Ok(mut cri) = Cri::connect(&c.socket)
-                && cri.ready()
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd's CRI image service does not answer:\n{}",
-                c.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually_sync(
+            Duration::from_secs(30),
+            "containerd's CRI image service to answer",
+            || {
+                if c.socket.exists()
+                    && let Ok(mut cri) = Cri::connect(&c.socket)
+                    && cri.ready()
+                {
+                    return Ok(());
+                }
+                Err(c.log_text())
+            },
+        );
         c
     }
 

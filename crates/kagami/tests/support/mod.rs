@@ -1,6 +1,8 @@
-//! Helpers for integration tests: free loopback ports, real daemons started and stopped
-//! by PID (docker-registry, containerd), and test images built with umoci and pushed with
-//! skopeo. Nothing here reaches beyond 127.0.0.0/8.
+//! Helpers for kagami's integration tests: the kagami binary, test images built with umoci
+//! and pushed with skopeo, real clients (dockerd, podman, CRI), P2P nodes. What other
+//! crates' tests share too (free loopback ports, docker-registry and containerd started and
+//! stopped by PID, bounded waits) comes from `kagami-testkit`, re-exported here. Nothing
+//! here reaches beyond 127.0.0.0/8.
 
 #![allow(dead_code)]
 
@@ -11,13 +13,17 @@ pub mod node;
 pub mod pki;
 
 pub use clients::{ContainersTools, Dockerd, HostsGuard};
+pub use kagami_testkit::{
+    Containerd, Daemon, Registry, RegistryOptions, eventually_sync, free_port, held_within,
+    random_fill, require, run, run_bounded, wait_child, wait_for_port,
+};
 pub use node::{Node, containerd_digest, private};
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// The text of `examples/<name>` (the seed configurations).
 pub fn example(name: &str) -> String {
@@ -32,177 +38,6 @@ pub fn example(name: &str) -> String {
 /// The kagami binary under test.
 pub fn kagami() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kagami"))
-}
-
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Runs a command, panicking with its output when it fails.
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// True when every named program is on PATH. Tests that need real daemons call
-/// [`require`], which fails (never skips) when a tool is missing: the README's test
-/// command installs them.
-pub fn require(tools: &[&str]) {
-    for t in tools {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
-            .unwrap_or(false);
-        assert!(
-            found,
-            "{t} is not installed; run the README's test command (scripts/test.sh), which installs it"
-        );
-    }
-}
-
-/// Waits (bounded) until something accepts connections on `addr`.
-pub fn wait_for_port(addr: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listening on {addr} after {timeout:?}");
-}
-
-/// A child process killed (by PID) when dropped.
-pub struct Daemon {
-    pub child: Child,
-    pub name: &'static str,
-}
-
-impl Daemon {
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A real docker-registry (CNCF distribution) on a loopback port.
-pub struct Registry {
-    pub daemon: Daemon,
-    pub port: u16,
-    pub dir: PathBuf,
-    pub log: PathBuf,
-}
-
-#[derive(Default)]
-pub struct RegistryOptions {
-    /// htpasswd file for basic auth.
-    pub htpasswd: Option<PathBuf>,
-    /// TLS certificate and key.
-    pub tls: Option<(PathBuf, PathBuf)>,
-    /// CA for client certificates (mTLS).
-    pub client_ca: Option<PathBuf>,
-    /// Pull-through mode upstream.
-    pub proxy_remote: Option<String>,
-}
-
-impl Registry {
-    pub fn start(dir: &Path) -> Registry {
-        Self::start_with(dir, RegistryOptions::default())
-    }
-
-    pub fn start_with(dir: &Path, opts: RegistryOptions) -> Registry {
-        require(&["docker-registry"]);
-        let port = free_port();
-        let storage = dir.join("storage");
-        std::fs::create_dir_all(&storage).unwrap();
-        let mut yaml = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            storage.display()
-        );
-        if let Some((cert, key)) = &opts.tls {
-            yaml.push_str(&format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
-            ));
-            if let Some(ca) = &opts.client_ca {
-                yaml.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
-            }
-        }
-        yaml.push_str("health:\n  storagedriver:\n    enabled: false\n");
-        if let Some(h) = &opts.htpasswd {
-            yaml.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: kagami-test\n    path: {}\n",
-                h.display()
-            ));
-        }
-        if let Some(remote) = &opts.proxy_remote {
-            yaml.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
-        }
-        let config = dir.join("registry.yml");
-        std::fs::write(&config, yaml).unwrap();
-        let log = dir.join("registry.log");
-        let logfile = std::fs::File::create(&log).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(logfile.try_clone().unwrap())
-            .stderr(logfile)
-            .spawn()
-            .expect("start docker-registry");
-        let reg = Registry {
-            daemon: Daemon {
-                child,
-                name: "docker-registry",
-            },
-            port,
-            dir: dir.to_path_buf(),
-            log,
-        };
-        wait_for_port(&reg.addr(), Duration::from_secs(10));
-        reg
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Access-log lines (the Apache-style ones, not logrus lines).
-    pub fn access_log(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.contains("level=") && l.contains("HTTP/"))
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// Number of access-log lines for GET requests whose path contains `needle`.
-    pub fn count_gets(&self, needle: &str) -> usize {
-        self.access_log()
-            .iter()
-            .filter(|l| l.contains("\"GET ") && l.contains(needle))
-            .count()
-    }
 }
 
 /// A test image built with umoci: `layers` layers of `layer_size` random bytes each.
@@ -261,21 +96,26 @@ impl TestImage {
     }
 }
 
-/// Fills a buffer with non-repeating pseudo-random bytes (xorshift, seeded from the clock),
-/// fast enough for hundreds of megabytes.
-pub fn random_fill(buf: &mut [u8]) {
-    let mut x = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
+/// `skopeo copy` of `docker://<src>` to `dest` (e.g. `oci:<dir>:<tag>`), retried (for at
+/// most 20 s) while P2P routing tables fill; `context` (logs) goes into the timeout's message.
+pub fn skopeo_copy_retried(src: &str, dest: &str, what: &str, context: impl Fn() -> String) {
+    require(&["skopeo"]);
+    eventually_sync(Duration::from_secs(20), what, || {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .arg(format!("docker://{src}"))
+            .arg(dest)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            context()
+        ))
+    });
 }
 
 /// `skopeo inspect --raw`-free digest lookup: the manifest digest of `docker://ref`.
@@ -308,100 +148,6 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String, Vec<u8>) {
         .and_then(|s| s.parse().ok())
         .unwrap();
     (status, head, buf[split + 4..].to_vec())
-}
-
-/// A real containerd 1.6 with its root, state and socket under `dir`.
-pub struct Containerd {
-    pub daemon: Daemon,
-    pub socket: PathBuf,
-    pub dir: PathBuf,
-    pub hosts_dir: PathBuf,
-}
-
-impl Containerd {
-    pub fn start(dir: &Path) -> Containerd {
-        require(&["containerd", "ctr"]);
-        let hosts_dir = dir.join("certs.d");
-        std::fs::create_dir_all(&hosts_dir).unwrap();
-        let socket = dir.join("containerd.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[debug]
-  address = "{socket}.debug"
-[metrics]
-  address = ""
-"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            socket = socket.display(),
-        );
-        let cfg = dir.join("containerd.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let c = Containerd {
-            daemon: Daemon {
-                child,
-                name: "containerd",
-            },
-            socket,
-            dir: dir.to_path_buf(),
-            hosts_dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // The socket appears before the API answers; wait for `ctr version`.
-        while !c
-            .ctr()
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            assert!(Instant::now() < deadline, "containerd does not answer");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        c
-    }
-
-    pub fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address").arg(&self.socket).stdin(Stdio::null());
-        c
-    }
-
-    /// `ctr images pull --hosts-dir` of `image`; returns the command output.
-    pub fn pull(&self, image: &str) -> Output {
-        self.ctr()
-            .args(["images", "pull", "--hosts-dir"])
-            .arg(&self.hosts_dir)
-            .arg(image)
-            .output()
-            .unwrap()
-    }
-
-    pub fn images(&self) -> String {
-        let out = run(self.ctr().args(["images", "ls", "-q"]));
-        String::from_utf8(out.stdout).unwrap()
-    }
 }
 
 impl TestImage {

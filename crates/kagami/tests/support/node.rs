@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Containerd, Daemon, free_port, http_get, kagami, run};
+use super::{Containerd, Daemon, eventually_sync, free_port, http_get, kagami, run};
 
 /// The pre-shared key every test node uses.
 pub const PSK: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n";
@@ -81,20 +81,17 @@ impl Node {
 
     /// Waits (at most 20 s) until this node knows another member.
     pub fn wait_for_members(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = self.p2p_status();
-            if status["members"].as_array().is_some_and(|m| !m.is_empty()) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never saw another node: {status}\n{}",
-                self.api,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        eventually_sync(
+            Duration::from_secs(20),
+            format!("{} to see another node", self.api),
+            || {
+                let status = self.p2p_status();
+                if status["members"].as_array().is_some_and(|m| !m.is_empty()) {
+                    return Ok(());
+                }
+                Err(format!("{status}\n{}", self.log_text()))
+            },
+        );
     }
 
     /// Where this node's store keeps blob `digest` (`sha256:<hex>`).

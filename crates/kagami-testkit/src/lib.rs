@@ -1,0 +1,143 @@
+//! What kagami's integration tests share (a dev-dependency only, never published): free
+//! loopback ports, real daemons started and stopped by PID (docker-registry, containerd),
+//! bounded waits ([`eventually`]) and test bytes. Nothing here reaches beyond 127.0.0.0/8.
+
+mod daemons;
+mod wait;
+
+pub use daemons::{Containerd, Registry, RegistryOptions};
+pub use wait::{
+    Outcome, always, eventually, eventually_sync, held_within, poll_interval, wait_child,
+};
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Asserts that every named program is on PATH. Tests that need real daemons call it; it
+/// fails (never skips) when a tool is missing: the README's test command installs them.
+pub fn require(tools: &[&str]) {
+    for t in tools {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+            .unwrap_or(false);
+        assert!(
+            found,
+            "{t} is not installed; run the README's test command (scripts/test.sh), which installs it"
+        );
+    }
+}
+
+/// Waits (bounded) until something accepts connections on `addr`.
+pub fn wait_for_port(addr: &str, timeout: Duration) {
+    eventually_sync(timeout, format!("something listening on {addr}"), || {
+        TcpStream::connect(addr).is_ok()
+    });
+}
+
+/// What [`run_bounded`] saw: the exit status (`None` when the command was killed for
+/// running past its limit) and everything it wrote.
+pub struct Bounded {
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion within `limit`, killing it (by PID) past that. Its output is read
+/// on threads, so that a chatty command never blocks on a full pipe.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Bounded {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = pipe.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let status = wait_child(&mut child, limit);
+    Bounded {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// A child process killed (by PID) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Daemon {
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `n` deterministic pseudo-random bytes (xorshift, one byte a step) from `seed`.
+pub fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Fills a buffer with non-repeating pseudo-random bytes (xorshift, seeded from the clock),
+/// fast enough for hundreds of megabytes.
+pub fn random_fill(buf: &mut [u8]) {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
