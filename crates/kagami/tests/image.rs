@@ -2,7 +2,9 @@
 //! under test with the same manifest digest, imported into a real containerd 1.6, run with
 //! `ctr run` the way deploy/kubernetes/daemonset.yaml runs it (its arguments, environment,
 //! mounts, host network, read-only root), and used by containerd to pull an image from a
-//! loopback docker-registry.
+//! loopback docker-registry; and two containers of the image on 127.0.0.2 and 127.0.0.3 with
+//! P2P switched on as the DaemonSet's comment says, the second serving an image from the
+//! first with the origin stopped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -154,7 +156,10 @@ struct NodeSpec<'a> {
     listen: String,
     /// Mounted where the DaemonSet mounts containerd's certs.d.
     hosts_dir: PathBuf,
-    /// The origin registry's address, added to the ConfigMap's registries.yaml.
+    /// The registry name added to the ConfigMap's registries.yaml (and whose hosts.toml
+    /// kagami must write)...
+    registry_name: String,
+    /// ...with the origin registry's address as its endpoint.
     registry: String,
     /// Environment on top of the DaemonSet's (e.g. the P2P variables its comment names).
     env: Vec<(String, String)>,
@@ -240,7 +245,7 @@ fn start<'c>(
                 if key == "registries.yaml" {
                     let mut cfg: Value = serde_saphyr::from_str(&text).unwrap();
                     let addr = spec.registry.clone();
-                    cfg["mirrors"][&addr] =
+                    cfg["mirrors"][&spec.registry_name] =
                         serde_json::json!({"endpoint": [format!("http://{addr}")]});
                     text = serde_json::to_string_pretty(&cfg).unwrap();
                 }
@@ -314,7 +319,7 @@ fn start<'c>(
     // itself.
     let hosts_toml = spec
         .hosts_dir
-        .join(spec.registry.clone())
+        .join(spec.registry_name.clone())
         .join("hosts.toml");
     eventually_sync(
         Duration::from_secs(20),
@@ -402,6 +407,7 @@ fn image_runs_as_the_daemonset_and_serves_containerd() {
             name: "single",
             listen: listen.clone(),
             hosts_dir: containerd.hosts_dir.clone(),
+            registry_name: registry.addr(),
             registry: registry.addr(),
             env: Vec::new(),
             mounts: Vec::new(),
@@ -426,5 +432,137 @@ fn image_runs_as_the_daemonset_and_serves_containerd() {
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains(&id),
         "the container was not removed"
+    );
+}
+
+/// The P2P environment the DaemonSet's comment tells operators to uncomment, as
+/// (name, value): the `env:` block after "Sharing between nodes (P2P)", up to the
+/// containerd part. Read from the YAML so the test and the file cannot drift.
+fn commented_p2p_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("deploy/kubernetes/daemonset.yaml")).unwrap();
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "# env:")
+        .skip(1)
+        .take_while(|l| l.starts_with('#') && !l.contains("Also share"));
+    let mut env = Vec::new();
+    while let Some(l) = lines.next() {
+        let Some(name) = l.strip_prefix("#   - name: ") else {
+            continue;
+        };
+        let value = lines.next().unwrap_or_default();
+        if let Some(v) = value.strip_prefix("#     value: ") {
+            env.push((name.trim().to_string(), v.trim().to_string()));
+        } else {
+            // NODE_IP comes from the downward API: substituted below.
+            assert!(value.contains("status.hostIP"), "{name}: {value}");
+        }
+    }
+    assert!(
+        !env.is_empty(),
+        "no commented P2P env block in daemonset.yaml"
+    );
+    env
+}
+
+#[test]
+fn two_containers_of_the_image_share_over_p2p_with_the_origin_stopped() {
+    require(&[
+        "containerd",
+        "ctr",
+        "docker-registry",
+        "tar",
+        "gzip",
+        "strip",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A name only the site uses, mirrored to the loopback origin: loopback registry names
+    // are node-local, so kagami never shares them between nodes.
+    let name = "ksd.test.com";
+    let registry = Registry::start(&d.join("registry"));
+    let app = build_image(&d.join("app"), "1", 2, 512 * 1024);
+    app.push(&format!("{}/library/app:1", registry.addr()));
+    let image = format!("{name}/library/app:1");
+
+    let containerd = Containerd::start(&d.join("containerd"));
+    let entrypoint = build_and_import(d, &containerd, false);
+    // The key, as secret.yaml's comment generates it, mounted where the DaemonSet mounts it.
+    let psk_dir = d.join("p2p-psk");
+    std::fs::create_dir_all(&psk_dir).unwrap();
+    let psk = psk_dir.join("psk");
+    std::fs::write(&psk, format!("{}\n", "ab".repeat(32))).unwrap();
+    std::fs::set_permissions(&psk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    let env = commented_p2p_env();
+    let psk_path = env
+        .iter()
+        .find(|(k, _)| k == "KAGAMI_P2P_PSK_FILE")
+        .map(|(_, v)| v.clone())
+        .expect("KAGAMI_P2P_PSK_FILE in the comment");
+    let node = |ip: &str, p2p_port: u16, bootstrap: &str| -> Vec<(String, String)> {
+        env.iter()
+            .map(|(k, v)| {
+                let v = match k.as_str() {
+                    // The Service name needs cluster DNS: the first node's address instead.
+                    "KAGAMI_P2P_BOOTSTRAP" => bootstrap.to_string(),
+                    _ => v
+                        .replace("$(NODE_IP)", ip)
+                        .replace(":5001", &format!(":{p2p_port}")),
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let a_p2p = format!("127.0.0.2:{pa}");
+    let spec = |n: &'static str, ip: &str, p2p: u16, bootstrap: &str| NodeSpec {
+        name: n,
+        listen: format!("{ip}:{}", free_port()),
+        hosts_dir: d.join(format!("hosts-{n}")),
+        registry_name: name.to_string(),
+        registry: registry.addr(),
+        env: node(ip, p2p, bootstrap),
+        mounts: vec![(
+            psk_dir.clone(),
+            Path::new(&psk_path).parent().unwrap().display().to_string(),
+        )],
+    };
+    let spec_a = spec("a", "127.0.0.2", pa, &a_p2p);
+    let spec_b = spec("b", "127.0.0.3", pb, &a_p2p);
+    let (hosts_a, hosts_b, listen_b) = (
+        spec_a.hosts_dir.clone(),
+        spec_b.hosts_dir.clone(),
+        spec_b.listen.clone(),
+    );
+    for h in [&hosts_a, &hosts_b] {
+        std::fs::create_dir_all(h).unwrap();
+    }
+    let a = start(d, &containerd, &entrypoint, spec_a);
+    let b = start(d, &containerd, &entrypoint, spec_b);
+    eventually_sync(Duration::from_secs(30), "node b to see node a", || {
+        let (_, _, body) = http_get(&listen_b, "/p2p/status");
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        v["members"].as_array().is_some_and(|m| !m.is_empty())
+    });
+
+    // Node a pulls the image from the origin for containerd.
+    pull(&containerd, &hosts_a, &image, &a);
+    let gets = blob_gets(&registry);
+    assert!(gets.len() >= 3, "2 layers and a config through a");
+
+    // The origin goes away; containerd forgets the image (and its content), then pulls it
+    // again through node b, which only a can serve.
+    drop(registry);
+    run(containerd.ctr().args(["images", "rm", "--sync", &image]));
+    pull(&containerd, &hosts_b, &image, &b);
+    let peer = metric(&listen_b, "kagami_served_bytes_total{source=\"peer\"}")
+        .unwrap_or_else(|| panic!("no peer bytes in b's /metrics:\n{}", b.log()));
+    assert!(peer >= 2.0 * 512.0 * 1024.0, "{peer}");
+    assert_eq!(
+        metric(&listen_b, "kagami_served_bytes_total{source=\"upstream\"}").unwrap_or(0.0),
+        0.0,
+        "b reached an upstream"
     );
 }
