@@ -2,6 +2,7 @@
 # kagami serve vs docker-registry's pull-through mode, in the same run, on loopback.
 #
 #   bench/serve.sh            # builds kagami (release) and prints the figures
+#   KAGAMI_BIN=path/to/kagami bench/serve.sh   # a given binary (e.g. another commit's)
 #
 # Needs: docker-registry, curl, wrk (apt-get install docker-registry curl wrk).
 # Every process listens on 127.0.0.1 and is stopped at the end.
@@ -9,8 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SIZE_MB=${SIZE_MB:-200}
-cargo build --release -q -p kagami
-KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
+if [ -n "${KAGAMI_BIN:-}" ]; then
+  KAGAMI=$KAGAMI_BIN
+else
+  cargo build --release -q -p kagami
+  KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
+fi
 WORK=$(mktemp -d /tmp/kagami-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
