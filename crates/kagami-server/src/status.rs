@@ -33,7 +33,10 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
             max_bytes: inner.store.max_size(),
         },
         peers_enabled: state.peers().is_some(),
-        members: state.peers().map(|p| p.router.members()).unwrap_or_default(),
+        members: state
+            .peers()
+            .map(|p| p.router.members())
+            .unwrap_or_default(),
         peer_id: node_info.map(|n| n.peer_id.clone()),
         p2p_addrs: node_info.map(|n| n.addrs.clone()).unwrap_or_default(),
     })

@@ -23,8 +23,8 @@ use futures_util::{FutureExt, StreamExt};
 use kagami_config::{Config, Digest, Plan};
 use kagami_p2p::{MemoryNetwork, MemoryRouter, Router};
 use kagami_server::{
-    AppState, BlobBody, FetchLimits, FetchedManifest, ManifestHead, NodeInfo, Peers,
-    ServerOptions, Upstream, UpstreamError, peer_router, router,
+    AppState, BlobBody, FetchLimits, FetchedManifest, ManifestHead, NodeInfo, Peers, ServerOptions,
+    Upstream, UpstreamError, peer_router, router,
 };
 use kagami_store::{Store, StoreOptions};
 use sha2::{Digest as _, Sha256};
@@ -153,8 +153,7 @@ impl Upstream for Script {
         from: usize,
     ) -> BoxFuture<'a, Result<BlobBody, UpstreamError>> {
         async move {
-            let Some((data, send)) = self.blobs.get(digest).cloned().filter(|_| from == 0)
-            else {
+            let Some((data, send)) = self.blobs.get(digest).cloned().filter(|_| from == 0) else {
                 return Err(UpstreamError {
                     message: "no such blob".into(),
                     not_found: true,
@@ -163,10 +162,14 @@ impl Upstream for Script {
             let rest = data.slice(offset as usize..);
             let len = rest.len() as u64;
             let (stream, size) = match send {
-                Mode::Good => (futures_util::stream::iter(pieces(rest, 64 * 1024)).boxed(), Some(len)),
-                Mode::Unannounced => {
-                    (futures_util::stream::iter(pieces(rest, 64 * 1024)).boxed(), None)
-                }
+                Mode::Good => (
+                    futures_util::stream::iter(pieces(rest, 64 * 1024)).boxed(),
+                    Some(len),
+                ),
+                Mode::Unannounced => (
+                    futures_util::stream::iter(pieces(rest, 64 * 1024)).boxed(),
+                    None,
+                ),
                 Mode::Hang => (
                     futures_util::stream::iter(pieces(rest.slice(..64 * 1024), 64 * 1024))
                         .chain(futures_util::stream::pending())
@@ -478,7 +481,11 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
         mb.value("kagami_peer_received_bytes_total", r#"peer="a""#),
         received
     );
-    assert_eq!(mb.sum("kagami_peer_lookups_total"), 2.0, "manifest and layer");
+    assert_eq!(
+        mb.sum("kagami_peer_lookups_total"),
+        2.0,
+        "manifest and layer"
+    );
     assert_eq!(mb.sum("kagami_peer_lookup_hits_total"), 2.0);
     assert_eq!(mb.sum("kagami_peer_lookup_seconds_count"), 2.0);
     assert_eq!(
@@ -515,10 +522,7 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
     assert_eq!(p2p_member["received_bytes"].as_f64(), Some(received));
     assert_eq!(
         status["cache"]["blob"]["hits"].as_f64(),
-        Some(mb.value(
-            "kagami_cache_requests_total",
-            r#"kind="blob",result="hit""#
-        ))
+        Some(mb.value("kagami_cache_requests_total", r#"kind="blob",result="hit""#))
     );
     for source in ["local", "peer", "upstream"] {
         assert_eq!(
@@ -653,7 +657,11 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
         }
     }
     // Node C's status page shows its faults as the metrics count them.
-    let mc = scrapes.last().unwrap().1.sum("kagami_stale_tags_served_total");
+    let mc = scrapes
+        .last()
+        .unwrap()
+        .1
+        .sum("kagami_stale_tags_served_total");
     let status = json(&c, "/status.json").await;
     assert_eq!(status["stale_tags_served"].as_f64(), Some(mc));
     assert!(

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use kagami_config::Plan;
 
-pub use recorder::Recorder;
 pub(crate) use recorder::Finished;
+pub use recorder::Recorder;
 pub use report::ReportInputs;
 
 use metrics::{CacheLabels, Metrics, PeerLabels};
@@ -65,6 +65,16 @@ impl Telemetry {
         uri: &axum::http::Uri,
     ) {
         self.refusals.record(&self.metrics, r, method, uri);
+    }
+
+    /// `n` bytes of a response body from `source` were just sent (the chart's series).
+    pub(crate) fn bytes_sent(&self, source: crate::app::Source, n: u64) {
+        self.recorder.add_bytes(source, n);
+    }
+
+    /// A manifest or blob request ended (the recent pulls).
+    pub(crate) fn record_request(&self, r: Finished<'_>) {
+        self.recorder.record_request(r);
     }
 
     /// A store lookup: `kind` is blob or manifest, `result` hit or miss.
@@ -153,6 +163,19 @@ impl Telemetry {
         m.upstream_failures.get_or_create(&m.endpoint(&first)).inc();
         self.plan_failed(plan, why);
     }
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary) with `…` added when cut:
+/// messages kept for the status page are bounded.
+pub(crate) fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
 }
 
 /// The base URL of the plan's first endpoint attempt: what failures are counted against.

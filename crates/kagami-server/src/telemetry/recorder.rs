@@ -125,15 +125,7 @@ impl Recorder {
         if endpoint.starts_with("peer:") {
             return;
         }
-        let mut why = why.trim().to_string();
-        if why.len() > MAX_ERROR {
-            let mut cut = MAX_ERROR;
-            while !why.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            why.truncate(cut);
-            why.push('…');
-        }
+        let why = super::shorten(why.trim(), MAX_ERROR);
         self.with_endpoint(endpoint, |e| {
             e.failures += 1;
             e.last_error = Some(why);

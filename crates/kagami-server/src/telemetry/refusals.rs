@@ -89,15 +89,7 @@ impl Refusals {
                 reason,
             })
             .inc();
-        let mut message = message.to_string();
-        if message.len() > MAX_MESSAGE {
-            let mut cut = MAX_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
+        let message = super::shorten(message, MAX_MESSAGE);
         let request = format!("{method} {uri}");
         let now = Instant::now();
         let (row, logged) = inner

@@ -5,8 +5,8 @@
 use std::time::SystemTime;
 
 use crate::report::{
-    BytesBySource, CacheInfo, HitMiss, INTERVAL_SECS, MemberInfo, Node, PeersSummary, Pull,
-    Report, Series, StoreInfo,
+    BytesBySource, CacheInfo, HitMiss, INTERVAL_SECS, MemberInfo, Node, PeersSummary, Pull, Report,
+    Series, StoreInfo,
 };
 
 use super::Telemetry;
