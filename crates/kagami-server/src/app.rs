@@ -128,9 +128,7 @@ impl AppState {
 
     /// Turns on sharing between nodes (once, at start).
     pub fn set_peers(&self, peers: Arc<crate::peers::Peers>, node: crate::peer_api::NodeInfo) {
-        let _ = peers
-            .lookup_seconds
-            .set(self.inner.telemetry.metrics.peer_lookup_seconds.clone());
+        peers.attach(self.inner.telemetry.clone());
         let _ = self.inner.peers.set(peers);
         let _ = self.inner.node_info.set(node);
     }
@@ -152,8 +150,8 @@ impl AppState {
     }
 
     /// What `/status` remembers; `status().set_listen(..)` names the listen address.
-    pub fn status(&self) -> &crate::status::Status {
-        &self.inner.telemetry.status
+    pub fn status(&self) -> &crate::telemetry::Recorder {
+        &self.inner.telemetry.recorder
     }
 
     pub(crate) fn telemetry(&self) -> &Telemetry {
@@ -176,28 +174,6 @@ impl AppState {
         m.evictions
             .inner()
             .store(usage.evictions, Ordering::Relaxed);
-        // The P2P counters live in `Peers` (what /p2p/status and /status read); the
-        // metrics show the same numbers.
-        if let Some(p) = self.peers() {
-            m.peer_lookups
-                .inner()
-                .store(p.lookups.load(Ordering::Relaxed), Ordering::Relaxed);
-            m.peer_lookup_hits
-                .inner()
-                .store(p.lookup_hits.load(Ordering::Relaxed), Ordering::Relaxed);
-            let received = p.received.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            // Peers past the label budget are added up under `other`.
-            let mut by_label: HashMap<String, u64> = HashMap::new();
-            for (peer, bytes) in received {
-                *by_label.entry(m.peer_labels.label(&peer)).or_default() += bytes;
-            }
-            for (peer, bytes) in by_label {
-                m.peer_received
-                    .get_or_create(&crate::telemetry::metrics::PeerLabels { peer })
-                    .inner()
-                    .store(bytes, Ordering::Relaxed);
-            }
-        }
         m.encode()
     }
 

@@ -26,8 +26,10 @@ pub mod path;
 pub mod peer_api;
 pub mod peers;
 pub mod range;
+pub mod report;
 pub mod request_id;
 pub mod status;
+mod ui;
 pub mod upstream;
 
 pub use app::{AppState, ServerOptions, Source, router};

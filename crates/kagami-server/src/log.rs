@@ -51,7 +51,7 @@ where
             Poll::Ready(Some(Ok(b))) => {
                 let n = b.len() as u64;
                 self.bytes += n;
-                self.log.telemetry.status.add_bytes(self.log.source, n);
+                self.log.telemetry.bytes_sent(self.log.source, n);
             }
             Poll::Ready(Some(Err(_))) => self.failed = true,
             _ => {}
@@ -85,7 +85,7 @@ impl<S> Drop for Counting<S> {
             "request"
         );
         let Some(path) = &l.path else { return };
-        l.telemetry.status.record_request(crate::status::Finished {
+        l.telemetry.record_request(crate::telemetry::Finished {
             method: l.method,
             path,
             status: l.status,

@@ -6,8 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,6 +15,7 @@ use kagami_config::Digest;
 use kagami_p2p::{Peer, Router};
 use sha2::{Digest as _, Sha256};
 
+use crate::telemetry::{PeerCounts, Telemetry};
 use crate::upstream::{BlobBody, FetchedManifest};
 
 /// How long a peer that sent wrong bytes is left out.
@@ -52,13 +52,9 @@ pub struct Peers {
     banned: Mutex<HashMap<String, Instant>>,
     /// Resolve `latest` through peers too (K3s: K3S_P2P_ENABLE_LATEST).
     pub resolve_latest: bool,
-    /// Bytes received from each peer (for the status endpoint).
-    pub received: std::sync::Arc<Mutex<HashMap<String, u64>>>,
-    pub lookups: AtomicU64,
-    pub lookup_hits: AtomicU64,
-    /// Lookup latency, observed into the server's metrics once attached.
-    pub(crate) lookup_seconds:
-        std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// Where lookups, their latency and hits, and bytes received are counted (the
+    /// server's, set by `AppState::set_peers`); nothing is counted before.
+    telemetry: OnceLock<Arc<Telemetry>>,
     /// This node's own peer HTTP address: a provider there is this node under an earlier
     /// identity (a record that outlived a restart with a new data directory), never asked.
     own_http_addr: std::sync::OnceLock<std::net::SocketAddr>,
@@ -151,13 +147,28 @@ impl Peers {
             token: psk.map(peer_token),
             banned: Mutex::new(HashMap::new()),
             resolve_latest,
-            received: Default::default(),
-            lookups: AtomicU64::new(0),
-            lookup_hits: AtomicU64::new(0),
-            lookup_seconds: std::sync::OnceLock::new(),
+            telemetry: OnceLock::new(),
             own_http_addr: std::sync::OnceLock::new(),
             learnt: LearntTags::default(),
         }
+    }
+
+    /// Counts into `telemetry` from now on (once; later calls are ignored).
+    pub(crate) fn attach(&self, telemetry: Arc<Telemetry>) {
+        let _ = self.telemetry.set(telemetry);
+    }
+
+    /// Lookups, hits and bytes received so far, as the metrics have them.
+    pub fn counts(&self) -> PeerCounts {
+        self.telemetry
+            .get()
+            .map(|t| t.peer_counts())
+            .unwrap_or_default()
+    }
+
+    /// Bytes received from each other node, by peer id.
+    pub fn received_bytes(&self) -> std::collections::BTreeMap<String, u64> {
+        self.counts().received
     }
 
     /// Tells which peer HTTP address is this node's own (see [`Peers::providers`]).
@@ -172,12 +183,9 @@ impl Peers {
     /// Providers of `key`, minus banned ones and minus this node itself under an earlier
     /// identity (asking oneself would wait on one's own fetch).
     pub async fn providers(&self, key: &str) -> Vec<Peer> {
-        self.lookups.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let found = self.router.lookup(key, 5).await;
-        if let Some(h) = self.lookup_seconds.get() {
-            h.observe(started.elapsed().as_secs_f64());
-        }
+        let took = started.elapsed();
         let now = Instant::now();
         let mut banned = self.banned.lock().expect("lock");
         banned.retain(|_, until| *until > now);
@@ -190,8 +198,8 @@ impl Peers {
         // nodes pulling the same blob would all ask the first one.
         let order = std::collections::hash_map::RandomState::new();
         found.sort_by_cached_key(|p| std::hash::BuildHasher::hash_one(&order, &p.id));
-        if !found.is_empty() {
-            self.lookup_hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = self.telemetry.get() {
+            t.peer_lookup(took, !found.is_empty());
         }
         found
     }
@@ -297,14 +305,10 @@ impl Peers {
         None
     }
 
-    fn received_counter(&self, peer: &str) -> impl Fn(u64) + Send + Sync + 'static + use<> {
-        let (peer, received) = (peer.to_string(), self.received.clone());
-        move |n| {
-            *received
-                .lock()
-                .expect("lock")
-                .entry(peer.clone())
-                .or_default() += n
+    fn received_counter(&self, peer: &str) -> Box<dyn Fn(u64) + Send + Sync> {
+        match self.telemetry.get() {
+            Some(t) => Box::new(t.peer_received(peer)),
+            None => Box::new(|_| {}),
         }
     }
 
@@ -424,12 +428,7 @@ impl Peers {
     }
 
     fn add_received(&self, peer: &str, n: u64) {
-        *self
-            .received
-            .lock()
-            .expect("lock")
-            .entry(peer.to_string())
-            .or_default() += n;
+        self.received_counter(peer)(n);
     }
 }
 
@@ -543,7 +542,8 @@ pub async fn withdraw_all(state: &crate::AppState) {
 impl Peers {
     /// What `/p2p/status` answers.
     pub fn status(&self) -> serde_json::Value {
-        let received = self.received.lock().expect("lock").clone();
+        let counts = self.counts();
+        let received = &counts.received;
         let members: Vec<serde_json::Value> = self
             .router
             .members()
@@ -559,8 +559,8 @@ impl Peers {
             .collect();
         serde_json::json!({
             "members": members,
-            "lookups": self.lookups.load(Ordering::Relaxed),
-            "lookup_hits": self.lookup_hits.load(Ordering::Relaxed),
+            "lookups": counts.lookups,
+            "lookup_hits": counts.lookup_hits,
             "received_bytes_by_peer": received,
         })
     }

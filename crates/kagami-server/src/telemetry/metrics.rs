@@ -59,6 +59,16 @@ impl LabelBudget {
         }
     }
 
+    /// The labels given so far, [`Self::OTHER`] included once the budget ran out.
+    pub fn labels(&self) -> Vec<String> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<String> = seen.iter().cloned().collect();
+        if seen.len() >= self.max {
+            v.push(Self::OTHER.to_string());
+        }
+        v
+    }
+
     /// The label to use for `value`.
     pub fn label(&self, value: &str) -> String {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -284,5 +294,8 @@ mod tests {
         assert_eq!(b.label("b"), "b");
         assert_eq!(b.label("c"), "other");
         assert_eq!(b.label("a"), "a");
+        let mut labels = b.labels();
+        labels.sort();
+        assert_eq!(labels, ["a", "b", "other"]);
     }
 }

@@ -9,7 +9,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{Method, Uri};
-use serde::{Deserialize, Serialize};
 
 use crate::telemetry::metrics::{LabelBudget, Metrics, RefusalLabels};
 
@@ -37,19 +36,7 @@ pub const LOG_EVERY: Duration = Duration::from_secs(60);
 pub const NO_REGISTRY: &str = "-";
 const MAX_MESSAGE: usize = 300;
 
-/// One (registry, reason) row of `/status`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Refusal {
-    pub registry: String,
-    pub reason: String,
-    pub count: u64,
-    /// Unix milliseconds of the last one.
-    pub last_at: u64,
-    pub last_status: u16,
-    /// The last refused request (method and path with query).
-    pub last_request: String,
-    pub last_message: String,
-}
+pub use crate::report::Refusal;
 
 pub struct Refusals {
     inner: Mutex<Inner>,
@@ -102,15 +89,7 @@ impl Refusals {
                 reason,
             })
             .inc();
-        let mut message = message.to_string();
-        if message.len() > MAX_MESSAGE {
-            let mut cut = MAX_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
+        let message = super::shorten(message, MAX_MESSAGE);
         let request = format!("{method} {uri}");
         let now = Instant::now();
         let (row, logged) = inner

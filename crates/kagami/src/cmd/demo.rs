@@ -670,7 +670,7 @@ fn served_bytes(state: &AppState) -> BTreeMap<String, u64> {
 fn received(node: &Node) -> HashMap<String, u64> {
     node.state
         .peers()
-        .map(|p| p.received.lock().expect("lock").clone())
+        .map(|p| p.received_bytes().into_iter().collect())
         .unwrap_or_default()
 }
 

@@ -151,7 +151,7 @@ pub fn render(r: &ImportReport) -> String {
         r.format,
         r.blobs_added,
         if r.blobs_added == 1 { "" } else { "s" },
-        kagami_server::status::human_bytes(r.bytes_added),
+        kagami_server::report::format::human_bytes(r.bytes_added),
         r.blobs_skipped
     );
     for i in &r.images {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kagami_server::status::{
-    Report, human_bytes, human_duration_ms, human_uptime, pull_image, short_digest, utc_datetime,
-    utc_time,
+use kagami_server::report::Report;
+use kagami_server::report::format::{
+    human_bytes, human_duration_ms, human_uptime, pull_image, short_digest, utc_datetime, utc_time,
 };
 
 use crate::Format;
