@@ -12,6 +12,7 @@ pub use wait::{
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
@@ -100,6 +101,19 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Starts `cmd` as the daemon `name`, its stdout and stderr in the file `log` (created
+    /// afresh).
+    pub fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Daemon {
+        let file = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let child = cmd
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Daemon { child, name }
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

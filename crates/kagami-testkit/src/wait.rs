@@ -39,11 +39,24 @@ pub fn poll_interval(within: Duration) -> Duration {
     (within / 100).clamp(Duration::from_millis(20), Duration::from_millis(100))
 }
 
-fn timed_out(within: Duration, what: &dyn Display, last: &str) -> ! {
-    if last.is_empty() {
-        panic!("timed out after {within:?} waiting for {what}");
+/// The value of a ready poll; `None` to poll again; a panic naming `what` (and what was
+/// seen instead) past the deadline.
+fn verdict<O: Outcome>(
+    outcome: O,
+    deadline: Instant,
+    within: Duration,
+    what: &dyn Display,
+) -> Option<O::Value> {
+    match outcome.ready() {
+        Ok(value) => Some(value),
+        Err(last) if Instant::now() >= deadline => {
+            if last.is_empty() {
+                panic!("timed out after {within:?} waiting for {what}");
+            }
+            panic!("timed out after {within:?} waiting for {what}; last seen:\n{last}");
+        }
+        Err(_) => None,
     }
-    panic!("timed out after {within:?} waiting for {what}; last seen:\n{last}");
 }
 
 /// Polls `check` (async) until it is ready, and returns its value; panics naming `what`
@@ -55,11 +68,10 @@ pub async fn eventually<O: Outcome>(
 ) -> O::Value {
     let deadline = Instant::now() + within;
     loop {
-        match check().await.ready() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => timed_out(within, &what, &last),
-            Err(_) => tokio::time::sleep(poll_interval(within)).await,
+        if let Some(value) = verdict(check().await, deadline, within, &what) {
+            return value;
         }
+        tokio::time::sleep(poll_interval(within)).await;
     }
 }
 
@@ -71,11 +83,10 @@ pub fn eventually_sync<O: Outcome>(
 ) -> O::Value {
     let deadline = Instant::now() + within;
     loop {
-        match check().ready() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => timed_out(within, &what, &last),
-            Err(_) => std::thread::sleep(poll_interval(within)),
+        if let Some(value) = verdict(check(), deadline, within, &what) {
+            return value;
         }
+        std::thread::sleep(poll_interval(within));
     }
 }
 
