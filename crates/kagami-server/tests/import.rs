@@ -2,8 +2,6 @@
 //! `docker save` tarballs built here are imported into a server on a real store, then pulled
 //! through the server by tag with a fake upstream that must never be asked.
 
-// common/mod.rs trips a lint newer than it (while_let_loop); not this file's to change.
-#[allow(clippy::while_let_loop)]
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 

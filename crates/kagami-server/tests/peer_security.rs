@@ -3,7 +3,6 @@
 //! learnt from a peer worth only the tag TTL. The peers are fakes in the test (a member
 //! that misbehaves), found through the in-memory router.
 
-#[allow(clippy::while_let_loop)]
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
