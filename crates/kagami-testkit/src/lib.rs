@@ -6,9 +6,7 @@ mod daemons;
 mod wait;
 
 pub use daemons::{Containerd, Registry, RegistryOptions};
-pub use wait::{
-    Outcome, always, eventually, eventually_sync, held_within, poll_interval, wait_child,
-};
+pub use wait::{Outcome, always, eventually, eventually_sync, held_within, wait_child};
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
