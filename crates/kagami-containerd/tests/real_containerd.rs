@@ -2,91 +2,16 @@
 //! root with its own socket and stopped by PID: an OCI archive built here is imported with
 //! `ctr images import`, then listed, sized and read back through the gRPC API.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use kagami_containerd::{Containerd, Error};
+// The real containerd daemon, as opposed to the client under test.
+use kagami_testkit::Containerd as Daemon;
 use sha2::Digest as _;
 
 const NAME: &str = "ksd.test.com/ksd/app:1.0";
-
-/// containerd on a temporary root, killed (by PID) on drop.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        let socket = dir.join("containerd.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[debug]
-  address = "{socket}.debug"
-[metrics]
-  address = ""
-"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            socket = socket.display(),
-        );
-        let cfg = dir.join("containerd.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd is installed (scripts/test.sh installs it)");
-        let d = Daemon { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d
-            .ctr(&["version"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            assert!(Instant::now() < deadline, "containerd does not answer");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn ctr(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) {
-        let out = self.ctr(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
 
 fn digest_of(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
@@ -101,14 +26,7 @@ struct Archive {
 
 /// An OCI archive of one image named [`NAME`]: a tar layer of `size` pseudo-random bytes.
 fn oci_archive(path: &Path, size: usize) -> Archive {
-    let mut data = vec![0u8; size];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let data = kagami_testkit::random(size, 0x9e37_79b9_7f4a_7c15);
     let mut layer = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_gnu();
     header.set_size(size as u64);
@@ -189,7 +107,7 @@ async fn images_content_and_events_of_one_namespace() {
 
     let tar = dir.path().join("app.tar");
     let a = oci_archive(&tar, 3 * 1024 * 1024 + 123);
-    daemon.run(&[
+    daemon.ctr_run(&[
         "-n",
         "k8s.io",
         "images",
@@ -274,7 +192,7 @@ async fn images_content_and_events_of_one_namespace() {
     assert!(other.list_content().await.unwrap().is_empty());
 
     // Removing the image is signalled too.
-    daemon.run(&["-n", "k8s.io", "images", "rm", NAME]);
+    daemon.ctr_run(&["-n", "k8s.io", "images", "rm", NAME]);
     let changed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let c = events.next().await.unwrap().unwrap();

@@ -54,8 +54,8 @@ pub async fn advertised_key_is_found_by_every_other_node(cluster: &mut impl Clus
     for other in &nodes[1..] {
         for key in [&k, &tag] {
             let found = eventually(
-                &format!("{} finds {} for {key}", other.peer.id, nodes[0].peer.id),
                 FIND_WITHIN,
+                &format!("{} finds {} for {key}", other.peer.id, nodes[0].peer.id),
                 || async {
                     let found = other.router.lookup(key, 10).await;
                     (!found.is_empty()).then_some(found)
@@ -94,22 +94,22 @@ pub async fn withdrawn_key_is_no_longer_found(cluster: &mut impl Cluster) {
         .router
         .advertise(vec![k.clone(), kept.clone()])
         .await;
-    eventually("node 1 finds the key", FIND_WITHIN, || async {
+    eventually(FIND_WITHIN, "node 1 finds the key", || async {
         (!nodes[1].router.lookup(&k, 10).await.is_empty()).then_some(())
     })
     .await;
     nodes[0].router.withdraw(vec![k.clone()]).await;
     let grace = cluster.withdraw_grace() + Duration::from_secs(5);
     for other in &nodes[1..] {
-        eventually("the withdrawn key disappears", grace, || async {
+        eventually(grace, "the withdrawn key disappears", || async {
             other.router.lookup(&k, 10).await.is_empty().then_some(())
         })
         .await;
     }
     // Withdrawing one key leaves the others; and it stays gone (no re-provide).
     always(
-        "the withdrawn key stays gone",
         Duration::from_secs(1),
+        "the withdrawn key stays gone",
         || async { nodes[1].router.lookup(&k, 10).await.is_empty() },
     )
     .await;
@@ -132,7 +132,7 @@ pub async fn a_node_never_returns_itself(cluster: &mut impl Cluster) {
 
     let mut want_from_0 = vec![nodes[1].peer.id.clone(), nodes[2].peer.id.clone()];
     want_from_0.sort();
-    eventually("node 0 finds nodes 1 and 2", FIND_WITHIN, || async {
+    eventually(FIND_WITHIN, "node 0 finds nodes 1 and 2", || async {
         (lookup_ids(&nodes[0], &shared).await == want_from_0).then_some(())
     })
     .await;
@@ -146,7 +146,7 @@ pub async fn a_node_never_returns_itself(cluster: &mut impl Cluster) {
     );
 
     // `limit` bounds the answer.
-    let one = eventually("node 2 finds one of nodes 0 and 1", FIND_WITHIN, || async {
+    let one = eventually(FIND_WITHIN, "node 2 finds one of nodes 0 and 1", || async {
         let found = nodes[2].router.lookup(&shared, 1).await;
         (!found.is_empty()).then_some(found)
     })

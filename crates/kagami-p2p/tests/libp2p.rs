@@ -11,8 +11,8 @@ const WITHIN: Duration = Duration::from_secs(10);
 
 async fn finds(node: &Libp2pRouter, key: &str, want: &Peer) {
     eventually(
-        &format!("lookup of {key} finds {}", want.id),
         WITHIN,
+        &format!("lookup of {key} finds {}", want.id),
         || async { node.lookup(key, 10).await.contains(want).then_some(()) },
     )
     .await;
@@ -136,8 +136,8 @@ async fn a_node_without_the_psk_cannot_join() {
 
     let outsiders = [stranger.local_peer_id(), wrong.local_peer_id()];
     always(
-        "nodes without the key see no one and find nothing",
         Duration::from_secs(2),
+        "nodes without the key see no one and find nothing",
         || async {
             assert_eq!(stranger.members(), vec![], "stranger's members");
             assert_eq!(wrong.members(), vec![], "wrong key's members");
@@ -219,7 +219,7 @@ async fn not_ready_until_joined_and_start_errors() {
     first.bootstrap = vec![format!("/ip4/127.0.0.9/tcp/1/p2p/{own_id}")];
     let first = support::start(first).await;
     assert_eq!(first.local_peer_id(), own_id);
-    eventually("alone is ready", WITHIN, || async {
+    eventually(WITHIN, "alone is ready", || async {
         first.ready().await.then_some(())
     })
     .await;
@@ -267,7 +267,7 @@ async fn a_node_started_before_its_bootstrap_peer_joins_later() {
     let a_http = a_config.http_addr;
     let a = support::start(a_config).await;
     // b dials its bootstrap list again every 10 s while it knows no one.
-    eventually("b joins a", Duration::from_secs(15), || async {
+    eventually(Duration::from_secs(15), "b joins a", || async {
         b.ready().await.then_some(())
     })
     .await;
@@ -316,7 +316,7 @@ async fn http_addresses_must_be_on_the_peers_own_ip() {
     let wildcard_peer = peer_of(&wildcard, addr("127.0.0.14:6093"));
     finds(&observer, &key, &honest_peer).await;
     finds(&observer, &key, &wildcard_peer).await;
-    eventually("the observer knows the liar", WITHIN, || async {
+    eventually(WITHIN, "the observer knows the liar", || async {
         observer
             .members()
             .iter()
@@ -326,8 +326,8 @@ async fn http_addresses_must_be_on_the_peers_own_ip() {
     .await;
     let liar_id = liar.local_peer_id();
     always(
-        "the liar's claimed address is never used",
         Duration::from_secs(2),
+        "the liar's claimed address is never used",
         || async {
             let found = observer.lookup(&key, 10).await;
             let member = observer

@@ -1,43 +1,11 @@
-//! Helpers: bounded polling and libp2p nodes on loopback addresses.
+//! Helpers: libp2p nodes on loopback addresses, and the bounded waits of kagami-testkit.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kagami_p2p::{Libp2pRouter, P2pConfig, Router};
-
-/// Polls `check` every 50 ms until it returns `Some`, panicking with `what` after `within`.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Asserts that `check` holds at every poll for `during` (for "nothing ever shows up").
-pub async fn always<F, Fut>(what: &str, during: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + during;
-    while Instant::now() < deadline {
-        assert!(check().await, "{what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+pub use kagami_testkit::{always, eventually};
 
 pub fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -65,8 +33,8 @@ pub async fn start(config: P2pConfig) -> Libp2pRouter {
 /// Waits until `node` knows every id in `ids` as a member.
 pub async fn wait_members(node: &dyn Router, ids: &[String]) {
     eventually(
-        &format!("members {ids:?}"),
         Duration::from_secs(15),
+        &format!("members {ids:?}"),
         || async {
             let members = node.members();
             ids.iter()

@@ -3,86 +3,23 @@
 //! withdrawn when an image goes away. containerd runs on a temporary root with its own
 //! socket and is stopped by PID.
 
-#![cfg(feature = "containerd")]
-
-mod common;
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use kagami_config::{Config, Digest};
 use kagami_p2p::{MemoryNetwork, MemoryRouter, Router};
 use kagami_server::{AppState, NodeInfo, Peers, ServerOptions};
 use kagami_store::{Store, StoreOptions};
+use kagami_testkit::{Containerd, eventually};
 
 const SHARED: &str = "ksd.test.com/ksd/app:1.0";
 const UNSHARED: &str = "other.test.com/team/secret:2.0";
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-struct Containerd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Containerd {
-    fn start(dir: &Path) -> Containerd {
-        std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("containerd.sock");
-        let cfg = dir.join("containerd.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.internal.v1.tracing\", \"io.containerd.tracing.processor.v1.otlp\"]\n\
-                 [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n[debug]\n  address = \"{s}.debug\"\n[metrics]\n  address = \"\"\n",
-                root = dir.join("root").display(),
-                state = dir.join("state").display(),
-                s = socket.display(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd is installed (scripts/test.sh installs it)");
-        let c = Containerd { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.try_ctr(&["version"]) {
-            assert!(Instant::now() < deadline, "containerd does not answer");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        c
-    }
-
-    fn try_ctr(&self, args: &[&str]) -> bool {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-
-    fn ctr(&self, args: &[&str]) {
-        assert!(self.try_ctr(args), "ctr {args:?} failed");
-    }
-}
+/// How long a change takes at most to be advertised, withdrawn or reported.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// Builds OCI archives by hand: blobs by digest, then `index.json`.
 #[derive(Default)]
@@ -186,15 +123,6 @@ async fn node(net: &Arc<MemoryNetwork>, yaml: &str) -> Node {
     }
 }
 
-/// Waits (at most 10 s) until `f` holds.
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_images_of_shared_registries_are_advertised_served_and_withdrawn() {
     let dir = tempfile::tempdir().unwrap();
@@ -217,7 +145,7 @@ async fn containerd_images_of_shared_registries_are_advertised_served_and_withdr
     archive.name(secret, UNSHARED);
     let tar = dir.path().join("images.tar");
     archive.write(&tar);
-    containerd.ctr(&[
+    containerd.ctr_run(&[
         "-n",
         "k8s.io",
         "images",
@@ -261,7 +189,7 @@ async fn containerd_images_of_shared_registries_are_advertised_served_and_withdr
         async move { !other.lookup(&key, 5).await.is_empty() }
     };
     let tag_key = kagami_server::peers::tag_key("ksd.test.com", "ksd/app", "1.0");
-    eventually("the tag is advertised", async || {
+    eventually(WAIT, "the tag is advertised", async || {
         advertised(tag_key.clone()).await
     })
     .await;
@@ -335,6 +263,7 @@ async fn containerd_images_of_shared_registries_are_advertised_served_and_withdr
     a.state.set_config(config("mirrors:\n  other.test.com:\n"));
     content.request_rescan();
     eventually(
+        WAIT,
         "the newly shared registry's image is advertised",
         async || advertised(digest_of(&secret_layer).to_string()).await,
     )
@@ -343,7 +272,7 @@ async fn containerd_images_of_shared_registries_are_advertised_served_and_withdr
     assert!(!advertised(layer.to_string()).await);
     a.state.set_config(config("mirrors:\n  ksd.test.com:\n"));
     content.request_rescan();
-    eventually("the tag is advertised again", async || {
+    eventually(WAIT, "the tag is advertised again", async || {
         advertised(tag_key.clone()).await
     })
     .await;
@@ -357,8 +286,8 @@ async fn containerd_images_of_shared_registries_are_advertised_served_and_withdr
             .await
             .unwrap()
     );
-    containerd.ctr(&["-n", "k8s.io", "images", "rm", SHARED]);
-    eventually("the tag is withdrawn", async || {
+    containerd.ctr_run(&["-n", "k8s.io", "images", "rm", SHARED]);
+    eventually(WAIT, "the tag is withdrawn", async || {
         !advertised(tag_key.clone()).await
     })
     .await;
@@ -383,7 +312,7 @@ async fn an_unreachable_containerd_is_retried_and_reported() {
     let socket = dir.path().join("nowhere.sock");
     let (content, task) =
         kagami_server::containerd::start(&a.state, socket.clone(), "k8s.io".to_string());
-    eventually("the error is reported", async || {
+    eventually(WAIT, "the error is reported", async || {
         content.status()["last_error"]
             .as_str()
             .is_some_and(|e| e.contains(&socket.display().to_string()))

@@ -2,14 +2,10 @@
 //! `docker save` tarballs built here are imported into a server on a real store, then pulled
 //! through the server by tag with a fake upstream that must never be asked.
 
-// common/mod.rs trips a lint newer than it (while_let_loop); not this file's to change.
-#[allow(clippy::while_let_loop)]
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use common::*;
+use crate::common::*;
 use kagami_server::ServerOptions;
 use kagami_server::import::{ImportReport, import_path};
 use serde_json::json;
@@ -452,7 +448,7 @@ const TOKEN: &str = "5ecret5ecret5ecret5ecret5ecret5ecret5ecret5ecret5ecret5ecre
 fn enable_admin(s: &Server) {
     kagami_server::admin::enable(
         &s.state,
-        kagami_server::admin::Admin::new(TOKEN.into(), s._dir.path()),
+        kagami_server::admin::Admin::new(TOKEN.into(), s.dir.path()),
     );
 }
 
@@ -651,7 +647,7 @@ async fn paths_inside_the_data_directory_are_refused() {
     let stored = s.state.store().root().join("blobs/sha256").join(d.hex());
     assert!(stored.is_file(), "{}", stored.display());
 
-    let in_data_dir = s._dir.path().join("planted.tar");
+    let in_data_dir = s.dir.path().join("planted.tar");
     std::fs::copy(&tar, &in_data_dir).unwrap();
     let link = dir.path().join("link.tar");
     std::os::unix::fs::symlink(&stored, &link).unwrap();

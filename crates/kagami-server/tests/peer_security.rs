@@ -3,19 +3,16 @@
 //! learnt from a peer worth only the tag TTL. The peers are fakes in the test (a member
 //! that misbehaves), found through the in-memory router.
 
-#[allow(clippy::while_let_loop)]
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use bytes::Bytes;
-use common::*;
 use kagami_config::Digest;
 use kagami_p2p::{MemoryNetwork, MemoryRouter, Router};
 use kagami_server::{NodeInfo, Peers, ServerOptions};

@@ -1,19 +1,17 @@
 //! Sharing between nodes, with an in-memory router and in-test peers that misbehave:
 //! a peer cut mid-transfer, a peer sending wrong bytes, providers that are gone.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
-use common::*;
 use futures_util::StreamExt;
 use kagami_p2p::{MemoryNetwork, MemoryRouter, Router};
 use kagami_server::{NodeInfo, Peers, ServerOptions};
@@ -269,11 +267,12 @@ async fn the_peer_api_serves_only_what_the_node_holds_and_only_to_members() {
     assert!(s.fake.blob_calls.lock().unwrap().is_empty());
     // Once the node holds it (pulled through its own API), peers get it, with Range.
     assert_eq!(request(s.addr, "GET", &url, &[]).await.0, 200);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while s.state.store().blob_size(&d).is_none() {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        "the blob to be stored",
+        async || s.state.store().blob_size(&d).is_some(),
+    )
+    .await;
     let (status, _, body, _) = request(
         peer_addr,
         "GET",
@@ -414,14 +413,12 @@ async fn tags_in_the_store_are_advertised_at_start_for_shared_registries_only() 
     );
     let task = tokio::spawn(kagami_server::peers::advertise_store(s.state.clone()));
     let shared = kagami_server::peers::tag_key("registry.example.test", "team/app", "1.0");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while other.lookup(&shared, 5).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the stored tag was not advertised"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        "the stored tag to be advertised",
+        async || !other.lookup(&shared, 5).await.is_empty(),
+    )
+    .await;
     let unshared = kagami_server::peers::tag_key("unshared.example.test", "team/app", "1.0");
     assert!(other.lookup(&unshared, 5).await.is_empty());
     kagami_server::peers::withdraw_all(&s.state).await;

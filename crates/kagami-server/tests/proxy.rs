@@ -3,17 +3,15 @@
 //! 127.0.0.1 (a fake, for the misbehaviour), served by `listener::serve` as `kagami serve`
 //! does. And the listener's limits: half-sent request heads, the connection cap.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::{digest_of, eventually, request};
 use axum::body::Body;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use common::{digest_of, request};
 use kagami_config::Config;
 use kagami_server::client_upstream::ClientUpstream;
 use kagami_server::listener::{ListenOptions, serve};
@@ -379,9 +377,10 @@ async fn connections_over_the_cap_are_closed() {
     );
     assert_ne!(healthz(m.addr).await, 200, "served over the cap");
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while healthz(m.addr).await != 200 {
-        assert!(Instant::now() < deadline, "/healthz never answered again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "/healthz to answer again",
+        async || healthz(m.addr).await == 200,
+    )
+    .await;
 }

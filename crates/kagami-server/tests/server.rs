@@ -1,15 +1,15 @@
 //! The server with a real content store and fake upstreams (fault injection), driven over
 //! real HTTP on 127.0.0.1.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use kagami_server::ServerOptions;
 
 const REPO: &str = "/v2/team/app";
+/// The longest wait for what a test awaits (a bound, not a speed claim).
+const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn cold_blob_is_streamed_stored_and_then_served_locally() {
@@ -29,12 +29,10 @@ async fn cold_blob_is_streamed_stored_and_then_served_locally() {
     assert_eq!(h["content-length"], data.len().to_string());
     assert!(!h.contains_key("content-encoding"));
     // Wait for the store to have it, then the second request makes no upstream call.
-    for _ in 0..100 {
-        if s.state.store().blob_size(&d).is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, "the blob to be stored", async || {
+        s.state.store().blob_size(&d).is_some()
+    })
+    .await;
     let calls = s.fake.blob_calls.lock().unwrap().len();
     let (status, _, body, _) = request(s.addr, "GET", &url, &[("Range", "bytes=10-19")]).await;
     assert_eq!(status, 206);
@@ -397,19 +395,18 @@ mod bounds {
     use std::io;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use bytes::Bytes;
     use futures_util::future::BoxFuture;
     use futures_util::{FutureExt, StreamExt};
-    use kagami_config::{Config, Digest, Plan};
+    use kagami_config::{Digest, Plan};
     use kagami_server::{
-        AppState, BlobBody, BlobHead, FetchLimits, FetchedManifest, ManifestHead, ServerOptions,
-        Upstream, UpstreamError, router,
+        BlobBody, BlobHead, FetchLimits, FetchedManifest, ManifestHead, ServerOptions, Upstream,
+        UpstreamError,
     };
-    use kagami_store::{Store, StoreOptions};
 
-    use super::common::{digest_of, random, request};
+    use crate::common::{Server, digest_of, request, serve};
 
     /// How a registry's bodies behave.
     #[derive(Clone, Copy)]
@@ -627,14 +624,7 @@ mod bounds {
         }
     }
 
-    pub struct Server {
-        pub addr: std::net::SocketAddr,
-        pub state: AppState,
-        pub dir: tempfile::TempDir,
-        pub fake: Arc<Scripted>,
-    }
-
-    impl Server {
+    impl Server<Scripted> {
         pub fn tmp_files(&self) -> usize {
             std::fs::read_dir(self.dir.path().join("store/tmp"))
                 .unwrap()
@@ -659,57 +649,18 @@ mod bounds {
         limits: FetchLimits,
         tag_ttl: Duration,
         max_store: Option<u64>,
-    ) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            dir.path().join("store"),
-            StoreOptions {
-                max_size: max_store,
-            },
-        )
-        .await
-        .unwrap();
+    ) -> Server<Scripted> {
         let mut yaml = String::from("mirrors:\n");
         for r in fake.modes.keys() {
             yaml.push_str(&format!("  {r}:\n    endpoint: [\"http://127.0.0.1:9\"]\n"));
         }
-        let config = Config::parse(&yaml, std::path::Path::new("test.yaml"))
-            .unwrap()
-            .0;
-        let fake = Arc::new(fake);
-        let state = AppState::new(
-            config,
-            store,
-            fake.clone(),
-            ServerOptions {
-                tag_ttl,
-                disable_default_endpoint: true,
-                limits,
-                ..Default::default()
-            },
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = router(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Server {
-            addr,
-            state,
-            dir,
-            fake,
-        }
-    }
-
-    /// Waits (up to 20 s) for `cond`; false if it never held.
-    pub async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if cond() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        cond()
+        let options = ServerOptions {
+            tag_ttl,
+            disable_default_endpoint: true,
+            limits,
+            ..Default::default()
+        };
+        serve(fake, &yaml, max_store, options).await
     }
 
     /// Sends a GET and goes away after reading `n` bytes of the answer (or 5 s).
@@ -730,19 +681,13 @@ mod bounds {
         })
         .await;
     }
-
-    pub fn random_blob(n: usize, seed: u64) -> Vec<u8> {
-        random(n, seed)
-    }
 }
 
 use bounds::{Mode, Scripted};
 
 #[tokio::test]
 async fn forty_trickling_blobs_stay_within_the_fetch_budget_and_release_their_sockets() {
-    let blobs: Vec<Vec<u8>> = (0..40)
-        .map(|i| bounds::random_blob(64 * 1024, 100 + i))
-        .collect();
+    let blobs: Vec<Vec<u8>> = (0..40).map(|i| random(64 * 1024, 100 + i)).collect();
     let mut fake = Scripted::new(&[(
         "trickle.example.test",
         Mode::Trickle {
@@ -807,20 +752,27 @@ async fn forty_trickling_blobs_stay_within_the_fetch_budget_and_release_their_so
         refused as f64
     );
     // Every upstream socket is released, and the memory given back.
-    assert!(
-        bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await,
-        "{} upstream bodies still open",
-        s.fake.bodies.now.load(Ordering::SeqCst)
-    );
+    eventually(
+        WAIT,
+        "every upstream socket to be released",
+        async || match s.fake.bodies.now.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            n => Err(format!("{n} upstream bodies still open")),
+        },
+    )
+    .await;
     assert!(s.metric("kagami_slow_sources_total").await >= 1.0);
     assert_eq!(s.metric("kagami_fetch_memory_bytes").await, 0.0);
     assert_eq!(s.metric("kagami_inflight_fetches").await, 0.0);
-    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    eventually(WAIT, "the store's temporary files to be gone", async || {
+        s.tmp_files() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_registry_trickling_wrong_bytes_does_not_hold_up_another_registry() {
-    let data = bounds::random_blob(512 * 1024, 7);
+    let data = random(512 * 1024, 7);
     let d = digest_of(&data);
     let fake = Scripted::new(&[
         (
@@ -842,7 +794,10 @@ async fn a_registry_trickling_wrong_bytes_does_not_hold_up_another_registry() {
     .await;
     let (addr, bad) = (s.addr, bounds::blob_url("bad.example.test", &d));
     let slow = tokio::spawn(async move { request(addr, "GET", &bad, &[]).await });
-    assert!(bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 1).await);
+    eventually(WAIT, "one upstream body to be open", async || {
+        s.fake.bodies.now.load(Ordering::SeqCst) == 1
+    })
+    .await;
     // The good registry's client gets the blob, well before the bad one's would end
     // (26 s at that pace); the deadline is generous, not a speed claim.
     let good = bounds::blob_url("good.example.test", &d);
@@ -853,7 +808,10 @@ async fn a_registry_trickling_wrong_bytes_does_not_hold_up_another_registry() {
     assert_eq!(status, 200);
     assert!(complete);
     assert_eq!(body, data);
-    assert!(bounds::eventually(|| s.state.store().blob_size(&d).is_some()).await);
+    eventually(WAIT, "the blob to be stored", async || {
+        s.state.store().blob_size(&d).is_some()
+    })
+    .await;
     slow.abort();
 }
 
@@ -880,8 +838,14 @@ async fn an_endless_blob_is_cut_at_the_cap_and_leaves_nothing() {
     let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;
     assert_eq!(status, 200);
     assert!(body.len() <= 2 * 1024 * 1024, "{}", body.len());
-    assert!(bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await);
-    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    eventually(WAIT, "every upstream body to be closed", async || {
+        s.fake.bodies.now.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    eventually(WAIT, "the store's temporary files to be gone", async || {
+        s.tmp_files() == 0
+    })
+    .await;
     assert_eq!(s.state.store().usage().blobs, 0);
     assert_eq!(s.state.store().usage().tmp_bytes, 0);
     assert_eq!(s.metric("kagami_blobs_too_large_total").await, 1.0);
@@ -910,14 +874,20 @@ async fn an_endless_blob_is_cut_at_the_store_limit_then_passed_through_capped() 
     let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;
     assert_eq!(status, 200);
     assert!(body.len() <= 1024 * 1024, "{}", body.len());
-    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    eventually(WAIT, "the store's temporary files to be gone", async || {
+        s.tmp_files() == 0
+    })
+    .await;
     // The store is now "full" for a while: the next request is passed through, and cut at
     // --max-blob-size.
     let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;
     assert_eq!(status, 200);
     assert!(body.len() <= 4 * 1024 * 1024, "{}", body.len());
     assert!(body.len() > 1024 * 1024, "passed through: {}", body.len());
-    assert!(bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await);
+    eventually(WAIT, "every upstream body to be closed", async || {
+        s.fake.bodies.now.load(Ordering::SeqCst) == 0
+    })
+    .await;
     assert_eq!(s.tmp_files(), 0);
     let u = s.state.store().usage();
     assert_eq!((u.blobs, u.bytes, u.tmp_bytes), (0, 0, 0));
@@ -925,7 +895,7 @@ async fn an_endless_blob_is_cut_at_the_store_limit_then_passed_through_capped() 
 
 #[tokio::test]
 async fn a_blob_named_by_a_manifest_stops_at_its_descriptor_size() {
-    let layer = bounds::random_blob(300_000, 11);
+    let layer = random(300_000, 11);
     let d = digest_of(&layer);
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{d}","size":1000}},"layers":[]}}"#
@@ -970,7 +940,10 @@ async fn a_blob_named_by_a_manifest_stops_at_its_descriptor_size() {
     assert_eq!(h["content-length"], "1000", "the size the manifest gives");
     assert!(!complete && body.len() <= 1000);
     assert_eq!(s.metric("kagami_blobs_too_large_total").await, 1.0);
-    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    eventually(WAIT, "the store's temporary files to be gone", async || {
+        s.tmp_files() == 0
+    })
+    .await;
     assert_eq!(s.state.store().blob_size(&d), None);
 }
 
@@ -987,10 +960,10 @@ fn manifest_for_test(body: &str, d: &kagami_config::Digest) -> kagami_server::Fe
 async fn a_fetch_nobody_follows_is_cancelled_unless_worth_finishing() {
     // Large and of unknown size: cancelled once its client has gone (finishing it would
     // take 26 s at this pace, longer than the test's deadlines).
-    let big = bounds::random_blob(32 * 1024 * 1024, 21);
+    let big = random(32 * 1024 * 1024, 21);
     let dbig = digest_of(&big);
     // Small: finished and stored although its client went away.
-    let small = bounds::random_blob(200 * 1024, 22);
+    let small = random(200 * 1024, 22);
     let dsmall = digest_of(&small);
     let fake = Scripted::new(&[
         (
@@ -1029,16 +1002,21 @@ async fn a_fetch_nobody_follows_is_cancelled_unless_worth_finishing() {
         20_000,
     )
     .await;
-    assert!(
-        bounds::eventually(|| s.state.store().blob_size(&dsmall) == Some(small.len() as u64)).await,
-        "the small blob is finished and stored"
-    );
-    assert!(
-        bounds::eventually(|| s.fake.bodies.now.load(Ordering::SeqCst) == 0).await,
-        "the big blob's fetch still runs"
-    );
+    eventually(
+        WAIT,
+        "the small blob to be finished and stored",
+        async || s.state.store().blob_size(&dsmall) == Some(small.len() as u64),
+    )
+    .await;
+    eventually(WAIT, "the big blob's fetch to end", async || {
+        s.fake.bodies.now.load(Ordering::SeqCst) == 0
+    })
+    .await;
     assert_eq!(s.state.store().blob_size(&dbig), None);
-    assert!(bounds::eventually(|| s.tmp_files() == 0).await);
+    eventually(WAIT, "the store's temporary files to be gone", async || {
+        s.tmp_files() == 0
+    })
+    .await;
     assert_eq!(s.metric("kagami_fetches_cancelled_total").await, 1.0);
 }
 
@@ -1055,12 +1033,17 @@ async fn an_abandoned_tag_revalidation_ends_and_releases_its_connection() {
     // The client gives up before the upstream answers.
     let (addr, u) = (s.addr, url.to_string());
     let client = tokio::spawn(async move { request(addr, "GET", &u, &[]).await });
-    assert!(bounds::eventually(|| s.fake.manifest_requests.now.load(Ordering::SeqCst) == 1).await);
+    eventually(WAIT, "the upstream manifest request to start", async || {
+        s.fake.manifest_requests.now.load(Ordering::SeqCst) == 1
+    })
+    .await;
     client.abort();
-    assert!(
-        bounds::eventually(|| s.fake.manifest_requests.now.load(Ordering::SeqCst) == 0).await,
-        "the revalidation nobody waits for still holds its upstream request"
-    );
+    eventually(
+        WAIT,
+        "the revalidation nobody waits for to release its upstream request",
+        async || s.fake.manifest_requests.now.load(Ordering::SeqCst) == 0,
+    )
+    .await;
     assert_eq!(s.metric("kagami_revalidation_timeouts_total").await, 1.0);
     // The next request starts a new revalidation (the old one left the map), which times
     // out for this client with a 404.
@@ -1071,7 +1054,7 @@ async fn an_abandoned_tag_revalidation_ends_and_releases_its_connection() {
 
 #[tokio::test]
 async fn a_head_of_a_cold_blob_downloads_nothing() {
-    let data = bounds::random_blob(100_000, 31);
+    let data = random(100_000, 31);
     let d = digest_of(&data);
     let s = bounds::start(
         Scripted::new(&[("head.example.test", Mode::Good)]).blob(&data),

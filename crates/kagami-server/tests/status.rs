@@ -1,10 +1,8 @@
 //! `/status` and `/status.json` over real HTTP on 127.0.0.1, with a fake upstream.
 
-mod common;
+use std::time::Duration;
 
-use std::time::{Duration, Instant};
-
-use common::*;
+use crate::common::*;
 use kagami_server::ServerOptions;
 use kagami_server::status::Report;
 
@@ -23,14 +21,18 @@ async fn status_json(addr: std::net::SocketAddr) -> Report {
 /// Waits until the recent pulls list has `n` entries (they are recorded when the body
 /// has been sent, just after the client has it).
 async fn with_pulls(addr: std::net::SocketAddr, n: usize) -> Report {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = status_json(addr).await;
-        if r.recent_pulls.len() >= n || Instant::now() > deadline {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        format!("{n} recent pulls"),
+        async || {
+            let r = status_json(addr).await;
+            if r.recent_pulls.len() >= n {
+                return Ok(r);
+            }
+            Err(format!("{} recent pulls", r.recent_pulls.len()))
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -45,11 +47,12 @@ async fn status_json_counts_a_miss_then_a_hit_by_source() {
     let url = format!("/v2/team/app/blobs/{d}?ns=registry.example.test");
     let (status, _, body, complete) = request(s.addr, "GET", &url, &[]).await;
     assert!(status == 200 && complete && body == data);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.state.store().blob_size(&d).is_none() {
-        assert!(Instant::now() < deadline, "blob never stored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the blob to be stored",
+        async || s.state.store().blob_size(&d).is_some(),
+    )
+    .await;
     let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;
     assert!(status == 200 && body == data);
 

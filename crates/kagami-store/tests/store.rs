@@ -10,6 +10,7 @@ use kagami_config::Digest;
 use kagami_store::{
     Begin, BlobWriter, Inflight, Store, StoreError, StoreEvent, StoreOptions, TagEntry,
 };
+use kagami_testkit::eventually;
 use sha2::Digest as _;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -544,28 +545,29 @@ async fn kill_9_mid_write_leaves_nothing_visible() {
     let root = dir.path();
     let bytes = data(2_000_000, 13);
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child_writer_for_kill_test", "--exact", "--test-threads=1"])
+        // The test's name in this binary (module `store` of tests/tests.rs).
+        .args([
+            "store::child_writer_for_kill_test",
+            "--exact",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, root)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + DEADLINE;
     let tmp = root.join("tmp");
-    loop {
+    eventually(DEADLINE, "the child to write its temp file", async || {
         let written: u64 = std::fs::read_dir(&tmp)
             .map(|rd| rd.map(|e| e.unwrap().metadata().unwrap().len()).sum())
             .unwrap_or(0);
         if written >= 1_000_000 {
-            break;
+            return true;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "child never wrote its temp file"
-        );
         assert!(child.try_wait().unwrap().is_none(), "child exited early");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        false
+    })
+    .await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert_eq!(files_in(&tmp).len(), 1);

@@ -71,19 +71,13 @@ impl Registry {
         let config = dir.join("registry.yml");
         std::fs::write(&config, opts.config(dir, port)).unwrap();
         let log = dir.join("registry.log");
-        let logfile = std::fs::File::create(&log).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(logfile.try_clone().unwrap())
-            .stderr(logfile)
-            .spawn()
-            .expect("start docker-registry");
+        let daemon = Daemon::spawn(
+            "docker-registry",
+            Command::new("docker-registry").arg("serve").arg(&config),
+            &log,
+        );
         let reg = Registry {
-            daemon: Daemon {
-                child,
-                name: "docker-registry",
-            },
+            daemon,
             port,
             dir: dir.to_path_buf(),
             log,
@@ -115,8 +109,9 @@ impl Registry {
     }
 }
 
-/// A real containerd 1.6 with its root, state and socket under `dir` (its CRI plugin off),
-/// and a hosts directory (`certs.d`) for `ctr images pull --hosts-dir`.
+/// A real containerd 1.6 with its root, state and socket under `dir` (its CRI plugin off
+/// unless started with [`Containerd::start_with`]), and a hosts directory (`certs.d`) for
+/// `ctr images pull --hosts-dir`.
 pub struct Containerd {
     pub daemon: Daemon,
     pub socket: PathBuf,
@@ -126,43 +121,47 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(dir: &Path) -> Containerd {
+        Self::start_with(dir, None)
+    }
+
+    /// With `cri`, the CRI plugin is on, configured by these TOML tables (appended to the
+    /// configuration), and the log is at debug level; its log is `containerd.log` in `dir`.
+    pub fn start_with(dir: &Path, cri: Option<&str>) -> Containerd {
         require(&["containerd", "ctr"]);
         let hosts_dir = dir.join("certs.d");
         std::fs::create_dir_all(&hosts_dir).unwrap();
         let socket = dir.join("containerd.sock");
+        let (cri_off, level, cri) = match cri {
+            None => ("\"io.containerd.grpc.v1.cri\", ", "", ""),
+            Some(tables) => ("", "  level = \"debug\"\n", tables),
+        };
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+disabled_plugins = [{cri_off}"io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
 [grpc]
   address = "{socket}"
 [ttrpc]
   address = "{socket}.ttrpc"
 [debug]
   address = "{socket}.debug"
-[metrics]
+{level}[metrics]
   address = ""
-"#,
+{cri}"#,
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             socket = socket.display(),
         );
         let cfg = dir.join("containerd.toml");
         std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
+        let daemon = Daemon::spawn(
+            "containerd",
+            Command::new("containerd").arg("--config").arg(&cfg),
+            &dir.join("containerd.log"),
+        );
         let c = Containerd {
-            daemon: Daemon {
-                child,
-                name: "containerd",
-            },
+            daemon,
             socket,
             dir: dir.to_path_buf(),
             hosts_dir,

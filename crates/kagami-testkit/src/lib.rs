@@ -6,12 +6,11 @@ mod daemons;
 mod wait;
 
 pub use daemons::{Containerd, Registry, RegistryOptions};
-pub use wait::{
-    Outcome, always, eventually, eventually_sync, held_within, poll_interval, wait_child,
-};
+pub use wait::{Outcome, always, eventually, eventually_sync, held_within, wait_child};
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
@@ -69,7 +68,8 @@ pub struct Bounded {
 }
 
 /// Runs `cmd` to completion within `limit`, killing it (by PID) past that. Its output is read
-/// on threads, so that a chatty command never blocks on a full pipe.
+/// on threads, so that a chatty command never blocks on a full pipe; what a pipe still held
+/// open 5 s after the exit or the kill (by a grandchild) is left out.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Bounded {
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -77,19 +77,25 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Bounded {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let read = |mut pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut s = String::new();
             let _ = pipe.read_to_string(&mut s);
-            s
-        })
+            let _ = tx.send(s);
+        });
+        rx
     };
     let out = read(Box::new(child.stdout.take().unwrap()));
     let err = read(Box::new(child.stderr.take().unwrap()));
     let status = wait_child(&mut child, limit);
+    let collect = |rx: std::sync::mpsc::Receiver<String>| {
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| "(the pipe stayed open)".to_string())
+    };
     Bounded {
         status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
+        stdout: collect(out),
+        stderr: collect(err),
     }
 }
 
@@ -100,6 +106,19 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Starts `cmd` as the daemon `name`, its stdout and stderr in the file `log` (created
+    /// afresh).
+    pub fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Daemon {
+        let file = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let child = cmd
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Daemon { child, name }
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -139,5 +158,29 @@ pub fn random_fill(buf: &mut [u8]) {
         x ^= x << 17;
         let b = x.to_le_bytes();
         chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_bounded_returns_the_output_or_kills_past_the_limit() {
+        let done = run_bounded(
+            Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]),
+            Duration::from_secs(10),
+        );
+        assert_eq!(done.status.and_then(|s| s.code()), Some(3));
+        assert_eq!(
+            (done.stdout.as_str(), done.stderr.as_str()),
+            ("out\n", "err\n")
+        );
+        let killed = run_bounded(
+            Command::new("sh").args(["-c", "echo started; exec sleep 30"]),
+            Duration::from_millis(300),
+        );
+        assert!(killed.status.is_none());
+        assert_eq!(killed.stdout, "started\n");
     }
 }

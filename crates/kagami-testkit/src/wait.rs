@@ -35,15 +35,28 @@ impl<T, E: Display> Outcome for Result<T, E> {
 }
 
 /// How often a wait of `within` polls: a hundredth of it, between 20 and 100 ms.
-pub fn poll_interval(within: Duration) -> Duration {
+fn poll_interval(within: Duration) -> Duration {
     (within / 100).clamp(Duration::from_millis(20), Duration::from_millis(100))
 }
 
-fn timed_out(within: Duration, what: &dyn Display, last: &str) -> ! {
-    if last.is_empty() {
-        panic!("timed out after {within:?} waiting for {what}");
+/// The value of a ready poll; `None` to poll again; a panic naming `what` (and what was
+/// seen instead) past the deadline.
+fn verdict<O: Outcome>(
+    outcome: O,
+    deadline: Instant,
+    within: Duration,
+    what: &dyn Display,
+) -> Option<O::Value> {
+    match outcome.ready() {
+        Ok(value) => Some(value),
+        Err(last) if Instant::now() >= deadline => {
+            if last.is_empty() {
+                panic!("timed out after {within:?} waiting for {what}");
+            }
+            panic!("timed out after {within:?} waiting for {what}; last seen:\n{last}");
+        }
+        Err(_) => None,
     }
-    panic!("timed out after {within:?} waiting for {what}; last seen:\n{last}");
 }
 
 /// Polls `check` (async) until it is ready, and returns its value; panics naming `what`
@@ -55,11 +68,10 @@ pub async fn eventually<O: Outcome>(
 ) -> O::Value {
     let deadline = Instant::now() + within;
     loop {
-        match check().await.ready() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => timed_out(within, &what, &last),
-            Err(_) => tokio::time::sleep(poll_interval(within)).await,
+        if let Some(value) = verdict(check().await, deadline, within, &what) {
+            return value;
         }
+        tokio::time::sleep(poll_interval(within)).await;
     }
 }
 
@@ -71,11 +83,10 @@ pub fn eventually_sync<O: Outcome>(
 ) -> O::Value {
     let deadline = Instant::now() + within;
     loop {
-        match check().ready() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => timed_out(within, &what, &last),
-            Err(_) => std::thread::sleep(poll_interval(within)),
+        if let Some(value) = verdict(check(), deadline, within, &what) {
+            return value;
         }
+        std::thread::sleep(poll_interval(within));
     }
 }
 
@@ -115,4 +126,49 @@ pub fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
         let _ = child.wait();
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eventually_sync_returns_the_value_once_ready() {
+        let mut polls = 0;
+        let got = eventually_sync(Duration::from_secs(5), "the third poll", || {
+            polls += 1;
+            (polls == 3).then_some(polls * 10)
+        });
+        assert_eq!(got, 30);
+    }
+
+    #[test]
+    #[should_panic(expected = "waiting for the answer; last seen:\n2 of 5")]
+    fn a_timeout_names_what_was_awaited_and_what_was_seen() {
+        eventually_sync(Duration::from_millis(100), "the answer", || {
+            Err::<(), _>("2 of 5")
+        });
+    }
+
+    #[tokio::test]
+    async fn eventually_polls_an_async_check() {
+        let start = Instant::now();
+        eventually(Duration::from_secs(5), "200 ms to pass", async || {
+            start.elapsed() >= Duration::from_millis(200)
+        })
+        .await;
+    }
+
+    #[test]
+    fn wait_child_kills_a_child_past_its_limit() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(wait_child(&mut child, Duration::from_millis(200)).is_none());
+        // Killed and reaped: it has a status now.
+        assert!(child.try_wait().unwrap().is_some());
+        let mut quick = std::process::Command::new("true").spawn().unwrap();
+        assert!(wait_child(&mut quick, Duration::from_secs(10)).is_some_and(|s| s.success()));
+    }
 }

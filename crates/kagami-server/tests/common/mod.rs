@@ -1,8 +1,6 @@
-//! Shared by the server test binaries: a fake upstream with switches for misbehaviour, a
+//! Shared by the server's test modules: a fake upstream with switches for misbehaviour, a
 //! server on a real store bound to 127.0.0.1, and a raw HTTP client that notices cut
 //! connections.
-
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io;
@@ -20,6 +18,7 @@ use kagami_server::{
     router,
 };
 use kagami_store::{Store, StoreOptions};
+pub use kagami_testkit::{eventually, random};
 use sha2::{Digest as _, Sha256};
 
 /// The API path of blob `d` in the test repository of `registry.example.test`.
@@ -207,24 +206,43 @@ impl Upstream for Fake {
     }
 }
 
-pub struct Server {
+/// A server on a real store (under `dir`), bound to 127.0.0.1, with a fake upstream.
+pub struct Server<U = Fake> {
     pub addr: SocketAddr,
     pub state: AppState,
-    pub _dir: tempfile::TempDir,
-    pub fake: Arc<Fake>,
+    pub dir: tempfile::TempDir,
+    pub fake: Arc<U>,
 }
 
+/// The configuration of [`start`]: one mirror, `registry.example.test`.
+pub const ONE_MIRROR: &str =
+    "mirrors:\n  registry.example.test:\n    endpoint: [\"http://127.0.0.1:9\"]\n";
+
+/// A server of [`ONE_MIRROR`] on an unbounded store, with `fake` as its upstream.
 pub async fn start(fake: Fake, options: ServerOptions) -> Server {
+    serve(fake, ONE_MIRROR, None, options).await
+}
+
+/// A server configured by `yaml` on a store of at most `max_store` bytes, with `fake` as its
+/// upstream.
+pub async fn serve<U: Upstream>(
+    fake: U,
+    yaml: &str,
+    max_store: Option<u64>,
+    options: ServerOptions,
+) -> Server<U> {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
-        .await
-        .unwrap();
-    let config = Config::parse(
-        "mirrors:\n  registry.example.test:\n    endpoint: [\"http://127.0.0.1:9\"]\n",
-        std::path::Path::new("test.yaml"),
+    let store = Store::open(
+        dir.path().join("store"),
+        StoreOptions {
+            max_size: max_store,
+        },
     )
-    .unwrap()
-    .0;
+    .await
+    .unwrap();
+    let config = Config::parse(yaml, std::path::Path::new("test.yaml"))
+        .unwrap()
+        .0;
     let fake = Arc::new(fake);
     let state = AppState::new(config, store, fake.clone(), options);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -234,7 +252,7 @@ pub async fn start(fake: Fake, options: ServerOptions) -> Server {
     Server {
         addr,
         state,
-        _dir: dir,
+        dir,
         fake,
     }
 }
@@ -305,16 +323,4 @@ pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[nl + 4 + n..];
     }
     out
-}
-
-pub fn random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }

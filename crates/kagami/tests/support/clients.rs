@@ -94,20 +94,16 @@ impl Dockerd {
         });
         let file = dir.join("daemon.json");
         std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
-        let child = Command::new("dockerd")
-            .arg("--config-file")
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd");
+        let daemon = Daemon::spawn(
+            "dockerd",
+            Command::new("dockerd")
+                .arg("--config-file")
+                .arg(&file)
+                .stdin(Stdio::null()),
+            &dir.join("dockerd.log"),
+        );
         let d = Dockerd {
-            daemon: Daemon {
-                child,
-                name: "dockerd",
-            },
+            daemon,
             socket,
             dir: dir.to_path_buf(),
         };

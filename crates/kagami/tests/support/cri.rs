@@ -1,12 +1,12 @@
 //! containerd 1.6 with its CRI plugin on (the kubelet's path), and a CRI client.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 pub use kagami_cri_test::{Cri, basic_auth};
 
-use super::{Daemon, eventually_sync, require, run};
+use super::{Containerd, eventually_sync, run};
 
 /// How the CRI plugin finds registry hosts.
 pub enum RegistryConfig<'a> {
@@ -20,38 +20,20 @@ pub enum RegistryConfig<'a> {
 /// A real containerd 1.6 whose CRI image service is on, with root, state and socket under
 /// `dir`. CRI images live in the `k8s.io` namespace.
 pub struct CriContainerd {
-    pub daemon: Daemon,
-    pub socket: PathBuf,
-    pub dir: PathBuf,
+    pub containerd: Containerd,
     pub log: PathBuf,
 }
 
 impl CriContainerd {
     pub fn start(dir: &Path, registry: RegistryConfig) -> CriContainerd {
-        require(&["containerd", "ctr"]);
-        std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("containerd.sock");
         let (config_path, legacy) = match registry {
             RegistryConfig::ConfigPath(p) => (p.display().to_string(), ""),
             RegistryConfig::Legacy(t) => (String::new(), t),
         };
         // The CNI directories are empty (no pod networking): the image service does not
         // need them. The streaming server stays on loopback.
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[debug]
-  address = "{socket}.debug"
-  level = "debug"
-[metrics]
-  address = ""
-[plugins."io.containerd.grpc.v1.cri"]
+        let cri = format!(
+            r#"[plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 [plugins."io.containerd.grpc.v1.cri".cni]
@@ -61,37 +43,17 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.tracing.
   config_path = "{config_path}"
 {legacy}
 "#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            socket = socket.display(),
             cni = dir.join("cni").display(),
         );
-        let cfg = dir.join("containerd.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let log = dir.join("containerd.log");
-        let logfile = std::fs::File::create(&log).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(logfile.try_clone().unwrap())
-            .stderr(logfile)
-            .spawn()
-            .expect("start containerd");
         let c = CriContainerd {
-            daemon: Daemon {
-                child,
-                name: "containerd",
-            },
-            socket,
-            dir: dir.to_path_buf(),
-            log,
+            containerd: Containerd::start_with(dir, Some(&cri)),
+            log: dir.join("containerd.log"),
         };
         eventually_sync(
             Duration::from_secs(30),
             "containerd's CRI image service to answer",
             || {
-                if c.socket.exists()
-                    && let Ok(mut cri) = Cri::connect(&c.socket)
+                if let Ok(mut cri) = Cri::connect(&c.containerd.socket)
                     && cri.ready()
                 {
                     return Ok(());
@@ -103,15 +65,12 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.tracing.
     }
 
     pub fn cri(&self) -> Cri {
-        Cri::connect(&self.socket).expect("connect to the CRI socket")
+        Cri::connect(&self.containerd.socket).expect("connect to the CRI socket")
     }
 
     pub fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address")
-            .arg(&self.socket)
-            .args(["-n", "k8s.io"])
-            .stdin(Stdio::null());
+        let mut c = self.containerd.ctr();
+        c.args(["-n", "k8s.io"]);
         c
     }
 

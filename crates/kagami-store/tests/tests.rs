@@ -1,0 +1,3 @@
+//! kagami-store's integration tests: one binary, one module per area.
+
+mod store;
