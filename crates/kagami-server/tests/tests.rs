@@ -13,3 +13,4 @@ mod peers;
 mod proxy;
 mod server;
 mod status;
+mod telemetry;
