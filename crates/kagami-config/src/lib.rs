@@ -2,7 +2,7 @@
 //! references, the resolution plan, containerd `hosts.toml` rendering and the
 //! `registries.conf.d` drop-in for containers/image clients (podman, buildah, skopeo, CRI-O).
 //!
-//! Invariant: this crate does no network I/O. It reads files only to load the
+//! Invariant: this crate does no network I/O ([`oci`], what it knows of OCI content, does none at all). It reads files only to load the
 //! configuration and the certificates it names, and writes only through
 //! [`containerd::write_hosts_dir`].
 
@@ -10,6 +10,7 @@ pub mod config;
 pub mod containerd;
 pub mod diag;
 pub mod endpoint;
+pub mod oci;
 pub mod plan;
 pub mod raw;
 pub mod reference;
