@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use kagami_config::Digest;
 use serde::Deserialize;
 
 /// A failure talking to a registry.
@@ -26,8 +27,8 @@ pub enum Error {
     #[error("{url}: digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {
         url: String,
-        expected: String,
-        actual: String,
+        expected: Digest,
+        actual: Digest,
     },
     /// The content has a different size than its descriptor says.
     #[error("{url}: size mismatch: expected {expected} bytes, got {actual}")]

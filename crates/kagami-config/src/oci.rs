@@ -343,7 +343,9 @@ mod tests {
         let why = ManifestView::checked(m.as_bytes()).unwrap_err();
         assert_eq!(why, format!("descriptor {A} has no size"));
 
-        let i = format!(r#"{{"manifests":[{{"digest":"{A}","size":9,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#);
+        let i = format!(
+            r#"{{"manifests":[{{"digest":"{A}","size":9,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
+        );
         let v = ManifestView::parse(i.as_bytes()).unwrap();
         assert_eq!(v.guess_media_type(), OCI_INDEX);
         assert_eq!(v.all().count(), 1);

@@ -30,24 +30,21 @@ use kagami_config::{Digest, Reference};
 use kagami_store::{Begin, CHUNK, StoreError, TagEntry};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::Digest as _;
 use tokio::io::AsyncReadExt;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::manifests::MAX_MANIFEST;
+use kagami_config::oci::{
+    DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST as DOCKER_LIST, Hasher, MAX_MANIFEST_SIZE as MAX_MANIFEST, OCI_INDEX,
+    OCI_MANIFEST,
+};
+use kagami_config::reference::Algorithm;
 
 /// The admin route that imports a file on the server's machine (it needs the admin token,
 /// see [`crate::admin`]).
 pub const IMPORT_PATH: &str = "/kagami/import";
 
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
-const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
 const OCI_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// The largest image config read from a `docker save` archive.
@@ -975,16 +972,7 @@ fn check_content(
 }
 
 fn digest_of(like: &Digest, bytes: &[u8]) -> Digest {
-    match like.algorithm() {
-        kagami_config::reference::Algorithm::Sha512 => {
-            let h = sha2::Sha512::digest(bytes);
-            let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
-            format!("sha512:{hex}").parse().expect("a valid digest")
-        }
-        kagami_config::reference::Algorithm::Sha256 => {
-            Digest::sha256_from_bytes(&sha2::Sha256::digest(bytes))
-        }
-    }
+    Hasher::digest(like.algorithm(), bytes)
 }
 
 /// One image of a `docker save` manifest.json.
@@ -1028,7 +1016,7 @@ async fn import_docker(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(
                 digest: e.config.clone(),
                 file: e.config.clone(),
             })?;
-        let config_digest = Digest::sha256_from_bytes(&sha2::Sha256::digest(&config));
+        let config_digest = Hasher::digest(Algorithm::Sha256, &config);
         if let Some(named) = digest_in_name(&e.config)
             && named != config_digest
         {
@@ -1117,7 +1105,7 @@ async fn import_docker(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(
             "layers": descs,
         }))
         .expect("a manifest serialises");
-        let digest = Digest::sha256_from_bytes(&sha2::Sha256::digest(&manifest));
+        let digest = Hasher::digest(Algorithm::Sha256, &manifest);
         let mut names = Vec::new();
         for t in e.repo_tags.iter().flatten() {
             names.extend(ctx.archive_name(t));
@@ -1173,7 +1161,7 @@ fn digest_in_name(rel: &str) -> Option<Digest> {
 /// sha256 and size of a file, and whether it starts like gzip (blocking, streaming).
 fn hash_file(path: &Path) -> io::Result<(Digest, u64, bool)> {
     let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
+    let mut h = Hasher::new(Algorithm::Sha256);
     let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
     let mut gzip = None;
@@ -1188,11 +1176,7 @@ fn hash_file(path: &Path) -> io::Result<(Digest, u64, bool)> {
         h.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((
-        Digest::sha256_from_bytes(&h.finalize()),
-        size,
-        gzip.unwrap_or(false),
-    ))
+    Ok((h.finish(), size, gzip.unwrap_or(false)))
 }
 
 /// `POST /kagami/import`: `{"path": "/abs/file.tar", "name": null}` with

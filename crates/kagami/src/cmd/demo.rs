@@ -530,7 +530,11 @@ async fn pull(
         .get(format!("{base}/manifests/{DEMO_TAG}{ns}"))
         .header(
             reqwest::header::ACCEPT,
-            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+            format!(
+                "{}, {}",
+                kagami_config::oci::OCI_MANIFEST,
+                kagami_config::oci::OCI_INDEX
+            ),
         )
         .send()
         .await?;
