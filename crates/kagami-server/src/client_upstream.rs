@@ -230,3 +230,83 @@ pub(crate) fn skip_bytes(
         std::future::ready(out)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::http::StatusCode;
+    use kagami_config::{Attempt, Config, Reference};
+
+    /// A registry that answers 503 to its first `fail` requests and then 200 with an
+    /// empty tag list (fault injection: a real registry does not fail on demand).
+    async fn flaky(fail: usize) -> (String, Arc<AtomicUsize>) {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        let app = axum::Router::new().fallback(move || {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < fail {
+                    (StatusCode::SERVICE_UNAVAILABLE, "{}")
+                } else {
+                    (StatusCode::OK, r#"{"name":"team/app","tags":[]}"#)
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr.to_string(), seen)
+    }
+
+    fn plan(hosts: &[&str]) -> Plan {
+        let config = Config::embedded_default();
+        Plan {
+            image: Reference::parse("r.example/team/app:1").unwrap(),
+            attempts: hosts
+                .iter()
+                .map(|h| Attempt::Endpoint(kagami_client::push_target(&config, h, "team/app")))
+                .collect(),
+        }
+    }
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// `serve`'s path follows the client's rule: a 5xx of the last endpoint is retried
+    /// once (for every operation, not only a manifest GET), one of an earlier endpoint is
+    /// not.
+    #[tokio::test]
+    async fn the_last_endpoint_is_retried_once_on_a_5xx() {
+        let up = ClientUpstream::new();
+        let digest: Digest = D.parse().unwrap();
+        let (last, seen) = flaky(1).await;
+        let p = plan(&[&last]);
+        up.head_blob(&p, &digest).await.unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        up.tags(&p, None, None).await.unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+
+        let (first, first_seen) = flaky(usize::MAX).await;
+        let (last, last_seen) = flaky(2).await;
+        let p = plan(&[&first, &last]);
+        let e = up.tags(&p, None, None).await.unwrap_err();
+        assert_eq!(first_seen.load(Ordering::SeqCst), 1);
+        assert_eq!(last_seen.load(Ordering::SeqCst), 2);
+        assert!(!e.not_found);
+        assert!(
+            e.message.contains(&format!("{first}/v2: HTTP 503")),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains(&format!("{last}/v2: HTTP 503")),
+            "{}",
+            e.message
+        );
+        // The blob walk starts at the attempt asked, and says which one answered.
+        let b = up.blob(&p, &digest, 0, 1).await.unwrap();
+        assert_eq!((b.attempt, first_seen.load(Ordering::SeqCst)), (1, 1));
+    }
+}
