@@ -45,14 +45,10 @@ fn pull_scopes(a: &EndpointAttempt) -> Vec<String> {
 impl Client {
     /// Fetches a manifest by tag or digest, trying every endpoint of the plan in order.
     pub async fn manifest(&self, plan: &Plan, reference: &str) -> Result<Manifest, Error> {
-        let mut walk = Walk::new(plan, 0);
-        while let Some((_, a)) = walk.next_try() {
-            match self.manifest_from(a, reference).await {
-                Ok(m) => return Ok(m),
-                Err(e) => walk.failed(a, e)?,
-            }
-        }
-        Err(walk.all_failed(format!("manifest {}:{reference}", plan.image.name())))
+        let what = || format!("manifest {}:{reference}", plan.image.name());
+        (Walk::new(plan, 0))
+            .run(what, |_, a| self.manifest_from(a, reference))
+            .await
     }
 
     /// Fetches a manifest from one endpoint: HEAD to resolve a tag to a digest, then
@@ -222,17 +218,15 @@ impl Client {
         offset: u64,
         prefix: Option<Hasher>,
     ) -> Result<OpenedBlob, Error> {
-        let mut walk = Walk::new(plan, from);
-        while let Some((attempt, a)) = walk.next_try() {
-            match self
-                .open_blob(a, digest, size, offset, prefix.clone())
-                .await
-            {
-                Ok(stream) => return Ok(OpenedBlob { stream, attempt }),
-                Err(e) => walk.failed(a, e)?,
+        let what = || format!("blob {digest}");
+        let open = |attempt, a| {
+            let prefix = prefix.clone();
+            async move {
+                let stream = self.open_blob(a, digest, size, offset, prefix).await?;
+                Ok(OpenedBlob { stream, attempt })
             }
-        }
-        Err(walk.all_failed(format!("blob {digest}")))
+        };
+        Walk::new(plan, from).run(what, open).await
     }
 
     /// Downloads a blob into `file` (truncated first), trying every endpoint of the plan:
@@ -504,31 +498,24 @@ pub struct ManifestHead {
 impl Client {
     /// HEAD of a manifest by tag or digest, trying every endpoint of the plan in order.
     pub async fn head_manifest(&self, plan: &Plan, reference: &str) -> Result<ManifestHead, Error> {
-        let mut walk = Walk::new(plan, 0);
-        while let Some((_, a)) = walk.next_try() {
-            match self.head_manifest_from(a, reference).await {
-                Ok(h) => return Ok(h),
-                Err(e) => walk.failed(a, e)?,
-            }
-        }
-        Err(walk.all_failed(format!("manifest HEAD {}:{reference}", plan.image.name())))
+        let what = || format!("manifest HEAD {}:{reference}", plan.image.name());
+        (Walk::new(plan, 0))
+            .run(what, |_, a| self.head_manifest_from(a, reference))
+            .await
     }
 
     /// HEAD of a blob through the plan: its size when the endpoint that answered says,
     /// and that endpoint (base URL).
-    pub async fn head_blob(
+    pub async fn head_blob<'p>(
         &self,
-        plan: &Plan,
+        plan: &'p Plan,
         digest: &Digest,
     ) -> Result<(Option<u64>, String), Error> {
-        let mut walk = Walk::new(plan, 0);
-        while let Some((_, a)) = walk.next_try() {
-            match self.head_blob_from(a, digest).await {
-                Ok(size) => return Ok((size, a.endpoint.base())),
-                Err(e) => walk.failed(a, e)?,
-            }
-        }
-        Err(walk.all_failed(format!("blob HEAD {digest}")))
+        let what = || format!("blob HEAD {digest}");
+        let head = |_, a: &'p EndpointAttempt| async move {
+            Ok((self.head_blob_from(a, digest).await?, a.endpoint.base()))
+        };
+        Walk::new(plan, 0).run(what, head).await
     }
 
     /// HEAD of a blob on one endpoint: its size when the endpoint says (`Content-Length`).

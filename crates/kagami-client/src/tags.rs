@@ -36,14 +36,10 @@ impl Client {
         n: Option<u32>,
         last: Option<&str>,
     ) -> Result<TagPage, Error> {
-        let mut walk = Walk::new(plan, 0);
-        while let Some((_, a)) = walk.next_try() {
-            match self.tags_from(a, n, last).await {
-                Ok(page) => return Ok(page),
-                Err(e) => walk.failed(a, e)?,
-            }
-        }
-        Err(walk.all_failed(format!("tag list of {}", plan.image.name())))
+        let what = || format!("tag list of {}", plan.image.name());
+        (Walk::new(plan, 0))
+            .run(what, |_, a| self.tags_from(a, n, last))
+            .await
     }
 
     /// One page of the tag list of the attempt's repository, from `last` on (exclusive),

@@ -1,8 +1,10 @@
 //! The one walk of a plan (ARCHITECTURE.md, kagami-client): every operation that goes
 //! through a [`Plan`] — the client's pulls and the mirror's upstream alike — tries the
 //! plan's endpoint attempts as a [`Walk`] says, so that they all follow the same
-//! fallback and retry rule. The caller drives it (a plain loop rather than a closure,
-//! so that its futures stay `Send` whatever they borrow):
+//! fallback and retry rule. An operation that needs nothing but the attempt calls
+//! [`Walk::run`]; one that carries state from try to try (a blob written to a file)
+//! drives the walk itself, in a plain loop (a closure borrowing that state mutably would
+//! make the future not `Send`):
 //!
 //! ```ignore
 //! let mut walk = Walk::new(plan, 0);
@@ -55,6 +57,22 @@ impl<'p> Walk<'p> {
             retried: false,
             errors: Vec::new(),
         }
+    }
+
+    /// Runs `op` on each try until one succeeds; the error is [`Walk::all_failed`] about
+    /// `what`, or a local failure.
+    pub async fn run<T, F: Future<Output = Result<T, Error>>>(
+        mut self,
+        what: impl FnOnce() -> String,
+        mut op: impl FnMut(usize, &'p EndpointAttempt) -> F,
+    ) -> Result<T, Error> {
+        while let Some((i, a)) = self.next_try() {
+            match op(i, a).await {
+                Ok(v) => return Ok(v),
+                Err(e) => self.failed(a, e)?,
+            }
+        }
+        Err(self.all_failed(what()))
     }
 
     /// The next try: the attempt's number and the attempt; `None` when none is left.
