@@ -16,7 +16,7 @@
 //! manifests before the tags that point at them: an import that fails half-way leaves
 //! verified content and no tag pointing at anything missing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, Read as _};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +35,8 @@ use tokio::io::AsyncReadExt;
 use crate::app::AppState;
 use crate::error::ApiError;
 use kagami_config::oci::{
-    DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST as DOCKER_LIST, Hasher, MAX_MANIFEST_SIZE as MAX_MANIFEST, OCI_INDEX,
-    OCI_MANIFEST,
+    DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Descriptor, Hasher,
+    MAX_MANIFEST_SIZE as MAX_MANIFEST, ManifestView, is_index,
 };
 use kagami_config::reference::Algorithm;
 
@@ -407,36 +406,26 @@ struct Ctx<'a> {
     report: ImportReport,
 }
 
-/// An OCI descriptor, as far as import needs it.
-#[derive(Debug, Clone, Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    digest: String,
-    #[serde(default)]
-    size: Option<u64>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-    #[serde(default)]
-    platform: Option<Value>,
+/// The platform a descriptor names, for notes.
+fn platform(d: &Descriptor) -> String {
+    d.platform
+        .as_ref()
+        .map_or_else(|| "platform unknown".into(), ToString::to_string)
 }
 
-impl Descriptor {
-    fn platform(&self) -> String {
-        match &self.platform {
-            Some(p) => {
-                let mut s = format!(
-                    "{}/{}",
-                    p["os"].as_str().unwrap_or("?"),
-                    p["architecture"].as_str().unwrap_or("?")
-                );
-                if let Some(v) = p["variant"].as_str() {
-                    s = format!("{s}/{v}");
-                }
-                s
-            }
-            None => "platform unknown".into(),
-        }
+/// An annotation of a descriptor.
+fn annotation<'d>(d: &'d Descriptor, key: &str) -> Option<&'d str> {
+    d.annotations.as_ref()?.get(key)?.as_str()
+}
+
+/// A manifest, index or `index.json` read with the one parser; a descriptor it cannot
+/// read stops the import.
+fn read_view(ctx: &Ctx<'_>, rel: &str, bytes: &[u8]) -> Result<ManifestView, ImportError> {
+    let v =
+        ManifestView::parse(bytes).map_err(|e| ctx.invalid(rel, format!("invalid JSON: {e}")))?;
+    match v.rejected.first() {
+        Some(why) => Err(ctx.invalid(rel, why.clone())),
+        None => Ok(v),
     }
 }
 
@@ -748,21 +737,12 @@ fn assign_names(
     Ok(())
 }
 
-fn is_index(mt: &str) -> bool {
-    mt == OCI_INDEX || mt == DOCKER_LIST
-}
-
 async fn import_oci(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(), ImportError> {
     let bytes = ctx
         .read_small("index.json", MAX_MANIFEST)
         .await?
         .ok_or_else(|| ctx.invalid("index.json", "missing"))?;
-    let index: Value = ctx.parse_json("index.json", &bytes)?;
-    let descs: Vec<Descriptor> = match index.get("manifests") {
-        Some(m) => serde_json::from_value(m.clone())
-            .map_err(|e| ctx.invalid("index.json", format!("bad manifests list: {e}")))?,
-        None => return Err(ctx.invalid("index.json", "has no manifests list")),
-    };
+    let descs = read_view(ctx, "index.json", &bytes)?.manifests;
     if descs.is_empty() {
         return Err(ctx.invalid("index.json", "lists no image"));
     }
@@ -770,14 +750,11 @@ async fn import_oci(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(), 
     let mut own: Vec<(Digest, Vec<Reference>)> = Vec::new();
     let mut given_used = false;
     for desc in &descs {
-        let d: Digest = desc
-            .digest
-            .parse()
-            .map_err(|e| ctx.invalid("index.json", format!("{e}")))?;
+        let d = desc.digest.clone();
         let mut names = Vec::new();
-        if let Some(n) = desc.annotations.get(CONTAINERD_NAME) {
+        if let Some(n) = annotation(desc, CONTAINERD_NAME) {
             names.extend(ctx.archive_name(n));
-        } else if let Some(r) = desc.annotations.get(OCI_REF_NAME) {
+        } else if let Some(r) = annotation(desc, OCI_REF_NAME) {
             if r.contains('/') || r.contains(':') || r.contains('@') {
                 names.extend(ctx.archive_name(r));
             } else if let Some(g) = given {
@@ -794,7 +771,7 @@ async fn import_oci(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(), 
     for (d, names) in own {
         let desc = descs
             .iter()
-            .find(|x| x.digest == d.to_string())
+            .find(|x| x.digest == d)
             .expect("every digest comes from a descriptor")
             .clone();
         let mt = Box::pin(import_manifest(ctx, &desc, true))
@@ -821,10 +798,7 @@ async fn import_manifest(
     desc: &Descriptor,
     top: bool,
 ) -> Result<Option<String>, ImportError> {
-    let d: Digest = desc
-        .digest
-        .parse()
-        .map_err(|e| ctx.invalid("a descriptor", format!("{e}")))?;
+    let d = desc.digest.clone();
     let rel = blob_rel(&d);
     let Some(bytes) = ctx.read_small(&rel, MAX_MANIFEST).await? else {
         if top {
@@ -837,32 +811,22 @@ async fn import_manifest(
         }
         ctx.report.notes.push(format!(
             "platform {} ({d}) is not in the archive: skipped",
-            desc.platform()
+            platform(desc)
         ));
         return Ok(None);
     };
     check_content(ctx, &rel, &bytes, &d, desc.size)?;
-    let v: Value = ctx.parse_json(&rel, &bytes)?;
-    let mt = desc
-        .media_type
-        .clone()
-        .or_else(|| v["mediaType"].as_str().map(str::to_string))
-        .unwrap_or_else(|| {
-            if v.get("manifests").is_some() {
-                OCI_INDEX.into()
-            } else {
-                OCI_MANIFEST.into()
-            }
-        });
+    let v = read_view(ctx, &rel, &bytes)?;
+    let mt = Some(desc.media_type.clone())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| v.guess_media_type().to_string());
     if ctx.done.contains(&d) {
         return Ok(Some(mt));
     }
     if is_index(&mt) {
-        let children: Vec<Descriptor> =
-            serde_json::from_value(v.get("manifests").cloned().unwrap_or(Value::Null))
-                .map_err(|e| ctx.invalid(&rel, format!("bad manifests list: {e}")))?;
+        let children = &v.manifests;
         let mut any = false;
-        for c in &children {
+        for c in children {
             if Box::pin(import_manifest(ctx, c, false)).await?.is_some() {
                 any = true;
             }
@@ -876,26 +840,18 @@ async fn import_manifest(
                 ),
             ));
         }
-    } else if v.get("layers").is_some() || v.get("config").is_some() {
-        let mut blobs: Vec<(String, Descriptor)> = Vec::new();
-        if let Some(c) = v.get("config") {
-            let c: Descriptor = serde_json::from_value(c.clone())
-                .map_err(|e| ctx.invalid(&rel, format!("bad config descriptor: {e}")))?;
+    } else if v.config.is_some() || !v.layers.is_empty() {
+        let mut blobs: Vec<(String, &Descriptor)> = Vec::new();
+        if let Some(c) = &v.config {
             blobs.push(("config".into(), c));
         }
-        let layers: Vec<Descriptor> =
-            serde_json::from_value(v.get("layers").cloned().unwrap_or(Value::Array(vec![])))
-                .map_err(|e| ctx.invalid(&rel, format!("bad layers list: {e}")))?;
-        for (i, l) in layers.into_iter().enumerate() {
+        for (i, l) in v.layers.iter().enumerate() {
             blobs.push((format!("layer {i}"), l));
         }
         // Every blob must be there before anything of this image is written.
         let mut located = Vec::new();
         for (what, b) in &blobs {
-            let bd: Digest = b
-                .digest
-                .parse()
-                .map_err(|e| ctx.invalid(&rel, format!("{what}: {e}")))?;
+            let bd = b.digest.clone();
             let brel = blob_rel(&bd);
             let Some(full) = ctx.locate(&brel)? else {
                 if top {
@@ -908,7 +864,7 @@ async fn import_manifest(
                 }
                 ctx.report.notes.push(format!(
                     "platform {} ({d}) is incomplete in the archive ({what} {bd} missing): skipped",
-                    desc.platform()
+                    platform(desc)
                 ));
                 return Ok(None);
             };
