@@ -262,7 +262,7 @@ impl Client {
                 state.reset(file).await.map_err(io)?;
                 progress(0);
             }
-            walk.failed(a, error)?;
+            walk.failed(error)?;
         }
         Err(walk.all_failed(format!("blob {digest} of {}", plan.image.name())))
     }

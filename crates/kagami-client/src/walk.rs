@@ -11,7 +11,7 @@
 //! while let Some((_, a)) = walk.next_try() {
 //!     match op(a).await {
 //!         Ok(v) => return Ok(v),
-//!         Err(e) => walk.failed(a, e)?,
+//!         Err(e) => walk.failed(e)?,
 //!     }
 //! }
 //! Err(walk.all_failed(what))
@@ -69,7 +69,7 @@ impl<'p> Walk<'p> {
         while let Some((i, a)) = self.next_try() {
             match op(i, a).await {
                 Ok(v) => return Ok(v),
-                Err(e) => self.failed(a, e)?,
+                Err(e) => self.failed(e)?,
             }
         }
         Err(self.all_failed(what()))
@@ -86,12 +86,13 @@ impl<'p> Walk<'p> {
         Some((self.next - 1, a))
     }
 
-    /// Notes how the try of `a` (the last one [`Walk::next_try`] gave) failed. `Err`: a
-    /// local failure, to be returned as it is.
-    pub fn failed(&mut self, a: &EndpointAttempt, error: Error) -> Result<(), Error> {
+    /// Notes how the last try [`Walk::next_try`] gave failed. `Err`: a local failure, to
+    /// be returned as it is.
+    pub fn failed(&mut self, error: Error) -> Result<(), Error> {
         if let Error::Io { .. } = error {
             return Err(error);
         }
+        let a = self.attempts[self.next - 1];
         tracing::info!(endpoint = %a.endpoint, %error, "attempt failed");
         if self.next == self.attempts.len() && !self.retried && error.is_transient() {
             self.retried = true;
@@ -153,12 +154,12 @@ mod tests {
         let p = plan(hosts);
         let mut calls = Vec::new();
         let mut walk = Walk::new(&p, from);
-        while let Some((i, a)) = walk.next_try() {
+        while let Some((i, _)) = walk.next_try() {
             calls.push(i);
             match answers[i].remove(0) {
                 Ok(v) => return (Ok(v), calls),
                 Err(e) => {
-                    if let Err(e) = walk.failed(a, e) {
+                    if let Err(e) = walk.failed(e) {
                         return (Err(e), calls);
                     }
                 }
