@@ -46,7 +46,7 @@ impl Client {
     /// Fetches a manifest by tag or digest, trying every endpoint of the plan in order.
     pub async fn manifest(&self, plan: &Plan, reference: &str) -> Result<Manifest, Error> {
         let what = || format!("manifest {}:{reference}", plan.image.name());
-        (Walk::new(plan, 0))
+        Walk::new(plan, 0)
             .run(what, |_, a| self.manifest_from(a, reference))
             .await
     }
@@ -499,7 +499,7 @@ impl Client {
     /// HEAD of a manifest by tag or digest, trying every endpoint of the plan in order.
     pub async fn head_manifest(&self, plan: &Plan, reference: &str) -> Result<ManifestHead, Error> {
         let what = || format!("manifest HEAD {}:{reference}", plan.image.name());
-        (Walk::new(plan, 0))
+        Walk::new(plan, 0)
             .run(what, |_, a| self.head_manifest_from(a, reference))
             .await
     }
