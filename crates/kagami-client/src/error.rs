@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use kagami_config::Digest;
 use serde::Deserialize;
 
 /// A failure talking to a registry.
@@ -26,8 +27,8 @@ pub enum Error {
     #[error("{url}: digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {
         url: String,
-        expected: String,
-        actual: String,
+        expected: Digest,
+        actual: Digest,
     },
     /// The content has a different size than its descriptor says.
     #[error("{url}: size mismatch: expected {expected} bytes, got {actual}")]
@@ -83,11 +84,14 @@ impl Error {
         }
     }
 
-    /// True for failures worth retrying on the same endpoint (5xx, network trouble).
+    /// True for failures worth retrying on the same endpoint: a 5xx, or network trouble
+    /// that came quickly (refused, reset, DNS). A timeout is not: the endpoint has had its
+    /// time already, and a second wait would double what the caller (containerd, through
+    /// `serve`) waits before it can move on.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Status { status, .. } => *status >= 500,
-            Error::Network { .. } => true,
+            Error::Network { source, .. } => !source.is_timeout(),
             _ => false,
         }
     }
@@ -205,6 +209,30 @@ impl fmt::Display for RegistryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A timeout is not retried (the endpoint had its time); a refusal is.
+    #[tokio::test]
+    async fn a_timeout_is_not_transient_a_refused_connection_is() {
+        // Accepts connections (the kernel's backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v2/", silent.local_addr().unwrap());
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let network = |source| Error::Network {
+            url: url.clone(),
+            source,
+        };
+        let timed_out = http.get(&url).send().await.unwrap_err();
+        assert!(timed_out.is_timeout(), "{timed_out}");
+        assert!(!network(timed_out).is_transient());
+        drop(silent);
+        let refused = http.get(&url).send().await.unwrap_err();
+        assert!(!refused.is_timeout(), "{refused}");
+        assert!(network(refused).is_transient());
+    }
 
     #[test]
     fn oci_body() {

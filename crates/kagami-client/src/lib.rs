@@ -20,18 +20,17 @@
 
 pub mod auth;
 mod client;
-pub mod digest;
 pub mod error;
 pub mod guard;
-pub mod manifest;
 mod pull;
 mod push;
 mod tags;
 mod tls;
+mod walk;
 
 pub use client::{Client, ClientOptions};
 pub use error::{AttemptError, Error, RegistryError};
-pub use manifest::{Descriptor, ManifestView, Platform};
-pub use pull::{BlobStream, Manifest, ManifestHead, endpoint_attempts};
+pub use pull::{BlobStream, Manifest, ManifestHead, OpenedBlob};
 pub use push::{Mount, push_target};
 pub use tags::{MAX_TAG_LIST, TagPage};
+pub use walk::{Walk, endpoint_attempts};

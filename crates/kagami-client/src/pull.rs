@@ -7,42 +7,35 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
-use kagami_config::{Attempt, Digest, EndpointAttempt, Plan};
+use kagami_config::oci::{Hasher, MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, ManifestView};
+use kagami_config::{Digest, EndpointAttempt, Plan};
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE};
 use reqwest::{Method, StatusCode};
 use tokio::io::AsyncSeekExt as _;
 
 use crate::client::{Client, read_limited, status_error};
-use crate::digest::Hasher;
-use crate::error::{AttemptError, Error};
-use crate::manifest::{MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, ManifestView};
+use crate::error::Error;
+use crate::walk::Walk;
 
 /// A manifest or index, exactly as received, with where it came from.
 #[derive(Debug, Clone)]
 pub struct Manifest {
     pub bytes: Bytes,
     pub media_type: String,
-    /// `sha256:<hex>` (or the algorithm of the digest it was asked by).
-    pub digest: String,
+    /// sha256 (or the algorithm of the digest it was asked by).
+    pub digest: Digest,
     /// The endpoint that served it (base URL).
     pub endpoint: String,
 }
 
 impl Manifest {
+    /// The manifest read strictly ([`ManifestView::checked`]).
     pub fn view(&self) -> Result<ManifestView, Error> {
-        ManifestView::parse(&self.bytes).map_err(|why| Error::InvalidManifest {
+        ManifestView::checked(&self.bytes).map_err(|why| Error::InvalidManifest {
             url: self.endpoint.clone(),
             why,
         })
     }
-}
-
-/// The endpoint attempts of a plan, in order (the peers attempt is not this client's).
-pub fn endpoint_attempts(plan: &Plan) -> impl Iterator<Item = &EndpointAttempt> {
-    plan.attempts.iter().filter_map(|a| match a {
-        Attempt::Endpoint(e) => Some(e),
-        Attempt::Peers => None,
-    })
 }
 
 fn pull_scopes(a: &EndpointAttempt) -> Vec<String> {
@@ -52,42 +45,10 @@ fn pull_scopes(a: &EndpointAttempt) -> Vec<String> {
 impl Client {
     /// Fetches a manifest by tag or digest, trying every endpoint of the plan in order.
     pub async fn manifest(&self, plan: &Plan, reference: &str) -> Result<Manifest, Error> {
-        let what = format!("manifest {}:{reference}", plan.image.name());
-        self.with_fallback(plan, what, async |a| self.manifest_from(a, reference).await)
+        let what = || format!("manifest {}:{reference}", plan.image.name());
+        Walk::new(plan, 0)
+            .run(what, |_, a| self.manifest_from(a, reference))
             .await
-    }
-
-    /// Runs `f` on each endpoint attempt until one succeeds; 5xx and network errors
-    /// are retried once on the last attempt only.
-    async fn with_fallback<T>(
-        &self,
-        plan: &Plan,
-        what: String,
-        mut f: impl AsyncFnMut(&EndpointAttempt) -> Result<T, Error>,
-    ) -> Result<T, Error> {
-        let attempts: Vec<&EndpointAttempt> = endpoint_attempts(plan).collect();
-        let mut errors = Vec::new();
-        for (i, a) in attempts.iter().enumerate() {
-            let last = i + 1 == attempts.len();
-            let mut result = f(a).await;
-            if last && result.as_ref().is_err_and(Error::is_transient) {
-                result = f(a).await;
-            }
-            match result {
-                Ok(v) => return Ok(v),
-                Err(error) => {
-                    tracing::info!(endpoint = %a.endpoint, %error, "attempt failed");
-                    errors.push(AttemptError {
-                        endpoint: a.endpoint.base(),
-                        error,
-                    });
-                }
-            }
-        }
-        Err(Error::AllFailed {
-            what,
-            attempts: errors,
-        })
     }
 
     /// Fetches a manifest from one endpoint: HEAD to resolve a tag to a digest, then
@@ -154,19 +115,19 @@ impl Client {
         };
         let digest = match &expected {
             Some(d) => {
-                let actual = crate::digest::digest_like(d, &body);
-                if actual != d.to_string() {
+                let actual = Hasher::digest(d.algorithm(), &body);
+                if actual != *d {
                     return Err(Error::DigestMismatch {
                         url,
-                        expected: d.to_string(),
+                        expected: d.clone(),
                         actual,
                     });
                 }
                 actual
             }
-            None => crate::digest::sha256(&body),
+            None => Hasher::digest(kagami_config::reference::Algorithm::Sha256, &body),
         };
-        let view = ManifestView::parse(&body).map_err(|why| Error::InvalidManifest {
+        let view = ManifestView::checked(&body).map_err(|why| Error::InvalidManifest {
             url: url.clone(),
             why,
         })?;
@@ -239,11 +200,33 @@ impl Client {
             position: start,
             content_length: length,
             size,
-            digest: digest.to_string(),
+            digest: digest.clone(),
             hasher,
             inner: Box::pin(resp.bytes_stream()),
             done: false,
         })
+    }
+
+    /// Opens a blob from `offset` on ([`Client::open_blob`]) through the plan, trying its
+    /// endpoint attempts from the one numbered `from` on ([`Walk`]).
+    pub async fn open_blob_in(
+        &self,
+        plan: &Plan,
+        from: usize,
+        digest: &Digest,
+        size: Option<u64>,
+        offset: u64,
+        prefix: Option<Hasher>,
+    ) -> Result<OpenedBlob, Error> {
+        let what = || format!("blob {digest}");
+        let open = |attempt, a| {
+            let prefix = prefix.clone();
+            async move {
+                let stream = self.open_blob(a, digest, size, offset, prefix).await?;
+                Ok(OpenedBlob { stream, attempt })
+            }
+        };
+        Walk::new(plan, from).run(what, open).await
     }
 
     /// Downloads a blob into `file` (truncated first), trying every endpoint of the plan:
@@ -258,7 +241,6 @@ impl Client {
         file: &mut tokio::fs::File,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<String, Error> {
-        let what = format!("blob {digest} of {}", plan.image.name());
         let io = |e| Error::io(format!("writing {digest}"), e);
         file.set_len(0).await.map_err(io)?;
         file.seek(std::io::SeekFrom::Start(0)).await.map_err(io)?;
@@ -266,45 +248,23 @@ impl Client {
             written: 0,
             hasher: Hasher::new(digest.algorithm()),
         };
-        let attempts: Vec<&EndpointAttempt> = endpoint_attempts(plan).collect();
-        let mut errors = Vec::new();
-        for (i, a) in attempts.iter().enumerate() {
-            let last = i + 1 == attempts.len();
-            let mut tries = if last { 2 } else { 1 };
-            loop {
-                tries -= 1;
-                let result = self
-                    .blob_once(a, digest, size, file, &mut state, progress)
-                    .await;
-                let error = match result {
-                    Ok(()) => return Ok(a.endpoint.base()),
-                    Err(e) => e,
-                };
-                if matches!(error, Error::Io { .. }) {
-                    return Err(error);
-                }
-                tracing::info!(endpoint = %a.endpoint, %error, "blob attempt failed");
-                if matches!(
-                    error,
-                    Error::DigestMismatch { .. } | Error::SizeMismatch { .. }
-                ) {
-                    state.reset(file).await.map_err(io)?;
-                    progress(0);
-                }
-                if tries > 0 && error.is_transient() {
-                    continue;
-                }
-                errors.push(AttemptError {
-                    endpoint: a.endpoint.base(),
-                    error,
-                });
-                break;
+        let mut walk = Walk::new(plan, 0);
+        while let Some((_, a)) = walk.next_try() {
+            let error = match self
+                .blob_once(a, digest, size, file, &mut state, progress)
+                .await
+            {
+                Ok(()) => return Ok(a.endpoint.base()),
+                Err(e) => e,
+            };
+            if let Error::DigestMismatch { .. } | Error::SizeMismatch { .. } = error {
+                // Wrong content: the next try starts over.
+                state.reset(file).await.map_err(io)?;
+                progress(0);
             }
+            walk.failed(error)?;
         }
-        Err(Error::AllFailed {
-            what,
-            attempts: errors,
-        })
+        Err(walk.all_failed(format!("blob {digest} of {}", plan.image.name())))
     }
 
     /// One try of one endpoint. The network side only receives; hashing and writing
@@ -384,10 +344,10 @@ impl Client {
         written.map_err(io)?;
         result?;
         let actual = state.hasher.clone().finish();
-        if actual != digest.to_string() {
+        if actual != *digest {
             return Err(Error::DigestMismatch {
                 url: stream.url.clone(),
-                expected: digest.to_string(),
+                expected: digest.clone(),
                 actual,
             });
         }
@@ -403,14 +363,19 @@ struct Resume {
 impl Resume {
     async fn reset(&mut self, file: &mut tokio::fs::File) -> std::io::Result<()> {
         self.written = 0;
-        self.hasher = Hasher::new(match self.hasher {
-            Hasher::Sha256(_) => kagami_config::reference::Algorithm::Sha256,
-            Hasher::Sha512(_) => kagami_config::reference::Algorithm::Sha512,
-        });
+        self.hasher = Hasher::new(self.hasher.algorithm());
         file.set_len(0).await?;
         file.seek(std::io::SeekFrom::Start(0)).await?;
         Ok(())
     }
+}
+
+/// A blob opened through a plan.
+pub struct OpenedBlob {
+    pub stream: BlobStream,
+    /// The number of the endpoint attempt that answered, so that a resume can start
+    /// after it.
+    pub attempt: usize,
 }
 
 /// A blob's bytes as they arrive, hashed on the way; the last item is an error if the
@@ -427,7 +392,7 @@ pub struct BlobStream {
     /// the blob's total size is `start + content_length`.
     pub content_length: Option<u64>,
     size: Option<u64>,
-    digest: String,
+    digest: Digest,
     /// `None` when resuming without the hash of the skipped prefix: not verified.
     hasher: Option<Hasher>,
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
@@ -524,7 +489,7 @@ impl Stream for BlobStream {
 /// What a manifest HEAD says: enough to revalidate a cached tag without a GET.
 #[derive(Debug, Clone)]
 pub struct ManifestHead {
-    pub digest: String,
+    pub digest: Digest,
     pub media_type: String,
     /// The endpoint that answered (base URL).
     pub endpoint: String,
@@ -533,11 +498,24 @@ pub struct ManifestHead {
 impl Client {
     /// HEAD of a manifest by tag or digest, trying every endpoint of the plan in order.
     pub async fn head_manifest(&self, plan: &Plan, reference: &str) -> Result<ManifestHead, Error> {
-        let what = format!("manifest HEAD {}:{reference}", plan.image.name());
-        self.with_fallback(plan, what, async |a| {
-            self.head_manifest_from(a, reference).await
-        })
-        .await
+        let what = || format!("manifest HEAD {}:{reference}", plan.image.name());
+        Walk::new(plan, 0)
+            .run(what, |_, a| self.head_manifest_from(a, reference))
+            .await
+    }
+
+    /// HEAD of a blob through the plan: its size when the endpoint that answered says,
+    /// and that endpoint (base URL).
+    pub async fn head_blob<'p>(
+        &self,
+        plan: &'p Plan,
+        digest: &Digest,
+    ) -> Result<(Option<u64>, String), Error> {
+        let what = || format!("blob HEAD {digest}");
+        let head = |_, a: &'p EndpointAttempt| async move {
+            Ok((self.head_blob_from(a, digest).await?, a.endpoint.base()))
+        };
+        Walk::new(plan, 0).run(what, head).await
     }
 
     /// HEAD of a blob on one endpoint: its size when the endpoint says (`Content-Length`).
@@ -588,12 +566,11 @@ impl Client {
         let digest = h
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| v.parse::<Digest>().is_ok())
+            .and_then(|v| v.parse::<Digest>().ok())
             .ok_or_else(|| Error::InvalidManifest {
                 url: url.clone(),
                 why: "HEAD answer has no valid Docker-Content-Digest".into(),
-            })?
-            .to_string();
+            })?;
         let media_type = h
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())

@@ -12,7 +12,8 @@ use url::Url;
 
 use crate::client::{Client, ReqBody, status_error};
 use crate::error::Error;
-use crate::manifest::MANIFEST_ACCEPT;
+use kagami_config::Digest;
+use kagami_config::oci::MANIFEST_ACCEPT;
 
 /// A repository in a registry kagami writes to, with the auth and TLS settings of
 /// `configs[<host>]`.
@@ -48,8 +49,8 @@ fn push_scope(t: &EndpointAttempt) -> String {
 
 impl Client {
     /// HEAD of a blob in the target repository.
-    pub async fn blob_exists(&self, t: &EndpointAttempt, digest: &str) -> Result<bool, Error> {
-        let url = t.url("blobs", digest);
+    pub async fn blob_exists(&self, t: &EndpointAttempt, digest: &Digest) -> Result<bool, Error> {
+        let url = t.url("blobs", &digest.to_string());
         let resp = self
             .send(
                 t,
@@ -72,7 +73,7 @@ impl Client {
         &self,
         t: &EndpointAttempt,
         reference: &str,
-    ) -> Result<Option<String>, Error> {
+    ) -> Result<Option<Digest>, Error> {
         let url = t.url("manifests", reference);
         let mut h = HeaderMap::new();
         h.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
@@ -84,7 +85,7 @@ impl Client {
                 .headers()
                 .get("docker-content-digest")
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string)),
+                .and_then(|v| v.parse().ok())),
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(status_error(&url, resp).await),
         }
@@ -94,13 +95,13 @@ impl Client {
     pub async fn mount_blob(
         &self,
         t: &EndpointAttempt,
-        digest: &str,
+        digest: &Digest,
         from: &str,
     ) -> Result<Mount, Error> {
         let base = t.url("blobs", "uploads/");
         let mut u = Url::parse(&base).map_err(|e| bad_url(&base, e))?;
         u.query_pairs_mut()
-            .append_pair("mount", digest)
+            .append_pair("mount", &digest.to_string())
             .append_pair("from", from);
         let scopes = [push_scope(t), format!("repository:{from}:pull")];
         let resp = self
@@ -137,12 +138,13 @@ impl Client {
         &self,
         t: &EndpointAttempt,
         location: &str,
-        digest: &str,
+        digest: &Digest,
         path: &Path,
         size: u64,
     ) -> Result<(), Error> {
         let mut u = Url::parse(location).map_err(|e| bad_url(location, e))?;
-        u.query_pairs_mut().append_pair("digest", digest);
+        u.query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
         let mut h = HeaderMap::new();
         h.insert(
             CONTENT_TYPE,
@@ -162,7 +164,7 @@ impl Client {
     pub async fn push_blob_file(
         &self,
         t: &EndpointAttempt,
-        digest: &str,
+        digest: &Digest,
         path: &Path,
         size: u64,
     ) -> Result<(), Error> {

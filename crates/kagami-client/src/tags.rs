@@ -6,7 +6,8 @@ use reqwest::{Method, StatusCode};
 
 use crate::client::{Client, read_limited, status_error};
 use crate::error::Error;
-use kagami_config::EndpointAttempt;
+use crate::walk::Walk;
+use kagami_config::{EndpointAttempt, Plan};
 
 /// The most a tag list answer may weigh.
 pub const MAX_TAG_LIST: u64 = 4 * 1024 * 1024;
@@ -28,6 +29,19 @@ struct Raw {
 }
 
 impl Client {
+    /// One page of the tag list through the plan ([`Walk`]).
+    pub async fn tags(
+        &self,
+        plan: &Plan,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<TagPage, Error> {
+        let what = || format!("tag list of {}", plan.image.name());
+        Walk::new(plan, 0)
+            .run(what, |_, a| self.tags_from(a, n, last))
+            .await
+    }
+
     /// One page of the tag list of the attempt's repository, from `last` on (exclusive),
     /// at most `n` tags when given.
     pub async fn tags_from(

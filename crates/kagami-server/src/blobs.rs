@@ -335,28 +335,13 @@ const MAX_DESCRIPTORS: usize = 100_000;
 /// fetch of one of them knows where it must end. Kept per registry: a manifest from one
 /// registry cannot set the size another registry's fetch expects.
 pub(crate) fn note_descriptors(state: &AppState, registry: &str, manifest: &[u8]) {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+    let Ok(v) = kagami_config::oci::ManifestView::parse(manifest) else {
         return;
     };
-    let mut found = Vec::new();
-    let mut note = |d: &serde_json::Value| {
-        if let (Some(digest), Some(size)) = (
-            d.get("digest")
-                .and_then(|x| x.as_str())
-                .and_then(|x| x.parse::<Digest>().ok()),
-            d.get("size").and_then(|x| x.as_u64()),
-        ) {
-            found.push((digest, size));
-        }
-    };
-    if let Some(c) = v.get("config") {
-        note(c);
-    }
-    for list in ["layers", "manifests", "blobs"] {
-        for d in v.get(list).and_then(|l| l.as_array()).into_iter().flatten() {
-            note(d);
-        }
-    }
+    let found: Vec<(Digest, u64)> = v
+        .all()
+        .filter_map(|d| Some((d.digest.clone(), d.size?)))
+        .collect();
     if found.is_empty() {
         return;
     }

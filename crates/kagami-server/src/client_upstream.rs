@@ -1,11 +1,12 @@
-//! The real [`Upstream`]: kagami-client walking the plan's endpoint attempts.
+//! The real [`Upstream`]: kagami-client walking the plan's endpoint attempts, with the
+//! client's one walk ([`kagami_client::Walk`]) and so its fallback and retry rule.
 
 use std::io;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
-use kagami_client::{Client, ClientOptions, Error, endpoint_attempts};
+use kagami_client::{AttemptError, Client, ClientOptions, Error, OpenedBlob};
 use kagami_config::{Digest, Plan};
 
 use crate::upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};
@@ -50,7 +51,17 @@ impl Default for ClientUpstream {
 /// URLs, what each registry answered) goes to the log under a request id; the message,
 /// which reaches clients, names each endpoint with a short reason of kagami's own words
 /// (an HTTP status, "no answer", "digest mismatch", ...) and that id.
-fn all_failed(what: &str, errors: &[(String, Error)]) -> UpstreamError {
+fn all_failed(e: Error) -> UpstreamError {
+    let (what, errors) = match e {
+        Error::AllFailed { what, attempts } => (what, attempts),
+        // The walk ends early only on a local failure, which these reads do not have.
+        other => {
+            return UpstreamError {
+                message: client_reason(&other),
+                not_found: false,
+            };
+        }
+    };
     if errors.is_empty() {
         return UpstreamError {
             message: format!("{what}: no endpoint to try"),
@@ -58,8 +69,11 @@ fn all_failed(what: &str, errors: &[(String, Error)]) -> UpstreamError {
         };
     }
     let id = crate::request_id::current_or_new();
-    let detail: Vec<String> = errors.iter().map(|(ep, e)| format!("{ep}: {e}")).collect();
-    let not_found = errors.iter().all(|(_, e)| e.status() == Some(404));
+    let detail: Vec<String> = errors
+        .iter()
+        .map(|a| format!("{}: {}", a.endpoint, a.error))
+        .collect();
+    let not_found = errors.iter().all(|a| a.error.status() == Some(404));
     if not_found {
         tracing::info!(request_id = %id, "{what}: every attempt failed: {}", detail.join("; "));
     } else {
@@ -67,7 +81,7 @@ fn all_failed(what: &str, errors: &[(String, Error)]) -> UpstreamError {
     }
     let short: Vec<String> = errors
         .iter()
-        .map(|(ep, e)| format!("{ep}: {}", client_reason(e)))
+        .map(|AttemptError { endpoint, error }| format!("{endpoint}: {}", client_reason(error)))
         .collect();
     UpstreamError {
         message: format!(
@@ -99,14 +113,6 @@ pub fn client_reason(e: &Error) -> String {
     }
 }
 
-fn parse_digest(s: &str) -> Result<Digest, UpstreamError> {
-    s.parse()
-        .map_err(|e: kagami_config::ReferenceError| UpstreamError {
-            message: e.to_string(),
-            not_found: false,
-        })
-}
-
 impl Upstream for ClientUpstream {
     fn manifest<'a>(
         &'a self,
@@ -114,32 +120,17 @@ impl Upstream for ClientUpstream {
         reference: &'a str,
     ) -> BoxFuture<'a, Result<FetchedManifest, UpstreamError>> {
         async move {
-            let mut errors = Vec::new();
-            let attempts: Vec<_> = endpoint_attempts(plan).collect();
-            for (i, a) in attempts.iter().enumerate() {
-                let mut r = self.client.manifest_from(a, reference).await;
-                if i + 1 == attempts.len()
-                    && r.as_ref()
-                        .is_err_and(|e| e.status().is_some_and(|s| s >= 500))
-                {
-                    r = self.client.manifest_from(a, reference).await;
-                }
-                match r {
-                    Ok(m) => {
-                        return Ok(FetchedManifest {
-                            digest: parse_digest(&m.digest)?,
-                            bytes: m.bytes,
-                            media_type: m.media_type,
-                            source: m.endpoint,
-                        });
-                    }
-                    Err(e) => errors.push((a.endpoint.base(), e)),
-                }
-            }
-            Err(all_failed(
-                &format!("manifest {}:{reference}", plan.image.name()),
-                &errors,
-            ))
+            let m = self
+                .client
+                .manifest(plan, reference)
+                .await
+                .map_err(all_failed)?;
+            Ok(FetchedManifest {
+                digest: m.digest,
+                bytes: m.bytes,
+                media_type: m.media_type,
+                source: m.endpoint,
+            })
         }
         .boxed()
     }
@@ -150,20 +141,7 @@ impl Upstream for ClientUpstream {
         n: Option<u32>,
         last: Option<&'a str>,
     ) -> BoxFuture<'a, Result<kagami_client::TagPage, UpstreamError>> {
-        async move {
-            let mut errors = Vec::new();
-            for a in endpoint_attempts(plan) {
-                match self.client.tags_from(a, n, last).await {
-                    Ok(page) => return Ok(page),
-                    Err(e) => errors.push((a.endpoint.base(), e)),
-                }
-            }
-            Err(all_failed(
-                &format!("tag list of {}", plan.image.name()),
-                &errors,
-            ))
-        }
-        .boxed()
+        async move { self.client.tags(plan, n, last).await.map_err(all_failed) }.boxed()
     }
 
     fn head_manifest<'a>(
@@ -172,23 +150,16 @@ impl Upstream for ClientUpstream {
         tag: &'a str,
     ) -> BoxFuture<'a, Result<ManifestHead, UpstreamError>> {
         async move {
-            let mut errors = Vec::new();
-            for a in endpoint_attempts(plan) {
-                match self.client.head_manifest_from(a, tag).await {
-                    Ok(h) => {
-                        return Ok(ManifestHead {
-                            digest: parse_digest(&h.digest)?,
-                            media_type: h.media_type,
-                            source: h.endpoint,
-                        });
-                    }
-                    Err(e) => errors.push((a.endpoint.base(), e)),
-                }
-            }
-            Err(all_failed(
-                &format!("manifest HEAD {}:{tag}", plan.image.name()),
-                &errors,
-            ))
+            let h = self
+                .client
+                .head_manifest(plan, tag)
+                .await
+                .map_err(all_failed)?;
+            Ok(ManifestHead {
+                digest: h.digest,
+                media_type: h.media_type,
+                source: h.endpoint,
+            })
         }
         .boxed()
     }
@@ -199,19 +170,12 @@ impl Upstream for ClientUpstream {
         digest: &'a Digest,
     ) -> BoxFuture<'a, Result<BlobHead, UpstreamError>> {
         async move {
-            let mut errors = Vec::new();
-            for a in endpoint_attempts(plan) {
-                match self.client.head_blob_from(a, digest).await {
-                    Ok(size) => {
-                        return Ok(BlobHead {
-                            size,
-                            source: a.endpoint.base(),
-                        });
-                    }
-                    Err(e) => errors.push((a.endpoint.base(), e)),
-                }
-            }
-            Err(all_failed(&format!("blob HEAD {digest}"), &errors))
+            let (size, source) = self
+                .client
+                .head_blob(plan, digest)
+                .await
+                .map_err(all_failed)?;
+            Ok(BlobHead { size, source })
         }
         .boxed()
     }
@@ -224,32 +188,24 @@ impl Upstream for ClientUpstream {
         from_attempt: usize,
     ) -> BoxFuture<'a, Result<BlobBody, UpstreamError>> {
         async move {
-            let attempts: Vec<_> = endpoint_attempts(plan).collect();
-            let mut errors = Vec::new();
-            for (i, a) in attempts.iter().enumerate().skip(from_attempt) {
-                match self.client.open_blob(a, digest, None, offset, None).await {
-                    Ok(s) => {
-                        let size = s.content_length.map(|l| s.start + l);
-                        let skip = offset - s.start.min(offset);
-                        let source = s.endpoint.clone();
-                        // The verification of the whole blob is the store's job: the
-                        // client does not hash it a second time.
-                        let stream = s.unverified().map_err(io::Error::other);
-                        let stream = skip_bytes(stream, skip).boxed();
-                        return Ok(BlobBody {
-                            stream,
-                            size,
-                            source,
-                            attempt: i,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::info!(endpoint = %a.endpoint, error = %e, "blob attempt failed");
-                        errors.push((a.endpoint.base(), e));
-                    }
-                }
-            }
-            Err(all_failed(&format!("blob {digest}"), &errors))
+            let OpenedBlob { stream: s, attempt } = self
+                .client
+                .open_blob_in(plan, from_attempt, digest, None, offset, None)
+                .await
+                .map_err(all_failed)?;
+            let size = s.content_length.map(|l| s.start + l);
+            let skip = offset - s.start.min(offset);
+            let source = s.endpoint.clone();
+            // The verification of the whole blob is the store's job: the client does not
+            // hash it a second time.
+            let stream = s.unverified().map_err(io::Error::other);
+            let stream = skip_bytes(stream, skip).boxed();
+            Ok(BlobBody {
+                stream,
+                size,
+                source,
+                attempt,
+            })
         }
         .boxed()
     }
@@ -273,4 +229,84 @@ pub(crate) fn skip_bytes(
         };
         std::future::ready(out)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::http::StatusCode;
+    use kagami_config::{Attempt, Config, Reference};
+
+    /// A registry that answers 503 to its first `fail` requests and then 200 with an
+    /// empty tag list (fault injection: a real registry does not fail on demand).
+    async fn flaky(fail: usize) -> (String, Arc<AtomicUsize>) {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        let app = axum::Router::new().fallback(move || {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < fail {
+                    (StatusCode::SERVICE_UNAVAILABLE, "{}")
+                } else {
+                    (StatusCode::OK, r#"{"name":"team/app","tags":[]}"#)
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr.to_string(), seen)
+    }
+
+    fn plan(hosts: &[&str]) -> Plan {
+        let config = Config::embedded_default();
+        Plan {
+            image: Reference::parse("r.example/team/app:1").unwrap(),
+            attempts: hosts
+                .iter()
+                .map(|h| Attempt::Endpoint(kagami_client::push_target(&config, h, "team/app")))
+                .collect(),
+        }
+    }
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// `serve`'s path follows the client's rule: a 5xx of the last endpoint is retried
+    /// once (for every operation, not only a manifest GET), one of an earlier endpoint is
+    /// not.
+    #[tokio::test]
+    async fn the_last_endpoint_is_retried_once_on_a_5xx() {
+        let up = ClientUpstream::new();
+        let digest: Digest = D.parse().unwrap();
+        let (last, seen) = flaky(1).await;
+        let p = plan(&[&last]);
+        up.head_blob(&p, &digest).await.unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        up.tags(&p, None, None).await.unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+
+        let (first, first_seen) = flaky(usize::MAX).await;
+        let (last, last_seen) = flaky(2).await;
+        let p = plan(&[&first, &last]);
+        let e = up.tags(&p, None, None).await.unwrap_err();
+        assert_eq!(first_seen.load(Ordering::SeqCst), 1);
+        assert_eq!(last_seen.load(Ordering::SeqCst), 2);
+        assert!(!e.not_found);
+        assert!(
+            e.message.contains(&format!("{first}/v2: HTTP 503")),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains(&format!("{last}/v2: HTTP 503")),
+            "{}",
+            e.message
+        );
+        // The blob walk starts at the attempt asked, and says which one answered.
+        let b = up.blob(&p, &digest, 0, 1).await.unwrap();
+        assert_eq!((b.attempt, first_seen.load(Ordering::SeqCst)), (1, 1));
+    }
 }

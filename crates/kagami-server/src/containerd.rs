@@ -29,11 +29,13 @@ use axum::response::Response;
 use futures_util::{FutureExt, StreamExt};
 use kagami_config::{Digest, Reference};
 use kagami_containerd::Containerd;
-use sha2::{Digest as _, Sha256};
 
 use crate::app::AppState;
-use crate::manifests::MAX_MANIFEST;
 use crate::range::{self, RangeRequest};
+use kagami_config::oci::{
+    Hasher, MAX_MANIFEST_SIZE as MAX_MANIFEST, ManifestView, OCI_INDEX, OCI_MANIFEST,
+};
+use kagami_config::reference::Algorithm;
 
 /// A full rescan this often, whatever the events say.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(60);
@@ -43,9 +45,6 @@ pub const DEBOUNCE: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// Deepest index nesting followed (index → index → manifest).
 const MAX_DEPTH: usize = 3;
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// What one scan found: the content this node shares from containerd.
 #[derive(Debug, Default, Clone)]
@@ -473,43 +472,20 @@ impl ContainerdContent {
 /// True when `bytes` hash to `d` (sha256; other algorithms are left to the fetching node,
 /// which verifies everything anyway).
 fn matches_digest(d: &Digest, bytes: &[u8]) -> bool {
-    d.algorithm().name() != "sha256" || Digest::sha256_from_bytes(&Sha256::digest(bytes)) == *d
+    d.algorithm() != Algorithm::Sha256 || Hasher::digest(Algorithm::Sha256, bytes) == *d
 }
 
 /// What a manifest or index JSON names; `None` when it is not JSON.
 fn parse_manifest(bytes: &[u8]) -> Option<Parsed> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let digest_of = |d: &serde_json::Value| d.get("digest")?.as_str()?.parse::<Digest>().ok();
-    let manifests = v
-        .get("manifests")
-        .and_then(|m| m.as_array())
-        .map(|m| {
-            m.iter()
-                .filter_map(|d| {
-                    let mt = d.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
-                    Some((digest_of(d)?, mt.to_string()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let blobs = v
-        .get("config")
-        .into_iter()
-        .chain(
-            v.get("layers")
-                .and_then(|l| l.as_array())
-                .into_iter()
-                .flatten(),
-        )
-        .filter_map(digest_of)
-        .collect();
+    let v = ManifestView::parse(bytes).ok()?;
     Some(Parsed {
-        media_type: v
-            .get("mediaType")
-            .and_then(|m| m.as_str())
-            .map(str::to_string),
-        manifests,
-        blobs,
+        manifests: v
+            .manifests
+            .iter()
+            .map(|d| (d.digest.clone(), d.media_type.clone()))
+            .collect(),
+        blobs: v.blobs().map(|d| d.digest.clone()).collect(),
+        media_type: v.media_type,
     })
 }
 
@@ -654,7 +630,7 @@ mod tests {
 
     #[test]
     fn digests_are_checked() {
-        let d = Digest::sha256_from_bytes(&Sha256::digest(b"x"));
+        let d = Hasher::digest(Algorithm::Sha256, b"x");
         assert!(matches_digest(&d, b"x"));
         assert!(!matches_digest(&d, b"y"));
     }

@@ -16,7 +16,7 @@
 //! manifests before the tags that point at them: an import that fails half-way leaves
 //! verified content and no tag pointing at anything missing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, Read as _};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,24 +30,20 @@ use kagami_config::{Digest, Reference};
 use kagami_store::{Begin, CHUNK, StoreError, TagEntry};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::Digest as _;
 use tokio::io::AsyncReadExt;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::manifests::MAX_MANIFEST;
+use kagami_config::oci::{
+    DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Descriptor, Hasher,
+    MAX_MANIFEST_SIZE as MAX_MANIFEST, ManifestView, is_index,
+};
+use kagami_config::reference::Algorithm;
 
 /// The admin route that imports a file on the server's machine (it needs the admin token,
 /// see [`crate::admin`]).
 pub const IMPORT_PATH: &str = "/kagami/import";
 
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
-const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
 const OCI_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// The largest image config read from a `docker save` archive.
@@ -410,36 +406,26 @@ struct Ctx<'a> {
     report: ImportReport,
 }
 
-/// An OCI descriptor, as far as import needs it.
-#[derive(Debug, Clone, Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    digest: String,
-    #[serde(default)]
-    size: Option<u64>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-    #[serde(default)]
-    platform: Option<Value>,
+/// The platform a descriptor names, for notes.
+fn platform(d: &Descriptor) -> String {
+    d.platform
+        .as_ref()
+        .map_or_else(|| "platform unknown".into(), ToString::to_string)
 }
 
-impl Descriptor {
-    fn platform(&self) -> String {
-        match &self.platform {
-            Some(p) => {
-                let mut s = format!(
-                    "{}/{}",
-                    p["os"].as_str().unwrap_or("?"),
-                    p["architecture"].as_str().unwrap_or("?")
-                );
-                if let Some(v) = p["variant"].as_str() {
-                    s = format!("{s}/{v}");
-                }
-                s
-            }
-            None => "platform unknown".into(),
-        }
+/// An annotation of a descriptor.
+fn annotation<'d>(d: &'d Descriptor, key: &str) -> Option<&'d str> {
+    d.annotations.as_ref()?.get(key)?.as_str()
+}
+
+/// A manifest, index or `index.json` read with the one parser; a descriptor it cannot
+/// read stops the import.
+fn read_view(ctx: &Ctx<'_>, rel: &str, bytes: &[u8]) -> Result<ManifestView, ImportError> {
+    let v =
+        ManifestView::parse(bytes).map_err(|e| ctx.invalid(rel, format!("invalid JSON: {e}")))?;
+    match v.rejected.first() {
+        Some(why) => Err(ctx.invalid(rel, why.clone())),
+        None => Ok(v),
     }
 }
 
@@ -751,21 +737,12 @@ fn assign_names(
     Ok(())
 }
 
-fn is_index(mt: &str) -> bool {
-    mt == OCI_INDEX || mt == DOCKER_LIST
-}
-
 async fn import_oci(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(), ImportError> {
     let bytes = ctx
         .read_small("index.json", MAX_MANIFEST)
         .await?
         .ok_or_else(|| ctx.invalid("index.json", "missing"))?;
-    let index: Value = ctx.parse_json("index.json", &bytes)?;
-    let descs: Vec<Descriptor> = match index.get("manifests") {
-        Some(m) => serde_json::from_value(m.clone())
-            .map_err(|e| ctx.invalid("index.json", format!("bad manifests list: {e}")))?,
-        None => return Err(ctx.invalid("index.json", "has no manifests list")),
-    };
+    let descs = read_view(ctx, "index.json", &bytes)?.manifests;
     if descs.is_empty() {
         return Err(ctx.invalid("index.json", "lists no image"));
     }
@@ -773,14 +750,11 @@ async fn import_oci(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(), 
     let mut own: Vec<(Digest, Vec<Reference>)> = Vec::new();
     let mut given_used = false;
     for desc in &descs {
-        let d: Digest = desc
-            .digest
-            .parse()
-            .map_err(|e| ctx.invalid("index.json", format!("{e}")))?;
+        let d = desc.digest.clone();
         let mut names = Vec::new();
-        if let Some(n) = desc.annotations.get(CONTAINERD_NAME) {
+        if let Some(n) = annotation(desc, CONTAINERD_NAME) {
             names.extend(ctx.archive_name(n));
-        } else if let Some(r) = desc.annotations.get(OCI_REF_NAME) {
+        } else if let Some(r) = annotation(desc, OCI_REF_NAME) {
             if r.contains('/') || r.contains(':') || r.contains('@') {
                 names.extend(ctx.archive_name(r));
             } else if let Some(g) = given {
@@ -797,7 +771,7 @@ async fn import_oci(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(), 
     for (d, names) in own {
         let desc = descs
             .iter()
-            .find(|x| x.digest == d.to_string())
+            .find(|x| x.digest == d)
             .expect("every digest comes from a descriptor")
             .clone();
         let mt = Box::pin(import_manifest(ctx, &desc, true))
@@ -824,10 +798,7 @@ async fn import_manifest(
     desc: &Descriptor,
     top: bool,
 ) -> Result<Option<String>, ImportError> {
-    let d: Digest = desc
-        .digest
-        .parse()
-        .map_err(|e| ctx.invalid("a descriptor", format!("{e}")))?;
+    let d = desc.digest.clone();
     let rel = blob_rel(&d);
     let Some(bytes) = ctx.read_small(&rel, MAX_MANIFEST).await? else {
         if top {
@@ -840,32 +811,22 @@ async fn import_manifest(
         }
         ctx.report.notes.push(format!(
             "platform {} ({d}) is not in the archive: skipped",
-            desc.platform()
+            platform(desc)
         ));
         return Ok(None);
     };
     check_content(ctx, &rel, &bytes, &d, desc.size)?;
-    let v: Value = ctx.parse_json(&rel, &bytes)?;
-    let mt = desc
-        .media_type
-        .clone()
-        .or_else(|| v["mediaType"].as_str().map(str::to_string))
-        .unwrap_or_else(|| {
-            if v.get("manifests").is_some() {
-                OCI_INDEX.into()
-            } else {
-                OCI_MANIFEST.into()
-            }
-        });
+    let v = read_view(ctx, &rel, &bytes)?;
+    let mt = Some(desc.media_type.clone())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| v.guess_media_type().to_string());
     if ctx.done.contains(&d) {
         return Ok(Some(mt));
     }
     if is_index(&mt) {
-        let children: Vec<Descriptor> =
-            serde_json::from_value(v.get("manifests").cloned().unwrap_or(Value::Null))
-                .map_err(|e| ctx.invalid(&rel, format!("bad manifests list: {e}")))?;
+        let children = &v.manifests;
         let mut any = false;
-        for c in &children {
+        for c in children {
             if Box::pin(import_manifest(ctx, c, false)).await?.is_some() {
                 any = true;
             }
@@ -879,26 +840,18 @@ async fn import_manifest(
                 ),
             ));
         }
-    } else if v.get("layers").is_some() || v.get("config").is_some() {
-        let mut blobs: Vec<(String, Descriptor)> = Vec::new();
-        if let Some(c) = v.get("config") {
-            let c: Descriptor = serde_json::from_value(c.clone())
-                .map_err(|e| ctx.invalid(&rel, format!("bad config descriptor: {e}")))?;
+    } else if v.config.is_some() || !v.layers.is_empty() {
+        let mut blobs: Vec<(String, &Descriptor)> = Vec::new();
+        if let Some(c) = &v.config {
             blobs.push(("config".into(), c));
         }
-        let layers: Vec<Descriptor> =
-            serde_json::from_value(v.get("layers").cloned().unwrap_or(Value::Array(vec![])))
-                .map_err(|e| ctx.invalid(&rel, format!("bad layers list: {e}")))?;
-        for (i, l) in layers.into_iter().enumerate() {
+        for (i, l) in v.layers.iter().enumerate() {
             blobs.push((format!("layer {i}"), l));
         }
         // Every blob must be there before anything of this image is written.
         let mut located = Vec::new();
         for (what, b) in &blobs {
-            let bd: Digest = b
-                .digest
-                .parse()
-                .map_err(|e| ctx.invalid(&rel, format!("{what}: {e}")))?;
+            let bd = b.digest.clone();
             let brel = blob_rel(&bd);
             let Some(full) = ctx.locate(&brel)? else {
                 if top {
@@ -911,7 +864,7 @@ async fn import_manifest(
                 }
                 ctx.report.notes.push(format!(
                     "platform {} ({d}) is incomplete in the archive ({what} {bd} missing): skipped",
-                    desc.platform()
+                    platform(desc)
                 ));
                 return Ok(None);
             };
@@ -975,16 +928,7 @@ fn check_content(
 }
 
 fn digest_of(like: &Digest, bytes: &[u8]) -> Digest {
-    match like.algorithm() {
-        kagami_config::reference::Algorithm::Sha512 => {
-            let h = sha2::Sha512::digest(bytes);
-            let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
-            format!("sha512:{hex}").parse().expect("a valid digest")
-        }
-        kagami_config::reference::Algorithm::Sha256 => {
-            Digest::sha256_from_bytes(&sha2::Sha256::digest(bytes))
-        }
-    }
+    Hasher::digest(like.algorithm(), bytes)
 }
 
 /// One image of a `docker save` manifest.json.
@@ -1028,7 +972,7 @@ async fn import_docker(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(
                 digest: e.config.clone(),
                 file: e.config.clone(),
             })?;
-        let config_digest = Digest::sha256_from_bytes(&sha2::Sha256::digest(&config));
+        let config_digest = Hasher::digest(Algorithm::Sha256, &config);
         if let Some(named) = digest_in_name(&e.config)
             && named != config_digest
         {
@@ -1117,7 +1061,7 @@ async fn import_docker(ctx: &mut Ctx<'_>, given: Option<&GivenName>) -> Result<(
             "layers": descs,
         }))
         .expect("a manifest serialises");
-        let digest = Digest::sha256_from_bytes(&sha2::Sha256::digest(&manifest));
+        let digest = Hasher::digest(Algorithm::Sha256, &manifest);
         let mut names = Vec::new();
         for t in e.repo_tags.iter().flatten() {
             names.extend(ctx.archive_name(t));
@@ -1173,7 +1117,7 @@ fn digest_in_name(rel: &str) -> Option<Digest> {
 /// sha256 and size of a file, and whether it starts like gzip (blocking, streaming).
 fn hash_file(path: &Path) -> io::Result<(Digest, u64, bool)> {
     let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
+    let mut h = Hasher::new(Algorithm::Sha256);
     let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
     let mut gzip = None;
@@ -1188,11 +1132,7 @@ fn hash_file(path: &Path) -> io::Result<(Digest, u64, bool)> {
         h.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((
-        Digest::sha256_from_bytes(&h.finalize()),
-        size,
-        gzip.unwrap_or(false),
-    ))
+    Ok((h.finish(), size, gzip.unwrap_or(false)))
 }
 
 /// `POST /kagami/import`: `{"path": "/abs/file.tar", "name": null}` with

@@ -14,13 +14,12 @@ use kagami_config::{Config, Digest, Plan, plan};
 use kagami_store::TagEntry;
 use tokio::io::AsyncReadExt;
 
+use kagami_config::oci::{MAX_MANIFEST_SIZE as MAX_MANIFEST, ManifestView, OCI_MANIFEST};
+
 use crate::app::{AppState, Source};
 use crate::error::ApiError;
 use crate::path::{ManifestRef, OciPath, Query};
 use crate::upstream::FetchedManifest;
-
-/// The largest manifest kagami stores or serves.
-pub const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
 
 /// The outcome of one (shared) revalidation of a tag.
 #[derive(Clone)]
@@ -407,18 +406,9 @@ pub(crate) async fn serve_stored(
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let media_type = store
         .media_type(digest)
-        .or_else(|| media_type_of(&bytes))
-        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+        .or_else(|| ManifestView::parse(&bytes).ok()?.media_type)
+        .unwrap_or_else(|| OCI_MANIFEST.into());
     Ok(Some(manifest_response(&bytes, &media_type, digest, head)))
-}
-
-/// The `mediaType` field of a manifest, if it has one.
-fn media_type_of(bytes: &[u8]) -> Option<String> {
-    serde_json::from_slice::<serde_json::Value>(bytes)
-        .ok()?
-        .get("mediaType")?
-        .as_str()
-        .map(str::to_string)
 }
 
 fn manifest_response(bytes: &[u8], media_type: &str, digest: &Digest, head: bool) -> Response {

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use kagami_config::Digest;
+use kagami_config::oci::Hasher;
+use kagami_config::reference::Algorithm;
 use kagami_p2p::{Peer, Router};
 use sha2::{Digest as _, Sha256};
 
@@ -349,20 +351,18 @@ impl Peers {
                 .headers()
                 .get(reqwest::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+                .unwrap_or(kagami_config::oci::OCI_MANIFEST)
                 .to_string();
-            let Some(bytes) = read_bounded(resp, crate::manifests::MAX_MANIFEST).await else {
+            let Some(bytes) = read_bounded(resp, kagami_config::oci::MAX_MANIFEST_SIZE).await
+            else {
                 tracing::debug!(peer = %peer.id, reference, "peer manifest unreadable or over 4 MiB");
                 continue;
             };
             // By digest, with that digest's algorithm; by tag, the canonical sha256.
-            let actual = match &by_digest {
-                Some(d) => match kagami_client::digest::digest_like(d, &bytes).parse::<Digest>() {
-                    Ok(actual) => actual,
-                    Err(_) => continue,
-                },
-                None => Digest::sha256_from_bytes(&Sha256::digest(&bytes)),
-            };
+            let algorithm = by_digest
+                .as_ref()
+                .map_or(Algorithm::Sha256, Digest::algorithm);
+            let actual = Hasher::digest(algorithm, &bytes);
             if let Some(d) = &by_digest
                 && &actual != d
             {

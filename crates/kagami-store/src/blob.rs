@@ -17,8 +17,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use futures_util::Stream;
 use kagami_config::Digest;
-use kagami_config::reference::Algorithm;
-use sha2::Digest as _;
+use kagami_config::oci::Hasher;
 use tokio::sync::watch;
 
 use crate::{Inner, StoreError, StoreEvent};
@@ -185,36 +184,6 @@ impl std::fmt::Debug for Begin {
             Begin::Writer(w) => f.debug_tuple("Writer").field(&w.shared.digest).finish(),
             Begin::Joined(i) => f.debug_tuple("Joined").field(&i.shared.digest).finish(),
         }
-    }
-}
-
-enum Hasher {
-    Sha256(sha2::Sha256),
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    fn new(alg: Algorithm) -> Hasher {
-        match alg {
-            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
-        }
-    }
-    fn update(&mut self, b: &[u8]) {
-        match self {
-            Hasher::Sha256(h) => h.update(b),
-            Hasher::Sha512(h) => h.update(b),
-        }
-    }
-    fn digest(&self) -> Digest {
-        let (alg, bytes) = match self {
-            Hasher::Sha256(h) => (Algorithm::Sha256, h.clone().finalize().to_vec()),
-            Hasher::Sha512(h) => (Algorithm::Sha512, h.clone().finalize().to_vec()),
-        };
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}:{hex}", alg.name())
-            .parse()
-            .expect("a hash is a valid digest")
     }
 }
 
@@ -436,7 +405,7 @@ impl BlobWriter {
             self.fail(&err);
             return Err(err);
         };
-        let actual = hasher.digest();
+        let actual = (**hasher).clone().finish();
         if actual != self.shared.digest {
             let err = StoreError::DigestMismatch {
                 expected: self.shared.digest.clone(),

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
-use kagami_client::Platform;
+use kagami_config::oci::Platform;
 use kagami_config::{PlanOptions, Reference, plan};
 
 use super::load_config;

@@ -530,7 +530,11 @@ async fn pull(
         .get(format!("{base}/manifests/{DEMO_TAG}{ns}"))
         .header(
             reqwest::header::ACCEPT,
-            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+            format!(
+                "{}, {}",
+                kagami_config::oci::OCI_MANIFEST,
+                kagami_config::oci::OCI_INDEX
+            ),
         )
         .send()
         .await?;
@@ -561,12 +565,11 @@ async fn pull(
             .await,
     );
 
-    let view: serde_json::Value = serde_json::from_slice(&manifest)?;
-    let mut wanted = vec![view["config"].clone()];
-    wanted.extend(view["layers"].as_array().cloned().unwrap_or_default());
-    for d in wanted {
-        let digest = d["digest"].as_str().context("descriptor without digest")?;
-        let size = d["size"].as_u64().context("descriptor without size")?;
+    let view = kagami_config::oci::ManifestView::checked(&manifest)
+        .map_err(|why| anyhow::anyhow!("manifest: {why}"))?;
+    for d in view.blobs() {
+        let digest = d.digest.to_string();
+        let size = d.size.context("descriptor without size")?;
         let before = Snapshot::take(node, registry, &[format!("blob {digest}")]);
         let resp = http
             .get(format!("{base}/blobs/{digest}{ns}"))

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use futures_util::{StreamExt as _, stream};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use kagami_client::manifest::{OCI_INDEX, is_index};
-use kagami_client::{Client, Descriptor, Manifest, Platform};
+use kagami_client::{Client, Manifest};
+use kagami_config::oci::{Descriptor, Hasher, OCI_INDEX, Platform, is_index};
 use kagami_config::{Digest, Plan, PlanOptions, Reference, plan};
 
 use super::load_config;
@@ -121,7 +121,7 @@ pub(crate) async fn pull(
         if args.all_platforms {
             for d in &view.manifests {
                 let m = client
-                    .manifest(plan, &d.digest)
+                    .manifest(plan, &d.digest.to_string())
                     .await
                     .with_context(|| format!("cannot pull {image}"))?;
                 images.push(m);
@@ -147,7 +147,7 @@ pub(crate) async fn pull(
             };
             root_platform = d.platform.clone();
             let m = client
-                .manifest(plan, &d.digest)
+                .manifest(plan, &d.digest.to_string())
                 .await
                 .with_context(|| format!("cannot pull {image}"))?;
             images.push(m.clone());
@@ -182,8 +182,8 @@ pub(crate) async fn pull(
                 bar.finish_and_clear();
                 r.map(|source| Row {
                     kind,
-                    digest: d.digest.clone(),
-                    size: d.size,
+                    digest: d.digest.to_string(),
+                    size: d.size.unwrap_or_default(),
                     source,
                 })
             }
@@ -199,7 +199,7 @@ pub(crate) async fn pull(
     let root_desc = Descriptor {
         media_type: root.media_type.clone(),
         digest: root.digest.clone(),
-        size: root.bytes.len() as u64,
+        size: Some(root.bytes.len() as u64),
         platform: root_platform,
         annotations: None,
         urls: Vec::new(),
@@ -260,14 +260,14 @@ impl Bars {
         let Some(m) = &self.multi else {
             return ProgressBar::hidden();
         };
-        let bar = m.add(ProgressBar::new(d.size));
+        let bar = m.add(ProgressBar::new(d.size.unwrap_or_default()));
         let style = ProgressStyle::with_template(
             "{prefix:<20} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
         bar.set_style(style);
-        let short = d.digest.split(':').nth(1).unwrap_or(&d.digest);
+        let short = d.digest.hex();
         bar.set_prefix(format!("{kind} {}", &short[..short.len().min(12)]));
         bar
     }
@@ -305,16 +305,16 @@ impl Layout {
         kind: &'static str,
         rows: &mut Vec<Row>,
     ) -> anyhow::Result<()> {
-        let digest: Digest = m.digest.parse()?;
-        let path = self.blob_path(&digest);
-        let present = std::fs::read(&path)
-            .is_ok_and(|b| kagami_client::digest::digest_like(&digest, &b) == m.digest);
+        let digest = &m.digest;
+        let path = self.blob_path(digest);
+        let present =
+            std::fs::read(&path).is_ok_and(|b| Hasher::digest(digest.algorithm(), &b) == *digest);
         if !present {
             write_atomic(&path, &m.bytes)?;
         }
         rows.push(Row {
             kind,
-            digest: m.digest.clone(),
+            digest: m.digest.to_string(),
             size: m.bytes.len() as u64,
             source: (!present).then(|| m.endpoint.clone()),
         });
@@ -330,13 +330,11 @@ impl Layout {
         d: &Descriptor,
         bar: &ProgressBar,
     ) -> anyhow::Result<Option<String>> {
-        let digest: Digest = d
-            .digest
-            .parse()
-            .with_context(|| format!("manifest names an invalid digest {:?}", d.digest))?;
-        let path = self.blob_path(&digest);
-        if verify_file(&path, &digest, d.size).await? {
-            bar.set_position(d.size);
+        // Sized: the manifest was read with `Manifest::view` (checked).
+        let (digest, size) = (&d.digest, d.size.unwrap_or_default());
+        let path = self.blob_path(digest);
+        if verify_file(&path, digest, size).await? {
+            bar.set_position(size);
             return Ok(None);
         }
         let dir = path.parent().context("blob path has a parent")?;
@@ -349,7 +347,7 @@ impl Layout {
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         let progress = |pos| bar.set_position(pos);
         let result = client
-            .fetch_blob(plan, &digest, Some(d.size), &mut file, &progress)
+            .fetch_blob(plan, digest, Some(size), &mut file, &progress)
             .await;
         drop(file);
         match result {
@@ -401,7 +399,7 @@ impl Layout {
         manifests.retain(|m| match (name, tag) {
             (Some(n), _) => m["annotations"][CONTAINERD_NAME].as_str() != Some(n),
             (None, Some(t)) => m["annotations"][REF_NAME].as_str() != Some(t),
-            (None, None) => m["digest"].as_str() != Some(desc.digest.as_str()),
+            (None, None) => m["digest"].as_str() != Some(desc.digest.to_string().as_str()),
         });
         manifests.push(entry);
         write_atomic(&path, &serde_json::to_vec_pretty(&index)?)
@@ -419,7 +417,7 @@ pub(crate) async fn verify_file(path: &Path, digest: &Digest, size: u64) -> anyh
     let ok = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
         use std::io::Read as _;
         let mut f = std::fs::File::open(&path)?;
-        let mut h = kagami_client::digest::Hasher::new(digest.algorithm());
+        let mut h = Hasher::new(digest.algorithm());
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = f.read(&mut buf)?;
@@ -428,7 +426,7 @@ pub(crate) async fn verify_file(path: &Path, digest: &Digest, size: u64) -> anyh
             }
             h.update(&buf[..n]);
         }
-        Ok(h.finish() == digest.to_string())
+        Ok(h.finish() == digest)
     })
     .await??;
     Ok(ok)

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
-use kagami_client::manifest::is_index;
 use kagami_client::{Client, Manifest, Mount, push_target};
 use kagami_config::endpoint::validate_host;
+use kagami_config::oci::is_index;
 use kagami_config::{Config, Digest, EndpointAttempt, PlanOptions, Reference, plan};
 
 use super::load_config;
@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let client = Client::default();
     // Where each blob was last seen in the target, for cross-repository mounts.
-    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut seen: HashMap<Digest, String> = HashMap::new();
     let mut table = Vec::new();
     let mut failed = 0;
     for image in &images {
@@ -170,29 +170,30 @@ async fn copy_image(
     image: &Reference,
     target: &EndpointAttempt,
     tmp: &Path,
-    seen: &mut HashMap<String, String>,
+    seen: &mut HashMap<Digest, String>,
 ) -> anyhow::Result<Stats> {
     let p = plan(image, config, opts);
     let top = client.manifest(&p, &image.reference()).await?;
     let tag_ref = image.reference();
     let mut st = Stats::default();
-    if client.manifest_digest(target, &tag_ref).await?.as_deref() == Some(top.digest.as_str()) {
+    if client.manifest_digest(target, &tag_ref).await?.as_ref() == Some(&top.digest) {
         st.up_to_date = true;
         return Ok(st);
     }
     let mut children: Vec<Manifest> = Vec::new();
     if is_index(&top.media_type) {
         for d in top.view()?.manifests {
-            children.push(client.manifest(&p, &d.digest).await?);
+            children.push(client.manifest(&p, &d.digest.to_string()).await?);
         }
     }
     for m in &children {
-        if client.manifest_digest(target, &m.digest).await?.as_deref() == Some(m.digest.as_str()) {
+        let by_digest = m.digest.to_string();
+        if client.manifest_digest(target, &by_digest).await?.as_ref() == Some(&m.digest) {
             continue;
         }
         copy_blobs(client, &p, m, target, tmp, seen, &mut st).await?;
         client
-            .put_manifest(target, &m.digest, &m.media_type, m.bytes.clone())
+            .put_manifest(target, &by_digest, &m.media_type, m.bytes.clone())
             .await?;
         st.manifests += 1;
     }
@@ -212,7 +213,7 @@ async fn copy_blobs(
     m: &Manifest,
     target: &EndpointAttempt,
     tmp: &Path,
-    seen: &mut HashMap<String, String>,
+    seen: &mut HashMap<Digest, String>,
     st: &mut Stats,
 ) -> anyhow::Result<()> {
     let view = m.view()?;
@@ -220,10 +221,8 @@ async fn copy_blobs(
         bail!("nested indexes are not supported");
     }
     for d in view.blobs() {
-        let digest: Digest = d
-            .digest
-            .parse()
-            .with_context(|| format!("manifest names an invalid digest {:?}", d.digest))?;
+        // Sized: the manifest was read with `Manifest::view` (checked).
+        let (digest, size) = (&d.digest, d.size.unwrap_or_default());
         if client.blob_exists(target, &d.digest).await? {
             st.present += 1;
             seen.insert(d.digest.clone(), target.repository.clone());
@@ -246,7 +245,7 @@ async fn copy_blobs(
             .await
             .with_context(|| format!("cannot create {}", path.display()))?;
         let fetched = client
-            .fetch_blob(p, &digest, Some(d.size), &mut file, &|_| {})
+            .fetch_blob(p, digest, Some(size), &mut file, &|_| {})
             .await;
         drop(file);
         let result = async {
@@ -256,14 +255,14 @@ async fn copy_blobs(
                 None => client.start_upload(target).await?,
             };
             client
-                .upload_file(target, &location, &d.digest, &path, d.size)
+                .upload_file(target, &location, digest, &path, size)
                 .await
         }
         .await;
         let _ = tokio::fs::remove_file(&path).await;
         result?;
         st.copied += 1;
-        st.bytes += d.size;
+        st.bytes += size;
         seen.insert(d.digest.clone(), target.repository.clone());
     }
     Ok(())

@@ -10,11 +10,10 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest as _, Sha256};
+use kagami_config::oci::Hasher;
+use kagami_config::reference::Algorithm;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+use kagami_config::oci::{OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST};
 
 /// A generated image: its manifest and every blob it names.
 pub struct Image {
@@ -28,7 +27,7 @@ pub struct Image {
 }
 
 pub fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    Hasher::digest(Algorithm::Sha256, data).to_string()
 }
 
 /// Deterministic, incompressible-looking bytes (xorshift64*), so that every run serves
