@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -119,11 +119,11 @@ impl AppState {
 
     /// Replaces the configuration (reload); requests in progress keep the one they started with.
     pub fn set_config(&self, config: Config) {
-        *self.inner.config.write().expect("config lock") = Arc::new(config);
+        *self.inner.config.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.inner.config.read().expect("config lock").clone()
+        self.inner.config.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Turns on sharing between nodes (once, at start).

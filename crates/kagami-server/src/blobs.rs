@@ -7,7 +7,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -218,7 +218,7 @@ pub(crate) async fn get(
     let store_full = inner
         .store_full_until
         .lock()
-        .expect("lock")
+        .unwrap_or_else(PoisonError::into_inner)
         .is_some_and(|t| Instant::now() < t);
     if store_full {
         return pass_through(state, config, path, digest, head).await;
@@ -278,7 +278,7 @@ async fn head_cold(
         .inner
         .fetches
         .lock()
-        .expect("fetches lock")
+        .unwrap_or_else(PoisonError::into_inner)
         .get(&key)
         .cloned();
     if let Some(f) = in_flight
@@ -323,7 +323,7 @@ fn descriptor_size(state: &AppState, registry: &str, digest: &Digest) -> Option<
         .inner
         .descriptor_sizes
         .lock()
-        .expect("descriptor sizes lock")
+        .unwrap_or_else(PoisonError::into_inner)
         .get(&(registry.to_string(), digest.clone()))
         .copied()
 }
@@ -364,7 +364,7 @@ pub(crate) fn note_descriptors(state: &AppState, registry: &str, manifest: &[u8]
         .inner
         .descriptor_sizes
         .lock()
-        .expect("descriptor sizes lock");
+        .unwrap_or_else(PoisonError::into_inner);
     if map.len() + found.len() > MAX_DESCRIPTORS {
         map.clear();
     }
@@ -411,7 +411,7 @@ async fn join_or_start(
     digest: &Digest,
 ) -> Result<(Arc<Fetch>, Follower), ApiError> {
     let key: FetchKey = (digest.clone(), path.registry.clone());
-    if let Some(f) = joinable(&state.inner.fetches.lock().expect("fetches lock"), &key) {
+    if let Some(f) = joinable(&state.inner.fetches.lock().unwrap_or_else(PoisonError::into_inner), &key) {
         let follower = Follower::new(&f);
         return Ok((f, follower));
     }
@@ -428,7 +428,7 @@ async fn join_or_start(
         tracing::warn!(%digest, registry = %path.registry, "fetch budget full; answering 503");
         return Err(busy(limits));
     };
-    let mut fetches = state.inner.fetches.lock().expect("fetches lock");
+    let mut fetches = state.inner.fetches.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(f) = joinable(&fetches, &key) {
         let follower = Follower::new(&f);
         return Ok((f, follower));
@@ -460,7 +460,7 @@ async fn join_or_start(
                 .await;
         }
         state.telemetry().metrics.inflight.dec();
-        let mut fetches = state.inner.fetches.lock().expect("fetches lock");
+        let mut fetches = state.inner.fetches.lock().unwrap_or_else(PoisonError::into_inner);
         if fetches.get(&key).is_some_and(|x| Arc::ptr_eq(x, &f)) {
             fetches.remove(&key);
         }
@@ -1031,7 +1031,7 @@ async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) -> Pump {
 }
 
 fn mark_store_full(state: &AppState) {
-    *state.inner.store_full_until.lock().expect("lock") = Some(Instant::now() + FULL_BACKOFF);
+    *state.inner.store_full_until.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + FULL_BACKOFF);
 }
 
 /// Streams straight from upstream to this client, storing nothing. Counted in the fetch
@@ -1119,7 +1119,7 @@ pub(crate) async fn serve_in_flight(
         .inner
         .fetches
         .lock()
-        .expect("fetches lock")
+        .unwrap_or_else(PoisonError::into_inner)
         .iter()
         .filter(|((d, _), _)| d == digest)
         .map(|(_, f)| f.clone())

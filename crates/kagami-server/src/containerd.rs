@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
@@ -136,7 +136,7 @@ impl ContainerdContent {
 
     /// The current scanned set.
     pub fn scan(&self) -> Arc<Scan> {
-        self.scan.read().expect("scan lock").clone()
+        self.scan.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Whether `d` is in the scanned set (so advertised on containerd's behalf).
@@ -175,8 +175,8 @@ impl ContainerdContent {
             "images": scan.images,
             "blobs": scan.blobs.len(),
             "tags": scan.tags.len(),
-            "last_scan_seconds_ago": ago(*self.last_scan.lock().expect("lock")),
-            "last_error": *self.last_error.lock().expect("lock"),
+            "last_scan_seconds_ago": ago(*self.last_scan.lock().unwrap_or_else(PoisonError::into_inner)),
+            "last_error": *self.last_error.lock().unwrap_or_else(PoisonError::into_inner),
             "served_blobs": self.served_blobs.load(Ordering::Relaxed),
             "served_manifests": self.served_manifests.load(Ordering::Relaxed),
             "served_bytes": self.served_bytes.load(Ordering::Relaxed),
@@ -184,7 +184,7 @@ impl ContainerdContent {
     }
 
     fn set_error(&self, e: Option<String>) {
-        *self.last_error.lock().expect("lock") = e;
+        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = e;
     }
 
     /// Rebuilds the scanned set from containerd and advertises the difference. Fails (and
@@ -195,8 +195,8 @@ impl ContainerdContent {
         };
         let started = Instant::now();
         let scan = Arc::new(self.build(state, client).await?);
-        *self.scan.write().expect("scan lock") = scan.clone();
-        *self.last_scan.lock().expect("lock") = Some(SystemTime::now());
+        *self.scan.write().unwrap_or_else(PoisonError::into_inner) = scan.clone();
+        *self.last_scan.lock().unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now());
         self.set_error(None);
         self.advertise(state, &scan).await;
         tracing::debug!(
@@ -262,7 +262,7 @@ impl ContainerdContent {
         // Forget parsed manifests that no image names any more.
         self.parsed
             .lock()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .retain(|d, _| scan.manifests.contains_key(d));
         Ok(scan)
     }
@@ -319,7 +319,7 @@ impl ContainerdContent {
 
     /// A manifest or index parsed, from the cache or read from containerd.
     async fn parsed(&self, client: &Containerd, digest: &Digest, size: u64) -> Option<Parsed> {
-        if let Some(p) = self.parsed.lock().expect("lock").get(digest) {
+        if let Some(p) = self.parsed.lock().unwrap_or_else(PoisonError::into_inner).get(digest) {
             return Some(p.clone());
         }
         if size > MAX_MANIFEST {
@@ -337,7 +337,7 @@ impl ContainerdContent {
         if let Some(p) = &parsed {
             self.parsed
                 .lock()
-                .expect("lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .insert(digest.clone(), p.clone());
         }
         parsed

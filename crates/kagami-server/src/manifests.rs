@@ -3,7 +3,7 @@
 //! coalesced, and when every upstream attempt fails the cached digest is served
 //! (stale-if-error).
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::SystemTime;
 
 use axum::body::Body;
@@ -181,7 +181,7 @@ async fn revalidate(
             .inner
             .revalidations
             .lock()
-            .expect("revalidations lock");
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(f) = map.get(&key) {
             f.clone()
         } else {
@@ -210,7 +210,7 @@ async fn revalidate(
                 st.inner
                     .revalidations
                     .lock()
-                    .expect("revalidations lock")
+                    .unwrap_or_else(PoisonError::into_inner)
                     .remove(&k);
                 out
             }));

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -80,7 +80,7 @@ struct LearntTags(Mutex<HashMap<crate::app::TagKey, kagami_store::TagEntry>>);
 
 impl LearntTags {
     fn insert(&self, key: crate::app::TagKey, entry: kagami_store::TagEntry, ttl: Duration) {
-        let mut map = self.0.lock().expect("lock");
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= MAX_LEARNT_TAGS {
             let now = std::time::SystemTime::now();
             map.retain(|_, e| now.duration_since(e.fetched_at).unwrap_or_default() < ttl);
@@ -99,7 +99,7 @@ impl LearntTags {
     }
 
     fn get(&self, key: &crate::app::TagKey, ttl: Duration) -> Option<kagami_store::TagEntry> {
-        let mut map = self.0.lock().expect("lock");
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = map.get(key)?;
         let age = std::time::SystemTime::now()
             .duration_since(entry.fetched_at)
@@ -179,7 +179,7 @@ impl Peers {
             h.observe(started.elapsed().as_secs_f64());
         }
         let now = Instant::now();
-        let mut banned = self.banned.lock().expect("lock");
+        let mut banned = self.banned.lock().unwrap_or_else(PoisonError::into_inner);
         banned.retain(|_, until| *until > now);
         let own = self.own_http_addr.get();
         let mut found: Vec<Peer> = found
@@ -203,7 +203,7 @@ impl Peers {
         );
         self.banned
             .lock()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(peer_id.to_string(), Instant::now() + BAN);
     }
 
@@ -412,7 +412,7 @@ impl Peers {
         self.learnt
             .0
             .lock()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter(|((r, p, _), e)| {
                 r == registry
