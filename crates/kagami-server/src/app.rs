@@ -289,25 +289,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     resp
 }
 
-/// What a handler tells the request log and metrics about where bytes came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Local,
-    Peer,
-    Upstream,
-    None,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Local => "local",
-            Source::Peer => "peer",
-            Source::Upstream => "upstream",
-            Source::None => "none",
-        }
-    }
-}
+pub use crate::origin::Source;
 
 async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let start = Instant::now();

@@ -23,7 +23,8 @@ use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::io::ReaderStream;
 
-use crate::app::{AppState, Source};
+use crate::app::AppState;
+use crate::origin::{Origin, Source};
 use crate::error::ApiError;
 use crate::path::OciPath;
 use crate::range::{self, RangeRequest};
@@ -589,7 +590,7 @@ async fn run_fetch(
     if sources.providers.is_empty() {
         fetch.state.send_replace(FetchState::ConnectingUpstream);
     }
-    let mut body = match sources.open(0, 0).await {
+    let mut body = match sources.open(0, Attempt::Provider(0)).await {
         Ok(b) => b,
         Err(e) => {
             state.telemetry().upstream_failed(&plan, &e.message);
@@ -599,25 +600,21 @@ async fn run_fetch(
     };
     // Where the blob must end: the size its manifest gave, else the cap.
     let cap = expected.unwrap_or(limits.max_blob_size);
-    if let Some(s) = body.size
+    if let Some(s) = body.body.size
         && s > cap
     {
-        let why = too_large(state, digest, &body.source, s, expected);
+        let why = too_large(state, digest, &body.body.source, s, expected);
         fetch.state.send_replace(FetchState::Failed(why));
         return;
     }
-    let size = expected.or(body.size);
-    let mut contributors = vec![body.source.clone()];
+    let size = expected.or(body.body.size);
+    let mut contributors = vec![body.origin.clone()];
     let follow = writer.follow();
     let mut sink = StoreSink::new(writer);
     fetch.state.send_replace(FetchState::Streaming {
         inflight: Arc::new(follow.clone()),
         size,
-        source: if body.source.starts_with("peer:") {
-            Source::Peer
-        } else {
-            Source::Upstream
-        },
+        source: body.origin.source(),
     });
     let mut abandon = Box::pin(abandoned(fetch, &follow, size, limits.abandon_grace));
     // Announcements that crossed each other leave two nodes fetching the same blob from
@@ -629,7 +626,7 @@ async fn run_fetch(
     // The current body is a rival node's, standing in for the attempt it replaced.
     let mut retry_same = false;
     loop {
-        state.telemetry().upstream_answered(&body.source);
+        state.telemetry().upstream_answered(&body.body.source);
         let rival_found = async {
             match rival.as_mut() {
                 Some(r) => r.as_mut().await,
@@ -637,7 +634,7 @@ async fn run_fetch(
             }
         };
         let outcome = tokio::select! {
-            o = pump(&mut sink, &mut body, cap) => o,
+            o = pump(&mut sink, &mut body.body, cap) => o,
             peer = rival_found => Pump::Yield(peer),
             () = &mut abandon => Pump::Abandoned,
         };
@@ -661,14 +658,17 @@ async fn run_fetch(
                     None => None,
                 };
                 match from_peer {
-                    Some(mut b) => {
+                    Some((b, origin)) => {
                         tracing::info!(%digest, offset, node = %peer.id, "another node is fetching this blob from upstream too; continuing from it");
                         // Should that node fail, the endpoint this one used is next.
-                        b.attempt = body.attempt;
                         retry_same = true;
-                        Ok(rate_guarded(state, b))
+                        Ok(Opened {
+                            body: rate_guarded(state, b),
+                            origin,
+                            at: body.at,
+                        })
                     }
-                    None => sources.open(offset, body.attempt).await,
+                    None => sources.open(offset, body.at).await,
                 }
             }
             Pump::Abandoned => {
@@ -677,21 +677,21 @@ async fn run_fetch(
                 return; // dropping the writer aborts and deletes the temp file
             }
             Pump::TooLarge(n) => {
-                too_large(state, digest, &body.source, n, expected);
+                too_large(state, digest, &body.body.source, n, expected);
                 return;
             }
             Pump::Done if size.is_none_or(|s| sink.received == s) => break,
             Pump::Done | Pump::UpstreamFailed => {
                 let offset = sink.received;
-                tracing::warn!(%digest, offset, source = %body.source, "source failed mid-blob; continuing from the next one");
+                tracing::warn!(%digest, offset, source = %body.body.source, "source failed mid-blob; continuing from the next one");
                 state.telemetry().endpoint_failed(
-                    &body.source,
+                    &body.body.source,
                     &format!("{digest}: body cut at byte {offset}"),
                 );
                 let from = if std::mem::take(&mut retry_same) {
-                    body.attempt
+                    body.at
                 } else {
-                    body.attempt + 1
+                    body.at.next()
                 };
                 sources.open(offset, from).await
             }
@@ -706,7 +706,7 @@ async fn run_fetch(
         match next {
             Ok(b) => {
                 body = b;
-                contributors.push(body.source.clone());
+                contributors.push(body.origin.clone());
             }
             Err(e) => {
                 let offset = sink.received;
@@ -732,7 +732,7 @@ async fn run_fetch(
             if matches!(e, kagami_store::StoreError::DigestMismatch { .. })
                 && let Some(peers) = state.peers()
             {
-                for id in contributors.iter().filter_map(|s| s.strip_prefix("peer:")) {
+                for id in contributors.iter().filter_map(Origin::peer) {
                     peers.ban(id);
                 }
             }
@@ -844,9 +844,34 @@ async fn lower_fetcher(
     std::future::pending().await
 }
 
+/// Which source of [`Sources`] a body came from, so that a resume continues after the one
+/// that failed: the providers (other nodes) first, then the plan's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// The i-th provider among the other nodes.
+    Provider(usize),
+    /// The plan's endpoint attempt of this index (`BlobBody::attempt` of the upstream).
+    Endpoint(usize),
+}
+
+impl Attempt {
+    fn next(self) -> Attempt {
+        match self {
+            Attempt::Provider(i) => Attempt::Provider(i + 1),
+            Attempt::Endpoint(i) => Attempt::Endpoint(i + 1),
+        }
+    }
+}
+
+/// A body opened by [`Sources::open`]: where it came from and which attempt it was.
+struct Opened {
+    body: BlobBody,
+    origin: Origin,
+    at: Attempt,
+}
+
 /// Where a blob can come from, in the plan's order: providers among the other nodes
-/// (when the registry is shared and P2P is on), then the endpoints. `BlobBody::attempt`
-/// numbers them in that order, so a resume continues after the source that failed.
+/// (when the registry is shared and P2P is on), then the endpoints.
 struct Sources<'a> {
     state: &'a AppState,
     plan: &'a kagami_config::Plan,
@@ -893,18 +918,19 @@ impl<'a> Sources<'a> {
         }
     }
 
+    /// The first source from `from` on that answers, at `offset`.
     async fn open(
         &self,
         offset: u64,
-        from: usize,
-    ) -> Result<BlobBody, crate::upstream::UpstreamError> {
-        let n = self.providers.len();
-        if from < n
+        from: Attempt,
+    ) -> Result<Opened, crate::upstream::UpstreamError> {
+        if let Attempt::Provider(i) = from
+            && i < self.providers.len()
             && let Some(peers) = self.state.peers()
-            && let Some(b) = peers
+            && let Some((b, origin)) = peers
                 .blob(
                     &self.providers,
-                    from,
+                    i,
                     &self.path.registry,
                     &self.path.repository,
                     self.digest,
@@ -912,16 +938,28 @@ impl<'a> Sources<'a> {
                 )
                 .await
         {
-            return Ok(rate_guarded(self.state, b));
+            let at = Attempt::Provider(b.attempt);
+            return Ok(Opened {
+                body: rate_guarded(self.state, b),
+                origin,
+                at,
+            });
         }
-        let mut b = self
+        let endpoint = match from {
+            Attempt::Endpoint(i) => i,
+            Attempt::Provider(_) => 0,
+        };
+        let b = self
             .state
             .inner
             .upstream
-            .blob(self.plan, self.digest, offset, from.saturating_sub(n))
+            .blob(self.plan, self.digest, offset, endpoint)
             .await?;
-        b.attempt += n;
-        Ok(rate_guarded(self.state, b))
+        Ok(Opened {
+            at: Attempt::Endpoint(b.attempt),
+            origin: Origin::Endpoint(b.source.clone()),
+            body: rate_guarded(self.state, b),
+        })
     }
 }
 

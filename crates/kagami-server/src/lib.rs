@@ -20,6 +20,8 @@ pub mod import;
 pub mod listener;
 mod log;
 mod manifests;
+mod origin;
+pub use origin::Origin;
 pub mod telemetry;
 pub use telemetry::{metrics, refusals};
 pub mod path;

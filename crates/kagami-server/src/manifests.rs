@@ -14,7 +14,8 @@ use kagami_config::{Config, Digest, Plan, plan};
 use kagami_store::TagEntry;
 use tokio::io::AsyncReadExt;
 
-use crate::app::{AppState, Source};
+use crate::app::AppState;
+use crate::origin::{Origin, Source};
 use crate::error::ApiError;
 use crate::path::{ManifestRef, OciPath, Query};
 use crate::upstream::FetchedManifest;
@@ -74,7 +75,7 @@ async fn get_inner(
             state.telemetry().cache("manifest", "miss");
             let plan = plan(&path.reference(), config, state.plan_options());
             let (m, source) = match from_peers(state, &plan, path, &d.to_string()).await {
-                Some(m) => (m, Source::Peer),
+                Some((m, origin)) => (m, origin.source()),
                 None => (
                     state
                         .inner
@@ -258,19 +259,23 @@ async fn resolve_tag(
     }
     // A tag this node has never resolved is asked of the other nodes first (the plan's
     // order); a cached one is revalidated against the endpoints.
+    let from_endpoints = |m: FetchedManifest| {
+        let origin = Origin::Endpoint(m.source.clone());
+        (m, origin)
+    };
     let fetched = match cached {
         None => match from_peers(state, plan, path, tag).await {
             Some(m) => Ok(m),
-            None => inner.upstream.manifest(plan, tag).await,
+            None => inner.upstream.manifest(plan, tag).await.map(from_endpoints),
         },
-        Some(_) => inner.upstream.manifest(plan, tag).await,
+        Some(_) => inner.upstream.manifest(plan, tag).await.map(from_endpoints),
     };
     match &fetched {
-        Ok(m) => state.telemetry().endpoint_ok(&m.source),
+        Ok((m, _)) => state.telemetry().endpoint_ok(&m.source),
         Err(e) => state.telemetry().plan_failed(plan, &e.message),
     }
     match fetched {
-        Ok(m) => {
+        Ok((m, origin)) => {
             if !store_manifest(state, &m).await {
                 return Revalidation::Failed {
                     message: format!("cannot store manifest {}", m.digest),
@@ -282,7 +287,7 @@ async fn resolve_tag(
                 media_type: m.media_type.clone(),
                 fetched_at: now,
             };
-            if m.source.starts_with("peer:")
+            if origin.peer().is_some()
                 && let Some(peers) = state.peers()
             {
                 // Not stored, not advertised: see `peers::LearntTags`.
@@ -298,12 +303,7 @@ async fn resolve_tag(
                 tracing::warn!(error = %e, "cannot record tag");
             }
             advertise_tag(state, plan, path, tag).await;
-            let source = if m.source.starts_with("peer:") {
-                Source::Peer
-            } else {
-                Source::Upstream
-            };
-            Revalidation::Current(entry, source)
+            Revalidation::Current(entry, origin.source())
         }
         Err(e) => Revalidation::Failed {
             message: e.message,
@@ -318,7 +318,7 @@ async fn from_peers(
     plan: &Plan,
     path: &OciPath,
     reference: &str,
-) -> Option<FetchedManifest> {
+) -> Option<(FetchedManifest, Origin)> {
     let peers = state.peers()?;
     if !plan
         .attempts

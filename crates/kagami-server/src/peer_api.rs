@@ -57,13 +57,12 @@ async fn require_token(
             .get(PEER_TOKEN_HEADER)
             .is_some_and(|v| crate::admin::ct_eq(v.as_bytes(), expected.as_bytes()))
     {
-        let body = serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": "not a member of this kagami network", "detail": null}]});
-        let mut r = (StatusCode::UNAUTHORIZED, body.to_string()).into_response();
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return r;
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "not a member of this kagami network",
+        )
+        .into_response();
     }
     next.run(req).await
 }

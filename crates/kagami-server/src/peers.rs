@@ -16,6 +16,7 @@ use kagami_config::Digest;
 use kagami_p2p::{Peer, Router};
 use sha2::{Digest as _, Sha256};
 
+use crate::origin::Origin;
 use crate::upstream::{BlobBody, FetchedManifest};
 
 /// How long a peer that sent wrong bytes is left out.
@@ -35,14 +36,17 @@ pub fn peer_token(psk: &[u8; 32]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+mod key;
+pub use key::{BadKey, ContentKey};
+
 /// The key a node advertises while it fetches a blob nobody held (see `blobs::cluster_fetcher`).
 pub fn inflight_key(digest: &Digest) -> String {
-    format!("inflight:{digest}")
+    ContentKey::Inflight(digest.clone()).to_string()
 }
 
 /// The key under which a resolved tag is advertised.
 pub fn tag_key(registry: &str, repository: &str, tag: &str) -> String {
-    format!("tag:{registry}/{repository}:{tag}")
+    ContentKey::tag(registry, repository, tag).to_string()
 }
 
 pub struct Peers {
@@ -247,7 +251,7 @@ impl Peers {
         repository: &str,
         digest: &Digest,
         offset: u64,
-    ) -> Option<BlobBody> {
+    ) -> Option<(BlobBody, Origin)> {
         let path = format!(
             "/v2/{repository}/blobs/{digest}?ns={}",
             crate::path::encode(registry)
@@ -285,12 +289,14 @@ impl Peers {
                     .map_err(io::Error::other)
                     .inspect_ok(move |c| counter(c.len() as u64));
                 let stream = crate::client_upstream::skip_bytes(stream, skip).boxed();
-                return Some(BlobBody {
+                let origin = Origin::Peer(peer.id);
+                let body = BlobBody {
                     stream,
                     size,
-                    source: format!("peer:{}", peer.id),
+                    source: origin.to_string(),
                     attempt: winner,
-                });
+                };
+                return Some((body, origin));
             }
             i = idx + 1;
         }
@@ -315,14 +321,14 @@ impl Peers {
         registry: &str,
         repository: &str,
         reference: &str,
-    ) -> Option<FetchedManifest> {
+    ) -> Option<(FetchedManifest, Origin)> {
         let by_digest: Option<Digest> = reference.parse().ok();
         if by_digest.is_none() && reference == "latest" && !self.resolve_latest {
             return None;
         }
         let key = match &by_digest {
             Some(d) => d.to_string(),
-            None => tag_key(registry, repository, reference),
+            None => ContentKey::tag(registry, repository, reference).to_string(),
         };
         let peers = self.providers(&key).await;
         let path = format!(
@@ -366,12 +372,14 @@ impl Peers {
                 continue;
             }
             self.add_received(&peer.id, bytes.len() as u64);
-            return Some(FetchedManifest {
+            let origin = Origin::Peer(peer.id);
+            let manifest = FetchedManifest {
                 bytes: Bytes::from(bytes.to_vec()),
                 media_type,
                 digest: actual,
-                source: format!("peer:{}", peer.id),
-            });
+                source: origin.to_string(),
+            };
+            return Some((manifest, origin));
         }
         None
     }
@@ -495,17 +503,15 @@ pub fn stored_tag_keys(state: &crate::AppState) -> Vec<String> {
 /// stays advertised when another source of this node (containerd) loses it.
 #[cfg(feature = "containerd")]
 pub(crate) fn store_holds_key(state: &crate::AppState, key: &str) -> bool {
-    if let Some(rest) = key.strip_prefix("tag:") {
-        let Some((registry, path)) = rest.split_once('/') else {
-            return false;
-        };
-        let Some((repository, tag)) = path.rsplit_once(':') else {
-            return false;
-        };
-        return state.store().get_tag(registry, repository, tag).is_some();
+    match key.parse::<ContentKey>() {
+        Ok(ContentKey::Tag {
+            registry,
+            repository,
+            tag,
+        }) => state.store().get_tag(&registry, &repository, &tag).is_some(),
+        Ok(ContentKey::Digest(d)) => state.store().blob_size(&d).is_some(),
+        Ok(ContentKey::Inflight(_)) | Err(_) => false,
     }
-    key.parse::<Digest>()
-        .is_ok_and(|d| state.store().blob_size(&d).is_some())
 }
 
 /// Whether containerd's shared content holds `d` (always false without the feature).
