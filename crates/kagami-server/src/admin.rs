@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use axum::http::{HeaderMap, StatusCode, header};
 
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::service::error::ApiError;
 
 /// The token file's name in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";

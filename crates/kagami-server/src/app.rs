@@ -15,9 +15,9 @@ use futures_util::future::{BoxFuture, Shared};
 use kagami_config::{Config, Digest, PlanOptions};
 use kagami_store::Store;
 
-use crate::blobs::Fetch;
-use crate::error::ApiError;
-use crate::manifests::Revalidation;
+use crate::service::blobs::Fetch;
+use crate::service::error::ApiError;
+use crate::service::manifests::Revalidation;
 use crate::path::{self, Target};
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::RequestLabels;
@@ -37,8 +37,8 @@ pub struct ServerOptions {
     /// The registry of requests that name none (no `ns`, no registry in the path), as
     /// dockerd's `registry-mirrors` sends them; `None` refuses them.
     pub default_registry: Option<String>,
-    /// Bounds on blob fetches and revalidations (`crate::blobs::FetchLimits`).
-    pub limits: crate::blobs::FetchLimits,
+    /// Bounds on blob fetches and revalidations (`crate::service::blobs::FetchLimits`).
+    pub limits: crate::service::blobs::FetchLimits,
 }
 
 impl Default for ServerOptions {
@@ -66,9 +66,9 @@ pub(crate) struct Inner {
     /// Metrics, the status recorder and the refusal log: every count goes through it.
     pub telemetry: Arc<Telemetry>,
     /// Blob fetches in flight, shared by every request for the same digest.
-    pub fetches: Mutex<HashMap<crate::blobs::FetchKey, Arc<Fetch>>>,
+    pub fetches: Mutex<HashMap<crate::service::blobs::FetchKey, Arc<Fetch>>>,
     /// What fetches may hold at once (count and memory).
-    pub fetch_budget: crate::blobs::Budget,
+    pub fetch_budget: crate::service::blobs::Budget,
     /// Blob sizes named by the manifests served, by (registry, digest).
     pub descriptor_sizes: Mutex<HashMap<(String, Digest), u64>>,
     /// Tag revalidations in flight, by (registry, repository, tag).
@@ -79,7 +79,7 @@ pub(crate) struct Inner {
     /// Other nodes, when P2P is on.
     pub peers: std::sync::OnceLock<Arc<crate::peers::Peers>>,
     /// This node's P2P identity and addresses, when P2P is on.
-    pub node_info: std::sync::OnceLock<crate::peer_api::NodeInfo>,
+    pub node_info: std::sync::OnceLock<crate::http::peer_api::NodeInfo>,
     /// The node's containerd as a source of content for peers, when sharing it is on.
     #[cfg(feature = "containerd")]
     pub containerd: std::sync::OnceLock<Arc<crate::containerd::ContainerdContent>>,
@@ -94,7 +94,7 @@ impl AppState {
         upstream: Arc<dyn Upstream>,
         options: ServerOptions,
     ) -> AppState {
-        let fetch_budget = crate::blobs::Budget::new(&options.limits);
+        let fetch_budget = crate::service::blobs::Budget::new(&options.limits);
         AppState {
             inner: Arc::new(Inner {
                 config: RwLock::new(Arc::new(config)),
@@ -127,7 +127,7 @@ impl AppState {
     }
 
     /// Turns on sharing between nodes (once, at start).
-    pub fn set_peers(&self, peers: Arc<crate::peers::Peers>, node: crate::peer_api::NodeInfo) {
+    pub fn set_peers(&self, peers: Arc<crate::peers::Peers>, node: crate::http::peer_api::NodeInfo) {
         let _ = peers
             .lookup_seconds
             .set(self.inner.telemetry.metrics.peer_lookup_seconds.clone());
@@ -218,8 +218,8 @@ pub fn router(state: AppState) -> Router {
         .route("/status", get(crate::status::html))
         .route("/status.json", get(crate::status::json))
         .route(
-            crate::import::IMPORT_PATH,
-            axum::routing::post(crate::import::route),
+            crate::service::import::IMPORT_PATH,
+            axum::routing::post(crate::service::import::route),
         )
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(limit_headers))
@@ -339,9 +339,9 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         HeaderValue::from_static("registry/2.0"),
     );
     // The body may still be streaming: the log line is written when it ends.
-    crate::log::wrap(
+    crate::http::log::wrap(
         resp,
-        crate::log::RequestLog {
+        crate::http::log::RequestLog {
             method: method_label,
             uri: uri.to_string(),
             status,
@@ -413,19 +413,19 @@ async fn route(
             let d = d.clone();
             (
                 "blob",
-                crate::blobs::get(state, &config, &parsed, &d, range.as_deref(), is_head).await,
+                crate::service::blobs::get(state, &config, &parsed, &d, range.as_deref(), is_head).await,
             )
         }
         Target::Manifest(r) => {
             let r = r.clone();
             (
                 "manifest",
-                crate::manifests::get(state, &config, &parsed, &r, is_head).await,
+                crate::service::manifests::get(state, &config, &parsed, &r, is_head).await,
             )
         }
         Target::TagsList => (
             "tags",
-            crate::manifests::tags_list(state, &config, &parsed, &query).await,
+            crate::service::manifests::tags_list(state, &config, &parsed, &query).await,
         ),
     }
 }

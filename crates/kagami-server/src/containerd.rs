@@ -32,7 +32,7 @@ use kagami_containerd::Containerd;
 use sha2::{Digest as _, Sha256};
 
 use crate::app::AppState;
-use crate::manifests::MAX_MANIFEST;
+use crate::service::manifests::MAX_MANIFEST;
 use crate::range::{self, RangeRequest};
 
 /// A full rescan this often, whatever the events say.
@@ -406,7 +406,7 @@ impl ContainerdContent {
         let (status, start, len) = match range::parse(range_header, size) {
             RangeRequest::Full => (StatusCode::OK, 0, size),
             RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
-            RangeRequest::Unsatisfiable => return Some(crate::blobs::unsatisfiable(size)),
+            RangeRequest::Unsatisfiable => return Some(crate::service::blobs::unsatisfiable(size)),
         };
         let body = if head {
             Body::empty()
@@ -426,10 +426,10 @@ impl ContainerdContent {
                 }
             }))
         };
-        let mut r = crate::blobs::blob_response(status, digest, Some(len));
+        let mut r = crate::service::blobs::blob_response(status, digest, Some(len));
         *r.body_mut() = body;
         if status == StatusCode::PARTIAL_CONTENT {
-            crate::blobs::content_range(&mut r, start, start + len - 1, size);
+            crate::service::blobs::content_range(&mut r, start, start + len - 1, size);
         }
         Some(r)
     }
@@ -461,7 +461,7 @@ impl ContainerdContent {
             self.served_manifests.fetch_add(1, Ordering::Relaxed);
             Body::from(bytes)
         };
-        Some(crate::manifests::manifest_headers(
+        Some(crate::service::manifests::manifest_headers(
             size,
             &media_type,
             digest,

@@ -11,21 +11,18 @@
 
 pub mod admin;
 pub mod app;
-mod blobs;
 pub mod client_upstream;
 #[cfg(feature = "containerd")]
 pub mod containerd;
-pub mod error;
-pub mod import;
+mod http;
 pub mod listener;
-mod log;
-mod manifests;
 mod origin;
+mod service;
 pub use origin::Origin;
+pub use service::{error, import};
 pub mod telemetry;
 pub use telemetry::{metrics, refusals};
 pub mod path;
-pub mod peer_api;
 pub mod peers;
 pub mod range;
 pub mod request_id;
@@ -33,7 +30,8 @@ pub mod status;
 pub mod upstream;
 
 pub use app::{AppState, ServerOptions, Source, router};
-pub use blobs::{FETCH_MEMORY_MAX, FetchLimits};
+pub use http::peer_api;
 pub use peer_api::{NodeInfo, peer_router};
+pub use service::blobs::{FETCH_MEMORY_MAX, FetchLimits};
 pub use peers::Peers;
 pub use upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};

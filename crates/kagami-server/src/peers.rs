@@ -353,7 +353,7 @@ impl Peers {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/vnd.oci.image.manifest.v1+json")
                 .to_string();
-            let Some(bytes) = read_bounded(resp, crate::manifests::MAX_MANIFEST).await else {
+            let Some(bytes) = read_bounded(resp, crate::service::manifests::MAX_MANIFEST).await else {
                 tracing::debug!(peer = %peer.id, reference, "peer manifest unreadable or over 4 MiB");
                 continue;
             };

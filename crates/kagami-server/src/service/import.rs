@@ -34,8 +34,8 @@ use sha2::Digest as _;
 use tokio::io::AsyncReadExt;
 
 use crate::app::AppState;
-use crate::error::ApiError;
-use crate::manifests::MAX_MANIFEST;
+use crate::service::error::ApiError;
+use crate::service::manifests::MAX_MANIFEST;
 
 /// The admin route that imports a file on the server's machine (it needs the admin token,
 /// see [`crate::admin`]).

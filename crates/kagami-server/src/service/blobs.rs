@@ -25,7 +25,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::app::AppState;
 use crate::origin::{Origin, Source};
-use crate::error::ApiError;
+use crate::service::error::ApiError;
 use crate::path::OciPath;
 use crate::range::{self, RangeRequest};
 use crate::upstream::BlobBody;
@@ -377,7 +377,7 @@ pub(crate) fn note_descriptors(state: &AppState, registry: &str, manifest: &[u8]
 /// The answer when the fetch budget stays full: containerd moves on to its next host (the
 /// registry itself, unless the default endpoint is disabled) and kagami stays within its
 /// memory.
-fn busy(limits: &crate::blobs::FetchLimits) -> ApiError {
+fn busy(limits: &crate::service::blobs::FetchLimits) -> ApiError {
     let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "TOOMANYREQUESTS",

@@ -16,7 +16,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::app::AppState;
 use crate::origin::{Origin, Source};
-use crate::error::ApiError;
+use crate::service::error::ApiError;
 use crate::path::{ManifestRef, OciPath, Query};
 use crate::upstream::FetchedManifest;
 
@@ -38,7 +38,7 @@ type Handled = Result<(Response, Source), ApiError>;
 
 /// A manifest GET or HEAD. The sizes of the blobs a manifest served by GET names are
 /// remembered for this registry, so that fetching them stops where they must end
-/// (`crate::blobs::note_descriptors`).
+/// (`crate::service::blobs::note_descriptors`).
 pub(crate) async fn get(
     state: &AppState,
     config: &Arc<Config>,
@@ -55,7 +55,7 @@ pub(crate) async fn get(
     let bytes = axum::body::to_bytes(body, MAX_MANIFEST as usize)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    crate::blobs::note_descriptors(state, &path.registry, &bytes);
+    crate::service::blobs::note_descriptors(state, &path.registry, &bytes);
     Ok((Response::from_parts(parts, Body::from(bytes)), source))
 }
 

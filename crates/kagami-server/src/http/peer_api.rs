@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::service::error::ApiError;
 use crate::path::{self, ManifestRef, Target};
 use crate::peers::PEER_TOKEN_HEADER;
 
@@ -101,7 +101,7 @@ async fn handle(
                 .await
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             if let Some(h) = handle {
-                return Ok(crate::blobs::serve_local(h, d, range, head).await?.0);
+                return Ok(crate::service::blobs::serve_local(h, d, range, head).await?.0);
             }
             #[cfg(feature = "containerd")]
             if let Some(c) = state.containerd()
@@ -111,7 +111,7 @@ async fn handle(
             }
             // A blob this node is fetching right now is served as it arrives (one
             // upstream fetch per cluster), with the same last-byte guarantee.
-            crate::blobs::serve_in_flight(state, d, range, head)
+            crate::service::blobs::serve_in_flight(state, d, range, head)
                 .await
                 .ok_or_else(not_here)
         }
@@ -125,7 +125,7 @@ async fn handle(
                     }
                 },
             };
-            if let Some(r) = crate::manifests::serve_stored(state, &digest, head).await? {
+            if let Some(r) = crate::service::manifests::serve_stored(state, &digest, head).await? {
                 return Ok(r);
             }
             #[cfg(feature = "containerd")]
