@@ -23,17 +23,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::body::Body;
-use axum::http::StatusCode;
-use axum::response::Response;
 use futures_util::{FutureExt, StreamExt};
 use kagami_config::{Digest, Reference};
 use kagami_containerd::Containerd;
 use sha2::{Digest as _, Sha256};
 
 use crate::app::AppState;
+use crate::origin::Source;
 use crate::service::manifests::MAX_MANIFEST;
-use crate::range::{self, RangeRequest};
+use crate::service::reply::{BlobReply, ManifestReply, Span};
 
 /// A full rescan this often, whatever the events say.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(60);
@@ -136,7 +134,10 @@ impl ContainerdContent {
 
     /// The current scanned set.
     pub fn scan(&self) -> Arc<Scan> {
-        self.scan.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.scan
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether `d` is in the scanned set (so advertised on containerd's behalf).
@@ -184,7 +185,10 @@ impl ContainerdContent {
     }
 
     fn set_error(&self, e: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = e;
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = e;
     }
 
     /// Rebuilds the scanned set from containerd and advertises the difference. Fails (and
@@ -196,7 +200,10 @@ impl ContainerdContent {
         let started = Instant::now();
         let scan = Arc::new(self.build(state, client).await?);
         *self.scan.write().unwrap_or_else(PoisonError::into_inner) = scan.clone();
-        *self.last_scan.lock().unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now());
+        *self
+            .last_scan
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now());
         self.set_error(None);
         self.advertise(state, &scan).await;
         tracing::debug!(
@@ -319,7 +326,12 @@ impl ContainerdContent {
 
     /// A manifest or index parsed, from the cache or read from containerd.
     async fn parsed(&self, client: &Containerd, digest: &Digest, size: u64) -> Option<Parsed> {
-        if let Some(p) = self.parsed.lock().unwrap_or_else(PoisonError::into_inner).get(digest) {
+        if let Some(p) = self
+            .parsed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(digest)
+        {
             return Some(p.clone());
         }
         if size > MAX_MANIFEST {
@@ -400,18 +412,17 @@ impl ContainerdContent {
         digest: &Digest,
         range_header: Option<&str>,
         head: bool,
-    ) -> Option<Response> {
+    ) -> Option<BlobReply> {
         let size = *self.scan().blobs.get(digest)?;
         let client = self.client.get()?;
-        let (status, start, len) = match range::parse(range_header, size) {
-            RangeRequest::Full => (StatusCode::OK, 0, size),
-            RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
-            RangeRequest::Unsatisfiable => return Some(crate::service::blobs::unsatisfiable(size)),
+        let Some(span) = Span::of(range_header, size) else {
+            return Some(BlobReply::Unsatisfiable { size });
         };
+        let (start, len) = span.window();
         let body = if head {
-            Body::empty()
+            None
         } else {
-            let stream = match client.read(&digest.to_string(), start, Some(len)).await {
+            let stream = match client.read(&digest.to_string(), start, len).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%digest, error = %e, "containerd cannot serve a shared blob");
@@ -420,30 +431,38 @@ impl ContainerdContent {
             };
             self.served_blobs.fetch_add(1, Ordering::Relaxed);
             let counter = self.served_bytes.clone();
-            Body::from_stream(stream.inspect(move |c| {
-                if let Ok(c) = c {
-                    counter.fetch_add(c.len() as u64, Ordering::Relaxed);
-                }
-            }))
+            Some(
+                stream
+                    .inspect(move |c| {
+                        if let Ok(c) = c {
+                            counter.fetch_add(c.len() as u64, Ordering::Relaxed);
+                        }
+                    })
+                    .boxed(),
+            )
         };
-        let mut r = crate::service::blobs::blob_response(status, digest, Some(len));
-        *r.body_mut() = body;
-        if status == StatusCode::PARTIAL_CONTENT {
-            crate::service::blobs::content_range(&mut r, start, start + len - 1, size);
-        }
-        Some(r)
+        Some(BlobReply::Bytes {
+            digest: digest.clone(),
+            span,
+            body,
+            source: Source::Local,
+        })
     }
 
     /// Serves a manifest or index of the scanned set to a peer, with its media type;
     /// `None` when it is not in the set, containerd no longer has it, or its bytes do not
     /// match its digest.
-    pub(crate) async fn serve_manifest(&self, digest: &Digest, head: bool) -> Option<Response> {
+    pub(crate) async fn serve_manifest(
+        &self,
+        digest: &Digest,
+        head: bool,
+    ) -> Option<ManifestReply> {
         let scan = self.scan();
         let media_type = scan.manifests.get(digest)?.clone();
         let size = *scan.blobs.get(digest)?;
         drop(scan);
         let body = if head {
-            Body::empty()
+            None
         } else {
             let client = self.client.get()?;
             let bytes = match client.read_small(&digest.to_string(), MAX_MANIFEST).await {
@@ -459,14 +478,15 @@ impl ContainerdContent {
                 return None;
             }
             self.served_manifests.fetch_add(1, Ordering::Relaxed);
-            Body::from(bytes)
+            Some(bytes::Bytes::from(bytes))
         };
-        Some(crate::service::manifests::manifest_headers(
-            size,
-            &media_type,
-            digest,
+        Some(ManifestReply {
+            digest: digest.clone(),
+            media_type,
+            len: size,
             body,
-        ))
+            source: Source::Local,
+        })
     }
 }
 

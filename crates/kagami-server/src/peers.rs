@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Mutex, PoisonError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,6 +38,35 @@ pub fn peer_token(psk: &[u8; 32]) -> String {
 
 mod key;
 pub use key::{BadKey, ContentKey};
+
+/// (registry, repository, tag).
+pub(crate) type TagKey = (String, String, String);
+
+/// What this node tells a node that bootstraps from its HTTP address.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub peer_id: String,
+    pub addrs: Vec<String>,
+}
+
+/// This node's place among the others, once P2P is on (set at start, after the services
+/// are built): what a service holds instead of the whole state.
+#[derive(Clone, Default)]
+pub(crate) struct Cluster {
+    pub(crate) peers: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<Peers>>>,
+    pub(crate) node: std::sync::Arc<std::sync::OnceLock<NodeInfo>>,
+}
+
+impl Cluster {
+    pub(crate) fn peers(&self) -> Option<&std::sync::Arc<Peers>> {
+        self.peers.get()
+    }
+
+    /// This node's P2P id, when P2P is on.
+    pub(crate) fn me(&self) -> Option<&str> {
+        self.node.get().map(|n| n.peer_id.as_str())
+    }
+}
 
 /// The key a node advertises while it fetches a blob nobody held (see `blobs::cluster_fetcher`).
 pub fn inflight_key(digest: &Digest) -> String {
@@ -80,10 +109,10 @@ const MAX_LEARNT_TAGS: usize = 10_000;
 /// advertised as this node's own and never served to other nodes. The manifest it names is
 /// content like any other (verified by digest, stored, shared).
 #[derive(Default)]
-struct LearntTags(Mutex<HashMap<crate::app::TagKey, kagami_store::TagEntry>>);
+struct LearntTags(Mutex<HashMap<TagKey, kagami_store::TagEntry>>);
 
 impl LearntTags {
-    fn insert(&self, key: crate::app::TagKey, entry: kagami_store::TagEntry, ttl: Duration) {
+    fn insert(&self, key: TagKey, entry: kagami_store::TagEntry, ttl: Duration) {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= MAX_LEARNT_TAGS {
             let now = std::time::SystemTime::now();
@@ -102,7 +131,7 @@ impl LearntTags {
         map.insert(key, entry);
     }
 
-    fn get(&self, key: &crate::app::TagKey, ttl: Duration) -> Option<kagami_store::TagEntry> {
+    fn get(&self, key: &TagKey, ttl: Duration) -> Option<kagami_store::TagEntry> {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = map.get(key)?;
         let age = std::time::SystemTime::now()
@@ -353,7 +382,8 @@ impl Peers {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/vnd.oci.image.manifest.v1+json")
                 .to_string();
-            let Some(bytes) = read_bounded(resp, crate::service::manifests::MAX_MANIFEST).await else {
+            let Some(bytes) = read_bounded(resp, crate::service::manifests::MAX_MANIFEST).await
+            else {
                 tracing::debug!(peer = %peer.id, reference, "peer manifest unreadable or over 4 MiB");
                 continue;
             };
@@ -508,7 +538,10 @@ pub(crate) fn store_holds_key(state: &crate::AppState, key: &str) -> bool {
             registry,
             repository,
             tag,
-        }) => state.store().get_tag(&registry, &repository, &tag).is_some(),
+        }) => state
+            .store()
+            .get_tag(&registry, &repository, &tag)
+            .is_some(),
         Ok(ContentKey::Digest(d)) => state.store().blob_size(&d).is_some(),
         Ok(ContentKey::Inflight(_)) | Err(_) => false,
     }

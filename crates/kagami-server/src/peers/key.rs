@@ -51,7 +51,9 @@ impl fmt::Display for ContentKey {
 
 /// A string that is none of the key forms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a P2P key (a digest, tag:<registry>/<repository>:<tag> or inflight:<digest>)")]
+#[error(
+    "{0:?} is not a P2P key (a digest, tag:<registry>/<repository>:<tag> or inflight:<digest>)"
+)]
 pub struct BadKey(pub String);
 
 impl FromStr for ContentKey {
@@ -95,7 +97,13 @@ mod tests {
             ContentKey::tag("r.example", "team/app", "1.0").to_string(),
             "tag:r.example/team/app:1.0"
         );
-        assert_eq!(format!("inflight:{A}").parse::<ContentKey>().unwrap().to_string(), format!("inflight:{A}"));
+        assert_eq!(
+            format!("inflight:{A}")
+                .parse::<ContentKey>()
+                .unwrap()
+                .to_string(),
+            format!("inflight:{A}")
+        );
         for bad in ["tag:noslash", "tag:r/repo", "inflight:x", "x", "tag:r/:t"] {
             assert!(bad.parse::<ContentKey>().is_err(), "{bad}");
         }

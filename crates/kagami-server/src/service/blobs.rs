@@ -5,30 +5,116 @@
 //! memory they reserve, how slow a source may be, how large a blob may grow, and how long
 //! a fetch nobody follows any more keeps going.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::Response;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
-use kagami_config::{Config, Digest, plan};
-use kagami_store::{Begin, BlobHandle, Inflight};
+use http::StatusCode;
+use kagami_config::{Digest, Plan};
+use kagami_store::{Begin, BlobHandle, Inflight, Store};
 use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::io::ReaderStream;
 
-use crate::app::AppState;
 use crate::origin::{Origin, Source};
-use crate::service::error::ApiError;
 use crate::path::OciPath;
-use crate::range::{self, RangeRequest};
-use crate::upstream::BlobBody;
+use crate::peers::{Cluster, ContentKey};
+use crate::service::RequestContext;
+use crate::service::error::ApiError;
+use crate::service::reply::{BlobReply, Span};
+use crate::telemetry::Telemetry;
+use crate::upstream::{BlobBody, Upstream};
+
+/// Blob GET/HEAD and the fetches behind them. It holds what it uses; the fetches in
+/// flight, the fetch budget, the blob sizes manifests gave and the store-full back-off are
+/// its own.
+pub(crate) struct Blobs {
+    store: Store,
+    upstream: Arc<dyn Upstream>,
+    telemetry: Arc<Telemetry>,
+    limits: FetchLimits,
+    cluster: Cluster,
+    /// Blob fetches in flight, shared by every request for the same digest.
+    fetches: Mutex<HashMap<FetchKey, Arc<Fetch>>>,
+    /// What fetches may hold at once (count and memory).
+    budget: Budget,
+    /// Blob sizes named by the manifests served, by (registry, digest).
+    descriptor_sizes: Mutex<HashMap<(String, Digest), u64>>,
+    /// Set while the store refuses writes (disk full): cold blobs pass through uncached.
+    store_full_until: Mutex<Option<Instant>>,
+}
+
+impl Blobs {
+    pub(crate) fn new(
+        store: Store,
+        upstream: Arc<dyn Upstream>,
+        telemetry: Arc<Telemetry>,
+        limits: FetchLimits,
+        cluster: Cluster,
+    ) -> Arc<Blobs> {
+        Arc::new(Blobs {
+            store,
+            upstream,
+            telemetry,
+            budget: Budget::new(&limits),
+            limits,
+            cluster,
+            fetches: Mutex::new(HashMap::new()),
+            descriptor_sizes: Mutex::new(HashMap::new()),
+            store_full_until: Mutex::new(None),
+        })
+    }
+
+    /// A client's blob GET or HEAD: from the store, else from a fetch (joined or started).
+    pub(crate) async fn get(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        digest: &Digest,
+    ) -> Result<BlobReply, ApiError> {
+        get(self, ctx, digest).await
+    }
+
+    /// Remembers the sizes of the blobs a manifest of `registry` names (see
+    /// [`note_descriptors`]).
+    pub(crate) fn note_descriptors(&self, registry: &str, manifest: &[u8]) {
+        note_descriptors(self, registry, manifest)
+    }
+
+    /// What this node holds of `digest` for another node: its store, else its fetch in
+    /// progress (see [`serve_in_flight`]); `None` when neither has it.
+    pub(crate) async fn serve_stored(
+        &self,
+        digest: &Digest,
+        range_header: Option<&str>,
+        head: bool,
+    ) -> Result<Option<BlobReply>, ApiError> {
+        let handle = self
+            .store
+            .open_blob(digest)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        match handle {
+            Some(h) => serve_local(h, digest, range_header, head).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A blob this node is fetching right now, for another node.
+    pub(crate) async fn serve_in_flight(
+        &self,
+        digest: &Digest,
+        range_header: Option<&str>,
+        head: bool,
+    ) -> Option<BlobReply> {
+        serve_in_flight(self, digest, range_header, head).await
+    }
+}
 
 /// Reads of a stored blob for one response, while few are being sent: large reads are
 /// fastest for one client (about 2 GB/s warm against 1.5 with 64 KiB).
@@ -128,7 +214,7 @@ impl Budget {
     }
 
     /// Waits up to `wait` for room for one fetch holding up to `bytes` of memory.
-    async fn acquire(&self, state: &AppState, bytes: u64, wait: Duration) -> Option<Permit> {
+    async fn acquire(&self, telemetry: &Telemetry, bytes: u64, wait: Duration) -> Option<Permit> {
         let kib = bytes.div_ceil(1024).clamp(1, self.total_kib as u64) as u32;
         let take = async {
             let count = self.count.clone().acquire_owned().await.ok()?;
@@ -136,7 +222,7 @@ impl Budget {
             Some((count, kib))
         };
         let (count, kib_permit) = tokio::time::timeout(wait, take).await.ok()??;
-        let gauge = state.telemetry().metrics.fetch_memory.clone();
+        let gauge = telemetry.metrics.fetch_memory.clone();
         let bytes = kib as u64 * 1024;
         gauge.inc_by(bytes as i64);
         Some(Permit {
@@ -194,39 +280,36 @@ enum FetchState {
     Failed(String),
 }
 
-pub(crate) async fn get(
-    state: &AppState,
-    config: &Arc<Config>,
-    path: &OciPath,
+async fn get(
+    svc: &Arc<Blobs>,
+    ctx: &RequestContext,
     digest: &Digest,
-    range_header: Option<&str>,
-    head: bool,
-) -> Result<(Response, Source), ApiError> {
-    let inner = &state.inner;
-    if let Some(handle) = inner
+) -> Result<BlobReply, ApiError> {
+    let (path, head, range_header) = (&ctx.path, ctx.head, ctx.range.as_deref());
+    if let Some(handle) = svc
         .store
         .open_blob(digest)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
     {
-        state.telemetry().cache("blob", "hit");
+        svc.telemetry.cache("blob", "hit");
         return serve_local(handle, digest, range_header, head).await;
     }
-    state.telemetry().cache("blob", "miss");
-    if head && let Some(r) = head_cold(state, config, path, digest).await {
+    svc.telemetry.cache("blob", "miss");
+    if head && let Some(r) = head_cold(svc, ctx, digest).await {
         return r;
     }
-    let store_full = inner
+    let store_full = svc
         .store_full_until
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .is_some_and(|t| Instant::now() < t);
     if store_full {
-        return pass_through(state, config, path, digest, head).await;
+        return pass_through(svc, ctx, digest).await;
     }
     let mut fell_back = false;
     loop {
-        let (fetch, follower) = match join_or_start(state, config, path, digest).await {
+        let (fetch, follower) = match join_or_start(svc, ctx, digest).await {
             Ok(f) => f,
             Err(busy) => return Err(busy),
         };
@@ -241,13 +324,18 @@ pub(crate) async fn get(
                 inflight,
                 size,
                 source,
-            } => Ok((
-                serve_inflight(&inflight, size, digest, range_header, head, Some(follower)),
+            } => Ok(serve_inflight(
+                &inflight,
+                size,
+                digest,
+                range_header,
+                head,
+                Some(follower),
                 source,
             )),
             FetchState::PassThrough => {
                 drop(follower);
-                pass_through(state, config, path, digest, head).await
+                pass_through(svc, ctx, digest).await
             }
             // A fetch started for another repository of the registry walked that
             // repository's plan: this request tries its own once.
@@ -269,14 +357,13 @@ pub(crate) async fn get(
 /// endpoint (a registry served only by other nodes), or none has the blob and other nodes
 /// might: the caller goes through a fetch.
 async fn head_cold(
-    state: &AppState,
-    config: &Config,
-    path: &OciPath,
+    svc: &Blobs,
+    ctx: &RequestContext,
     digest: &Digest,
-) -> Option<Result<(Response, Source), ApiError>> {
+) -> Option<Result<BlobReply, ApiError>> {
+    let (path, plan) = (&ctx.path, &*ctx.plan);
     let key = (digest.clone(), path.registry.clone());
-    let in_flight = state
-        .inner
+    let in_flight = svc
         .fetches
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -289,24 +376,27 @@ async fn head_cold(
             ..
         } = &*f.state.borrow()
     {
-        return Some(Ok((
-            blob_response(StatusCode::OK, digest, Some(*size)),
-            *source,
-        )));
+        return Some(Ok(BlobReply::Bytes {
+            digest: digest.clone(),
+            span: Span::Full(Some(*size)),
+            body: None,
+            source: *source,
+        }));
     }
-    let plan = plan(&path.reference(), config, state.plan_options());
-    kagami_client::endpoint_attempts(&plan).next()?;
-    Some(match state.inner.upstream.head_blob(&plan, digest).await {
+    kagami_client::endpoint_attempts(plan).next()?;
+    Some(match svc.upstream.head_blob(plan, digest).await {
         Ok(h) => {
-            state.telemetry().endpoint_ok(&h.source);
-            Ok((
-                blob_response(StatusCode::OK, digest, h.size),
-                Source::Upstream,
-            ))
+            svc.telemetry.endpoint_ok(&h.source);
+            Ok(BlobReply::Bytes {
+                digest: digest.clone(),
+                span: Span::Full(h.size),
+                body: None,
+                source: Source::Upstream,
+            })
         }
         // Other nodes may have it when the endpoints do not: the caller tries them.
         Err(_)
-            if state.peers().is_some()
+            if svc.cluster.peers().is_some()
                 && plan
                     .attempts
                     .iter()
@@ -319,10 +409,8 @@ async fn head_cold(
 }
 
 /// The size of `digest` named by a manifest this node served for `registry`, if any.
-fn descriptor_size(state: &AppState, registry: &str, digest: &Digest) -> Option<u64> {
-    state
-        .inner
-        .descriptor_sizes
+fn descriptor_size(svc: &Blobs, registry: &str, digest: &Digest) -> Option<u64> {
+    svc.descriptor_sizes
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .get(&(registry.to_string(), digest.clone()))
@@ -335,7 +423,7 @@ const MAX_DESCRIPTORS: usize = 100_000;
 /// Remembers the sizes of the blobs a manifest (or index) of `registry` names, so that a
 /// fetch of one of them knows where it must end. Kept per registry: a manifest from one
 /// registry cannot set the size another registry's fetch expects.
-pub(crate) fn note_descriptors(state: &AppState, registry: &str, manifest: &[u8]) {
+fn note_descriptors(svc: &Blobs, registry: &str, manifest: &[u8]) {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(manifest) else {
         return;
     };
@@ -361,8 +449,7 @@ pub(crate) fn note_descriptors(state: &AppState, registry: &str, manifest: &[u8]
     if found.is_empty() {
         return;
     }
-    let mut map = state
-        .inner
+    let mut map = svc
         .descriptor_sizes
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
@@ -377,7 +464,7 @@ pub(crate) fn note_descriptors(state: &AppState, registry: &str, manifest: &[u8]
 /// The answer when the fetch budget stays full: containerd moves on to its next host (the
 /// registry itself, unless the default endpoint is disabled) and kagami stays within its
 /// memory.
-fn busy(limits: &crate::service::blobs::FetchLimits) -> ApiError {
+fn busy(limits: &FetchLimits) -> ApiError {
     let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "TOOMANYREQUESTS",
@@ -406,30 +493,32 @@ fn joinable(
 /// Joins the fetch of `digest` through this registry, or starts one when the budget has
 /// room (waiting up to `queue_wait`); `Err` is the `503` to answer when it stays full.
 async fn join_or_start(
-    state: &AppState,
-    config: &Arc<Config>,
-    path: &OciPath,
+    svc: &Arc<Blobs>,
+    ctx: &RequestContext,
     digest: &Digest,
 ) -> Result<(Arc<Fetch>, Follower), ApiError> {
+    let path = &ctx.path;
     let key: FetchKey = (digest.clone(), path.registry.clone());
-    if let Some(f) = joinable(&state.inner.fetches.lock().unwrap_or_else(PoisonError::into_inner), &key) {
+    if let Some(f) = joinable(
+        &svc.fetches.lock().unwrap_or_else(PoisonError::into_inner),
+        &key,
+    ) {
         let follower = Follower::new(&f);
         return Ok((f, follower));
     }
-    let limits = &state.inner.options.limits;
-    let expected = descriptor_size(state, &path.registry, digest);
+    let limits = &svc.limits;
+    let expected = descriptor_size(svc, &path.registry, digest);
     let memory = expected.map_or(FETCH_MEMORY_MAX, |s| s.min(FETCH_MEMORY_MAX));
-    let Some(permit) = state
-        .inner
-        .fetch_budget
-        .acquire(state, memory, limits.queue_wait)
+    let Some(permit) = svc
+        .budget
+        .acquire(&svc.telemetry, memory, limits.queue_wait)
         .await
     else {
-        state.telemetry().metrics.fetches_refused.inc();
+        svc.telemetry.metrics.fetches_refused.inc();
         tracing::warn!(%digest, registry = %path.registry, "fetch budget full; answering 503");
         return Err(busy(limits));
     };
-    let mut fetches = state.inner.fetches.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut fetches = svc.fetches.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(f) = joinable(&fetches, &key) {
         let follower = Follower::new(&f);
         return Ok((f, follower));
@@ -442,9 +531,9 @@ async fn join_or_start(
     // Counted before the task starts, so that it never sees a fetch nobody wants.
     let follower = Follower::new(&fetch);
     fetches.insert(key.clone(), fetch.clone());
-    let (state, config, path, digest, f) = (
-        state.clone(),
-        config.clone(),
+    let (svc, plan, path, digest, f) = (
+        svc.clone(),
+        ctx.plan.clone(),
         path.clone(),
         digest.clone(),
         fetch.clone(),
@@ -453,15 +542,15 @@ async fn join_or_start(
     let id = crate::request_id::current();
     tokio::spawn(crate::request_id::within(id, async move {
         let _permit = permit;
-        state.telemetry().metrics.inflight.inc();
-        run_fetch(&state, &config, &path, &digest, expected, &f).await;
-        if let Some(p) = state.peers() {
+        svc.telemetry.metrics.inflight.inc();
+        run_fetch(&svc, &plan, &path, &digest, expected, &f).await;
+        if let Some(p) = svc.cluster.peers() {
             p.router
                 .withdraw(vec![crate::peers::inflight_key(&digest)])
                 .await;
         }
-        state.telemetry().metrics.inflight.dec();
-        let mut fetches = state.inner.fetches.lock().unwrap_or_else(PoisonError::into_inner);
+        svc.telemetry.metrics.inflight.dec();
+        let mut fetches = svc.fetches.lock().unwrap_or_else(PoisonError::into_inner);
         if fetches.get(&key).is_some_and(|x| Arc::ptr_eq(x, &f)) {
             fetches.remove(&key);
         }
@@ -535,8 +624,8 @@ impl Stream for RateGuard {
     }
 }
 
-fn rate_guarded(state: &AppState, mut body: BlobBody) -> BlobBody {
-    let limits = &state.inner.options.limits;
+fn rate_guarded(svc: &Blobs, mut body: BlobBody) -> BlobBody {
+    let limits = &svc.limits;
     if limits.min_rate == 0 || limits.rate_window.is_zero() {
         return body;
     }
@@ -548,7 +637,7 @@ fn rate_guarded(state: &AppState, mut body: BlobBody) -> BlobBody {
         deadline: Box::pin(tokio::time::sleep(limits.rate_window)),
         got: 0,
         done: false,
-        slow: state.telemetry().metrics.slow_sources.clone(),
+        slow: svc.telemetry.metrics.slow_sources.clone(),
     }
     .boxed();
     body
@@ -557,18 +646,16 @@ fn rate_guarded(state: &AppState, mut body: BlobBody) -> BlobBody {
 /// The leader: fetches the blob from upstream into the store, resuming from the next
 /// attempt at the same offset when an upstream fails mid-blob.
 async fn run_fetch(
-    state: &AppState,
-    config: &Config,
+    svc: &Blobs,
+    plan: &Plan,
     path: &OciPath,
     digest: &Digest,
     expected: Option<u64>,
     fetch: &Fetch,
 ) {
-    let inner = &state.inner;
-    let limits = &inner.options.limits;
-    let plan = plan(&path.reference(), config, state.plan_options());
+    let limits = &svc.limits;
     // Its own write, never another registry's write of the same digest.
-    let writer = match inner.store.begin_separate(digest, expected) {
+    let writer = match svc.store.begin_separate(digest, expected) {
         Ok(Begin::Writer(w)) => w,
         Ok(Begin::Joined(inflight)) => {
             let size = inflight.expected_size();
@@ -581,19 +668,19 @@ async fn run_fetch(
         }
         Err(e) => {
             tracing::warn!(%digest, error = %e, "content store refused a new blob; passing through uncached");
-            mark_store_full(state);
+            mark_store_full(svc);
             fetch.state.send_replace(FetchState::PassThrough);
             return;
         }
     };
-    let sources = Sources::new(state, &plan, path, digest).await;
+    let sources = Sources::new(svc, plan, path, digest).await;
     if sources.providers.is_empty() {
         fetch.state.send_replace(FetchState::ConnectingUpstream);
     }
     let mut body = match sources.open(0, Attempt::Provider(0)).await {
         Ok(b) => b,
         Err(e) => {
-            state.telemetry().upstream_failed(&plan, &e.message);
+            svc.telemetry.upstream_failed(plan, &e.message);
             fetch.state.send_replace(FetchState::Failed(e.message));
             return;
         }
@@ -603,7 +690,7 @@ async fn run_fetch(
     if let Some(s) = body.body.size
         && s > cap
     {
-        let why = too_large(state, digest, &body.body.source, s, expected);
+        let why = too_large(svc, digest, &body.body.source, s, expected);
         fetch.state.send_replace(FetchState::Failed(why));
         return;
     }
@@ -619,14 +706,14 @@ async fn run_fetch(
     let mut abandon = Box::pin(abandoned(fetch, &follow, size, limits.abandon_grace));
     // Announcements that crossed each other leave two nodes fetching the same blob from
     // upstream; the one with the higher id finds out and continues from the other.
-    let mut rival = match state.peers() {
-        Some(p) if sources.cluster_leader => Some(Box::pin(lower_fetcher(state, p, digest))),
+    let mut rival = match svc.cluster.peers() {
+        Some(p) if sources.cluster_leader => Some(Box::pin(lower_fetcher(svc, p, digest))),
         _ => None,
     };
     // The current body is a rival node's, standing in for the attempt it replaced.
     let mut retry_same = false;
     loop {
-        state.telemetry().upstream_answered(&body.body.source);
+        svc.telemetry.upstream_answered(&body.body.source);
         let rival_found = async {
             match rival.as_mut() {
                 Some(r) => r.as_mut().await,
@@ -643,7 +730,7 @@ async fn run_fetch(
                 rival = None;
                 // The pump was stopped between chunks: continue at what the store has.
                 let offset = sink.received;
-                let from_peer = match state.peers() {
+                let from_peer = match svc.cluster.peers() {
                     Some(p) => {
                         p.blob(
                             std::slice::from_ref(&peer),
@@ -663,7 +750,7 @@ async fn run_fetch(
                         // Should that node fail, the endpoint this one used is next.
                         retry_same = true;
                         Ok(Opened {
-                            body: rate_guarded(state, b),
+                            body: rate_guarded(svc, b),
                             origin,
                             at: body.at,
                         })
@@ -673,18 +760,18 @@ async fn run_fetch(
             }
             Pump::Abandoned => {
                 tracing::info!(%digest, written = follow.written(), size, "no client follows this fetch any more and it is not worth finishing; cancelled");
-                inner.telemetry.metrics.fetches_cancelled.inc();
+                svc.telemetry.metrics.fetches_cancelled.inc();
                 return; // dropping the writer aborts and deletes the temp file
             }
             Pump::TooLarge(n) => {
-                too_large(state, digest, &body.body.source, n, expected);
+                too_large(svc, digest, &body.body.source, n, expected);
                 return;
             }
             Pump::Done if size.is_none_or(|s| sink.received == s) => break,
             Pump::Done | Pump::UpstreamFailed => {
                 let offset = sink.received;
                 tracing::warn!(%digest, offset, source = %body.body.source, "source failed mid-blob; continuing from the next one");
-                state.telemetry().endpoint_failed(
+                svc.telemetry.endpoint_failed(
                     &body.body.source,
                     &format!("{digest}: body cut at byte {offset}"),
                 );
@@ -699,7 +786,7 @@ async fn run_fetch(
                 let (_, e) = sink.finish().await;
                 let e = e.map_or_else(|| "the store writer stopped".to_string(), |e| e.to_string());
                 tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
-                mark_store_full(state);
+                mark_store_full(svc);
                 return;
             }
         };
@@ -711,7 +798,7 @@ async fn run_fetch(
             Err(e) => {
                 let offset = sink.received;
                 tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
-                state.telemetry().upstream_failed(&plan, &e.message);
+                svc.telemetry.upstream_failed(plan, &e.message);
                 return; // dropping the writer aborts: followers get an error
             }
         }
@@ -721,7 +808,7 @@ async fn run_fetch(
         (w, None) => w,
         (_, Some(e)) => {
             tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
-            mark_store_full(state);
+            mark_store_full(svc);
             return;
         }
     };
@@ -730,7 +817,7 @@ async fn run_fetch(
         Err(e) => {
             tracing::warn!(%digest, error = %e, "blob not stored");
             if matches!(e, kagami_store::StoreError::DigestMismatch { .. })
-                && let Some(peers) = state.peers()
+                && let Some(peers) = svc.cluster.peers()
             {
                 for id in contributors.iter().filter_map(Origin::peer) {
                     peers.ban(id);
@@ -742,7 +829,25 @@ async fn run_fetch(
 
 /// A blob went past where it must end: logged, counted, reported on the status page.
 fn too_large(
-    state: &AppState,
+    svc: &Blobs,
+    digest: &Digest,
+    source: &str,
+    bytes: u64,
+    expected: Option<u64>,
+) -> String {
+    too_large_why(
+        &svc.telemetry,
+        svc.limits.max_blob_size,
+        digest,
+        source,
+        bytes,
+        expected,
+    )
+}
+
+fn too_large_why(
+    telemetry: &Telemetry,
+    max_blob_size: u64,
     digest: &Digest,
     source: &str,
     bytes: u64,
@@ -753,13 +858,12 @@ fn too_large(
             format!("{digest} from {source}: {bytes} bytes, more than the {e} its manifest gives")
         }
         None => format!(
-            "{digest} from {source}: {bytes} bytes, more than --max-blob-size ({} bytes) and no manifest served by this node gives its size",
-            state.inner.options.limits.max_blob_size
+            "{digest} from {source}: {bytes} bytes, more than --max-blob-size ({max_blob_size} bytes) and no manifest served by this node gives its size"
         ),
     };
     tracing::warn!(%digest, source, bytes, "blob larger than allowed; fetch stopped");
-    state.telemetry().metrics.blobs_too_large.inc();
-    state.telemetry().endpoint_failed(source, &why);
+    telemetry.metrics.blobs_too_large.inc();
+    telemetry.endpoint_failed(source, &why);
     why
 }
 
@@ -774,14 +878,14 @@ const SETTLE: Duration = Duration::from_millis(150);
 /// node is the fetcher. Announcements that raced past each other degrade to two fetches,
 /// never to a failure; a stale announcement is a provider that answers 404, then skipped.
 async fn cluster_fetcher(
-    state: &AppState,
+    svc: &Blobs,
     peers: &crate::peers::Peers,
     digest: &Digest,
 ) -> Vec<kagami_p2p::Peer> {
-    let Some(me) = state.inner.node_info.get().map(|n| n.peer_id.clone()) else {
+    let Some(me) = svc.cluster.me().map(str::to_string) else {
         return Vec::new();
     };
-    let key = crate::peers::inflight_key(digest);
+    let key = ContentKey::Inflight(digest.clone()).to_string();
     peers.router.advertise(vec![key.clone()]).await;
     tokio::time::sleep(SETTLE).await;
     let earlier: Vec<kagami_p2p::Peer> = peers
@@ -822,19 +926,19 @@ fn spread_followers(
 /// 0.3, 1 and 3 s and returns a node with a lower id that announced the same blob (its
 /// announcement had not arrived in time), to continue from it; otherwise never returns.
 async fn lower_fetcher(
-    state: &AppState,
+    svc: &Blobs,
     peers: &crate::peers::Peers,
     digest: &Digest,
 ) -> kagami_p2p::Peer {
-    if let Some(me) = state.inner.node_info.get().map(|n| n.peer_id.clone()) {
-        let key = crate::peers::inflight_key(digest);
+    if let Some(me) = svc.cluster.me() {
+        let key = ContentKey::Inflight(digest.clone()).to_string();
         for wait in [300, 700, 2000] {
             tokio::time::sleep(Duration::from_millis(wait)).await;
             let lowest = peers
                 .providers(&key)
                 .await
                 .into_iter()
-                .filter(|p| p.id < me)
+                .filter(|p| p.id.as_str() < me)
                 .min_by(|a, b| a.id.cmp(&b.id));
             if let Some(p) = lowest {
                 return p;
@@ -873,7 +977,7 @@ struct Opened {
 /// Where a blob can come from, in the plan's order: providers among the other nodes
 /// (when the registry is shared and P2P is on), then the endpoints.
 struct Sources<'a> {
-    state: &'a AppState,
+    svc: &'a Blobs,
     plan: &'a kagami_config::Plan,
     path: &'a OciPath,
     digest: &'a Digest,
@@ -885,7 +989,7 @@ struct Sources<'a> {
 
 impl<'a> Sources<'a> {
     async fn new(
-        state: &'a AppState,
+        svc: &'a Blobs,
         plan: &'a kagami_config::Plan,
         path: &'a OciPath,
         digest: &'a Digest,
@@ -895,12 +999,12 @@ impl<'a> Sources<'a> {
             .iter()
             .any(|a| matches!(a, kagami_config::Attempt::Peers));
         let mut cluster_leader = false;
-        let providers = match state.peers() {
+        let providers = match svc.cluster.peers() {
             Some(p) if wants_peers => {
                 let holders = p.providers(&digest.to_string()).await;
                 if holders.is_empty() {
-                    let earlier = cluster_fetcher(state, p, digest).await;
-                    cluster_leader = earlier.is_empty() && state.inner.node_info.get().is_some();
+                    let earlier = cluster_fetcher(svc, p, digest).await;
+                    cluster_leader = earlier.is_empty() && svc.cluster.me().is_some();
                     earlier
                 } else {
                     holders
@@ -909,7 +1013,7 @@ impl<'a> Sources<'a> {
             _ => Vec::new(),
         };
         Sources {
-            state,
+            svc,
             plan,
             path,
             digest,
@@ -926,7 +1030,7 @@ impl<'a> Sources<'a> {
     ) -> Result<Opened, crate::upstream::UpstreamError> {
         if let Attempt::Provider(i) = from
             && i < self.providers.len()
-            && let Some(peers) = self.state.peers()
+            && let Some(peers) = self.svc.cluster.peers()
             && let Some((b, origin)) = peers
                 .blob(
                     &self.providers,
@@ -940,7 +1044,7 @@ impl<'a> Sources<'a> {
         {
             let at = Attempt::Provider(b.attempt);
             return Ok(Opened {
-                body: rate_guarded(self.state, b),
+                body: rate_guarded(self.svc, b),
                 origin,
                 at,
             });
@@ -950,15 +1054,14 @@ impl<'a> Sources<'a> {
             Attempt::Provider(_) => 0,
         };
         let b = self
-            .state
-            .inner
+            .svc
             .upstream
             .blob(self.plan, self.digest, offset, endpoint)
             .await?;
         Ok(Opened {
             at: Attempt::Endpoint(b.attempt),
             origin: Origin::Endpoint(b.source.clone()),
-            body: rate_guarded(self.state, b),
+            body: rate_guarded(self.svc, b),
         })
     }
 }
@@ -1068,56 +1171,57 @@ async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) -> Pump {
     }
 }
 
-fn mark_store_full(state: &AppState) {
-    *state.inner.store_full_until.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + FULL_BACKOFF);
+fn mark_store_full(svc: &Blobs) {
+    *svc.store_full_until
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + FULL_BACKOFF);
 }
 
 /// Streams straight from upstream to this client, storing nothing. Counted in the fetch
 /// budget (one socket, little memory), cut below the minimum rate and at the blob's size
 /// or the cap, like a fetch.
 async fn pass_through(
-    state: &AppState,
-    config: &Config,
-    path: &OciPath,
+    svc: &Blobs,
+    ctx: &RequestContext,
     digest: &Digest,
-    head: bool,
-) -> Result<(Response, Source), ApiError> {
-    let limits = &state.inner.options.limits;
-    let Some(permit) = state
-        .inner
-        .fetch_budget
-        .acquire(state, CHUNK as u64, limits.queue_wait)
+) -> Result<BlobReply, ApiError> {
+    let (path, plan) = (&ctx.path, &*ctx.plan);
+    let limits = &svc.limits;
+    let Some(permit) = svc
+        .budget
+        .acquire(&svc.telemetry, CHUNK as u64, limits.queue_wait)
         .await
     else {
-        state.telemetry().metrics.fetches_refused.inc();
+        svc.telemetry.metrics.fetches_refused.inc();
         return Err(busy(limits));
     };
-    let plan = plan(&path.reference(), config, state.plan_options());
-    let body = state
-        .inner
+    let body = svc
         .upstream
-        .blob(&plan, digest, 0, 0)
+        .blob(plan, digest, 0, 0)
         .await
-        .inspect_err(|e| state.telemetry().plan_failed(&plan, &e.message))
+        .inspect_err(|e| svc.telemetry.plan_failed(plan, &e.message))
         .map_err(|e| ApiError::blob_unknown(e.message).refused("upstream_failed"))?;
-    state.telemetry().upstream_answered(&body.source);
-    let expected = descriptor_size(state, &path.registry, digest);
+    svc.telemetry.upstream_answered(&body.source);
+    let expected = descriptor_size(svc, &path.registry, digest);
     let cap = expected.unwrap_or(limits.max_blob_size);
     if let Some(n) = body.size
         && n > cap
     {
         return Err(ApiError::blob_unknown(too_large(
-            state,
+            svc,
             digest,
             &body.source,
             n,
             expected,
         )));
     }
-    let mut b = blob_response(StatusCode::OK, digest, expected.or(body.size));
-    if !head {
-        let body = rate_guarded(state, body);
-        let (state, digest, source) = (state.clone(), digest.clone(), body.source.clone());
+    let span = Span::Full(expected.or(body.size));
+    let stream = if ctx.head {
+        None
+    } else {
+        let body = rate_guarded(svc, body);
+        let (telemetry, max_blob_size) = (svc.telemetry.clone(), svc.limits.max_blob_size);
+        let (digest, source) = (digest.clone(), body.source.clone());
         // (bytes sent, cut): the stream ends after the error that cuts it.
         let stream = body.stream.scan((0u64, false), move |(sent, over), c| {
             let _permit = &permit;
@@ -1128,7 +1232,14 @@ async fn pass_through(
                     *sent += c.len() as u64;
                     if *sent > cap {
                         *over = true;
-                        let why = too_large(&state, &digest, &source, *sent, expected);
+                        let why = too_large_why(
+                            &telemetry,
+                            max_blob_size,
+                            &digest,
+                            &source,
+                            *sent,
+                            expected,
+                        );
                         return std::future::ready(Some(Err(io::Error::other(why))));
                     }
                 }
@@ -1136,25 +1247,29 @@ async fn pass_through(
             };
             std::future::ready(item)
         });
-        *b.body_mut() = Body::from_stream(stream);
-    }
-    Ok((b, Source::Upstream))
+        Some(stream.boxed())
+    };
+    Ok(BlobReply::Bytes {
+        digest: digest.clone(),
+        span,
+        body: stream,
+        source: Source::Upstream,
+    })
 }
 
-/// A response for another node from this node's fetch of `digest` in progress (one
+/// A reply for another node from this node's fetch of `digest` in progress (one
 /// upstream fetch per cluster; a chain of nodes each streaming from the one before works
 /// too, every hop verifying): waits up to 5 s while it connects to an endpoint, but only
 /// 1 s for a fetch still looking for a source among the nodes, so that two nodes holding
 /// stale records of each other never wait long on each other.
-pub(crate) async fn serve_in_flight(
-    state: &AppState,
+async fn serve_in_flight(
+    svc: &Blobs,
     digest: &Digest,
     range_header: Option<&str>,
     head: bool,
-) -> Option<Response> {
+) -> Option<BlobReply> {
     // Any registry's fetch of the digest: the other node verifies what it receives.
-    let fetch = state
-        .inner
+    let fetch = svc
         .fetches
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -1180,70 +1295,38 @@ pub(crate) async fn serve_in_flight(
     .ok()?
     .clone();
     match current {
-        FetchState::Streaming { inflight, size, .. } => Some(serve_inflight(
+        FetchState::Streaming {
+            inflight,
+            size,
+            source,
+        } => Some(serve_inflight(
             &inflight,
             size,
             digest,
             range_header,
             head,
             Some(follower),
+            source,
         )),
         _ => None,
     }
 }
 
-pub(crate) fn blob_response(status: StatusCode, digest: &Digest, len: Option<u64>) -> Response {
-    let mut r = Response::new(Body::empty());
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        "Docker-Content-Digest",
-        HeaderValue::from_str(&digest.to_string()).expect("digest is ascii"),
-    );
-    if let Some(len) = len {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    r
-}
-
-pub(crate) fn content_range(r: &mut Response, start: u64, end: u64, size: u64) {
-    r.headers_mut().insert(
-        header::CONTENT_RANGE,
-        HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")).expect("ascii"),
-    );
-}
-
-pub(crate) fn unsatisfiable(size: u64) -> Response {
-    let mut r = axum::response::IntoResponse::into_response(ApiError::range_not_satisfiable(size));
-    r.headers_mut().insert(
-        header::CONTENT_RANGE,
-        HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-    );
-    r
-}
-
-pub(crate) async fn serve_local(
+/// A stored blob, with `Range`.
+async fn serve_local(
     mut handle: BlobHandle,
     digest: &Digest,
     range_header: Option<&str>,
     head: bool,
-) -> Result<(Response, Source), ApiError> {
+) -> Result<BlobReply, ApiError> {
     let size = handle.size;
-    let (status, start, len) = match range::parse(range_header, size) {
-        RangeRequest::Full => (StatusCode::OK, 0, size),
-        RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
-        RangeRequest::Unsatisfiable => return Ok((unsatisfiable(size), Source::None)),
+    let Some(span) = Span::of(range_header, size) else {
+        return Ok(BlobReply::Unsatisfiable { size });
     };
-    let mut resp = blob_response(status, digest, Some(len));
-    if status == StatusCode::PARTIAL_CONTENT {
-        content_range(&mut resp, start, start + len - 1, size);
-    }
-    if !head {
+    let body = if head {
+        None
+    } else {
+        let (start, len) = span.window();
         if start > 0 {
             handle
                 .file
@@ -1254,10 +1337,15 @@ pub(crate) async fn serve_local(
         use std::sync::atomic::Ordering::Relaxed;
         let busy = LOCAL_RESPONSES.fetch_add(1, Relaxed) >= BUSY_RESPONSES;
         let chunk = if busy { BUSY_CHUNK } else { CHUNK };
-        let reader = tokio::io::AsyncReadExt::take(Pinned(handle), len);
-        *resp.body_mut() = Body::from_stream(ReaderStream::with_capacity(reader, chunk));
-    }
-    Ok((resp, Source::Local))
+        let reader = tokio::io::AsyncReadExt::take(Pinned(handle), len.unwrap_or(size));
+        Some(ReaderStream::with_capacity(reader, chunk).boxed())
+    };
+    Ok(BlobReply::Bytes {
+        digest: digest.clone(),
+        span,
+        body,
+        source: Source::Local,
+    })
 }
 
 /// Keeps the store's pin on a blob for as long as its body is being sent (and counts it in
@@ -1280,7 +1368,7 @@ impl AsyncRead for Pinned {
     }
 }
 
-/// A response streaming a fetch in flight; `follower` counts this client as one of the
+/// A reply streaming a fetch in flight; `follower` counts this client as one of the
 /// fetch's followers for as long as its body is being sent.
 fn serve_inflight(
     inflight: &Inflight,
@@ -1289,35 +1377,34 @@ fn serve_inflight(
     range_header: Option<&str>,
     head: bool,
     follower: Option<Follower>,
-) -> Response {
-    let (status, start, len) = match size {
-        None => (StatusCode::OK, 0, None),
-        Some(size) => match range::parse(range_header, size) {
-            RangeRequest::Full => (StatusCode::OK, 0, Some(size)),
-            RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, Some(r.len())),
-            RangeRequest::Unsatisfiable => return unsatisfiable(size),
+    source: Source,
+) -> BlobReply {
+    let span = match size {
+        None => Span::Full(None),
+        Some(size) => match Span::of(range_header, size) {
+            Some(span) => span,
+            None => return BlobReply::Unsatisfiable { size },
         },
     };
-    let mut resp = blob_response(status, digest, len);
-    if let (StatusCode::PARTIAL_CONTENT, Some(len), Some(size)) = (status, len, size) {
-        content_range(&mut resp, start, start + len - 1, size);
+    let body = (!head).then(|| {
+        let (start, len) = match span {
+            Span::Partial { start, len, .. } => (start, Some(len)),
+            Span::Full(_) => (0, None),
+        };
+        inflight
+            .stream(start, len)
+            .map(move |c| {
+                let _follower = &follower;
+                c
+            })
+            .boxed()
+    });
+    BlobReply::Bytes {
+        digest: digest.clone(),
+        span,
+        body,
+        source,
     }
-    if !head {
-        let stream = inflight.stream(
-            start,
-            if status == StatusCode::PARTIAL_CONTENT {
-                len
-            } else {
-                None
-            },
-        );
-        let stream = stream.map(move |c| {
-            let _follower = &follower;
-            c
-        });
-        *resp.body_mut() = Body::from_stream(stream);
-    }
-    resp
 }
 
 #[cfg(test)]

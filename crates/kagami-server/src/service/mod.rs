@@ -1,5 +1,28 @@
-//! The services: what kagami does for a request, with no HTTP in it.
+//! The services: what kagami does for a request, with no HTTP in it (no axum). Each is
+//! a struct holding the `Arc`s it uses, never the whole state; the HTTP layer
+//! (`crate::http`) parses a request once into a [`RequestContext`], calls a service and
+//! turns its typed reply (`reply`) or error (`error::ApiError`) into a response.
+
+use std::sync::Arc;
+
+use kagami_config::Plan;
+
+use crate::path::OciPath;
+
 pub mod blobs;
 pub mod error;
-pub mod import;
+pub(crate) mod import;
 pub(crate) mod manifests;
+pub(crate) mod reply;
+pub(crate) mod tags;
+
+/// One request, parsed once: what it names and where that can come from.
+#[derive(Clone)]
+pub(crate) struct RequestContext {
+    pub path: OciPath,
+    /// The plan of `path`'s registry under the configuration the request started with.
+    pub plan: Arc<Plan>,
+    /// The `Range` header, as sent.
+    pub range: Option<String>,
+    pub head: bool,
+}
