@@ -12,6 +12,7 @@ use kagami_config::{Config, PlanOptions};
 use kagami_store::Store;
 
 use crate::peers::Cluster;
+use crate::service::Deps;
 use crate::service::blobs::Blobs;
 use crate::service::import::Importer;
 use crate::service::manifests::Manifests;
@@ -90,29 +91,21 @@ impl AppState {
         let telemetry = Arc::new(Telemetry::new());
         let cluster = Cluster::default();
         let admin = Arc::new(OnceLock::new());
-        let blobs = Blobs::new(
-            store.clone(),
-            upstream.clone(),
-            telemetry.clone(),
-            options.limits.clone(),
-            cluster.clone(),
-        );
+        let deps = Deps {
+            store: store.clone(),
+            upstream,
+            telemetry: telemetry.clone(),
+            cluster: cluster.clone(),
+        };
+        let blobs = Blobs::new(&deps, options.limits.clone());
         let manifests = Manifests::new(
-            store.clone(),
-            upstream.clone(),
-            telemetry.clone(),
-            cluster.clone(),
+            &deps,
             blobs.clone(),
             options.tag_ttl,
             options.limits.revalidation_timeout,
         );
-        let tags = Tags::new(store.clone(), upstream, cluster.clone(), options.tag_ttl);
-        let import = Importer::new(
-            store.clone(),
-            config.clone(),
-            cluster.clone(),
-            admin.clone(),
-        );
+        let tags = Tags::new(&deps, options.tag_ttl);
+        let import = Importer::new(&deps, config.clone(), admin.clone());
         AppState {
             inner: Arc::new(Inner {
                 config,

@@ -25,9 +25,9 @@ use tokio_util::io::ReaderStream;
 use crate::origin::{Origin, Source};
 use crate::path::OciPath;
 use crate::peers::{Cluster, ContentKey};
-use crate::service::RequestContext;
 use crate::service::error::ApiError;
 use crate::service::reply::{BlobReply, Span};
+use crate::service::{Deps, RequestContext};
 use crate::telemetry::Telemetry;
 use crate::upstream::{BlobBody, Upstream};
 
@@ -51,20 +51,14 @@ pub(crate) struct Blobs {
 }
 
 impl Blobs {
-    pub(crate) fn new(
-        store: Store,
-        upstream: Arc<dyn Upstream>,
-        telemetry: Arc<Telemetry>,
-        limits: FetchLimits,
-        cluster: Cluster,
-    ) -> Arc<Blobs> {
+    pub(crate) fn new(deps: &Deps, limits: FetchLimits) -> Arc<Blobs> {
         Arc::new(Blobs {
-            store,
-            upstream,
-            telemetry,
+            store: deps.store.clone(),
+            upstream: deps.upstream.clone(),
+            telemetry: deps.telemetry.clone(),
             budget: Budget::new(&limits),
             limits,
-            cluster,
+            cluster: deps.cluster.clone(),
             fetches: Mutex::new(HashMap::new()),
             descriptor_sizes: Mutex::new(HashMap::new()),
             store_full_until: Mutex::new(None),
@@ -270,14 +264,19 @@ enum FetchState {
     /// No other node has it: connecting to the endpoints (this node is the one fetching it
     /// for the cluster).
     ConnectingUpstream,
-    Streaming {
-        inflight: Arc<Inflight>,
-        size: Option<u64>,
-        source: Source,
-    },
+    Streaming(Streaming),
     /// The store cannot take the blob: each request streams from upstream itself.
     PassThrough,
     Failed(String),
+}
+
+/// A fetch writing into the store, which followers stream from.
+#[derive(Clone)]
+struct Streaming {
+    inflight: Arc<Inflight>,
+    /// The blob's size, when known.
+    size: Option<u64>,
+    source: Source,
 }
 
 async fn get(
@@ -320,19 +319,9 @@ async fn get(
             .map(|s| s.clone())
             .unwrap_or(FetchState::Failed("fetch ended unexpectedly".into()));
         return match current {
-            FetchState::Streaming {
-                inflight,
-                size,
-                source,
-            } => Ok(serve_inflight(
-                &inflight,
-                size,
-                digest,
-                range_header,
-                head,
-                Some(follower),
-                source,
-            )),
+            FetchState::Streaming(s) => {
+                Ok(serve_inflight(&s, digest, range_header, head, follower))
+            }
             FetchState::PassThrough => {
                 drop(follower);
                 pass_through(svc, ctx, digest).await
@@ -370,11 +359,11 @@ async fn head_cold(
         .get(&key)
         .cloned();
     if let Some(f) = in_flight
-        && let FetchState::Streaming {
+        && let FetchState::Streaming(Streaming {
             size: Some(size),
             source,
             ..
-        } = &*f.state.borrow()
+        }) = &*f.state.borrow()
     {
         return Some(Ok(BlobReply::Bytes {
             digest: digest.clone(),
@@ -659,11 +648,11 @@ async fn run_fetch(
         Ok(Begin::Writer(w)) => w,
         Ok(Begin::Joined(inflight)) => {
             let size = inflight.expected_size();
-            fetch.state.send_replace(FetchState::Streaming {
+            fetch.state.send_replace(FetchState::Streaming(Streaming {
                 inflight: Arc::new(inflight),
                 size,
                 source: Source::Local,
-            });
+            }));
             return;
         }
         Err(e) => {
@@ -698,11 +687,11 @@ async fn run_fetch(
     let mut contributors = vec![body.origin.clone()];
     let follow = writer.follow();
     let mut sink = StoreSink::new(writer);
-    fetch.state.send_replace(FetchState::Streaming {
+    fetch.state.send_replace(FetchState::Streaming(Streaming {
         inflight: Arc::new(follow.clone()),
         size,
         source: body.origin.source(),
-    });
+    }));
     let mut abandon = Box::pin(abandoned(fetch, &follow, size, limits.abandon_grace));
     // Announcements that crossed each other leave two nodes fetching the same blob from
     // upstream; the one with the higher id finds out and continues from the other.
@@ -1276,7 +1265,7 @@ async fn serve_in_flight(
         .iter()
         .filter(|((d, _), _)| d == digest)
         .map(|(_, f)| f.clone())
-        .max_by_key(|f| matches!(*f.state.borrow(), FetchState::Streaming { .. }))?;
+        .max_by_key(|f| matches!(*f.state.borrow(), FetchState::Streaming(_)))?;
     let follower = Follower::new(&fetch);
     let mut rx = fetch.state.subscribe();
     tokio::time::timeout(
@@ -1295,19 +1284,7 @@ async fn serve_in_flight(
     .ok()?
     .clone();
     match current {
-        FetchState::Streaming {
-            inflight,
-            size,
-            source,
-        } => Some(serve_inflight(
-            &inflight,
-            size,
-            digest,
-            range_header,
-            head,
-            Some(follower),
-            source,
-        )),
+        FetchState::Streaming(s) => Some(serve_inflight(&s, digest, range_header, head, follower)),
         _ => None,
     }
 }
@@ -1371,15 +1348,13 @@ impl AsyncRead for Pinned {
 /// A reply streaming a fetch in flight; `follower` counts this client as one of the
 /// fetch's followers for as long as its body is being sent.
 fn serve_inflight(
-    inflight: &Inflight,
-    size: Option<u64>,
+    fetch: &Streaming,
     digest: &Digest,
     range_header: Option<&str>,
     head: bool,
-    follower: Option<Follower>,
-    source: Source,
+    follower: Follower,
 ) -> BlobReply {
-    let span = match size {
+    let span = match fetch.size {
         None => Span::Full(None),
         Some(size) => match Span::of(range_header, size) {
             Some(span) => span,
@@ -1391,7 +1366,8 @@ fn serve_inflight(
             Span::Partial { start, len, .. } => (start, Some(len)),
             Span::Full(_) => (0, None),
         };
-        inflight
+        fetch
+            .inflight
             .stream(start, len)
             .map(move |c| {
                 let _follower = &follower;
@@ -1403,7 +1379,7 @@ fn serve_inflight(
         digest: digest.clone(),
         span,
         body,
-        source,
+        source: fetch.source,
     }
 }
 

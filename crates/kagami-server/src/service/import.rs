@@ -44,15 +44,14 @@ pub(crate) struct Importer {
 
 impl Importer {
     pub(crate) fn new(
-        store: kagami_store::Store,
+        deps: &crate::service::Deps,
         config: Arc<RwLock<Arc<kagami_config::Config>>>,
-        cluster: Cluster,
         admin: Arc<OnceLock<crate::admin::Admin>>,
     ) -> Importer {
         Importer {
-            store,
+            store: deps.store.clone(),
             config,
-            cluster,
+            cluster: deps.cluster.clone(),
             admin,
         }
     }

@@ -17,10 +17,10 @@ use tokio::io::AsyncReadExt;
 use crate::origin::{Origin, Source};
 use crate::path::{ManifestRef, OciPath};
 use crate::peers::{Cluster, TagKey};
-use crate::service::RequestContext;
 use crate::service::blobs::Blobs;
 use crate::service::error::ApiError;
 use crate::service::reply::ManifestReply;
+use crate::service::{Deps, RequestContext};
 use crate::telemetry::Telemetry;
 use crate::upstream::{FetchedManifest, Upstream};
 
@@ -45,19 +45,16 @@ pub(crate) struct Manifests {
 
 impl Manifests {
     pub(crate) fn new(
-        store: Store,
-        upstream: Arc<dyn Upstream>,
-        telemetry: Arc<Telemetry>,
-        cluster: Cluster,
+        deps: &Deps,
         blobs: Arc<Blobs>,
         tag_ttl: Duration,
         revalidation_timeout: Duration,
     ) -> Arc<Manifests> {
         Arc::new(Manifests {
-            store,
-            upstream,
-            telemetry,
-            cluster,
+            store: deps.store.clone(),
+            upstream: deps.upstream.clone(),
+            telemetry: deps.telemetry.clone(),
+            cluster: deps.cluster.clone(),
             blobs,
             tag_ttl,
             revalidation_timeout,

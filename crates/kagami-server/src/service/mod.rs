@@ -6,8 +6,12 @@
 use std::sync::Arc;
 
 use kagami_config::Plan;
+use kagami_store::Store;
 
 use crate::path::OciPath;
+use crate::peers::Cluster;
+use crate::telemetry::Telemetry;
+use crate::upstream::Upstream;
 
 pub mod blobs;
 pub mod error;
@@ -25,4 +29,12 @@ pub(crate) struct RequestContext {
     /// The `Range` header, as sent.
     pub range: Option<String>,
     pub head: bool,
+}
+
+/// What services are built from (each keeps the parts it uses).
+pub(crate) struct Deps {
+    pub store: Store,
+    pub upstream: Arc<dyn Upstream>,
+    pub telemetry: Arc<Telemetry>,
+    pub cluster: Cluster,
 }

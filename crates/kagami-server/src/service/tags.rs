@@ -10,9 +10,9 @@ use kagami_store::Store;
 use crate::origin::Source;
 use crate::path::Query;
 use crate::peers::Cluster;
-use crate::service::RequestContext;
 use crate::service::error::ApiError;
 use crate::service::reply::TagsReply;
+use crate::service::{Deps, RequestContext};
 use crate::upstream::Upstream;
 
 /// The most tags one answer lists when the client does not say (`n`).
@@ -28,16 +28,11 @@ pub(crate) struct Tags {
 }
 
 impl Tags {
-    pub(crate) fn new(
-        store: Store,
-        upstream: Arc<dyn Upstream>,
-        cluster: Cluster,
-        tag_ttl: Duration,
-    ) -> Tags {
+    pub(crate) fn new(deps: &Deps, tag_ttl: Duration) -> Tags {
         Tags {
-            store,
-            upstream,
-            cluster,
+            store: deps.store.clone(),
+            upstream: deps.upstream.clone(),
+            cluster: deps.cluster.clone(),
             tag_ttl,
         }
     }
