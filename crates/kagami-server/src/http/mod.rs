@@ -5,7 +5,6 @@
 //! the request log ([`log`]), the peer API ([`peer_api`]) and the admin import route
 //! ([`import`]). Handlers get the [`AppState`] (the composition root); services never do.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -227,18 +226,7 @@ async fn route(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    // The one plan of this request, under the configuration it started with.
-    let plan = Arc::new(kagami_config::plan(
-        &parsed.reference(),
-        &config,
-        state.plan_options(),
-    ));
-    let ctx = RequestContext {
-        path: parsed,
-        plan,
-        range,
-        head: is_head,
-    };
+    let ctx = RequestContext::new(parsed, config, state.plan_options(), range, is_head);
     let services = state.services();
     match &ctx.path.target {
         Target::Blob(d) => ("blob", blob_answer(services.blobs.get(&ctx, d).await)),

@@ -350,7 +350,7 @@ async fn head_cold(
     ctx: &RequestContext,
     digest: &Digest,
 ) -> Option<Result<BlobReply, ApiError>> {
-    let (path, plan) = (&ctx.path, &*ctx.plan);
+    let (path, plan) = (&ctx.path, &**ctx.plan());
     let key = (digest.clone(), path.registry.clone());
     let in_flight = svc
         .fetches
@@ -522,7 +522,7 @@ async fn join_or_start(
     fetches.insert(key.clone(), fetch.clone());
     let (svc, plan, path, digest, f) = (
         svc.clone(),
-        ctx.plan.clone(),
+        ctx.plan().clone(),
         path.clone(),
         digest.clone(),
         fetch.clone(),
@@ -1174,7 +1174,7 @@ async fn pass_through(
     ctx: &RequestContext,
     digest: &Digest,
 ) -> Result<BlobReply, ApiError> {
-    let (path, plan) = (&ctx.path, &*ctx.plan);
+    let (path, plan) = (&ctx.path, &**ctx.plan());
     let limits = &svc.limits;
     let Some(permit) = svc
         .budget

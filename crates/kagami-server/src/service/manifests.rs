@@ -109,7 +109,7 @@ async fn get(svc: &Arc<Manifests>, ctx: &RequestContext, r: &ManifestRef) -> Han
 }
 
 async fn get_inner(svc: &Arc<Manifests>, ctx: &RequestContext, r: &ManifestRef) -> Handled {
-    let (path, plan, head) = (&ctx.path, &*ctx.plan, ctx.head);
+    let (path, head) = (&ctx.path, ctx.head);
     match r {
         ManifestRef::Digest(d) => {
             if let Some(reply) = serve_stored(svc, d, head).await? {
@@ -117,6 +117,7 @@ async fn get_inner(svc: &Arc<Manifests>, ctx: &RequestContext, r: &ManifestRef) 
                 return Ok(reply);
             }
             svc.telemetry.cache("manifest", "miss");
+            let plan = &**ctx.plan();
             let (m, source) = match from_peers(svc, plan, path, &d.to_string()).await {
                 Some((m, origin)) => (m, origin.source()),
                 None => (
@@ -165,7 +166,8 @@ async fn get_inner(svc: &Arc<Manifests>, ctx: &RequestContext, r: &ManifestRef) 
                 // an imported image), there is nothing to revalidate against: the cached
                 // tag stays current instead of being served "stale" on every pull.
                 let current = age < svc.tag_ttl
-                    || !plan
+                    || !ctx
+                        .plan()
                         .attempts
                         .iter()
                         .any(|a| matches!(a, kagami_config::Attempt::Endpoint(_)));
@@ -224,7 +226,12 @@ async fn revalidate(
         if let Some(f) = map.get(&key) {
             f.clone()
         } else {
-            let (st, plan, p, t) = (svc.clone(), ctx.plan.clone(), path.clone(), tag.to_string());
+            let (st, plan, p, t) = (
+                svc.clone(),
+                ctx.plan().clone(),
+                path.clone(),
+                tag.to_string(),
+            );
             let k = key.clone();
             // A task of its own with a deadline: it ends (and leaves the map, releasing its
             // upstream connections) even when every client waiting for it has gone.

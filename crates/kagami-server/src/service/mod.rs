@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use kagami_config::Plan;
+use std::sync::OnceLock;
+
+use kagami_config::{Config, Plan, PlanOptions};
 use kagami_store::Store;
 
 use crate::path::OciPath;
@@ -21,14 +23,46 @@ pub(crate) mod reply;
 pub(crate) mod tags;
 
 /// One request, parsed once: what it names and where that can come from.
-#[derive(Clone)]
 pub(crate) struct RequestContext {
     pub path: OciPath,
-    /// The plan of `path`'s registry under the configuration the request started with.
-    pub plan: Arc<Plan>,
     /// The `Range` header, as sent.
     pub range: Option<String>,
     pub head: bool,
+    /// The configuration the request started with.
+    config: Arc<Config>,
+    options: PlanOptions,
+    plan: OnceLock<Arc<Plan>>,
+}
+
+impl RequestContext {
+    pub(crate) fn new(
+        path: OciPath,
+        config: Arc<Config>,
+        options: PlanOptions,
+        range: Option<String>,
+        head: bool,
+    ) -> RequestContext {
+        RequestContext {
+            path,
+            range,
+            head,
+            config,
+            options,
+            plan: OnceLock::new(),
+        }
+    }
+
+    /// The plan of the request's registry: computed once, when first needed (a store hit
+    /// needs none).
+    pub(crate) fn plan(&self) -> &Arc<Plan> {
+        self.plan.get_or_init(|| {
+            Arc::new(kagami_config::plan(
+                &self.path.reference(),
+                &self.config,
+                self.options,
+            ))
+        })
+    }
 }
 
 /// What services are built from (each keeps the parts it uses).

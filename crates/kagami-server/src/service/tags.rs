@@ -43,7 +43,7 @@ impl Tags {
         ctx: &RequestContext,
         query: &Query,
     ) -> Result<TagsReply, ApiError> {
-        let (path, plan) = (&ctx.path, &*ctx.plan);
+        let (path, plan) = (&ctx.path, &**ctx.plan());
         let n =
             match query.get("n") {
                 None => None,
