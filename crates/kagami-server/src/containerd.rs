@@ -478,7 +478,7 @@ impl ContainerdContent {
                 return None;
             }
             self.served_manifests.fetch_add(1, Ordering::Relaxed);
-            Some(bytes::Bytes::from(bytes))
+            Some(bytes)
         };
         Some(ManifestReply {
             digest: digest.clone(),
