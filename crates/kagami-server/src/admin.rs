@@ -10,7 +10,7 @@ use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-use axum::http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, StatusCode, header};
 
 use crate::app::AppState;
 use crate::service::error::ApiError;

@@ -15,7 +15,6 @@ pub mod client_upstream;
 #[cfg(feature = "containerd")]
 pub mod containerd;
 mod http;
-pub mod listener;
 mod origin;
 mod service;
 pub use origin::Origin;
@@ -43,13 +42,12 @@ pub use telemetry::{metrics, refusals};
 pub mod path;
 pub mod peers;
 pub mod range;
-pub mod request_id;
 pub mod status;
 pub mod upstream;
 
 pub use app::{AppState, ServerOptions, Source};
-pub use http::peer_api;
 pub use http::router;
+pub use http::{listener, peer_api, request_id};
 pub use peer_api::{NodeInfo, peer_router};
 pub use peers::Peers;
 pub use service::blobs::{FETCH_MEMORY_MAX, FetchLimits};

@@ -151,7 +151,7 @@ pub fn encode(s: &str) -> String {
 
 /// Parses a request URI (`/v2/...` and its query) with [`parse`].
 pub fn parse_uri(
-    uri: &axum::http::Uri,
+    uri: &http::Uri,
     default_registry: Option<&str>,
 ) -> Result<(OciPath, Query), ApiError> {
     let rest = uri

@@ -68,7 +68,7 @@ impl Cluster {
     }
 }
 
-/// The key a node advertises while it fetches a blob nobody held (see `blobs::cluster_fetcher`).
+/// The key a node advertises while it fetches a blob nobody held (see `service::blobs`, `sources::cluster_fetcher`).
 pub fn inflight_key(digest: &Digest) -> String {
     ContentKey::Inflight(digest.clone()).to_string()
 }

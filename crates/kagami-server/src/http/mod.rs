@@ -24,9 +24,11 @@ use crate::service::reply::BlobReply;
 use crate::telemetry::metrics::RequestLabels;
 
 pub(crate) mod import;
+pub mod listener;
 pub(crate) mod log;
 pub mod peer_api;
 pub(crate) mod reply;
+pub mod request_id;
 
 /// The whole HTTP application: the OCI pull API plus health and metrics.
 pub fn router(state: AppState) -> Router {
