@@ -183,6 +183,18 @@ impl AppState {
         &self.inner.services
     }
 
+    /// The p2p layer's view of this node (see [`crate::peers::Node`]).
+    pub(crate) fn node(&self) -> crate::peers::Node {
+        crate::peers::Node {
+            store: self.inner.store.clone(),
+            config: self.inner.config.clone(),
+            cluster: Cluster {
+                peers: self.inner.peers.clone(),
+                node: self.inner.node_info.clone(),
+            },
+        }
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.inner.ready.store(ready, Ordering::SeqCst);
     }

@@ -30,6 +30,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::app::AppState;
 use crate::origin::Source;
+use crate::peers::Node;
 use crate::service::manifests::MAX_MANIFEST;
 use crate::service::reply::{BlobReply, ManifestReply, Span};
 
@@ -193,19 +194,19 @@ impl ContainerdContent {
 
     /// Rebuilds the scanned set from containerd and advertises the difference. Fails (and
     /// keeps the previous set) when containerd cannot be read.
-    pub async fn rescan(&self, state: &AppState) -> Result<Arc<Scan>, kagami_containerd::Error> {
+    pub(crate) async fn rescan(&self, node: &Node) -> Result<Arc<Scan>, kagami_containerd::Error> {
         let Some(client) = self.client.get() else {
             return Ok(self.scan());
         };
         let started = Instant::now();
-        let scan = Arc::new(self.build(state, client).await?);
+        let scan = Arc::new(self.build(node, client).await?);
         *self.scan.write().unwrap_or_else(PoisonError::into_inner) = scan.clone();
         *self
             .last_scan
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now());
         self.set_error(None);
-        self.advertise(state, &scan).await;
+        self.advertise(node, &scan).await;
         tracing::debug!(
             images = scan.images,
             blobs = scan.blobs.len(),
@@ -218,10 +219,10 @@ impl ContainerdContent {
 
     async fn build(
         &self,
-        state: &AppState,
+        node: &Node,
         client: &Containerd,
     ) -> Result<Scan, kagami_containerd::Error> {
-        let config = state.config();
+        let config = node.config();
         let present: HashMap<Digest, u64> = client
             .list_content()
             .await?
@@ -357,8 +358,8 @@ impl ContainerdContent {
 
     /// Advertises what is new in `scan` and withdraws what disappeared — except keys that
     /// kagami's own store still holds, which stay advertised on the store's behalf.
-    async fn advertise(&self, state: &AppState, scan: &Scan) {
-        let Some(peers) = state.peers() else {
+    async fn advertise(&self, node: &Node, scan: &Scan) {
+        let Some(peers) = node.cluster.peers() else {
             return;
         };
         let mut advertised = self.advertised.lock().await;
@@ -369,7 +370,7 @@ impl ContainerdContent {
         let added: Vec<String> = now.difference(&advertised).cloned().collect();
         let gone: Vec<String> = advertised
             .difference(&now)
-            .filter(|k| !crate::peers::store_holds_key(state, k))
+            .filter(|k| !crate::peers::store_holds_key(&node.store, k))
             .cloned()
             .collect();
         if !added.is_empty() {
@@ -391,14 +392,14 @@ impl ContainerdContent {
 
     /// Withdraws every key advertised on containerd's behalf (except what the store holds)
     /// and stops advertising (at shutdown).
-    pub async fn withdraw_all(&self, state: &AppState) {
+    pub(crate) async fn withdraw_all(&self, node: &Node) {
         let mut advertised = self.advertised.lock().await;
         self.closed.store(true, Ordering::SeqCst);
         let keys: Vec<String> = advertised
             .drain()
-            .filter(|k| !crate::peers::store_holds_key(state, k))
+            .filter(|k| !crate::peers::store_holds_key(&node.store, k))
             .collect();
-        if let Some(peers) = state.peers()
+        if let Some(peers) = node.cluster.peers()
             && !keys.is_empty()
         {
             peers.router.withdraw(keys).await;
@@ -541,13 +542,13 @@ pub fn start(
 ) -> (Arc<ContainerdContent>, tokio::task::JoinHandle<()>) {
     let content = Arc::new(ContainerdContent::new(socket, namespace));
     state.set_containerd(content.clone());
-    let task = tokio::spawn(run(state.clone(), content.clone()));
+    let task = tokio::spawn(run(state.node(), content.clone()));
     (content, task)
 }
 
 /// Connects to containerd (retrying in the background while it is unreachable), then
 /// rescans on its events and every [`RESCAN_EVERY`] until [`ContainerdContent::withdraw_all`].
-pub async fn run(state: AppState, content: Arc<ContainerdContent>) {
+pub(crate) async fn run(node: Node, content: Arc<ContainerdContent>) {
     let mut retry = Duration::from_secs(1);
     let mut warned = false;
     while !content.closed.load(Ordering::SeqCst) {
@@ -576,7 +577,7 @@ pub async fn run(state: AppState, content: Arc<ContainerdContent>) {
         content.connected.store(true, Ordering::Relaxed);
         // Subscribe before scanning so that a change during the scan triggers another.
         let mut events = client.subscribe();
-        match content.rescan(&state).await {
+        match content.rescan(&node).await {
             Ok(_) => {
                 retry = Duration::from_secs(1);
                 warned = false;
@@ -615,7 +616,7 @@ pub async fn run(state: AppState, content: Arc<ContainerdContent>) {
                 _ = tick.tick() => {}
                 _ = content.rescan_now.notified() => {}
             }
-            if let Err(e) = content.rescan(&state).await {
+            if let Err(e) = content.rescan(&node).await {
                 tracing::warn!(error = %e, "cannot rescan containerd's images; keeping what was found before");
                 content.set_error(Some(e.to_string()));
             }

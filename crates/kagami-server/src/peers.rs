@@ -57,6 +57,24 @@ pub(crate) struct Cluster {
     pub(crate) node: std::sync::Arc<std::sync::OnceLock<NodeInfo>>,
 }
 
+/// What the p2p layer reads of this node: its store, its configuration (reloads
+/// included) and its place among the others.
+#[derive(Clone)]
+pub(crate) struct Node {
+    pub(crate) store: kagami_store::Store,
+    pub(crate) config: std::sync::Arc<std::sync::RwLock<std::sync::Arc<kagami_config::Config>>>,
+    pub(crate) cluster: Cluster,
+}
+
+impl Node {
+    pub(crate) fn config(&self) -> std::sync::Arc<kagami_config::Config> {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 impl Cluster {
     pub(crate) fn peers(&self) -> Option<&std::sync::Arc<Peers>> {
         self.peers.get()
@@ -519,30 +537,32 @@ pub async fn advertise_store(state: crate::AppState) {
 
 /// The tag keys of the store's tag index whose registry is shared (docs/p2p.md).
 pub fn stored_tag_keys(state: &crate::AppState) -> Vec<String> {
-    let config = state.config();
-    state
-        .store()
+    shared_tag_keys(&state.node())
+}
+
+fn shared_tag_keys(node: &Node) -> Vec<String> {
+    let config = node.config();
+    node.store
         .all_tags()
         .into_iter()
         .filter(|(registry, _, _)| kagami_config::plan::is_shared(&config, registry))
-        .map(|(registry, repository, tag)| tag_key(&registry, &repository, &tag))
+        .map(|(registry, repository, tag)| {
+            ContentKey::tag(&registry, &repository, &tag).to_string()
+        })
         .collect()
 }
 
 /// Whether kagami's own store holds what `key` names (a digest, or a tag key): such a key
 /// stays advertised when another source of this node (containerd) loses it.
 #[cfg(feature = "containerd")]
-pub(crate) fn store_holds_key(state: &crate::AppState, key: &str) -> bool {
+pub(crate) fn store_holds_key(store: &kagami_store::Store, key: &str) -> bool {
     match key.parse::<ContentKey>() {
         Ok(ContentKey::Tag {
             registry,
             repository,
             tag,
-        }) => state
-            .store()
-            .get_tag(&registry, &repository, &tag)
-            .is_some(),
-        Ok(ContentKey::Digest(d)) => state.store().blob_size(&d).is_some(),
+        }) => store.get_tag(&registry, &repository, &tag).is_some(),
+        Ok(ContentKey::Digest(d)) => store.blob_size(&d).is_some(),
         Ok(ContentKey::Inflight(_)) | Err(_) => false,
     }
 }
@@ -563,18 +583,14 @@ fn containerd_holds(state: &crate::AppState, d: &Digest) -> bool {
 /// Withdraws everything this node advertised (at shutdown): the store's blobs and tags,
 /// and containerd's shared content, which is not advertised again afterwards.
 pub async fn withdraw_all(state: &crate::AppState) {
+    let node = state.node();
     #[cfg(feature = "containerd")]
     if let Some(c) = state.containerd() {
-        c.withdraw_all(state).await;
+        c.withdraw_all(&node).await;
     }
-    if let Some(peers) = state.peers() {
-        let mut keys: Vec<String> = state
-            .store()
-            .digests()
-            .iter()
-            .map(|d| d.to_string())
-            .collect();
-        keys.extend(stored_tag_keys(state));
+    if let Some(peers) = node.cluster.peers() {
+        let mut keys: Vec<String> = node.store.digests().iter().map(|d| d.to_string()).collect();
+        keys.extend(shared_tag_keys(&node));
         peers.router.withdraw(keys).await;
     }
 }
