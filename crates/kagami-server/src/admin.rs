@@ -10,10 +10,10 @@ use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-use axum::http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, StatusCode, header};
 
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::service::error::ApiError;
 
 /// The token file's name in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";

@@ -1,32 +1,26 @@
-//! The router, the shared state and request dispatch.
+//! The composition root: [`AppState`] builds the services once (`crate::service`) and
+//! holds them with what the routes and `kagami serve` need (configuration, store,
+//! telemetry, the node's P2P identity, containerd, the admin credential). HTTP handlers
+//! get an `AppState`; a service never does.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use futures_util::future::{BoxFuture, Shared};
-use kagami_config::{Config, Digest, PlanOptions};
+use kagami_config::{Config, PlanOptions};
 use kagami_store::Store;
 
-use crate::blobs::Fetch;
-use crate::error::ApiError;
-use crate::manifests::Revalidation;
-use crate::path::{self, Target};
+use crate::peers::Cluster;
+use crate::service::Deps;
+use crate::service::blobs::Blobs;
+use crate::service::import::Importer;
+use crate::service::manifests::Manifests;
+use crate::service::tags::Tags;
 use crate::telemetry::Telemetry;
-use crate::telemetry::metrics::RequestLabels;
 use crate::upstream::Upstream;
 
-/// (registry, repository, tag).
-pub(crate) type TagKey = (String, String, String);
-/// A tag revalidation in flight, awaited by every request for that tag.
-pub(crate) type SharedRevalidation = Shared<BoxFuture<'static, Revalidation>>;
+pub use crate::http::router;
+pub use crate::origin::Source;
 
 /// Settings of a running server.
 #[derive(Debug, Clone)]
@@ -37,8 +31,8 @@ pub struct ServerOptions {
     /// The registry of requests that name none (no `ns`, no registry in the path), as
     /// dockerd's `registry-mirrors` sends them; `None` refuses them.
     pub default_registry: Option<String>,
-    /// Bounds on blob fetches and revalidations (`crate::blobs::FetchLimits`).
-    pub limits: crate::blobs::FetchLimits,
+    /// Bounds on blob fetches and revalidations (`crate::FetchLimits`).
+    pub limits: crate::service::blobs::FetchLimits,
 }
 
 impl Default for ServerOptions {
@@ -59,32 +53,30 @@ pub struct AppState {
 }
 
 pub(crate) struct Inner {
-    pub config: RwLock<Arc<Config>>,
+    pub config: Arc<RwLock<Arc<Config>>>,
     pub store: Store,
-    pub upstream: Arc<dyn Upstream>,
     pub options: ServerOptions,
     /// Metrics, the status recorder and the refusal log: every count goes through it.
     pub telemetry: Arc<Telemetry>,
-    /// Blob fetches in flight, shared by every request for the same digest.
-    pub fetches: Mutex<HashMap<crate::blobs::FetchKey, Arc<Fetch>>>,
-    /// What fetches may hold at once (count and memory).
-    pub fetch_budget: crate::blobs::Budget,
-    /// Blob sizes named by the manifests served, by (registry, digest).
-    pub descriptor_sizes: Mutex<HashMap<(String, Digest), u64>>,
-    /// Tag revalidations in flight, by (registry, repository, tag).
-    pub revalidations: Mutex<HashMap<TagKey, SharedRevalidation>>,
-    /// Set while the store refuses writes (disk full): cold blobs pass through uncached.
-    pub store_full_until: Mutex<Option<Instant>>,
     pub ready: AtomicBool,
-    /// Other nodes, when P2P is on.
-    pub peers: std::sync::OnceLock<Arc<crate::peers::Peers>>,
+    /// Other nodes, when P2P is on (shared with the services through [`Cluster`]).
+    pub peers: Arc<OnceLock<Arc<crate::peers::Peers>>>,
     /// This node's P2P identity and addresses, when P2P is on.
-    pub node_info: std::sync::OnceLock<crate::peer_api::NodeInfo>,
+    pub node_info: Arc<OnceLock<crate::peers::NodeInfo>>,
     /// The node's containerd as a source of content for peers, when sharing it is on.
     #[cfg(feature = "containerd")]
-    pub containerd: std::sync::OnceLock<Arc<crate::containerd::ContainerdContent>>,
+    pub containerd: OnceLock<Arc<crate::containerd::ContainerdContent>>,
     /// The admin routes' credential, when they are on (see `crate::admin`).
-    pub admin: std::sync::OnceLock<crate::admin::Admin>,
+    pub admin: Arc<OnceLock<crate::admin::Admin>>,
+    pub services: Services,
+}
+
+/// The services, built once per server.
+pub(crate) struct Services {
+    pub blobs: Arc<Blobs>,
+    pub manifests: Arc<Manifests>,
+    pub tags: Tags,
+    pub import: Importer,
 }
 
 impl AppState {
@@ -94,40 +86,66 @@ impl AppState {
         upstream: Arc<dyn Upstream>,
         options: ServerOptions,
     ) -> AppState {
-        let fetch_budget = crate::blobs::Budget::new(&options.limits);
+        let config = Arc::new(RwLock::new(Arc::new(config)));
+        let telemetry = Arc::new(Telemetry::new());
+        let cluster = Cluster::default();
+        let admin = Arc::new(OnceLock::new());
+        let deps = Deps {
+            store: store.clone(),
+            upstream,
+            telemetry: telemetry.clone(),
+            cluster: cluster.clone(),
+        };
+        let blobs = Blobs::new(&deps, options.limits.clone());
+        let manifests = Manifests::new(
+            &deps,
+            blobs.clone(),
+            options.tag_ttl,
+            options.limits.revalidation_timeout,
+        );
+        let tags = Tags::new(&deps, options.tag_ttl);
+        let import = Importer::new(&deps, config.clone(), admin.clone());
         AppState {
             inner: Arc::new(Inner {
-                config: RwLock::new(Arc::new(config)),
+                config,
                 store,
-                upstream,
                 options,
-                telemetry: Arc::new(Telemetry::new()),
-                fetches: Mutex::new(HashMap::new()),
-                fetch_budget,
-                descriptor_sizes: Mutex::new(HashMap::new()),
-                revalidations: Mutex::new(HashMap::new()),
-                store_full_until: Mutex::new(None),
+                telemetry,
                 ready: AtomicBool::new(true),
-                peers: std::sync::OnceLock::new(),
-                node_info: std::sync::OnceLock::new(),
+                peers: cluster.peers,
+                node_info: cluster.node,
                 #[cfg(feature = "containerd")]
-                containerd: std::sync::OnceLock::new(),
-                admin: std::sync::OnceLock::new(),
+                containerd: OnceLock::new(),
+                admin,
+                services: Services {
+                    blobs,
+                    manifests,
+                    tags,
+                    import,
+                },
             }),
         }
     }
 
     /// Replaces the configuration (reload); requests in progress keep the one they started with.
     pub fn set_config(&self, config: Config) {
-        *self.inner.config.write().expect("config lock") = Arc::new(config);
+        *self
+            .inner
+            .config
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.inner.config.read().expect("config lock").clone()
+        self.inner
+            .config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Turns on sharing between nodes (once, at start).
-    pub fn set_peers(&self, peers: Arc<crate::peers::Peers>, node: crate::peer_api::NodeInfo) {
+    pub fn set_peers(&self, peers: Arc<crate::peers::Peers>, node: crate::peers::NodeInfo) {
         peers.attach(self.inner.telemetry.clone());
         let _ = self.inner.peers.set(peers);
         let _ = self.inner.node_info.set(node);
@@ -158,6 +176,22 @@ impl AppState {
         &self.inner.telemetry
     }
 
+    pub(crate) fn services(&self) -> &Services {
+        &self.inner.services
+    }
+
+    /// The p2p layer's view of this node (see [`crate::peers::Node`]).
+    pub(crate) fn node(&self) -> crate::peers::Node {
+        crate::peers::Node {
+            store: self.inner.store.clone(),
+            config: self.inner.config.clone(),
+            cluster: Cluster {
+                peers: self.inner.peers.clone(),
+                node: self.inner.node_info.clone(),
+            },
+        }
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.inner.ready.store(ready, Ordering::SeqCst);
     }
@@ -182,259 +216,4 @@ impl AppState {
             disable_default_endpoint: self.inner.options.disable_default_endpoint,
         }
     }
-}
-
-/// The whole HTTP application: the OCI pull API plus health and metrics.
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/p2p/status", get(p2p_status))
-        .route("/status", get(crate::status::html))
-        .route("/status.json", get(crate::status::json))
-        .route(
-            crate::import::IMPORT_PATH,
-            axum::routing::post(crate::import::route),
-        )
-        .fallback(dispatch)
-        .layer(axum::middleware::from_fn(limit_headers))
-        .with_state(state)
-}
-
-/// Total size of request headers kagami accepts; clients send a few hundred bytes.
-const MAX_HEADER_BYTES: usize = 16 * 1024;
-
-async fn limit_headers(req: Request, next: axum::middleware::Next) -> Response {
-    let size: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + req.uri().to_string().len();
-    if size > MAX_HEADER_BYTES {
-        let mut r = ApiError::name_invalid(format!(
-            "request headers of {size} bytes exceed the limit of {MAX_HEADER_BYTES}"
-        ))
-        .into_response();
-        *r.status_mut() = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-        return r;
-    }
-    next.run(req).await
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    if state.inner.ready.load(Ordering::SeqCst) {
-        "ready\n".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    }
-}
-
-async fn p2p_status(State(state): State<AppState>) -> Response {
-    let usage = state.store().usage();
-    let mut v = match state.peers() {
-        Some(p) => p.status(),
-        None => serde_json::json!({"enabled": false}),
-    };
-    v["enabled"] = serde_json::Value::Bool(state.peers().is_some());
-    v["node"] = state
-        .inner
-        .node_info
-        .get()
-        .map_or(serde_json::Value::Null, |n| serde_json::json!(n));
-    v["store"] = serde_json::json!({"blobs": usage.blobs, "bytes": usage.bytes});
-    #[cfg(feature = "containerd")]
-    if let Some(c) = state.containerd() {
-        v["containerd"] = c.status();
-    }
-    let mut r = Response::new(Body::from(v.to_string()));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    let mut resp = state.metrics_text().into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    resp
-}
-
-/// What a handler tells the request log and metrics about where bytes came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Local,
-    Peer,
-    Upstream,
-    None,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Local => "local",
-            Source::Peer => "peer",
-            Source::Upstream => "upstream",
-            Source::None => "none",
-        }
-    }
-}
-
-async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let mut parsed = None;
-    let (route, result) = route(&state, req, &mut parsed).await;
-    let (mut resp, source) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let refused = e.refusal.map(|r| (r, e.status.as_u16(), e.message.clone()));
-            let mut resp = e.into_response();
-            if let Some((reason, status, message)) = refused {
-                let r = crate::telemetry::refusals::Refused {
-                    registry: parsed.as_ref().map(|p: &path::OciPath| p.registry.as_str()),
-                    reason,
-                    status,
-                    message: &message,
-                };
-                state.telemetry().refused(r, &method, &uri);
-                resp.headers_mut().insert(
-                    crate::telemetry::refusals::HEADER,
-                    HeaderValue::from_static(reason),
-                );
-            }
-            (resp, Source::None)
-        }
-    };
-    let status = resp.status().as_u16();
-    let method_label = match method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        _ => "other",
-    };
-    state
-        .telemetry()
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route,
-            method: method_label,
-            status,
-        })
-        .inc();
-    resp.headers_mut().insert(
-        "Docker-Distribution-API-Version",
-        HeaderValue::from_static("registry/2.0"),
-    );
-    // The body may still be streaming: the log line is written when it ends.
-    crate::log::wrap(
-        resp,
-        crate::log::RequestLog {
-            method: method_label,
-            uri: uri.to_string(),
-            status,
-            source,
-            start,
-            path: parsed,
-            telemetry: state.inner.telemetry.clone(),
-        },
-    )
-}
-
-type Handled = Result<(Response, Source), ApiError>;
-
-/// Handles one request; `seen` is set to the request's parsed path once that is known.
-async fn route(
-    state: &AppState,
-    req: Request,
-    seen: &mut Option<path::OciPath>,
-) -> (&'static str, Handled) {
-    let path = req.uri().path().to_string();
-    let is_head = req.method() == Method::HEAD;
-    if req.method() != Method::GET && !is_head {
-        return (
-            "other",
-            Err(ApiError::unsupported("kagami is a pull-only mirror")),
-        );
-    }
-    if path == "/v2" || path == "/v2/" {
-        let mut r = Response::new(Body::from("{}"));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return ("base", Ok((r, Source::None)));
-    }
-    if !path.starts_with("/v2/") {
-        return ("other", Err(ApiError::not_found("not found")));
-    }
-    let default = state.inner.options.default_registry.as_deref();
-    let (parsed, query) = match path::parse_uri(req.uri(), default) {
-        Ok(p) => p,
-        Err(e) => return ("invalid", Err(e)),
-    };
-    *seen = Some(parsed.clone());
-    let config = state.config();
-    if config.mirror_for(&parsed.registry).is_none() {
-        return (
-            "unserved",
-            Err(ApiError::name_unknown(format!(
-                "registry {} is not served by this mirror (no mirrors entry and no \"*\")",
-                parsed.registry
-            ))
-            .refused("registry_not_served")),
-        );
-    }
-    if req
-        .headers()
-        .contains_key(crate::telemetry::refusals::PROBE_HEADER)
-    {
-        return ("probe", Ok((probe_answer(&parsed), Source::None)));
-    }
-    let range = req
-        .headers()
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    match &parsed.target {
-        Target::Blob(d) => {
-            let d = d.clone();
-            (
-                "blob",
-                crate::blobs::get(state, &config, &parsed, &d, range.as_deref(), is_head).await,
-            )
-        }
-        Target::Manifest(r) => {
-            let r = r.clone();
-            (
-                "manifest",
-                crate::manifests::get(state, &config, &parsed, &r, is_head).await,
-            )
-        }
-        Target::TagsList => (
-            "tags",
-            crate::manifests::tags_list(state, &config, &parsed, &query).await,
-        ),
-    }
-}
-
-/// The answer to a probe that kagami would serve.
-fn probe_answer(path: &path::OciPath) -> Response {
-    let body = serde_json::json!({"registry": path.registry, "repository": path.repository});
-    let mut r = Response::new(Body::from(body.to_string()));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut().insert(
-        crate::telemetry::refusals::PROBE_HEADER,
-        HeaderValue::from_static("accepted"),
-    );
-    r
 }

@@ -20,18 +20,17 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::body::Body;
-use axum::http::StatusCode;
-use axum::response::Response;
 use futures_util::{FutureExt, StreamExt};
 use kagami_config::{Digest, Reference};
 use kagami_containerd::Containerd;
 
 use crate::app::AppState;
-use crate::range::{self, RangeRequest};
+use crate::origin::Source;
+use crate::peers::Node;
+use crate::service::reply::{BlobReply, ManifestReply, Span};
 use kagami_config::oci::{
     Hasher, MAX_MANIFEST_SIZE as MAX_MANIFEST, ManifestView, OCI_INDEX, OCI_MANIFEST,
 };
@@ -135,7 +134,10 @@ impl ContainerdContent {
 
     /// The current scanned set.
     pub fn scan(&self) -> Arc<Scan> {
-        self.scan.read().expect("scan lock").clone()
+        self.scan
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether `d` is in the scanned set (so advertised on containerd's behalf).
@@ -174,8 +176,8 @@ impl ContainerdContent {
             "images": scan.images,
             "blobs": scan.blobs.len(),
             "tags": scan.tags.len(),
-            "last_scan_seconds_ago": ago(*self.last_scan.lock().expect("lock")),
-            "last_error": *self.last_error.lock().expect("lock"),
+            "last_scan_seconds_ago": ago(*self.last_scan.lock().unwrap_or_else(PoisonError::into_inner)),
+            "last_error": *self.last_error.lock().unwrap_or_else(PoisonError::into_inner),
             "served_blobs": self.served_blobs.load(Ordering::Relaxed),
             "served_manifests": self.served_manifests.load(Ordering::Relaxed),
             "served_bytes": self.served_bytes.load(Ordering::Relaxed),
@@ -183,21 +185,27 @@ impl ContainerdContent {
     }
 
     fn set_error(&self, e: Option<String>) {
-        *self.last_error.lock().expect("lock") = e;
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = e;
     }
 
     /// Rebuilds the scanned set from containerd and advertises the difference. Fails (and
     /// keeps the previous set) when containerd cannot be read.
-    pub async fn rescan(&self, state: &AppState) -> Result<Arc<Scan>, kagami_containerd::Error> {
+    pub(crate) async fn rescan(&self, node: &Node) -> Result<Arc<Scan>, kagami_containerd::Error> {
         let Some(client) = self.client.get() else {
             return Ok(self.scan());
         };
         let started = Instant::now();
-        let scan = Arc::new(self.build(state, client).await?);
-        *self.scan.write().expect("scan lock") = scan.clone();
-        *self.last_scan.lock().expect("lock") = Some(SystemTime::now());
+        let scan = Arc::new(self.build(node, client).await?);
+        *self.scan.write().unwrap_or_else(PoisonError::into_inner) = scan.clone();
+        *self
+            .last_scan
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now());
         self.set_error(None);
-        self.advertise(state, &scan).await;
+        self.advertise(node, &scan).await;
         tracing::debug!(
             images = scan.images,
             blobs = scan.blobs.len(),
@@ -210,10 +218,10 @@ impl ContainerdContent {
 
     async fn build(
         &self,
-        state: &AppState,
+        node: &Node,
         client: &Containerd,
     ) -> Result<Scan, kagami_containerd::Error> {
-        let config = state.config();
+        let config = node.config();
         let present: HashMap<Digest, u64> = client
             .list_content()
             .await?
@@ -261,7 +269,7 @@ impl ContainerdContent {
         // Forget parsed manifests that no image names any more.
         self.parsed
             .lock()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .retain(|d, _| scan.manifests.contains_key(d));
         Ok(scan)
     }
@@ -318,7 +326,12 @@ impl ContainerdContent {
 
     /// A manifest or index parsed, from the cache or read from containerd.
     async fn parsed(&self, client: &Containerd, digest: &Digest, size: u64) -> Option<Parsed> {
-        if let Some(p) = self.parsed.lock().expect("lock").get(digest) {
+        if let Some(p) = self
+            .parsed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(digest)
+        {
             return Some(p.clone());
         }
         if size > MAX_MANIFEST {
@@ -336,7 +349,7 @@ impl ContainerdContent {
         if let Some(p) = &parsed {
             self.parsed
                 .lock()
-                .expect("lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .insert(digest.clone(), p.clone());
         }
         parsed
@@ -344,8 +357,8 @@ impl ContainerdContent {
 
     /// Advertises what is new in `scan` and withdraws what disappeared — except keys that
     /// kagami's own store still holds, which stay advertised on the store's behalf.
-    async fn advertise(&self, state: &AppState, scan: &Scan) {
-        let Some(peers) = state.peers() else {
+    async fn advertise(&self, node: &Node, scan: &Scan) {
+        let Some(peers) = node.cluster.peers() else {
             return;
         };
         let mut advertised = self.advertised.lock().await;
@@ -356,7 +369,7 @@ impl ContainerdContent {
         let added: Vec<String> = now.difference(&advertised).cloned().collect();
         let gone: Vec<String> = advertised
             .difference(&now)
-            .filter(|k| !crate::peers::store_holds_key(state, k))
+            .filter(|k| !crate::peers::store_holds_key(&node.store, k))
             .cloned()
             .collect();
         if !added.is_empty() {
@@ -378,14 +391,14 @@ impl ContainerdContent {
 
     /// Withdraws every key advertised on containerd's behalf (except what the store holds)
     /// and stops advertising (at shutdown).
-    pub async fn withdraw_all(&self, state: &AppState) {
+    pub(crate) async fn withdraw_all(&self, node: &Node) {
         let mut advertised = self.advertised.lock().await;
         self.closed.store(true, Ordering::SeqCst);
         let keys: Vec<String> = advertised
             .drain()
-            .filter(|k| !crate::peers::store_holds_key(state, k))
+            .filter(|k| !crate::peers::store_holds_key(&node.store, k))
             .collect();
-        if let Some(peers) = state.peers()
+        if let Some(peers) = node.cluster.peers()
             && !keys.is_empty()
         {
             peers.router.withdraw(keys).await;
@@ -399,18 +412,17 @@ impl ContainerdContent {
         digest: &Digest,
         range_header: Option<&str>,
         head: bool,
-    ) -> Option<Response> {
+    ) -> Option<BlobReply> {
         let size = *self.scan().blobs.get(digest)?;
         let client = self.client.get()?;
-        let (status, start, len) = match range::parse(range_header, size) {
-            RangeRequest::Full => (StatusCode::OK, 0, size),
-            RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
-            RangeRequest::Unsatisfiable => return Some(crate::blobs::unsatisfiable(size)),
+        let Some(span) = Span::of(range_header, size) else {
+            return Some(BlobReply::Unsatisfiable { size });
         };
+        let (start, len) = span.window();
         let body = if head {
-            Body::empty()
+            None
         } else {
-            let stream = match client.read(&digest.to_string(), start, Some(len)).await {
+            let stream = match client.read(&digest.to_string(), start, len).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%digest, error = %e, "containerd cannot serve a shared blob");
@@ -419,30 +431,38 @@ impl ContainerdContent {
             };
             self.served_blobs.fetch_add(1, Ordering::Relaxed);
             let counter = self.served_bytes.clone();
-            Body::from_stream(stream.inspect(move |c| {
-                if let Ok(c) = c {
-                    counter.fetch_add(c.len() as u64, Ordering::Relaxed);
-                }
-            }))
+            Some(
+                stream
+                    .inspect(move |c| {
+                        if let Ok(c) = c {
+                            counter.fetch_add(c.len() as u64, Ordering::Relaxed);
+                        }
+                    })
+                    .boxed(),
+            )
         };
-        let mut r = crate::blobs::blob_response(status, digest, Some(len));
-        *r.body_mut() = body;
-        if status == StatusCode::PARTIAL_CONTENT {
-            crate::blobs::content_range(&mut r, start, start + len - 1, size);
-        }
-        Some(r)
+        Some(BlobReply::Bytes {
+            digest: digest.clone(),
+            span,
+            body,
+            source: Source::Local,
+        })
     }
 
     /// Serves a manifest or index of the scanned set to a peer, with its media type;
     /// `None` when it is not in the set, containerd no longer has it, or its bytes do not
     /// match its digest.
-    pub(crate) async fn serve_manifest(&self, digest: &Digest, head: bool) -> Option<Response> {
+    pub(crate) async fn serve_manifest(
+        &self,
+        digest: &Digest,
+        head: bool,
+    ) -> Option<ManifestReply> {
         let scan = self.scan();
         let media_type = scan.manifests.get(digest)?.clone();
         let size = *scan.blobs.get(digest)?;
         drop(scan);
         let body = if head {
-            Body::empty()
+            None
         } else {
             let client = self.client.get()?;
             let bytes = match client.read_small(&digest.to_string(), MAX_MANIFEST).await {
@@ -458,14 +478,15 @@ impl ContainerdContent {
                 return None;
             }
             self.served_manifests.fetch_add(1, Ordering::Relaxed);
-            Body::from(bytes)
+            Some(bytes)
         };
-        Some(crate::manifests::manifest_headers(
-            size,
-            &media_type,
-            digest,
+        Some(ManifestReply {
+            digest: digest.clone(),
+            media_type,
+            len: size,
             body,
-        ))
+            source: Source::Local,
+        })
     }
 }
 
@@ -497,13 +518,13 @@ pub fn start(
 ) -> (Arc<ContainerdContent>, tokio::task::JoinHandle<()>) {
     let content = Arc::new(ContainerdContent::new(socket, namespace));
     state.set_containerd(content.clone());
-    let task = tokio::spawn(run(state.clone(), content.clone()));
+    let task = tokio::spawn(run(state.node(), content.clone()));
     (content, task)
 }
 
 /// Connects to containerd (retrying in the background while it is unreachable), then
 /// rescans on its events and every [`RESCAN_EVERY`] until [`ContainerdContent::withdraw_all`].
-pub async fn run(state: AppState, content: Arc<ContainerdContent>) {
+pub(crate) async fn run(node: Node, content: Arc<ContainerdContent>) {
     let mut retry = Duration::from_secs(1);
     let mut warned = false;
     while !content.closed.load(Ordering::SeqCst) {
@@ -532,7 +553,7 @@ pub async fn run(state: AppState, content: Arc<ContainerdContent>) {
         content.connected.store(true, Ordering::Relaxed);
         // Subscribe before scanning so that a change during the scan triggers another.
         let mut events = client.subscribe();
-        match content.rescan(&state).await {
+        match content.rescan(&node).await {
             Ok(_) => {
                 retry = Duration::from_secs(1);
                 warned = false;
@@ -571,7 +592,7 @@ pub async fn run(state: AppState, content: Arc<ContainerdContent>) {
                 _ = tick.tick() => {}
                 _ = content.rescan_now.notified() => {}
             }
-            if let Err(e) = content.rescan(&state).await {
+            if let Err(e) = content.rescan(&node).await {
                 tracing::warn!(error = %e, "cannot rescan containerd's images; keeping what was found before");
                 content.set_error(Some(e.to_string()));
             }

@@ -11,29 +11,46 @@
 
 pub mod admin;
 pub mod app;
-mod blobs;
 pub mod client_upstream;
 #[cfg(feature = "containerd")]
 pub mod containerd;
-pub mod error;
-pub mod import;
-pub mod listener;
-mod log;
-mod manifests;
+mod http;
+mod origin;
+mod service;
+pub use origin::Origin;
+pub use service::error;
+
+/// `kagami import`: air-gap archives into the store (`service::import`), and its admin
+/// route.
+pub mod import {
+    pub use crate::http::import::IMPORT_PATH;
+    pub use crate::service::import::{ImportError, ImportReport, ImportRequest, ImportedImage};
+
+    /// Imports the OCI layout directory, OCI archive or `docker save` tarball at `path`
+    /// into the store of `state`. `name` names the image when the archive gives none (or
+    /// adds a name when the archive holds one image); see docs/import.md.
+    pub async fn import_path(
+        state: &crate::AppState,
+        path: &std::path::Path,
+        name: Option<&str>,
+    ) -> Result<ImportReport, ImportError> {
+        state.services().import.import(path, name).await
+    }
+}
 pub mod telemetry;
 pub use telemetry::{metrics, refusals};
 pub mod path;
-pub mod peer_api;
 pub mod peers;
 pub mod range;
 pub mod report;
-pub mod request_id;
 pub mod status;
 mod ui;
 pub mod upstream;
 
-pub use app::{AppState, ServerOptions, Source, router};
-pub use blobs::{FETCH_MEMORY_MAX, FetchLimits};
+pub use app::{AppState, ServerOptions, Source};
+pub use http::router;
+pub use http::{listener, peer_api, request_id};
 pub use peer_api::{NodeInfo, peer_router};
 pub use peers::Peers;
+pub use service::blobs::{FETCH_MEMORY_MAX, FetchLimits};
 pub use upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};

@@ -12,7 +12,7 @@ use kagami_config::endpoint::{DOCKER_HUB, DOCKER_HUB_HOST, validate_host};
 use kagami_config::reference::{validate_repository, validate_tag};
 use kagami_config::{Digest, Reference};
 
-use crate::error::ApiError;
+use crate::service::error::ApiError;
 
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +151,7 @@ pub fn encode(s: &str) -> String {
 
 /// Parses a request URI (`/v2/...` and its query) with [`parse`].
 pub fn parse_uri(
-    uri: &axum::http::Uri,
+    uri: &http::Uri,
     default_registry: Option<&str>,
 ) -> Result<(OciPath, Query), ApiError> {
     let rest = uri

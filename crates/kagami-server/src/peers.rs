@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use kagami_config::reference::Algorithm;
 use kagami_p2p::{Peer, Router};
 use sha2::{Digest as _, Sha256};
 
+use crate::origin::Origin;
 use crate::telemetry::{PeerCounts, Telemetry};
 use crate::upstream::{BlobBody, FetchedManifest};
 
@@ -37,14 +38,64 @@ pub fn peer_token(psk: &[u8; 32]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The key a node advertises while it fetches a blob nobody held (see `blobs::cluster_fetcher`).
+mod key;
+pub use key::{BadKey, ContentKey};
+
+/// (registry, repository, tag).
+pub(crate) type TagKey = (String, String, String);
+
+/// What this node tells a node that bootstraps from its HTTP address.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub peer_id: String,
+    pub addrs: Vec<String>,
+}
+
+/// This node's place among the others, once P2P is on (set at start, after the services
+/// are built): what a service holds instead of the whole state.
+#[derive(Clone, Default)]
+pub(crate) struct Cluster {
+    pub(crate) peers: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<Peers>>>,
+    pub(crate) node: std::sync::Arc<std::sync::OnceLock<NodeInfo>>,
+}
+
+/// What the p2p layer reads of this node: its store, its configuration (reloads
+/// included) and its place among the others.
+#[derive(Clone)]
+pub(crate) struct Node {
+    pub(crate) store: kagami_store::Store,
+    pub(crate) config: std::sync::Arc<std::sync::RwLock<std::sync::Arc<kagami_config::Config>>>,
+    pub(crate) cluster: Cluster,
+}
+
+impl Node {
+    pub(crate) fn config(&self) -> std::sync::Arc<kagami_config::Config> {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Cluster {
+    pub(crate) fn peers(&self) -> Option<&std::sync::Arc<Peers>> {
+        self.peers.get()
+    }
+
+    /// This node's P2P id, when P2P is on.
+    pub(crate) fn me(&self) -> Option<&str> {
+        self.node.get().map(|n| n.peer_id.as_str())
+    }
+}
+
+/// The key a node advertises while it fetches a blob nobody held (see `service::blobs`, `sources::cluster_fetcher`).
 pub fn inflight_key(digest: &Digest) -> String {
-    format!("inflight:{digest}")
+    ContentKey::Inflight(digest.clone()).to_string()
 }
 
 /// The key under which a resolved tag is advertised.
 pub fn tag_key(registry: &str, repository: &str, tag: &str) -> String {
-    format!("tag:{registry}/{repository}:{tag}")
+    ContentKey::tag(registry, repository, tag).to_string()
 }
 
 pub struct Peers {
@@ -74,11 +125,11 @@ const MAX_LEARNT_TAGS: usize = 10_000;
 /// advertised as this node's own and never served to other nodes. The manifest it names is
 /// content like any other (verified by digest, stored, shared).
 #[derive(Default)]
-struct LearntTags(Mutex<HashMap<crate::app::TagKey, kagami_store::TagEntry>>);
+struct LearntTags(Mutex<HashMap<TagKey, kagami_store::TagEntry>>);
 
 impl LearntTags {
-    fn insert(&self, key: crate::app::TagKey, entry: kagami_store::TagEntry, ttl: Duration) {
-        let mut map = self.0.lock().expect("lock");
+    fn insert(&self, key: TagKey, entry: kagami_store::TagEntry, ttl: Duration) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= MAX_LEARNT_TAGS {
             let now = std::time::SystemTime::now();
             map.retain(|_, e| now.duration_since(e.fetched_at).unwrap_or_default() < ttl);
@@ -96,8 +147,8 @@ impl LearntTags {
         map.insert(key, entry);
     }
 
-    fn get(&self, key: &crate::app::TagKey, ttl: Duration) -> Option<kagami_store::TagEntry> {
-        let mut map = self.0.lock().expect("lock");
+    fn get(&self, key: &TagKey, ttl: Duration) -> Option<kagami_store::TagEntry> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = map.get(key)?;
         let age = std::time::SystemTime::now()
             .duration_since(entry.fetched_at)
@@ -189,7 +240,7 @@ impl Peers {
         let found = self.router.lookup(key, 5).await;
         let took = started.elapsed();
         let now = Instant::now();
-        let mut banned = self.banned.lock().expect("lock");
+        let mut banned = self.banned.lock().unwrap_or_else(PoisonError::into_inner);
         banned.retain(|_, until| *until > now);
         let own = self.own_http_addr.get();
         let mut found: Vec<Peer> = found
@@ -213,7 +264,7 @@ impl Peers {
         );
         self.banned
             .lock()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(peer_id.to_string(), Instant::now() + BAN);
     }
 
@@ -257,7 +308,7 @@ impl Peers {
         repository: &str,
         digest: &Digest,
         offset: u64,
-    ) -> Option<BlobBody> {
+    ) -> Option<(BlobBody, Origin)> {
         let path = format!(
             "/v2/{repository}/blobs/{digest}?ns={}",
             crate::path::encode(registry)
@@ -295,12 +346,14 @@ impl Peers {
                     .map_err(io::Error::other)
                     .inspect_ok(move |c| counter(c.len() as u64));
                 let stream = crate::client_upstream::skip_bytes(stream, skip).boxed();
-                return Some(BlobBody {
+                let origin = Origin::Peer(peer.id);
+                let body = BlobBody {
                     stream,
                     size,
-                    source: format!("peer:{}", peer.id),
+                    source: origin.to_string(),
                     attempt: winner,
-                });
+                };
+                return Some((body, origin));
             }
             i = idx + 1;
         }
@@ -321,14 +374,14 @@ impl Peers {
         registry: &str,
         repository: &str,
         reference: &str,
-    ) -> Option<FetchedManifest> {
+    ) -> Option<(FetchedManifest, Origin)> {
         let by_digest: Option<Digest> = reference.parse().ok();
         if by_digest.is_none() && reference == "latest" && !self.resolve_latest {
             return None;
         }
         let key = match &by_digest {
             Some(d) => d.to_string(),
-            None => tag_key(registry, repository, reference),
+            None => ContentKey::tag(registry, repository, reference).to_string(),
         };
         let peers = self.providers(&key).await;
         let path = format!(
@@ -370,12 +423,14 @@ impl Peers {
                 continue;
             }
             self.add_received(&peer.id, bytes.len() as u64);
-            return Some(FetchedManifest {
+            let origin = Origin::Peer(peer.id);
+            let manifest = FetchedManifest {
                 bytes: Bytes::from(bytes.to_vec()),
                 media_type,
                 digest: actual,
-                source: format!("peer:{}", peer.id),
-            });
+                source: origin.to_string(),
+            };
+            return Some((manifest, origin));
         }
         None
     }
@@ -416,7 +471,7 @@ impl Peers {
         self.learnt
             .0
             .lock()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter(|((r, p, _), e)| {
                 r == registry
@@ -480,31 +535,34 @@ pub async fn advertise_store(state: crate::AppState) {
 
 /// The tag keys of the store's tag index whose registry is shared (docs/p2p.md).
 pub fn stored_tag_keys(state: &crate::AppState) -> Vec<String> {
-    let config = state.config();
-    state
-        .store()
+    shared_tag_keys(&state.node())
+}
+
+fn shared_tag_keys(node: &Node) -> Vec<String> {
+    let config = node.config();
+    node.store
         .all_tags()
         .into_iter()
         .filter(|(registry, _, _)| kagami_config::plan::is_shared(&config, registry))
-        .map(|(registry, repository, tag)| tag_key(&registry, &repository, &tag))
+        .map(|(registry, repository, tag)| {
+            ContentKey::tag(&registry, &repository, &tag).to_string()
+        })
         .collect()
 }
 
 /// Whether kagami's own store holds what `key` names (a digest, or a tag key): such a key
 /// stays advertised when another source of this node (containerd) loses it.
 #[cfg(feature = "containerd")]
-pub(crate) fn store_holds_key(state: &crate::AppState, key: &str) -> bool {
-    if let Some(rest) = key.strip_prefix("tag:") {
-        let Some((registry, path)) = rest.split_once('/') else {
-            return false;
-        };
-        let Some((repository, tag)) = path.rsplit_once(':') else {
-            return false;
-        };
-        return state.store().get_tag(registry, repository, tag).is_some();
+pub(crate) fn store_holds_key(store: &kagami_store::Store, key: &str) -> bool {
+    match key.parse::<ContentKey>() {
+        Ok(ContentKey::Tag {
+            registry,
+            repository,
+            tag,
+        }) => store.get_tag(&registry, &repository, &tag).is_some(),
+        Ok(ContentKey::Digest(d)) => store.blob_size(&d).is_some(),
+        Ok(ContentKey::Inflight(_)) | Err(_) => false,
     }
-    key.parse::<Digest>()
-        .is_ok_and(|d| state.store().blob_size(&d).is_some())
 }
 
 /// Whether containerd's shared content holds `d` (always false without the feature).
@@ -523,18 +581,14 @@ fn containerd_holds(state: &crate::AppState, d: &Digest) -> bool {
 /// Withdraws everything this node advertised (at shutdown): the store's blobs and tags,
 /// and containerd's shared content, which is not advertised again afterwards.
 pub async fn withdraw_all(state: &crate::AppState) {
+    let node = state.node();
     #[cfg(feature = "containerd")]
     if let Some(c) = state.containerd() {
-        c.withdraw_all(state).await;
+        c.withdraw_all(&node).await;
     }
-    if let Some(peers) = state.peers() {
-        let mut keys: Vec<String> = state
-            .store()
-            .digests()
-            .iter()
-            .map(|d| d.to_string())
-            .collect();
-        keys.extend(stored_tag_keys(state));
+    if let Some(peers) = node.cluster.peers() {
+        let mut keys: Vec<String> = node.store.digests().iter().map(|d| d.to_string()).collect();
+        keys.extend(shared_tag_keys(&node));
         peers.router.withdraw(keys).await;
     }
 }

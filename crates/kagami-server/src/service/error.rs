@@ -1,10 +1,9 @@
-//! The one HTTP error type: renders the OCI error envelope
-//! `{"errors":[{"code":"...","message":"...","detail":{"request_id":"..."}}]}` with the
-//! right status. The request id (see [`crate::request_id`]) is there when the request
-//! went through [`crate::request_id::layer`]; the message never holds upstream error text.
+//! The one error of the services and of every route: an OCI error code, a status and a
+//! message (never upstream error text). The HTTP layer renders it, in one place
+//! (`crate::http::reply`), as the OCI error envelope
+//! `{"errors":[{"code":"...","message":"...","detail":{"request_id":"..."}}]}`.
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use http::StatusCode;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -94,27 +93,5 @@ impl ApiError {
     }
     pub fn internal(m: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", m)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let detail = match crate::request_id::current() {
-            Some(id) => serde_json::json!({ "request_id": id }),
-            None => serde_json::Value::Null,
-        };
-        let body = serde_json::json!({
-            "errors": [{"code": self.code, "message": self.message, "detail": detail}]
-        });
-        let mut resp = (self.status, body.to_string()).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(s) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        resp
     }
 }

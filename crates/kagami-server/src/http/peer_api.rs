@@ -4,23 +4,19 @@
 //! of its containerd (`crate::containerd`).
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::http::reply;
 use crate::path::{self, ManifestRef, Target};
 use crate::peers::PEER_TOKEN_HEADER;
+use crate::service::error::ApiError;
+use crate::service::reply::{BlobReply, ManifestReply};
 
-/// What this node tells a node that bootstraps from its HTTP address.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct NodeInfo {
-    pub peer_id: String,
-    pub addrs: Vec<String>,
-}
+pub use crate::peers::NodeInfo;
 
 /// The peer API. `info` is what `/p2p/info` answers.
 pub fn peer_router(state: AppState, info: NodeInfo) -> Router {
@@ -28,14 +24,7 @@ pub fn peer_router(state: AppState, info: NodeInfo) -> Router {
         .route(
             "/p2p/info",
             get(move || async move {
-                let mut r = Response::new(Body::from(
-                    serde_json::to_string(&info).expect("serialisable"),
-                ));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                r
+                reply::json(serde_json::to_string(&info).expect("serialisable"))
             }),
         )
         .fallback(serve)
@@ -57,13 +46,12 @@ async fn require_token(
             .get(PEER_TOKEN_HEADER)
             .is_some_and(|v| crate::admin::ct_eq(v.as_bytes(), expected.as_bytes()))
     {
-        let body = serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": "not a member of this kagami network", "detail": null}]});
-        let mut r = (StatusCode::UNAUTHORIZED, body.to_string()).into_response();
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return r;
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "not a member of this kagami network",
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -75,9 +63,16 @@ async fn serve(State(state): State<AppState>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     match handle(&state, req.method().clone(), req.uri().clone(), range).await {
-        Ok(r) => r,
+        Ok(Held::Blob(r)) => reply::blob(r),
+        Ok(Held::Manifest(r)) => reply::manifest(r),
         Err(e) => e.into_response(),
     }
+}
+
+/// What this node holds, as a service replied.
+enum Held {
+    Blob(BlobReply),
+    Manifest(ManifestReply),
 }
 
 async fn handle(
@@ -85,7 +80,7 @@ async fn handle(
     method: Method,
     uri: axum::http::Uri,
     range: Option<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Held, ApiError> {
     let head = method == Method::HEAD;
     if method != Method::GET && !head {
         return Err(ApiError::unsupported("the peer API is read-only"));
@@ -94,26 +89,25 @@ async fn handle(
     let (p, _) = path::parse_uri(&uri, None)?;
     let range = range.as_deref();
     let not_here = || ApiError::not_found("not held by this node");
+    let services = state.services();
     match &p.target {
         Target::Blob(d) => {
-            let handle = state
-                .store()
-                .open_blob(d)
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            if let Some(h) = handle {
-                return Ok(crate::blobs::serve_local(h, d, range, head).await?.0);
+            if let Some(r) = services.blobs.serve_stored(d, range, head).await? {
+                return Ok(Held::Blob(r));
             }
             #[cfg(feature = "containerd")]
             if let Some(c) = state.containerd()
                 && let Some(r) = c.serve_blob(d, range, head).await
             {
-                return Ok(r);
+                return Ok(Held::Blob(r));
             }
             // A blob this node is fetching right now is served as it arrives (one
             // upstream fetch per cluster), with the same last-byte guarantee.
-            crate::blobs::serve_in_flight(state, d, range, head)
+            services
+                .blobs
+                .serve_in_flight(d, range, head)
                 .await
+                .map(Held::Blob)
                 .ok_or_else(not_here)
         }
         Target::Manifest(r) => {
@@ -126,14 +120,14 @@ async fn handle(
                     }
                 },
             };
-            if let Some(r) = crate::manifests::serve_stored(state, &digest, head).await? {
-                return Ok(r);
+            if let Some(r) = services.manifests.serve_stored(&digest, head).await? {
+                return Ok(Held::Manifest(r));
             }
             #[cfg(feature = "containerd")]
             if let Some(c) = state.containerd()
                 && let Some(r) = c.serve_manifest(&digest, head).await
             {
-                return Ok(r);
+                return Ok(Held::Manifest(r));
             }
             Err(not_here())
         }

@@ -20,29 +20,71 @@ use std::collections::HashSet;
 use std::io::{self, Read as _};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::SystemTime;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use kagami_config::{Digest, Reference};
 use kagami_store::{Begin, CHUNK, StoreError, TagEntry};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
-use crate::app::AppState;
-use crate::error::ApiError;
+use crate::peers::Cluster;
 use kagami_config::oci::{
     DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Descriptor, Hasher,
     MAX_MANIFEST_SIZE as MAX_MANIFEST, ManifestView, is_index,
 };
 use kagami_config::reference::Algorithm;
 
-/// The admin route that imports a file on the server's machine (it needs the admin token,
-/// see [`crate::admin`]).
-pub const IMPORT_PATH: &str = "/kagami/import";
+/// Imports air-gap archives into the store (see the module's documentation).
+pub(crate) struct Importer {
+    store: kagami_store::Store,
+    config: Arc<RwLock<Arc<kagami_config::Config>>>,
+    cluster: Cluster,
+    /// The admin credential, whose data directory nothing may be imported from.
+    admin: Arc<OnceLock<crate::admin::Admin>>,
+}
+
+impl Importer {
+    pub(crate) fn new(
+        deps: &crate::service::Deps,
+        config: Arc<RwLock<Arc<kagami_config::Config>>>,
+        admin: Arc<OnceLock<crate::admin::Admin>>,
+    ) -> Importer {
+        Importer {
+            store: deps.store.clone(),
+            config,
+            cluster: deps.cluster.clone(),
+            admin,
+        }
+    }
+
+    fn store(&self) -> &kagami_store::Store {
+        &self.store
+    }
+
+    fn config(&self) -> Arc<kagami_config::Config> {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn peers(&self) -> Option<&Arc<crate::peers::Peers>> {
+        self.cluster.peers()
+    }
+
+    /// Imports the OCI layout directory, OCI archive or `docker save` tarball at `path`
+    /// into the store. `name` names the image when the archive gives none (or adds a name
+    /// when the archive holds one image); see docs/import.md.
+    pub(crate) async fn import(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+    ) -> Result<ImportReport, ImportError> {
+        import_path(self, path, name).await
+    }
+}
 
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
 const OCI_REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -141,11 +183,8 @@ pub struct ImportRequest {
     pub name: Option<String>,
 }
 
-/// Imports the OCI layout directory, OCI archive or `docker save` tarball at `path` into the
-/// store of `state`. `name` names the image when the archive gives none (or adds a name
-/// when the archive holds one image); see docs/import.md.
-pub async fn import_path(
-    state: &AppState,
+async fn import_path(
+    state: &Importer,
     path: &Path,
     name: Option<&str>,
 ) -> Result<ImportReport, ImportError> {
@@ -248,9 +287,9 @@ pub async fn import_path(
 /// Refuses to import anything inside kagami's data directory (its store included): files
 /// there are written by kagami for clients (a blob fetched on anyone's request is a file
 /// there), so importing one would let a client plant images.
-fn refuse_own_files(state: &AppState, given: &Path, real: &Path) -> Result<(), ImportError> {
+fn refuse_own_files(state: &Importer, given: &Path, real: &Path) -> Result<(), ImportError> {
     let mut own = vec![state.store().root().to_path_buf()];
-    if let Some(admin) = crate::admin::get(state) {
+    if let Some(admin) = state.admin.get() {
         own.push(admin.data_dir().to_path_buf());
     }
     for dir in own {
@@ -393,7 +432,7 @@ fn parse_name(s: &str) -> Result<Reference, ImportError> {
 }
 
 struct Ctx<'a> {
-    state: &'a AppState,
+    state: &'a Importer,
     /// What the user named (for messages).
     archive: PathBuf,
     /// The directory read: the layout itself, or where the tar was unpacked.
@@ -638,11 +677,10 @@ impl Ctx<'_> {
         {
             peers
                 .router
-                .advertise(vec![crate::peers::tag_key(
-                    &name.registry,
-                    &name.repository,
-                    tag,
-                )])
+                .advertise(vec![
+                    crate::peers::ContentKey::tag(&name.registry, &name.repository, tag)
+                        .to_string(),
+                ])
                 .await;
             shared = true;
         }
@@ -1133,58 +1171,4 @@ fn hash_file(path: &Path) -> io::Result<(Digest, u64, bool)> {
         size += n as u64;
     }
     Ok((h.finish(), size, gzip.unwrap_or(false)))
-}
-
-/// `POST /kagami/import`: `{"path": "/abs/file.tar", "name": null}` with
-/// `Authorization: Bearer <admin token>` → the [`ImportReport`] as JSON, or an error in the
-/// OCI envelope (`{"errors":[{"code","message","detail"}]}`): 400 `IMPORT_INVALID` (bad
-/// input), 401 `UNAUTHORIZED` (no or wrong token), 403 `DENIED` (admin off, or a path inside
-/// kagami's data directory) or 500 `UNKNOWN`.
-pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(e) = crate::admin::check(&state, &headers) {
-        tracing::warn!(error = %e.message, "admin request refused");
-        return e.into_response();
-    }
-    let req: ImportRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return invalid(format!(
-                "expected {{\"path\": \"/abs/file.tar\", \"name\": null}}: {e}"
-            ));
-        }
-    };
-    let path = PathBuf::from(&req.path);
-    if !path.is_absolute() {
-        return invalid(format!("{}: the path must be absolute", req.path));
-    }
-    // Run to the end even if the client goes away: an import is not left half-way.
-    let st = state.clone();
-    let r = tokio::spawn(async move { import_path(&st, &path, req.name.as_deref()).await }).await;
-    match r {
-        Ok(Ok(report)) => {
-            let mut resp = Response::new(axum::body::Body::from(
-                serde_json::to_vec(&report).expect("a report serialises"),
-            ));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            resp
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "import failed");
-            if matches!(e, ImportError::Denied { .. }) {
-                ApiError::new(StatusCode::FORBIDDEN, "DENIED", e.to_string()).into_response()
-            } else if e.is_bad_input() {
-                invalid(e.to_string())
-            } else {
-                ApiError::internal(e.to_string()).into_response()
-            }
-        }
-        Err(e) => ApiError::internal(format!("the import task failed: {e}")).into_response(),
-    }
-}
-
-fn invalid(message: String) -> Response {
-    ApiError::new(StatusCode::BAD_REQUEST, "IMPORT_INVALID", message).into_response()
 }
