@@ -878,6 +878,10 @@ async fn an_endless_blob_is_cut_at_the_store_limit_then_passed_through_capped() 
         s.tmp_files() == 0
     })
     .await;
+    eventually(WAIT, "the fetch to end", async || {
+        s.metric("kagami_inflight_fetches").await == 0.0
+    })
+    .await;
     // The store is now "full" for a while: the next request is passed through, and cut at
     // --max-blob-size.
     let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;

@@ -606,6 +606,11 @@ impl Inflight {
         &self.shared.digest
     }
 
+    /// True once the write has failed or was abandoned (its readers end with an error).
+    pub fn failed(&self) -> bool {
+        matches!(self.shared.tx.borrow().phase, Phase::Failed(_))
+    }
+
     /// The size announced to `begin` by the writer, if any.
     pub fn expected_size(&self) -> Option<u64> {
         self.shared.expected_size

@@ -66,14 +66,20 @@ pub(super) struct Streaming {
     pub(super) source: Source,
 }
 
-/// The fetch in flight for `key` that a request may join (not one that already failed).
+/// The fetch in flight for `key` that a request may join (not one that already failed,
+/// nor one whose store write failed).
 pub(super) fn joinable(
     fetches: &std::collections::HashMap<FetchKey, Arc<Fetch>>,
     key: &FetchKey,
 ) -> Option<Arc<Fetch>> {
     fetches
         .get(key)
-        .filter(|f| !matches!(*f.state.borrow(), FetchState::Failed(_)))
+        .filter(|f| match &*f.state.borrow() {
+            FetchState::Failed(_) => false,
+            // The store ended the write before the fetch noticed (a full store).
+            FetchState::Streaming(s) => !s.inflight.failed(),
+            _ => true,
+        })
         .cloned()
 }
 
@@ -351,12 +357,21 @@ pub(super) async fn run_fetch(
                 }
             }
             Pump::Abandoned => {
+                // A failed store write ends every follower, who then leave: that is the
+                // store failing, not a cancel. The writer's task says which it was.
+                let (writer, e) = sink.finish().await;
+                if let Some(e) = e {
+                    store_failed(svc, fetch, digest, writer, e);
+                    return;
+                }
                 tracing::info!(%digest, written = follow.written(), size, "no client follows this fetch any more and it is not worth finishing; cancelled");
                 svc.telemetry.metrics.fetches_cancelled.inc();
+                ended(fetch, "cancelled: no client followed it");
                 return; // dropping the writer aborts and deletes the temp file
             }
             Pump::TooLarge(n) => {
-                too_large(svc, digest, &body.body.source, n, expected);
+                let why = too_large(svc, digest, &body.body.source, n, expected);
+                ended(fetch, &why);
                 return;
             }
             Pump::Done if size.is_none_or(|s| sink.received == s) => break,
@@ -375,10 +390,9 @@ pub(super) async fn run_fetch(
                 sources.open(offset, from).await
             }
             Pump::StoreFailed => {
-                let (_, e) = sink.finish().await;
+                let (writer, e) = sink.finish().await;
                 let e = e.map_or_else(|| "the store writer stopped".to_string(), |e| e.to_string());
-                tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
-                mark_store_full(svc);
+                store_failed(svc, fetch, digest, writer, e);
                 return;
             }
         };
@@ -391,6 +405,7 @@ pub(super) async fn run_fetch(
                 let offset = sink.received;
                 tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
                 svc.telemetry.upstream_failed(plan, &e.message);
+                ended(fetch, &e.message);
                 return; // dropping the writer aborts: followers get an error
             }
         }
@@ -398,9 +413,8 @@ pub(super) async fn run_fetch(
     drop(abandon);
     let writer = match sink.finish().await {
         (w, None) => w,
-        (_, Some(e)) => {
-            tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
-            mark_store_full(svc);
+        (w, Some(e)) => {
+            store_failed(svc, fetch, digest, w, e);
             return;
         }
     };
@@ -457,6 +471,32 @@ pub(super) fn too_large_why(
     telemetry.metrics.blobs_too_large.inc();
     telemetry.endpoint_failed(source, &why);
     why
+}
+
+/// The store refused a write of the fetch: cold blobs pass through for a while.
+fn store_failed(
+    svc: &Blobs,
+    fetch: &Fetch,
+    digest: &Digest,
+    writer: kagami_store::BlobWriter,
+    e: impl std::fmt::Display,
+) {
+    let e = e.to_string();
+    tracing::warn!(%digest, error = %e, "content store write failed; cold blobs pass through uncached for a while");
+    // Before the writer goes (and its temp file with it): a request that comes after sees
+    // a full store and an ended fetch, never this one half-dead.
+    mark_store_full(svc);
+    ended(fetch, &e);
+    drop(writer);
+}
+
+/// A fetch that streamed and then stopped short: marked failed before its writer is dropped,
+/// so that no request joins it any more (the requests already following it get the
+/// writer's error); the next request starts a fetch of its own.
+fn ended(fetch: &Fetch, why: &str) {
+    fetch
+        .state
+        .send_replace(FetchState::Failed(format!("the fetch stopped: {why}")));
 }
 
 pub(super) fn mark_store_full(svc: &Blobs) {
