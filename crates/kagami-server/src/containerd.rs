@@ -97,6 +97,13 @@ pub struct ContainerdContent {
     advertised: tokio::sync::Mutex<HashSet<String>>,
     closed: AtomicBool,
     connected: AtomicBool,
+    /// Since when containerd, reached before, is unreachable (`None`: reachable, or never
+    /// reached yet).
+    lost_since: Mutex<Option<Instant>>,
+    ever_connected: AtomicBool,
+    /// How long containerd may stay unreachable, once reached, before `/healthz` fails
+    /// (see [`ContainerdContent::set_health_timeout`]).
+    health_timeout: OnceLock<Duration>,
     last_scan: Mutex<Option<SystemTime>>,
     last_error: Mutex<Option<String>>,
     served_blobs: AtomicU64,
@@ -117,12 +124,51 @@ impl ContainerdContent {
             advertised: tokio::sync::Mutex::new(HashSet::new()),
             closed: AtomicBool::new(false),
             connected: AtomicBool::new(false),
+            lost_since: Mutex::new(None),
+            ever_connected: AtomicBool::new(false),
+            health_timeout: OnceLock::new(),
             last_scan: Mutex::new(None),
             last_error: Mutex::new(None),
             served_blobs: AtomicU64::new(0),
             served_manifests: AtomicU64::new(0),
             served_bytes: Arc::new(AtomicU64::new(0)),
             rescan_now: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Makes `/healthz` fail once containerd, reached before, has been unreachable for
+    /// `timeout` (zero: never). A socket mounted into a container as a file keeps pointing
+    /// at the old socket when containerd restarts; failing the liveness probe has the
+    /// kubelet restart kagami, which mounts the new one (docs/deployment.md).
+    pub fn set_health_timeout(&self, timeout: Duration) {
+        let _ = self.health_timeout.set(timeout);
+    }
+
+    /// Why kagami is not healthy on containerd's account, if it is not.
+    pub fn unhealthy(&self) -> Option<String> {
+        let timeout = *self.health_timeout.get()?;
+        if timeout.is_zero() {
+            return None;
+        }
+        let since = (*self.lost_since.lock().unwrap_or_else(PoisonError::into_inner))?;
+        let lost = since.elapsed();
+        (lost >= timeout).then(|| {
+            format!(
+                "containerd at {} has been unreachable for {} s (it was reached before): if containerd restarted and its socket is mounted as a file, that mount is stale and a restart of kagami mounts the new socket",
+                self.socket.display(),
+                lost.as_secs()
+            )
+        })
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+        let mut lost = self.lost_since.lock().unwrap_or_else(PoisonError::into_inner);
+        if connected {
+            self.ever_connected.store(true, Ordering::Relaxed);
+            *lost = None;
+        } else if self.ever_connected.load(Ordering::Relaxed) && lost.is_none() {
+            *lost = Some(Instant::now());
         }
     }
 
@@ -550,7 +596,7 @@ pub(crate) async fn run(node: Node, content: Arc<ContainerdContent>) {
         };
         // Connected before the scan publishes what it found: the status never shows
         // containerd's images with `connected: false`.
-        content.connected.store(true, Ordering::Relaxed);
+        content.set_connected(true);
         // Subscribe before scanning so that a change during the scan triggers another.
         let mut events = client.subscribe();
         match content.rescan(&node).await {
@@ -559,7 +605,7 @@ pub(crate) async fn run(node: Node, content: Arc<ContainerdContent>) {
                 warned = false;
             }
             Err(e) => {
-                content.connected.store(false, Ordering::Relaxed);
+                content.set_connected(false);
                 if !warned {
                     tracing::warn!(error = %e, "cannot read containerd's images; retrying in the background");
                     warned = true;
@@ -597,7 +643,7 @@ pub(crate) async fn run(node: Node, content: Arc<ContainerdContent>) {
                 content.set_error(Some(e.to_string()));
             }
         }
-        content.connected.store(false, Ordering::Relaxed);
+        content.set_connected(false);
         tokio::time::sleep(retry).await;
     }
 }

@@ -320,6 +320,9 @@ async fn an_unreachable_containerd_is_retried_and_reported() {
     .await;
     assert_eq!(content.status()["connected"], false);
     assert!(!task.is_finished(), "gave up instead of retrying");
+    // Never reached: no reason to restart kagami (it serves without containerd).
+    content.set_health_timeout(Duration::from_millis(1));
+    assert_eq!(content.unhealthy(), None);
     // Peers get 404s meanwhile.
     let d = digest_of(b"anything");
     assert_eq!(
@@ -334,4 +337,53 @@ async fn an_unreachable_containerd_is_retried_and_reported() {
         404
     );
     task.abort();
+}
+
+/// `/healthz` fails once containerd, reached before, stays unreachable past the health
+/// timeout (what makes the kubelet restart kagami when containerd's socket is mounted as a
+/// file and containerd restarted), and answers `ok` again once containerd is back. A
+/// containerd that was never reached does not fail it (kagami serves without it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_a_containerd_reached_before_stays_unreachable() {
+    let net = MemoryNetwork::new();
+    let a = node(&net, "mirrors:\n  ksd.test.com:\n").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let app = kagami_server::router(a.state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let healthz = async || request(api, "GET", "/healthz", &[]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("containerd");
+    let containerd = Containerd::start(&root);
+    let socket = containerd.socket.clone();
+    let (content, _task) =
+        kagami_server::containerd::start(&a.state, socket.clone(), "k8s.io".to_string());
+    content.set_health_timeout(Duration::from_secs(1));
+    eventually(WAIT, "kagami to reach containerd", async || {
+        content.status()["connected"] == true
+    })
+    .await;
+    assert_eq!(healthz().await.0, 200);
+
+    drop(containerd);
+    let (status, _, body, _) = eventually(WAIT, "/healthz to fail", async || {
+        let r = healthz().await;
+        (r.0 == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(status, 503);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("unreachable") && body.contains(&socket.display().to_string()),
+        "{body}"
+    );
+
+    // containerd back on the same socket: kagami reconnects and is healthy again.
+    let _containerd = Containerd::start(&root);
+    eventually(Duration::from_secs(45), "/healthz to answer ok again", async || {
+        healthz().await.0 == 200
+    })
+    .await;
+    assert_eq!(content.status()["connected"], true);
 }

@@ -429,12 +429,12 @@ fn commented_containerd_settings_are_real() {
             .to_string()
     };
     let mount = after(
-        "# - name: containerd-sock     # the directory: containerd recreates its socket\n            #   mountPath: ",
+        "# - name: containerd-sock     # the socket file only, nothing else of /run/containerd\n            #   mountPath: ",
     );
     assert_eq!(
-        Path::new(&address).parent().unwrap(),
+        Path::new(&address),
         Path::new(&mount),
-        "the commented mount does not hold the socket"
+        "the commented mount is not the socket kagami is told to use"
     );
     assert!(ds.contains(&format!("#     path: {mount}")));
 }

@@ -33,7 +33,7 @@ pub mod request_id;
 /// The whole HTTP application: the OCI pull API plus health and metrics.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/p2p/status", get(p2p_status))
@@ -64,6 +64,17 @@ async fn limit_headers(req: Request, next: axum::middleware::Next) -> Response {
         return r;
     }
     next.run(req).await
+}
+
+/// The liveness probe: `ok`, unless containerd's content is shared and containerd has been
+/// unreachable past its health timeout (a stale socket mount: a restart fixes it).
+#[cfg_attr(not(feature = "containerd"), allow(unused_variables))]
+async fn healthz(State(state): State<AppState>) -> Response {
+    #[cfg(feature = "containerd")]
+    if let Some(why) = state.containerd().and_then(|c| c.unhealthy()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+    }
+    "ok\n".into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

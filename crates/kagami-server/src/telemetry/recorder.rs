@@ -4,7 +4,7 @@
 //! the fetches, failures and last error.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::app::Source;
@@ -62,7 +62,7 @@ impl Recorder {
     pub fn recent_pulls(&self) -> Vec<Pull> {
         self.recent
             .lock()
-            .expect("status lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .cloned()
             .collect()
@@ -72,7 +72,7 @@ impl Recorder {
     pub fn endpoints(&self) -> Vec<EndpointHealth> {
         self.endpoints
             .lock()
-            .expect("status lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .cloned()
             .collect()
@@ -90,7 +90,7 @@ impl Recorder {
             return;
         }
         let slot = unix_secs(SystemTime::now()) / INTERVAL_SECS;
-        let mut series = self.series.lock().expect("status lock");
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         if series.back().is_none_or(|(s, _)| *s < slot) {
             series.push_back((slot, [0; 3]));
             while series.len() > BUCKETS {
@@ -102,7 +102,7 @@ impl Recorder {
     }
 
     fn push_pull(&self, pull: Pull) {
-        let mut recent = self.recent.lock().expect("status lock");
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         recent.push_back(pull);
         while recent.len() > RECENT {
             recent.pop_front();
@@ -134,7 +134,7 @@ impl Recorder {
     }
 
     fn with_endpoint(&self, endpoint: &str, f: impl FnOnce(&mut EndpointHealth)) {
-        let mut map = self.endpoints.lock().expect("status lock");
+        let mut map = self.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
         if !map.contains_key(endpoint) && map.len() >= MAX_ENDPOINTS {
             let oldest = map
                 .iter()
@@ -156,7 +156,7 @@ impl Recorder {
     pub(crate) fn samples(&self, now: SystemTime) -> Vec<Sample> {
         let now_slot = unix_secs(now) / INTERVAL_SECS;
         let first = now_slot + 1 - BUCKETS as u64;
-        let series = self.series.lock().expect("status lock");
+        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         let mut it = series.iter().filter(|(s, _)| *s >= first).peekable();
         (first..=now_slot)
             .map(|slot| {

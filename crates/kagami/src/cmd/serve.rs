@@ -105,6 +105,13 @@ pub struct Args {
     #[cfg(feature = "containerd")]
     #[arg(long, env = "KAGAMI_CONTAINERD_NAMESPACE", value_name = "NS", default_value = kagami_containerd::DEFAULT_NAMESPACE)]
     containerd_namespace: String,
+    /// With --containerd-content: once containerd, reached before, has been unreachable this
+    /// long, /healthz answers 503, so that the kubelet's liveness probe restarts kagami. A
+    /// socket mounted into the container as a file keeps pointing at the old socket when
+    /// containerd restarts; the restart mounts the new one. 0 turns this off.
+    #[cfg(feature = "containerd")]
+    #[arg(long, env = "KAGAMI_CONTAINERD_HEALTH_TIMEOUT", default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    containerd_health_timeout: Duration,
     /// The most blob fetches from other nodes or registries at once (and uncached
     /// pass-throughs); a cold request that finds no room within 5 s gets 503 with
     /// Retry-After.
@@ -327,11 +334,12 @@ fn start_containerd(args: &Args, state: &AppState) -> anyhow::Result<()> {
         );
     }
     tracing::info!(socket = %args.containerd_address.display(), namespace = %args.containerd_namespace, "sharing containerd's images with other nodes");
-    kagami_server::containerd::start(
+    let (content, _) = kagami_server::containerd::start(
         state,
         args.containerd_address.clone(),
         args.containerd_namespace.clone(),
     );
+    content.set_health_timeout(args.containerd_health_timeout);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::body::Body;
@@ -168,7 +168,7 @@ impl Registry {
 
     /// Every GET of a blob or manifest, for the summary.
     pub fn total_gets(&self) -> u64 {
-        self.inner.gets.lock().expect("lock").values().sum()
+        self.inner.gets.lock().unwrap_or_else(PoisonError::into_inner).values().sum()
     }
 
     /// GETs recorded under `key`: `blob <digest>` or `manifest <repository>:<reference>`.
@@ -176,7 +176,7 @@ impl Registry {
         self.inner
             .gets
             .lock()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .get(key)
             .copied()
             .unwrap_or(0)
@@ -187,7 +187,7 @@ impl Registry {
             .inner
             .gets
             .lock()
-            .expect("lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .entry(key)
             .or_default() += 1;
     }
