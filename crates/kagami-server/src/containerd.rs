@@ -30,6 +30,7 @@ use kagami_containerd::Containerd;
 use crate::app::AppState;
 use crate::origin::Source;
 use crate::peers::Node;
+use crate::report::ContainerdInfo;
 use crate::service::reply::{BlobReply, ManifestReply, Span};
 use kagami_config::oci::{
     Hasher, MAX_MANIFEST_SIZE as MAX_MANIFEST, ManifestView, OCI_INDEX, OCI_MANIFEST,
@@ -150,7 +151,10 @@ impl ContainerdContent {
         if timeout.is_zero() {
             return None;
         }
-        let since = (*self.lost_since.lock().unwrap_or_else(PoisonError::into_inner))?;
+        let since = (*self
+            .lost_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))?;
         let lost = since.elapsed();
         (lost >= timeout).then(|| {
             format!(
@@ -163,7 +167,10 @@ impl ContainerdContent {
 
     fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Relaxed);
-        let mut lost = self.lost_since.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lost = self
+            .lost_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if connected {
             self.ever_connected.store(true, Ordering::Relaxed);
             *lost = None;
@@ -208,26 +215,37 @@ impl ContainerdContent {
             .cloned()
     }
 
-    /// What `/p2p/status` shows under `containerd`.
-    pub fn status(&self) -> serde_json::Value {
+    /// What `/p2p/status` shows under `containerd` and the status page's card.
+    pub fn info(&self) -> ContainerdInfo {
         let scan = self.scan();
-        let ago = |t: Option<SystemTime>| {
-            t.and_then(|t| t.elapsed().ok())
-                .map(|d| d.as_secs_f64().round())
-        };
-        serde_json::json!({
-            "socket": self.socket.display().to_string(),
-            "namespace": self.namespace,
-            "connected": self.connected.load(Ordering::Relaxed),
-            "images": scan.images,
-            "blobs": scan.blobs.len(),
-            "tags": scan.tags.len(),
-            "last_scan_seconds_ago": ago(*self.last_scan.lock().unwrap_or_else(PoisonError::into_inner)),
-            "last_error": *self.last_error.lock().unwrap_or_else(PoisonError::into_inner),
-            "served_blobs": self.served_blobs.load(Ordering::Relaxed),
-            "served_manifests": self.served_manifests.load(Ordering::Relaxed),
-            "served_bytes": self.served_bytes.load(Ordering::Relaxed),
-        })
+        let last_scan = *self
+            .last_scan
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        ContainerdInfo {
+            socket: self.socket.display().to_string(),
+            namespace: self.namespace.clone(),
+            connected: self.connected.load(Ordering::Relaxed),
+            images: scan.images,
+            blobs: scan.blobs.len(),
+            tags: scan.tags.len(),
+            last_scan_seconds_ago: last_scan
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs_f64().round()),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            served_blobs: self.served_blobs.load(Ordering::Relaxed),
+            served_manifests: self.served_manifests.load(Ordering::Relaxed),
+            served_bytes: self.served_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// [`ContainerdContent::info`] as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::to_value(self.info()).unwrap_or_default()
     }
 
     fn set_error(&self, e: Option<String>) {

@@ -365,6 +365,20 @@ async fn healthz_fails_while_a_containerd_reached_before_stays_unreachable() {
     })
     .await;
     assert_eq!(healthz().await.0, 200);
+    // The status page and its JSON show the shared content store.
+    let (status, _, body, _) = request(api, "GET", "/status.json", &[]).await;
+    assert_eq!(status, 200);
+    let report: kagami_server::status::Report = serde_json::from_slice(&body).unwrap();
+    let c = report.containerd.expect("containerd in /status.json");
+    assert!(c.connected);
+    assert_eq!(
+        (c.socket.as_str(), c.namespace.as_str()),
+        (socket.to_str().unwrap(), "k8s.io")
+    );
+    let (_, _, page, _) = request(api, "GET", "/status", &[]).await;
+    let page = String::from_utf8_lossy(&page);
+    assert!(page.contains("containerd's content store"), "{page}");
+    assert!(page.contains(&socket.display().to_string()), "{page}");
 
     drop(containerd);
     let (status, _, body, _) = eventually(WAIT, "/healthz to fail", async || {
@@ -381,9 +395,11 @@ async fn healthz_fails_while_a_containerd_reached_before_stays_unreachable() {
 
     // containerd back on the same socket: kagami reconnects and is healthy again.
     let _containerd = Containerd::start(&root);
-    eventually(Duration::from_secs(45), "/healthz to answer ok again", async || {
-        healthz().await.0 == 200
-    })
+    eventually(
+        Duration::from_secs(45),
+        "/healthz to answer ok again",
+        async || healthz().await.0 == 200,
+    )
     .await;
     assert_eq!(content.status()["connected"], true);
 }

@@ -37,6 +37,29 @@ pub struct Report {
     pub endpoints: Vec<EndpointHealth>,
     pub inflight_fetches: i64,
     pub stale_tags_served: u64,
+    /// The node's containerd content store, when its images are shared with other nodes
+    /// (`--containerd-content`).
+    #[serde(default)]
+    pub containerd: Option<ContainerdInfo>,
+}
+
+/// The node's containerd as a source for other nodes: what `/p2p/status` shows under
+/// `containerd`, and a card of the status page.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerdInfo {
+    pub socket: String,
+    pub namespace: String,
+    pub connected: bool,
+    /// Images of shared registries found in the last scan.
+    pub images: usize,
+    pub blobs: usize,
+    pub tags: usize,
+    pub last_scan_seconds_ago: Option<f64>,
+    pub last_error: Option<String>,
+    /// What other nodes got from containerd's store.
+    pub served_blobs: u64,
+    pub served_manifests: u64,
+    pub served_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -134,7 +134,10 @@ impl Recorder {
     }
 
     fn with_endpoint(&self, endpoint: &str, f: impl FnOnce(&mut EndpointHealth)) {
-        let mut map = self.endpoints.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if !map.contains_key(endpoint) && map.len() >= MAX_ENDPOINTS {
             let oldest = map
                 .iter()

@@ -5,8 +5,8 @@
 use std::time::SystemTime;
 
 use crate::report::{
-    BytesBySource, CacheInfo, HitMiss, INTERVAL_SECS, MemberInfo, Node, PeersSummary, Pull, Report,
-    Series, StoreInfo,
+    BytesBySource, CacheInfo, ContainerdInfo, HitMiss, INTERVAL_SECS, MemberInfo, Node,
+    PeersSummary, Pull, Report, Series, StoreInfo,
 };
 
 use super::Telemetry;
@@ -25,6 +25,8 @@ pub struct ReportInputs<'a> {
     /// This node's P2P identity and addresses, when P2P is on.
     pub peer_id: Option<String>,
     pub p2p_addrs: Vec<String>,
+    /// The shared containerd, when there is one.
+    pub containerd: Option<ContainerdInfo>,
 }
 
 impl Telemetry {
@@ -119,6 +121,7 @@ impl Telemetry {
             endpoints: st.endpoints(),
             inflight_fetches: m.inflight.get(),
             stale_tags_served: m.stale_served.get(),
+            containerd: inputs.containerd,
         }
     }
 }

@@ -68,6 +68,7 @@ pub fn render_html(r: &Report) -> String {
     bytes_card(&mut h, r);
     chart_card(&mut h, r);
     members_card(&mut h, r);
+    containerd_card(&mut h, r);
     endpoints_card(&mut h, r);
     pulls_card(&mut h, r);
     h.push_str("</main></body></html>\n");
@@ -466,6 +467,43 @@ fn members_card(h: &mut String, r: &Report) {
     h.push_str("</table></section>\n");
 }
 
+/// containerd's content store, when its images are shared with other nodes.
+fn containerd_card(h: &mut String, r: &Report) {
+    let Some(c) = &r.containerd else {
+        return;
+    };
+    let (dot, state) = if c.connected {
+        ("#2f9e6a", "connected")
+    } else {
+        ("#c4372b", "unreachable")
+    };
+    let _ = write!(
+        h,
+        "<section id=\"containerd\"><h2>containerd's content store</h2>\
+         <div class=\"muted\"><i class=\"dot\" style=\"background:{dot}\"></i>{state} · \
+         <span class=\"mono\">{}</span> · namespace <span class=\"mono\">{}</span></div>\
+         <div class=\"rows\" style=\"margin-top:8px\">\
+         <div><span>images of shared registries</span><b>{}</b></div>\
+         <div><span>blobs</span><b>{}</b></div><div><span>tags</span><b>{}</b></div>\
+         <div><span>served to other nodes</span><b>{} ({} blobs, {} manifests)</b></div>\
+         <div><span>last scan</span><b>{}</b></div></div>",
+        escape(&c.socket),
+        escape(&c.namespace),
+        c.images,
+        c.blobs,
+        c.tags,
+        human_bytes(c.served_bytes),
+        c.served_blobs,
+        c.served_manifests,
+        c.last_scan_seconds_ago
+            .map_or_else(|| "never".to_string(), |s| format!("{s:.0} s ago")),
+    );
+    if let Some(e) = &c.last_error {
+        let _ = write!(h, "<div class=\"err\">{}</div>", escape(e));
+    }
+    h.push_str("</section>\n");
+}
+
 fn ago(now: u64, at_ms: u64) -> String {
     let secs = now.saturating_sub(at_ms / 1000);
     format!("{} ago", human_uptime(secs))
@@ -670,6 +708,19 @@ mod tests {
             }],
             inflight_fetches: 0,
             stale_tags_served: 0,
+            containerd: Some(ContainerdInfo {
+                socket: evil.into(),
+                namespace: evil.into(),
+                connected: false,
+                images: 1,
+                blobs: 2,
+                tags: 1,
+                last_scan_seconds_ago: Some(3.0),
+                last_error: Some(evil.into()),
+                served_blobs: 0,
+                served_manifests: 0,
+                served_bytes: 0,
+            }),
         }
     }
 
@@ -687,6 +738,7 @@ mod tests {
             "Bytes served by source",
             "Recent pulls",
             "Upstream endpoints",
+            "containerd's content store",
         ] {
             assert!(page.contains(&format!(">{heading}")), "{heading}");
         }

@@ -262,6 +262,32 @@ pub fn render(r: &Report, base: &str) -> String {
     let _ = writeln!(o, "  evictions    {}", s.evictions);
     let _ = writeln!(o, "  writing      {}", s.writing);
 
+    if let Some(c) = &r.containerd {
+        let _ = writeln!(o, "\ncontainerd's content store (shared with other nodes)");
+        let state = if c.connected {
+            "connected"
+        } else {
+            "unreachable"
+        };
+        let _ = writeln!(o, "  socket       {} ({state})", c.socket);
+        let _ = writeln!(o, "  namespace    {}", c.namespace);
+        let _ = writeln!(
+            o,
+            "  images       {} ({} blobs, {} tags)",
+            c.images, c.blobs, c.tags
+        );
+        let _ = writeln!(
+            o,
+            "  served       {} ({} blobs, {} manifests)",
+            human_bytes(c.served_bytes),
+            c.served_blobs,
+            c.served_manifests
+        );
+        if let Some(e) = &c.last_error {
+            let _ = writeln!(o, "  last error   {e}");
+        }
+    }
+
     let c = &r.cache;
     let _ = writeln!(o, "\nHit ratio");
     let _ = writeln!(

@@ -168,7 +168,12 @@ impl Registry {
 
     /// Every GET of a blob or manifest, for the summary.
     pub fn total_gets(&self) -> u64 {
-        self.inner.gets.lock().unwrap_or_else(PoisonError::into_inner).values().sum()
+        self.inner
+            .gets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .sum()
     }
 
     /// GETs recorded under `key`: `blob <digest>` or `manifest <repository>:<reference>`.
