@@ -49,3 +49,15 @@ log_mark() { wc -l <"$WORK/origin/log"; }
 upstream_bytes() {
   tail -n +"$(($1 + 1))" "$WORK/origin/log" | grep -o '"GET /v2/bench/big/blobs/[^"]*" 20[06] [0-9]*' | awk '{s += $NF} END {print s + 0}'
 }
+
+# start_origin [LAYERS]: the origin docker-registry on 127.0.0.1:$ORIGIN with an image of
+# SIZE_MB in LAYERS layers at bench/big:1; sets ORIGIN, RAW (its manifest) and IMAGE_BYTES
+# (what a pull moves: layers and config).
+start_origin() {
+  ORIGIN=$(port)
+  start_registry "$WORK/origin" "$ORIGIN" true
+  echo "building a ${SIZE_MB} MB image in ${1:-1} layer(s)..." >&2
+  push_big_image "$WORK" "$SIZE_MB" "127.0.0.1:$ORIGIN/bench/big:1" "${1:-1}"
+  RAW=$(skopeo inspect --tls-verify=false --raw "docker://127.0.0.1:$ORIGIN/bench/big:1")
+  IMAGE_BYTES=$(echo "$RAW" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]) + m["config"]["size"])')
+}

@@ -65,12 +65,7 @@ if tc qdisc show dev lo | grep -q htb; then
   exit 1
 fi
 
-ORIGIN=$(port)
-start_registry "$WORK/origin" "$ORIGIN" true
-echo "building a ${SIZE_MB} MB image in $LAYERS layer(s)..." >&2
-push_big_image "$WORK" "$SIZE_MB" "127.0.0.1:$ORIGIN/bench/big:1" "$LAYERS"
-RAW=$(skopeo inspect --tls-verify=false --raw "docker://127.0.0.1:$ORIGIN/bench/big:1")
-IMAGE_BYTES=$(echo "$RAW" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]) + m["config"]["size"])')
+start_origin "${LAYERS:-1}"
 cat >"$WORK/registries.yaml" <<YAML
 mirrors:
   registry.bench:

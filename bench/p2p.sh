@@ -41,13 +41,9 @@ cleanup() {
 trap cleanup EXIT
 
 . bench/lib.sh
+. bench/nodes.sh
 
-ORIGIN=$(port)
-start_registry "$WORK/origin" "$ORIGIN" true
-echo "building a ${SIZE_MB} MB image..." >&2
-push_big_image "$WORK" "$SIZE_MB" "127.0.0.1:$ORIGIN/bench/big:1"
-RAW=$(skopeo inspect --tls-verify=false --raw "docker://127.0.0.1:$ORIGIN/bench/big:1")
-IMAGE_BYTES=$(echo "$RAW" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]) + m["config"]["size"])')
+start_origin
 
 # Every node: the origin as the endpoint of registry.bench, and registry.peers with no
 # endpoint at all (only other nodes can serve it).
@@ -59,7 +55,6 @@ mirrors:
 YAML
 (umask 077; openssl rand -hex 32 >"$WORK/psk" 2>/dev/null || python3 -c 'import os; print(os.urandom(32).hex())' >"$WORK/psk")
 
-. bench/nodes.sh
 # LOOKUPS requests, spread over nodes 1..$1, for digests nobody holds (a peers-only
 # registry): each a 404 after one DHT lookup; times (s) in $WORK/missing.
 missing_lookups() {

@@ -27,26 +27,12 @@ use kagami_server::{
     Upstream, UpstreamError, peer_router, router,
 };
 use kagami_store::{Store, StoreOptions};
-use sha2::{Digest as _, Sha256};
 
 const REGISTRY: &str = "registry.example.test";
 const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
-fn digest_of(data: &[u8]) -> Digest {
-    Digest::sha256_from_bytes(&Sha256::digest(data))
-}
-
-fn random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use crate::common::digest_of;
+use kagami_testkit::random;
 
 // ---------------------------------------------------------------------------------------
 // A scripted upstream.

@@ -159,15 +159,22 @@ fn bundle_refuses_what_is_not_a_kagami_image_and_bad_lists() {
     let d = dir.path();
     let not_image = d.join("kagami.tar");
     std::fs::write(&not_image, "not a tar").unwrap();
-    let out = kagami()
-        .args(["bundle", "alpine:3.20", "--kagami-image"])
-        .arg(&not_image)
-        .arg("--output")
-        .arg(d.join("b.tar"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    // `kagami bundle ARGS --kagami-image <not an image> --output b.tar`: its stderr, after
+    // checking that it failed with exit code 2.
+    let refused = |args: &[&std::ffi::OsStr]| -> String {
+        let out = kagami()
+            .arg("bundle")
+            .args(args)
+            .arg("--kagami-image")
+            .arg(&not_image)
+            .arg("--output")
+            .arg(d.join("b.tar"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&["alpine:3.20".as_ref()]);
     assert!(
         err.contains("--kagami-image") && err.contains("not an OCI archive"),
         "{err}"
@@ -175,17 +182,7 @@ fn bundle_refuses_what_is_not_a_kagami_image_and_bad_lists() {
 
     let list = d.join("list.txt");
     std::fs::write(&list, "alpine:3.20\nNot/A Valid:Name\n").unwrap();
-    let out = kagami()
-        .args(["bundle", "--images-file"])
-        .arg(&list)
-        .arg("--kagami-image")
-        .arg(&not_image)
-        .arg("--output")
-        .arg(d.join("b.tar"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--images-file".as_ref(), list.as_os_str()]);
     assert!(err.contains(&format!("{}:2", list.display())), "{err}");
     assert!(!d.join("b.tar").exists(), "a bundle was written");
 }

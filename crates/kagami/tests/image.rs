@@ -17,6 +17,16 @@ use crate::support::{
     run,
 };
 
+/// What building and running the image needs.
+const TOOLS: &[&str] = &[
+    "containerd",
+    "ctr",
+    "docker-registry",
+    "tar",
+    "gzip",
+    "strip",
+];
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -379,14 +389,7 @@ fn blob_gets(registry: &Registry) -> Vec<String> {
 
 #[test]
 fn image_runs_as_the_daemonset_and_serves_containerd() {
-    require(&[
-        "containerd",
-        "ctr",
-        "docker-registry",
-        "tar",
-        "gzip",
-        "strip",
-    ]);
+    require(TOOLS);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
@@ -468,14 +471,7 @@ fn commented_p2p_env() -> Vec<(String, String)> {
 
 #[test]
 fn two_containers_of_the_image_share_over_p2p_with_the_origin_stopped() {
-    require(&[
-        "containerd",
-        "ctr",
-        "docker-registry",
-        "tar",
-        "gzip",
-        "strip",
-    ]);
+    require(TOOLS);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // A name only the site uses, mirrored to the loopback origin: loopback registry names

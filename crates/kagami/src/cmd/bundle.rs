@@ -15,11 +15,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use kagami_config::oci::Platform;
-use kagami_config::{PlanOptions, Reference, plan};
+use kagami_config::{Reference, plan};
 
-use super::load_config;
 use super::pull::{Target, pull, runtime};
-use crate::ConfigArgs;
 
 /// The directory every entry of the bundle is under.
 const ROOT: &str = "kagami-bundle";
@@ -55,10 +53,7 @@ const DEPLOY: [(&str, &str); 6] = [
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    config: ConfigArgs,
-    /// As K3s's flag: no default endpoint for registries that have a mirrors entry.
-    #[arg(long, env = "KAGAMI_DISABLE_DEFAULT_REGISTRY_ENDPOINT")]
-    disable_default_registry_endpoint: bool,
+    plan: super::PlanArgs,
     /// Images to pre-load on the nodes, e.g. `alpine:3.20`, `registry.local:5000/app:1`.
     #[arg(value_name = "IMAGE")]
     images: Vec<String>,
@@ -80,7 +75,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = load_config(&args.config)?;
+    let (config, options) = args.plan.load()?;
     let images = image_list(&args)?;
     if images.is_empty() {
         bail!("no images to bundle: name them as arguments or with --images-file");
@@ -116,13 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let mut listed = Vec::new();
     for image in &images {
-        let p = plan(
-            image,
-            &config,
-            PlanOptions {
-                disable_default_endpoint: args.disable_default_registry_endpoint,
-            },
-        );
+        let p = plan(image, &config, options);
         let target = Target {
             output: &layout,
             all_platforms: false,

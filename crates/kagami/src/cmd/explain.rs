@@ -3,18 +3,14 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use kagami_config::{PlanOptions, Reference, plan};
+use kagami_config::{Reference, plan};
 
-use super::load_config;
-use crate::{ConfigArgs, Format};
+use crate::Format;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    config: ConfigArgs,
-    /// As K3s's flag: no default endpoint for registries that have a mirrors entry.
-    #[arg(long, env = "KAGAMI_DISABLE_DEFAULT_REGISTRY_ENDPOINT")]
-    disable_default_registry_endpoint: bool,
+    plan: super::PlanArgs,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
     /// Image reference, e.g. `alpine`, `quay.io/coreos/etcd:v3.5.0`, `repo@sha256:...`.
@@ -22,15 +18,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = load_config(&args.config)?;
+    let (config, options) = args.plan.load()?;
     let image = Reference::parse(&args.image).context("cannot explain")?;
-    let p = plan(
-        &image,
-        &config,
-        PlanOptions {
-            disable_default_endpoint: args.disable_default_registry_endpoint,
-        },
-    );
+    let p = plan(&image, &config, options);
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&p.to_json())?),
         Format::Text => print!("{}", p.to_text()),

@@ -23,6 +23,29 @@ pub mod serve;
 pub mod status;
 pub mod sync;
 
+/// `--config` and `--disable-default-registry-endpoint`: what the commands that resolve
+/// images (explain, pull, sync, bundle) plan with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// As K3s's flag: no default endpoint for registries that have a mirrors entry.
+    #[arg(long, env = "KAGAMI_DISABLE_DEFAULT_REGISTRY_ENDPOINT")]
+    pub disable_default_registry_endpoint: bool,
+}
+
+impl PlanArgs {
+    /// The configuration ([`load_config`]) and the plan options these flags give.
+    pub fn load(&self) -> anyhow::Result<(Config, kagami_config::PlanOptions)> {
+        Ok((
+            load_config(&self.config)?,
+            kagami_config::PlanOptions {
+                disable_default_endpoint: self.disable_default_registry_endpoint,
+            },
+        ))
+    }
+}
+
 /// Loads the configuration named by `--config`, or the embedded default. Warnings are
 /// printed to stderr; errors stop the command.
 pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {

@@ -10,18 +10,12 @@ use futures_util::{StreamExt as _, stream};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use kagami_client::{Client, Manifest};
 use kagami_config::oci::{Descriptor, Hasher, OCI_INDEX, Platform, is_index};
-use kagami_config::{Digest, Plan, PlanOptions, Reference, plan};
-
-use super::load_config;
-use crate::ConfigArgs;
+use kagami_config::{Digest, Plan, Reference, plan};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    config: ConfigArgs,
-    /// As K3s's flag: no default endpoint for registries that have a mirrors entry.
-    #[arg(long, env = "KAGAMI_DISABLE_DEFAULT_REGISTRY_ENDPOINT")]
-    disable_default_registry_endpoint: bool,
+    plan: super::PlanArgs,
     /// Image reference, e.g. `alpine:3.20`, `quay.io/coreos/etcd:v3.5.0`, `repo@sha256:...`.
     image: String,
     /// Directory of the OCI image layout to write (created if missing; blobs already
@@ -50,7 +44,7 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = load_config(&args.config)?;
+    let (config, options) = args.plan.load()?;
     let image = Reference::parse(&args.image).context("cannot pull")?;
     let want = match &args.platform {
         Some(p) => Some(
@@ -59,13 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    let p = plan(
-        &image,
-        &config,
-        PlanOptions {
-            disable_default_endpoint: args.disable_default_registry_endpoint,
-        },
-    );
+    let p = plan(&image, &config, options);
     let rt = runtime()?;
     let into = Target {
         output: &args.output,

@@ -12,17 +12,12 @@ use kagami_config::endpoint::validate_host;
 use kagami_config::oci::is_index;
 use kagami_config::{Config, Digest, EndpointAttempt, PlanOptions, Reference, plan};
 
-use super::load_config;
 use super::pull::{human, runtime};
-use crate::ConfigArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    config: ConfigArgs,
-    /// As K3s's flag: no default endpoint for registries that have a mirrors entry.
-    #[arg(long, env = "KAGAMI_DISABLE_DEFAULT_REGISTRY_ENDPOINT")]
-    disable_default_registry_endpoint: bool,
+    plan: super::PlanArgs,
     /// File with one image reference per line; `#` starts a comment, blank lines are
     /// ignored.
     #[arg(long, value_name = "FILE")]
@@ -63,7 +58,7 @@ struct Stats {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = load_config(&args.config)?;
+    let (config, opts) = args.plan.load()?;
     let text = std::fs::read_to_string(&args.images)
         .with_context(|| format!("cannot read {}", args.images.display()))?;
     let images = parse_list(&text, &args.images)?;
@@ -73,9 +68,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => (to, None),
     };
     validate_host(host).map_err(|e| anyhow::anyhow!("--to {to:?}: registry {host:?}: {e}"))?;
-    let opts = PlanOptions {
-        disable_default_endpoint: args.disable_default_registry_endpoint,
-    };
     let tmp = std::env::temp_dir().join(format!("kagami-sync-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let rt = runtime()?;
