@@ -42,8 +42,12 @@ on() { [[ " $ONLY " == *" $1 "* ]]; }
 for tool in tc docker-registry skopeo umoci curl python3 bc; do
   command -v "$tool" >/dev/null || { echo "p2p-shaped.sh: $tool is not installed" >&2; exit 1; }
 done
-cargo build --release -q -p kagami
-KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
+if [ -n "${KAGAMI_BIN:-}" ]; then
+  KAGAMI=$KAGAMI_BIN # a given binary (e.g. another commit's)
+else
+  cargo build --release -q -p kagami
+  KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
+fi
 WORK=$(mktemp -d /dev/shm/kagami-bench-shaped.XXXXXX)
 PIDS=()
 NODE_PIDS=()

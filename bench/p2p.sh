@@ -28,8 +28,12 @@ SCALE=${SCALE:-}
 # Which parts to run (all by default): direct shared kill lookup
 ONLY=${ONLY:-direct shared kill lookup}
 on() { [[ " $ONLY " == *" $1 "* ]]; }
-cargo build --release -q -p kagami
-KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
+if [ -n "${KAGAMI_BIN:-}" ]; then
+  KAGAMI=$KAGAMI_BIN # a given binary (e.g. another commit's)
+else
+  cargo build --release -q -p kagami
+  KAGAMI=${CARGO_TARGET_DIR:-$PWD/target}/release/kagami
+fi
 WORK=$(mktemp -d /dev/shm/kagami-bench-p2p.XXXXXX)
 PIDS=()
 NODE_PIDS=()

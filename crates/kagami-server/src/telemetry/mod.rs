@@ -58,17 +58,12 @@ impl Telemetry {
     }
 
     /// A request kagami refused (see [`refusals`]).
-    pub fn refused(
-        &self,
-        r: refusals::Refused<'_>,
-        method: &axum::http::Method,
-        uri: &axum::http::Uri,
-    ) {
+    pub fn refused(&self, r: refusals::Refused<'_>, method: &http::Method, uri: &http::Uri) {
         self.refusals.record(&self.metrics, r, method, uri);
     }
 
     /// `n` bytes of a response body from `source` were just sent (the chart's series).
-    pub(crate) fn bytes_sent(&self, source: crate::app::Source, n: u64) {
+    pub(crate) fn bytes_sent(&self, source: crate::origin::Source, n: u64) {
         self.recorder.add_bytes(source, n);
     }
 

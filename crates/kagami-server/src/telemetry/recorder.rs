@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::app::Source;
+use crate::origin::Source;
 use crate::path::{ManifestRef, Target};
 use crate::report::{BUCKETS, EndpointHealth, INTERVAL_SECS, Pull, RECENT, Sample};
 

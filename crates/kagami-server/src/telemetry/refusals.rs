@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::http::{Method, Uri};
+use http::{Method, Uri};
 
 use crate::telemetry::metrics::{LabelBudget, Metrics, RefusalLabels};
 
