@@ -6,7 +6,7 @@
 //! drives the walk itself, in a plain loop (a closure borrowing that state mutably would
 //! make the future not `Send`):
 //!
-//! ```ignore
+//! ```text
 //! let mut walk = Walk::new(plan, 0);
 //! while let Some((_, a)) = walk.next_try() {
 //!     match op(a).await {
