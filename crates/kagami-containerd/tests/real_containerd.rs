@@ -60,21 +60,18 @@ fn oci_archive(path: &Path, size: usize) -> Archive {
         }]
     }))
     .unwrap();
-    let mut tar = tar::Builder::new(std::fs::File::create(path).unwrap());
-    let mut add = |name: &str, bytes: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, name, bytes).unwrap();
-    };
-    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    add("index.json", &index);
-    for b in [&config, &layer, &manifest] {
-        let d = digest_of(b);
-        add(&format!("blobs/sha256/{}", &d["sha256:".len()..]), b);
-    }
-    tar.finish().unwrap();
+    let digests: Vec<String> = [&config, &layer, &manifest]
+        .iter()
+        .map(|b| digest_of(b)["sha256:".len()..].to_string())
+        .collect();
+    kagami_testkit::write_oci_archive(
+        path,
+        &index,
+        digests
+            .iter()
+            .map(String::as_str)
+            .zip([&config[..], &layer[..], &manifest[..]]),
+    );
     Archive {
         layer,
         layer_digest,

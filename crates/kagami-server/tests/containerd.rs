@@ -69,21 +69,12 @@ impl Archive {
     }
 
     fn write(&self, path: &Path) {
-        let mut tar = tar::Builder::new(std::fs::File::create(path).unwrap());
-        let mut add = |name: &str, bytes: &[u8]| {
-            let mut h = tar::Header::new_ustar();
-            h.set_size(bytes.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            tar.append_data(&mut h, name, bytes).unwrap();
-        };
-        add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
         let index = serde_json::json!({"schemaVersion": 2, "manifests": self.refs});
-        add("index.json", &serde_json::to_vec(&index).unwrap());
-        for (d, b) in &self.blobs {
-            add(&format!("blobs/sha256/{}", d.hex()), b);
-        }
-        tar.finish().unwrap();
+        kagami_testkit::write_oci_archive(
+            path,
+            &serde_json::to_vec(&index).unwrap(),
+            self.blobs.iter().map(|(d, b)| (d.hex(), &b[..])),
+        );
     }
 }
 

@@ -15,7 +15,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use kagami_config::Digest;
 use kagami_p2p::{MemoryNetwork, MemoryRouter, Router};
-use kagami_server::{NodeInfo, Peers, ServerOptions};
+use kagami_server::{NodeInfo, ServerOptions};
 use sha2::Digest as _;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -54,15 +54,7 @@ async fn node(options: ServerOptions, peer: SocketAddr, keys: &[String]) -> (Ser
     let net = MemoryNetwork::new();
     let other = MemoryRouter::join(&net, "peer", peer);
     other.advertise(keys.to_vec()).await;
-    let me = MemoryRouter::join(&net, "me", "127.0.0.1:9".parse().unwrap());
-    let router: Arc<dyn Router> = Arc::new(me);
-    s.state.set_peers(
-        Arc::new(Peers::new(router, None, false)),
-        NodeInfo {
-            peer_id: "me".into(),
-            addrs: vec![],
-        },
-    );
+    join_as_me(&s.state, &net);
     (s, other)
 }
 

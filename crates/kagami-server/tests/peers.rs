@@ -81,15 +81,7 @@ async fn node_with_providers(fake: Fake, providers: &[(SocketAddr, &str)], key: 
         r.advertise(vec![key.to_string()]).await;
         std::mem::forget(r); // stays a member for the whole test
     }
-    let me = MemoryRouter::join(&net, "me", "127.0.0.1:9".parse().unwrap());
-    let router: Arc<dyn Router> = Arc::new(me);
-    s.state.set_peers(
-        Arc::new(Peers::new(router, None, false)),
-        NodeInfo {
-            peer_id: "me".into(),
-            addrs: vec![],
-        },
-    );
+    join_as_me(&s.state, &net);
     s
 }
 

@@ -815,24 +815,30 @@ async fn a_registry_trickling_wrong_bytes_does_not_hold_up_another_registry() {
     slow.abort();
 }
 
-#[tokio::test]
-async fn an_endless_blob_is_cut_at_the_cap_and_leaves_nothing() {
+/// A server whose registry `endless.example.test` sends 64 KiB every millisecond for ever,
+/// with `--max-blob-size` and the store's limit as given.
+async fn endless_server(max_blob_size: u64, max_store: Option<u64>) -> Server<bounds::Scripted> {
     let endless = Mode::Endless {
         chunk: 64 * 1024,
         every: Duration::from_millis(1),
     };
-    let d = digest_of(b"never ends");
     let limits = kagami_server::FetchLimits {
-        max_blob_size: 2 * 1024 * 1024,
+        max_blob_size,
         ..Default::default()
     };
-    let s = bounds::start(
+    bounds::start(
         Scripted::new(&[("endless.example.test", endless)]),
         limits,
         Duration::from_secs(300),
-        None,
+        max_store,
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn an_endless_blob_is_cut_at_the_cap_and_leaves_nothing() {
+    let d = digest_of(b"never ends");
+    let s = endless_server(2 * 1024 * 1024, None).await;
     let url = bounds::blob_url("endless.example.test", &d);
     // Chunked (no size announced): cut before its end, at most the cap.
     let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;
@@ -853,22 +859,8 @@ async fn an_endless_blob_is_cut_at_the_cap_and_leaves_nothing() {
 
 #[tokio::test]
 async fn an_endless_blob_is_cut_at_the_store_limit_then_passed_through_capped() {
-    let endless = Mode::Endless {
-        chunk: 64 * 1024,
-        every: Duration::from_millis(1),
-    };
     let d = digest_of(b"never ends either");
-    let limits = kagami_server::FetchLimits {
-        max_blob_size: 4 * 1024 * 1024,
-        ..Default::default()
-    };
-    let s = bounds::start(
-        Scripted::new(&[("endless.example.test", endless)]),
-        limits,
-        Duration::from_secs(300),
-        Some(1024 * 1024),
-    )
-    .await;
+    let s = endless_server(4 * 1024 * 1024, Some(1024 * 1024)).await;
     let url = bounds::blob_url("endless.example.test", &d);
     // The store's limit counts tmp/: the write stops at 1 MiB.
     let (status, _, body, _) = request(s.addr, "GET", &url, &[]).await;

@@ -161,6 +161,29 @@ pub fn random_fill(buf: &mut [u8]) {
     }
 }
 
+/// Writes an OCI archive (what `ctr images export` writes) at `path`: `oci-layout`, the
+/// given `index.json`, and each blob under `blobs/sha256/<hex>`, given as (hex, bytes).
+pub fn write_oci_archive<'a>(
+    path: &std::path::Path,
+    index: &[u8],
+    blobs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) {
+    let mut tar = tar::Builder::new(std::fs::File::create(path).unwrap());
+    let mut add = |name: &str, bytes: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, bytes).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", index);
+    for (hex, bytes) in blobs {
+        add(&format!("blobs/sha256/{hex}"), bytes);
+    }
+    tar.finish().unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -324,3 +324,17 @@ pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// Makes `state` the member "me" of the in-memory P2P network `net` (no key), at a dead
+/// address: other members fetch nothing from it.
+pub fn join_as_me(state: &AppState, net: &Arc<kagami_p2p::MemoryNetwork>) {
+    let me = kagami_p2p::MemoryRouter::join(net, "me", "127.0.0.1:9".parse().unwrap());
+    let router: Arc<dyn kagami_p2p::Router> = Arc::new(me);
+    state.set_peers(
+        Arc::new(kagami_server::Peers::new(router, None, false)),
+        kagami_server::NodeInfo {
+            peer_id: "me".into(),
+            addrs: vec![],
+        },
+    );
+}
