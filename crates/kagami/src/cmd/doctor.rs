@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Serialize;
 
+use super::normalise_base;
 use crate::Format;
 
 /// Where K3s keeps containerd's hosts directory, then containerd's own default.
@@ -111,26 +112,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
-    })
-}
-
-/// `http://host:port` from what the user typed (`host:port`, a URL, with or without `/v2`).
-fn normalise_base(s: &str) -> anyhow::Result<String> {
-    let with_scheme = if s.contains("://") {
-        s.to_string()
-    } else {
-        format!("http://{s}")
-    };
-    let url = url::Url::parse(&with_scheme)?;
-    anyhow::ensure!(
-        matches!(url.scheme(), "http" | "https"),
-        "scheme {}",
-        url.scheme()
-    );
-    let host = url.host_str().context("no host")?;
-    Ok(match url.port() {
-        Some(p) => format!("{}://{host}:{p}", url.scheme()),
-        None => format!("{}://{host}", url.scheme()),
     })
 }
 

@@ -47,11 +47,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let base = if args.addr.contains("://") {
-        args.addr.trim_end_matches('/').to_string()
-    } else {
-        format!("http://{}", args.addr.trim_end_matches('/'))
-    };
+    let base = super::normalise_base(&args.addr)
+        .with_context(|| format!("--addr {:?} is not an http(s) address", args.addr))?;
     let url = format!("{base}{IMPORT_PATH}");
     let token_file = args
         .admin_token_file

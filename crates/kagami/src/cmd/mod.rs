@@ -46,6 +46,26 @@ impl PlanArgs {
     }
 }
 
+/// `http://host:port` from what the user typed (`host:port`, a URL, with or without `/v2`).
+pub(crate) fn normalise_base(s: &str) -> anyhow::Result<String> {
+    let with_scheme = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    let url = url::Url::parse(&with_scheme)?;
+    anyhow::ensure!(
+        matches!(url.scheme(), "http" | "https"),
+        "scheme {}",
+        url.scheme()
+    );
+    let host = url.host_str().context("no host")?;
+    Ok(match url.port() {
+        Some(p) => format!("{}://{host}:{p}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    })
+}
+
 /// Loads the configuration named by `--config`, or the embedded default. Warnings are
 /// printed to stderr; errors stop the command.
 pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
