@@ -4,7 +4,10 @@
 
 use crate::fake_registry::{Fake, FakeOptions};
 use crate::pull::{check_layout, ok, pull, write_config};
-use crate::support::build_image;
+use std::path::Path;
+use std::process::Output;
+
+use crate::support::{TestImage, build_image};
 
 /// The scope the registry sees: override path prefix + rewritten repository.
 const SCOPE: &str = "repository:prefix/production/busybox:pull";
@@ -130,12 +133,10 @@ fn bearer_token_from_identity_token() {
     check_token_traffic(&tokens, &registry, Some("refresh_token"));
 }
 
-#[test]
-fn credentials_not_sent_across_redirect_to_another_host() {
-    let tmp = tempfile::tempdir().unwrap();
-    let img = build_image(&tmp.path().join("img"), "1", 1, 64 * 1024);
-    // Blob storage on another loopback address records what it receives.
-    let storage = Fake::start("127.0.0.2", &img.layout, FakeOptions::default());
+/// Pulls `library/redirected:1` from a registry on 127.0.0.1 that wants Basic auth
+/// (alice/secret, which the config gives it) and redirects blob GETs to `storage`. Returns
+/// the registry and the pull's output.
+fn pull_redirected(tmp: &Path, img: &TestImage, storage: &Fake) -> (Fake, Output) {
     let registry = Fake::start(
         "127.0.0.1",
         &img.layout,
@@ -146,19 +147,29 @@ fn credentials_not_sent_across_redirect_to_another_host() {
         },
     );
     let cfg = write_config(
-        tmp.path(),
+        tmp,
         &format!(
             "configs:\n  \"{}\":\n    auth:\n      username: alice\n      password: secret\n",
             registry.addr
         ),
     );
-    let out = tmp.path().join("out");
-    let summary = ok(&pull(
+    let o = pull(
         Some(&cfg),
         &format!("{}/library/redirected:1", registry.addr),
-        &out,
+        &tmp.join("out"),
         &[],
-    ));
+    );
+    (registry, o)
+}
+
+#[test]
+fn credentials_not_sent_across_redirect_to_another_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = build_image(&tmp.path().join("img"), "1", 1, 64 * 1024);
+    // Blob storage on another loopback address records what it receives.
+    let storage = Fake::start("127.0.0.2", &img.layout, FakeOptions::default());
+    let (registry, o) = pull_redirected(tmp.path(), &img, &storage);
+    let summary = ok(&o);
     assert!(
         summary.contains("2 fetched") || summary.contains("3 fetched"),
         "{summary}"
@@ -234,29 +245,7 @@ fn credentials_not_sent_to_a_token_service_named_by_a_redirect_target() {
             ..Default::default()
         },
     );
-    let registry = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            basic: Some(("alice".into(), "secret".into())),
-            redirect_blobs_to: Some(storage.url()),
-            ..Default::default()
-        },
-    );
-    let cfg = write_config(
-        tmp.path(),
-        &format!(
-            "configs:\n  \"{}\":\n    auth:\n      username: alice\n      password: secret\n",
-            registry.addr
-        ),
-    );
-    let out = tmp.path().join("out");
-    let o = pull(
-        Some(&cfg),
-        &format!("{}/library/redirected:1", registry.addr),
-        &out,
-        &[],
-    );
+    let (_registry, o) = pull_redirected(tmp.path(), &img, &storage);
     let err = crate::pull::failed(&o);
     assert!(err.contains("HTTP 401"), "{err}");
     assert!(
