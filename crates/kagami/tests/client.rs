@@ -15,22 +15,14 @@ const SCOPE: &str = "repository:prefix/production/busybox:pull";
 fn token_pull(auth_yaml: &str, token: FakeOptions) -> (Fake, Fake) {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1.35", 2, 64 * 1024);
-    let tokens = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            token_scope: Some(SCOPE.into()),
-            ..token
-        },
-    );
-    let registry = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            bearer_realm: Some(format!("{}/token", tokens.url())),
-            ..Default::default()
-        },
-    );
+    let tokens = img.fake(FakeOptions {
+        token_scope: Some(SCOPE.into()),
+        ..token
+    });
+    let registry = img.fake(FakeOptions {
+        bearer_realm: Some(format!("{}/token", tokens.url())),
+        ..Default::default()
+    });
     let cfg = write_config(
         tmp.path(),
         &format!(
@@ -137,15 +129,11 @@ fn bearer_token_from_identity_token() {
 /// (alice/secret, which the config gives it) and redirects blob GETs to `storage`. Returns
 /// the registry and the pull's output.
 fn pull_redirected(tmp: &Path, img: &TestImage, storage: &Fake) -> (Fake, Output) {
-    let registry = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            basic: Some(("alice".into(), "secret".into())),
-            redirect_blobs_to: Some(storage.url()),
-            ..Default::default()
-        },
-    );
+    let registry = img.fake(FakeOptions {
+        basic: Some(("alice".into(), "secret".into())),
+        redirect_blobs_to: Some(storage.url()),
+        ..Default::default()
+    });
     let cfg = write_config(
         tmp,
         &format!(
@@ -197,14 +185,10 @@ fn server_errors_are_retried_once_on_the_last_attempt_only() {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1", 1, 16 * 1024);
     let run = |fail_first: usize| {
-        let fake = Fake::start(
-            "127.0.0.1",
-            &img.layout,
-            FakeOptions {
-                fail_first,
-                ..Default::default()
-            },
-        );
+        let fake = img.fake(FakeOptions {
+            fail_first,
+            ..Default::default()
+        });
         let out = tmp.path().join(format!("out{fail_first}"));
         let o = pull(None, &format!("{}/library/flaky:1", fake.addr), &out, &[]);
         (o, fake.seen())
@@ -228,15 +212,11 @@ fn server_errors_are_retried_once_on_the_last_attempt_only() {
 fn credentials_not_sent_to_a_token_service_named_by_a_redirect_target() {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1", 1, 16 * 1024);
-    let tokens = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            token_scope: Some("repository:library/redirected:pull".into()),
-            token_basic: Some(("alice".into(), "secret".into())),
-            ..Default::default()
-        },
-    );
+    let tokens = img.fake(FakeOptions {
+        token_scope: Some("repository:library/redirected:pull".into()),
+        token_basic: Some(("alice".into(), "secret".into())),
+        ..Default::default()
+    });
     let storage = Fake::start(
         "127.0.0.2",
         &img.layout,

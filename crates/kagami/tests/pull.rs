@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::fake_registry::{Fake, FakeOptions};
+use crate::fake_registry::FakeOptions;
 use crate::support::{self, Registry, RegistryOptions, build_image, kagami, skopeo_digest};
 
 /// A registries.yaml in `dir`.
@@ -351,14 +351,10 @@ fn pull_falls_back_past_dead_missing_and_corrupt_endpoints() {
     img.push(&src);
     let want = skopeo_digest(&src);
     // The fake serves the same layout, with every blob corrupted.
-    let corrupt = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            corrupt_blobs: true,
-            ..Default::default()
-        },
-    );
+    let corrupt = img.fake(FakeOptions {
+        corrupt_blobs: true,
+        ..Default::default()
+    });
     let dead = support::free_port();
     let cfg = write_config(
         tmp.path(),
@@ -506,15 +502,11 @@ fn pull_selects_a_platform_or_keeps_all() {
 fn pull_resumes_a_broken_download_on_the_next_endpoint_with_range() {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1", 1, 512 * 1024);
-    let broken = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            truncate_blobs: true,
-            ..Default::default()
-        },
-    );
-    let good = Fake::start("127.0.0.1", &img.layout, FakeOptions::default());
+    let broken = img.fake(FakeOptions {
+        truncate_blobs: true,
+        ..Default::default()
+    });
+    let good = img.fake(FakeOptions::default());
     let cfg = write_config(
         tmp.path(),
         &format!(
