@@ -3,7 +3,7 @@
 //! and credentials never sent across a redirect to another host.
 
 use crate::fake_registry::{Fake, FakeOptions};
-use crate::pull::{check_layout, ok, pull, write_config};
+use crate::pull::{REWRITTEN, digest_of, ok, pull, pull_expecting, write_config};
 use std::path::Path;
 use std::process::Output;
 
@@ -31,26 +31,13 @@ fn token_pull(auth_yaml: &str, token: FakeOptions) -> (Fake, Fake) {
         )
         .replace("REGISTRY", &registry.addr.to_string()),
     );
-    let out = tmp.path().join("out");
-    let summary = ok(&pull(
-        Some(&cfg),
-        "registry.example.test/rancher/busybox:1.35",
-        &out,
-        &[],
-    ));
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(img.layout.join("index.json")).unwrap()).unwrap();
-    let want = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "1.35")
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(summary.contains(&format!("digest {want}")), "{summary}");
-    check_layout(&out, "1.35", &want);
+    let want = digest_of(&index, |m| {
+        m["annotations"]["org.opencontainers.image.ref.name"] == "1.35"
+    });
+    let out = tmp.path().join("out");
+    pull_expecting(Some(&cfg), REWRITTEN, &out, "1.35", &want);
     (tokens, registry)
 }
 

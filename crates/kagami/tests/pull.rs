@@ -52,6 +52,37 @@ pub fn failed(out: &Output) -> String {
     String::from_utf8(out.stderr.clone()).unwrap()
 }
 
+/// Pulls `image` into `out` (as [`pull`], no extra arguments), which must succeed with the
+/// manifest digest `want` and leave a layout tagged `tag`; returns the summary.
+pub fn pull_expecting(
+    config: Option<&Path>,
+    image: &str,
+    out: &Path,
+    tag: &str,
+    want: &str,
+) -> String {
+    let summary = ok(&pull(config, image, out, &[]));
+    assert!(summary.contains(&format!("digest {want}")), "{summary}");
+    check_layout(out, tag, want);
+    summary
+}
+
+/// The image the rewrite tests pull: `rancher/` is rewritten to `production/` upstream.
+pub const REWRITTEN: &str = "registry.example.test/rancher/busybox:1.35";
+
+/// The digest of the first entry of an index's `manifests` that `pred` accepts.
+pub fn digest_of(index: &serde_json::Value, pred: impl Fn(&serde_json::Value) -> bool) -> String {
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| pred(m))
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Checks an OCI layout: `tag` names `digest` in index.json, and every blob file hashes
 /// to its name. Returns index.json's entry.
 pub fn check_layout(dir: &Path, tag: &str, digest: &str) -> serde_json::Value {
@@ -261,9 +292,7 @@ fn pull_over_tls_with_ca_file() {
             pki.ca.display()
         ),
     );
-    let summary = ok(&pull(Some(&cfg), image, &out, &[]));
-    assert!(summary.contains(&format!("digest {want}")), "{summary}");
-    check_layout(&out, "1", &want);
+    pull_expecting(Some(&cfg), image, &out, "1", &want);
 }
 
 #[test]
@@ -297,9 +326,7 @@ fn pull_over_mtls_with_client_certificate() {
             pki.client_key.display()
         ),
     );
-    let summary = ok(&pull(Some(&cfg), image, &out, &[]));
-    assert!(summary.contains(&format!("digest {want}")), "{summary}");
-    check_layout(&out, "1", &want);
+    pull_expecting(Some(&cfg), image, &out, "1", &want);
 }
 
 #[test]
@@ -318,14 +345,7 @@ fn pull_rewritten_to_another_repository_layout() {
         ),
     );
     let out = tmp.path().join("out");
-    let summary = ok(&pull(
-        Some(&cfg),
-        "registry.example.test/rancher/busybox:1.35",
-        &out,
-        &[],
-    ));
-    assert!(summary.contains(&format!("digest {want}")), "{summary}");
-    check_layout(&out, "1.35", &want);
+    pull_expecting(Some(&cfg), REWRITTEN, &out, "1.35", &want);
     // The mirror saw the rewritten path and the original registry in ?ns=.
     let log = reg.access_log();
     assert!(
@@ -463,15 +483,7 @@ fn pull_selects_a_platform_or_keeps_all() {
         .unwrap(),
     )
     .unwrap();
-    let arm = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["platform"]["architecture"] == "arm64")
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let arm = digest_of(&index, |m| m["platform"]["architecture"] == "arm64");
     assert_ne!(arm, index_digest);
 
     let out = tmp.path().join("arm");
