@@ -216,6 +216,17 @@ mod tests {
         doc
     }
 
+    /// The `[[registry.mirror]]` tables of the first `[[registry]]`.
+    fn first_mirrors(doc: &toml_edit::DocumentMut) -> &toml_edit::ArrayOfTables {
+        doc["registry"]
+            .as_array_of_tables()
+            .unwrap()
+            .get(0)
+            .unwrap()["mirror"]
+            .as_array_of_tables()
+            .unwrap()
+    }
+
     #[test]
     fn every_name_form() {
         let yaml = r#"
@@ -257,13 +268,7 @@ configs:
 "#;
         let text = render(&config(yaml), &kagami()).unwrap();
         let doc = check_toml(&text);
-        let mirrors = doc["registry"]
-            .as_array_of_tables()
-            .unwrap()
-            .get(0)
-            .unwrap()["mirror"]
-            .as_array_of_tables()
-            .unwrap()
+        let mirrors = first_mirrors(&doc)
             .iter()
             .map(|m| {
                 (
@@ -293,16 +298,7 @@ configs:
         let c = config("mirrors:\n  quay.io:\n");
         let text = render(&c, &Endpoint::parse("https://kagami.local:5443").unwrap()).unwrap();
         let doc = check_toml(&text);
-        let m = &doc["registry"]
-            .as_array_of_tables()
-            .unwrap()
-            .get(0)
-            .unwrap()["mirror"]
-            .as_array_of_tables()
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .clone();
+        let m = first_mirrors(&doc).get(0).unwrap();
         assert_eq!(m["location"].as_str(), Some("kagami.local:5443/quay.io"));
         assert!(m.get("insecure").is_none());
         let e = render(&c, &Endpoint::parse("http://127.0.0.1:5000/v2/x").unwrap()).unwrap_err();

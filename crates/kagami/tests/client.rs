@@ -3,8 +3,11 @@
 //! and credentials never sent across a redirect to another host.
 
 use crate::fake_registry::{Fake, FakeOptions};
-use crate::pull::{check_layout, ok, pull, write_config};
-use crate::support::build_image;
+use crate::pull::{REWRITTEN, digest_of, ok, pull, pull_expecting, write_config};
+use std::path::Path;
+use std::process::Output;
+
+use crate::support::{TestImage, build_image};
 
 /// The scope the registry sees: override path prefix + rewritten repository.
 const SCOPE: &str = "repository:prefix/production/busybox:pull";
@@ -12,22 +15,14 @@ const SCOPE: &str = "repository:prefix/production/busybox:pull";
 fn token_pull(auth_yaml: &str, token: FakeOptions) -> (Fake, Fake) {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1.35", 2, 64 * 1024);
-    let tokens = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            token_scope: Some(SCOPE.into()),
-            ..token
-        },
-    );
-    let registry = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            bearer_realm: Some(format!("{}/token", tokens.url())),
-            ..Default::default()
-        },
-    );
+    let tokens = img.fake(FakeOptions {
+        token_scope: Some(SCOPE.into()),
+        ..token
+    });
+    let registry = img.fake(FakeOptions {
+        bearer_realm: Some(format!("{}/token", tokens.url())),
+        ..Default::default()
+    });
     let cfg = write_config(
         tmp.path(),
         &format!(
@@ -36,26 +31,13 @@ fn token_pull(auth_yaml: &str, token: FakeOptions) -> (Fake, Fake) {
         )
         .replace("REGISTRY", &registry.addr.to_string()),
     );
-    let out = tmp.path().join("out");
-    let summary = ok(&pull(
-        Some(&cfg),
-        "registry.example.test/rancher/busybox:1.35",
-        &out,
-        &[],
-    ));
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(img.layout.join("index.json")).unwrap()).unwrap();
-    let want = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "1.35")
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(summary.contains(&format!("digest {want}")), "{summary}");
-    check_layout(&out, "1.35", &want);
+    let want = digest_of(&index, |m| {
+        m["annotations"]["org.opencontainers.image.ref.name"] == "1.35"
+    });
+    let out = tmp.path().join("out");
+    pull_expecting(Some(&cfg), REWRITTEN, &out, "1.35", &want);
     (tokens, registry)
 }
 
@@ -130,35 +112,39 @@ fn bearer_token_from_identity_token() {
     check_token_traffic(&tokens, &registry, Some("refresh_token"));
 }
 
+/// Pulls `library/redirected:1` from a registry on 127.0.0.1 that wants Basic auth
+/// (alice/secret, which the config gives it) and redirects blob GETs to `storage`. Returns
+/// the registry and the pull's output.
+fn pull_redirected(tmp: &Path, img: &TestImage, storage: &Fake) -> (Fake, Output) {
+    let registry = img.fake(FakeOptions {
+        basic: Some(("alice".into(), "secret".into())),
+        redirect_blobs_to: Some(storage.url()),
+        ..Default::default()
+    });
+    let cfg = write_config(
+        tmp,
+        &format!(
+            "configs:\n  \"{}\":\n    auth:\n      username: alice\n      password: secret\n",
+            registry.addr
+        ),
+    );
+    let o = pull(
+        Some(&cfg),
+        &format!("{}/library/redirected:1", registry.addr),
+        &tmp.join("out"),
+        &[],
+    );
+    (registry, o)
+}
+
 #[test]
 fn credentials_not_sent_across_redirect_to_another_host() {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1", 1, 64 * 1024);
     // Blob storage on another loopback address records what it receives.
     let storage = Fake::start("127.0.0.2", &img.layout, FakeOptions::default());
-    let registry = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            basic: Some(("alice".into(), "secret".into())),
-            redirect_blobs_to: Some(storage.url()),
-            ..Default::default()
-        },
-    );
-    let cfg = write_config(
-        tmp.path(),
-        &format!(
-            "configs:\n  \"{}\":\n    auth:\n      username: alice\n      password: secret\n",
-            registry.addr
-        ),
-    );
-    let out = tmp.path().join("out");
-    let summary = ok(&pull(
-        Some(&cfg),
-        &format!("{}/library/redirected:1", registry.addr),
-        &out,
-        &[],
-    ));
+    let (registry, o) = pull_redirected(tmp.path(), &img, &storage);
+    let summary = ok(&o);
     assert!(
         summary.contains("2 fetched") || summary.contains("3 fetched"),
         "{summary}"
@@ -186,14 +172,10 @@ fn server_errors_are_retried_once_on_the_last_attempt_only() {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1", 1, 16 * 1024);
     let run = |fail_first: usize| {
-        let fake = Fake::start(
-            "127.0.0.1",
-            &img.layout,
-            FakeOptions {
-                fail_first,
-                ..Default::default()
-            },
-        );
+        let fake = img.fake(FakeOptions {
+            fail_first,
+            ..Default::default()
+        });
         let out = tmp.path().join(format!("out{fail_first}"));
         let o = pull(None, &format!("{}/library/flaky:1", fake.addr), &out, &[]);
         (o, fake.seen())
@@ -217,15 +199,11 @@ fn server_errors_are_retried_once_on_the_last_attempt_only() {
 fn credentials_not_sent_to_a_token_service_named_by_a_redirect_target() {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1", 1, 16 * 1024);
-    let tokens = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            token_scope: Some("repository:library/redirected:pull".into()),
-            token_basic: Some(("alice".into(), "secret".into())),
-            ..Default::default()
-        },
-    );
+    let tokens = img.fake(FakeOptions {
+        token_scope: Some("repository:library/redirected:pull".into()),
+        token_basic: Some(("alice".into(), "secret".into())),
+        ..Default::default()
+    });
     let storage = Fake::start(
         "127.0.0.2",
         &img.layout,
@@ -234,29 +212,7 @@ fn credentials_not_sent_to_a_token_service_named_by_a_redirect_target() {
             ..Default::default()
         },
     );
-    let registry = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            basic: Some(("alice".into(), "secret".into())),
-            redirect_blobs_to: Some(storage.url()),
-            ..Default::default()
-        },
-    );
-    let cfg = write_config(
-        tmp.path(),
-        &format!(
-            "configs:\n  \"{}\":\n    auth:\n      username: alice\n      password: secret\n",
-            registry.addr
-        ),
-    );
-    let out = tmp.path().join("out");
-    let o = pull(
-        Some(&cfg),
-        &format!("{}/library/redirected:1", registry.addr),
-        &out,
-        &[],
-    );
+    let (_registry, o) = pull_redirected(tmp.path(), &img, &storage);
     let err = crate::pull::failed(&o);
     assert!(err.contains("HTTP 401"), "{err}");
     assert!(

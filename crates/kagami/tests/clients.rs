@@ -231,6 +231,19 @@ fn podman_case(dir: &Path, origin: &Registry, case: PodmanCase) -> (Kagami, Stri
 
 const NO_SEARCH: &str = "unqualified-search-registries = []\n";
 
+/// The first `[[registry]]` table of a rendered registries.conf drop-in.
+fn first_registry(rendered: &str) -> toml_edit::Table {
+    let doc: toml_edit::DocumentMut = rendered
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}\n{rendered}"));
+    doc["registry"]
+        .as_array_of_tables()
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .clone()
+}
+
 /// A registry with a port: `127.0.0.1:PORT/team/app:1`, which containers/image reaches at
 /// kagami as `127.0.0.1:KAGAMI/127.0.0.1_PORT/team/app`.
 #[test]
@@ -254,12 +267,7 @@ fn podman_pulls_a_registry_with_a_port_through_kagami() {
     );
     // The origin's own endpoint is the registry itself (its `location`, insecure), not a
     // mirror.
-    let doc: toml_edit::DocumentMut = rendered.parse().unwrap();
-    let reg = doc["registry"]
-        .as_array_of_tables()
-        .unwrap()
-        .get(0)
-        .unwrap();
+    let reg = first_registry(&rendered);
     assert_eq!(reg["location"].as_str(), Some(o.as_str()));
     assert_eq!(reg["insecure"].as_bool(), Some(true));
     assert_eq!(reg["mirror"].as_array_of_tables().unwrap().len(), 1);
@@ -314,12 +322,7 @@ fn podman_pulls_through_a_kagami_rewrite() {
     // Nobody asked the origin for the unrewritten name.
     let lines = origin_lines(&origin, mark);
     assert!(!lines.iter().any(|l| l.contains("/v2/team/")), "{lines:#?}");
-    let doc: toml_edit::DocumentMut = rendered.parse().unwrap();
-    let reg = doc["registry"]
-        .as_array_of_tables()
-        .unwrap()
-        .get(0)
-        .unwrap();
+    let reg = first_registry(&rendered);
     let mirrors = reg["mirror"].as_array_of_tables().unwrap();
     assert_eq!(mirrors.len(), 1, "{rendered}");
     assert!(

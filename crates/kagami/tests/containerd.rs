@@ -3,23 +3,25 @@
 
 use crate::support::{Containerd, Registry, build_image, example, kagami, pki, run};
 
-/// Renders `yaml` into a fresh hosts dir and returns every file as
-/// "== <dir>/hosts.toml\n<contents>", with the temp dir replaced by `<dir>`.
-fn render(yaml: &str, extra: &[&str]) -> String {
+/// A fresh temp dir holding test certificates under `certs/` and `yaml` as
+/// `registries.yaml`, and a `kagami containerd-config --config registries.yaml` command run
+/// in it, for the caller to add the output flags to.
+fn containerd_config(yaml: &str) -> (tempfile::TempDir, std::process::Command) {
     let dir = tempfile::tempdir().unwrap();
     pki::generate(&dir.path().join("certs"));
     std::fs::write(dir.path().join("registries.yaml"), yaml).unwrap();
+    let mut cmd = kagami();
+    cmd.current_dir(dir.path())
+        .args(["containerd-config", "--config", "registries.yaml"]);
+    (dir, cmd)
+}
+
+/// Renders `yaml` into a fresh hosts dir and returns every file as
+/// "== <dir>/hosts.toml\n<contents>", with the temp dir replaced by `<dir>`.
+fn render(yaml: &str, extra: &[&str]) -> String {
+    let (dir, mut cmd) = containerd_config(yaml);
     let hosts = dir.path().join("certs.d");
-    run(kagami()
-        .current_dir(dir.path())
-        .args([
-            "containerd-config",
-            "--config",
-            "registries.yaml",
-            "--hosts-dir",
-        ])
-        .arg(&hosts)
-        .args(extra));
+    run(cmd.arg("--hosts-dir").arg(&hosts).args(extra));
     let mut names: Vec<_> = std::fs::read_dir(&hosts)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -239,19 +241,9 @@ fn real_containerd_pulls_through_rendered_hosts_toml() {
 /// Renders `--containerd-config-out` with `--legacy-mirrors` (no hosts dir) for `yaml`;
 /// the output must be valid TOML.
 fn render_legacy(yaml: &str, extra: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    pki::generate(&dir.path().join("certs"));
-    std::fs::write(dir.path().join("registries.yaml"), yaml).unwrap();
-    run(kagami()
-        .current_dir(dir.path())
-        .args([
-            "containerd-config",
-            "--config",
-            "registries.yaml",
-            "--containerd-config-out",
-            "config.toml",
-            "--legacy-mirrors",
-        ])
+    let (dir, mut cmd) = containerd_config(yaml);
+    run(cmd
+        .args(["--containerd-config-out", "config.toml", "--legacy-mirrors"])
         .args(extra));
     assert!(!dir.path().join("certs.d").exists());
     let text = std::fs::read_to_string(dir.path().join("config.toml")).unwrap();

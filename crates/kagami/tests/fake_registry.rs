@@ -57,6 +57,13 @@ struct State {
     seen: Mutex<Vec<Seen>>,
 }
 
+impl crate::support::TestImage {
+    /// A fake on 127.0.0.1 serving this image's layout.
+    pub fn fake(&self, opts: FakeOptions) -> Fake {
+        Fake::start("127.0.0.1", &self.layout, opts)
+    }
+}
+
 /// A running fake; stopped when dropped.
 pub struct Fake {
     pub addr: SocketAddr,

@@ -28,6 +28,21 @@ fn copy(src: &str, dest: &std::path::Path, logs: &[&Node]) {
     );
 }
 
+/// Node A (the first of its network) on 127.0.0.2 under `dir/a`, sharing the content of the
+/// containerd at `socket`.
+fn node_a_on_containerd(dir: &std::path::Path, socket: &std::path::Path) -> Node {
+    Node::start_with(
+        &dir.join("a"),
+        "127.0.0.2",
+        None,
+        &[
+            "--containerd-content",
+            "--containerd-address",
+            socket.to_str().unwrap(),
+        ],
+    )
+}
+
 #[test]
 fn containerd_images_are_shared_with_nodes_that_reach_no_registry() {
     let dir = tempfile::tempdir().unwrap();
@@ -56,16 +71,7 @@ fn containerd_images_are_shared_with_nodes_that_reach_no_registry() {
     ctr(&["-n", "k8s.io", "images", "import", tar.to_str().unwrap()]);
     let digest = containerd_digest(&containerd, "k8s.io", NAME);
 
-    let a = Node::start_with(
-        &dir.path().join("a"),
-        "127.0.0.2",
-        None,
-        &[
-            "--containerd-content",
-            "--containerd-address",
-            containerd.socket.to_str().unwrap(),
-        ],
-    );
+    let a = node_a_on_containerd(dir.path(), &containerd.socket);
     // A scans containerd: the manifest, the config and two layers, and the tag.
     eventually_sync(
         Duration::from_secs(20),
@@ -163,16 +169,7 @@ fn containerd_flags_need_p2p_and_an_absent_containerd_is_not_fatal() {
     assert!(stderr.contains("needs --p2p-listen"), "{stderr}");
 
     let socket = dir.path().join("no-containerd.sock");
-    let a = Node::start_with(
-        &dir.path().join("a"),
-        "127.0.0.2",
-        None,
-        &[
-            "--containerd-content",
-            "--containerd-address",
-            socket.to_str().unwrap(),
-        ],
-    );
+    let a = node_a_on_containerd(dir.path(), &socket);
     assert_eq!(http_get(&a.api, "/healthz").0, 200);
     eventually_sync(Duration::from_secs(10), "an error reported", || {
         let c = a.p2p_status()["containerd"].clone();

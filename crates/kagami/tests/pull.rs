@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::fake_registry::{Fake, FakeOptions};
+use crate::fake_registry::FakeOptions;
 use crate::support::{self, Registry, RegistryOptions, build_image, kagami, skopeo_digest};
 
 /// A registries.yaml in `dir`.
@@ -50,6 +50,37 @@ pub fn failed(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// Pulls `image` into `out` (as [`pull`], no extra arguments), which must succeed with the
+/// manifest digest `want` and leave a layout tagged `tag`; returns the summary.
+pub fn pull_expecting(
+    config: Option<&Path>,
+    image: &str,
+    out: &Path,
+    tag: &str,
+    want: &str,
+) -> String {
+    let summary = ok(&pull(config, image, out, &[]));
+    assert!(summary.contains(&format!("digest {want}")), "{summary}");
+    check_layout(out, tag, want);
+    summary
+}
+
+/// The image the rewrite tests pull: `rancher/` is rewritten to `production/` upstream.
+pub const REWRITTEN: &str = "registry.example.test/rancher/busybox:1.35";
+
+/// The digest of the first entry of an index's `manifests` that `pred` accepts.
+pub fn digest_of(index: &serde_json::Value, pred: impl Fn(&serde_json::Value) -> bool) -> String {
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| pred(m))
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Checks an OCI layout: `tag` names `digest` in index.json, and every blob file hashes
@@ -261,9 +292,7 @@ fn pull_over_tls_with_ca_file() {
             pki.ca.display()
         ),
     );
-    let summary = ok(&pull(Some(&cfg), image, &out, &[]));
-    assert!(summary.contains(&format!("digest {want}")), "{summary}");
-    check_layout(&out, "1", &want);
+    pull_expecting(Some(&cfg), image, &out, "1", &want);
 }
 
 #[test]
@@ -297,9 +326,7 @@ fn pull_over_mtls_with_client_certificate() {
             pki.client_key.display()
         ),
     );
-    let summary = ok(&pull(Some(&cfg), image, &out, &[]));
-    assert!(summary.contains(&format!("digest {want}")), "{summary}");
-    check_layout(&out, "1", &want);
+    pull_expecting(Some(&cfg), image, &out, "1", &want);
 }
 
 #[test]
@@ -318,14 +345,7 @@ fn pull_rewritten_to_another_repository_layout() {
         ),
     );
     let out = tmp.path().join("out");
-    let summary = ok(&pull(
-        Some(&cfg),
-        "registry.example.test/rancher/busybox:1.35",
-        &out,
-        &[],
-    ));
-    assert!(summary.contains(&format!("digest {want}")), "{summary}");
-    check_layout(&out, "1.35", &want);
+    pull_expecting(Some(&cfg), REWRITTEN, &out, "1.35", &want);
     // The mirror saw the rewritten path and the original registry in ?ns=.
     let log = reg.access_log();
     assert!(
@@ -351,14 +371,10 @@ fn pull_falls_back_past_dead_missing_and_corrupt_endpoints() {
     img.push(&src);
     let want = skopeo_digest(&src);
     // The fake serves the same layout, with every blob corrupted.
-    let corrupt = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            corrupt_blobs: true,
-            ..Default::default()
-        },
-    );
+    let corrupt = img.fake(FakeOptions {
+        corrupt_blobs: true,
+        ..Default::default()
+    });
     let dead = support::free_port();
     let cfg = write_config(
         tmp.path(),
@@ -467,15 +483,7 @@ fn pull_selects_a_platform_or_keeps_all() {
         .unwrap(),
     )
     .unwrap();
-    let arm = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["platform"]["architecture"] == "arm64")
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let arm = digest_of(&index, |m| m["platform"]["architecture"] == "arm64");
     assert_ne!(arm, index_digest);
 
     let out = tmp.path().join("arm");
@@ -506,15 +514,11 @@ fn pull_selects_a_platform_or_keeps_all() {
 fn pull_resumes_a_broken_download_on_the_next_endpoint_with_range() {
     let tmp = tempfile::tempdir().unwrap();
     let img = build_image(&tmp.path().join("img"), "1", 1, 512 * 1024);
-    let broken = Fake::start(
-        "127.0.0.1",
-        &img.layout,
-        FakeOptions {
-            truncate_blobs: true,
-            ..Default::default()
-        },
-    );
-    let good = Fake::start("127.0.0.1", &img.layout, FakeOptions::default());
+    let broken = img.fake(FakeOptions {
+        truncate_blobs: true,
+        ..Default::default()
+    });
+    let good = img.fake(FakeOptions::default());
     let cfg = write_config(
         tmp.path(),
         &format!(

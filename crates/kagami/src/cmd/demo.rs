@@ -222,12 +222,18 @@ async fn demo(args: &Args, dir: &Path) -> anyhow::Result<(ExitCode, Vec<SocketAd
         .iter()
         .map(|n| (n.p2p.info.peer_id.clone(), n.n))
         .collect();
+    let with = Puller {
+        image: &image,
+        registry: &registry,
+        http: &http,
+        ids: &ids,
+    };
     let mut pulls = Vec::new();
     for node in &nodes {
         if node.n > 1 {
             wait_for_providers(node, &image).await?;
         }
-        let pull = pull_with_retries(node, &image, &registry, &http, &ids)
+        let pull = pull_with_retries(node, with)
             .await
             .with_context(|| format!("pulling {name} on node {}", node.n))?;
         pulls.push(pull);
@@ -482,16 +488,20 @@ async fn wait_for_providers(node: &Node, image: &Image) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pull_with_retries(
-    node: &Node,
-    image: &Image,
-    registry: &Registry,
-    http: &reqwest::Client,
-    ids: &HashMap<String, usize>,
-) -> anyhow::Result<Pull> {
+/// What every pull of the demo shares: the image expected, the registry that counts the
+/// requests, the HTTP client, and the node numbers by peer id.
+#[derive(Clone, Copy)]
+struct Puller<'a> {
+    image: &'a Image,
+    registry: &'a Registry,
+    http: &'a reqwest::Client,
+    ids: &'a HashMap<String, usize>,
+}
+
+async fn pull_with_retries(node: &Node, with: Puller<'_>) -> anyhow::Result<Pull> {
     let mut last = None;
     for _ in 0..5 {
-        match pull(node, image, registry, http, ids).await {
+        match pull(node, with).await {
             Ok(p) => return Ok(p),
             Err(e) => {
                 tracing::warn!(node = node.n, error = %format!("{e:#}"), "pull failed; retrying");
@@ -505,13 +515,13 @@ async fn pull_with_retries(
 
 /// Pulls the image through `node`'s API like a client would (manifest by tag, then each
 /// blob), verifying every digest, and finds where each object came from.
-async fn pull(
-    node: &Node,
-    image: &Image,
-    registry: &Registry,
-    http: &reqwest::Client,
-    ids: &HashMap<String, usize>,
-) -> anyhow::Result<Pull> {
+async fn pull(node: &Node, with: Puller<'_>) -> anyhow::Result<Pull> {
+    let Puller {
+        image,
+        registry,
+        http,
+        ids,
+    } = with;
     let start = Instant::now();
     let base = format!("http://{}/v2/{DEMO_REPOSITORY}", node.api);
     let ns = format!("?ns={DEMO_REGISTRY}");
