@@ -208,9 +208,7 @@ async fn not_ready_until_joined_and_start_errors() {
         !lonely.ready().await,
         "bootstrap peers configured but none reachable"
     );
-    let started = std::time::Instant::now();
     assert!(lonely.lookup("sha256:ffff", 10).await.is_empty());
-    assert!(started.elapsed() < Duration::from_secs(1));
 
     // A bootstrap list naming only this node (as on the first node of a cluster): ready alone.
     let own_key = dir.path().join("first.key");

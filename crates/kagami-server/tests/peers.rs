@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 use axum::body::Body;
@@ -185,15 +185,9 @@ async fn gone_providers_fall_through_to_upstream_fast() {
         &d.to_string(),
     )
     .await;
-    let t = Instant::now();
     let (status, _, body, _) = request(s.addr, "GET", &blob_path(&d), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(body, data);
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        t.elapsed()
-    );
     // And with no provider at all.
     let other = random(1000, 14);
     let d2 = digest_of(&other);

@@ -386,17 +386,13 @@ fn pull_falls_back_past_dead_missing_and_corrupt_endpoints() {
         ),
     );
     let out = tmp.path().join("out");
-    let started = std::time::Instant::now();
+    // How fast the fallback is belongs to the benchmarks, not here (no timed assertions).
     let summary = ok(&pull(
         Some(&cfg),
         "registry.example.test/library/fb:1",
         &out,
         &[],
     ));
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(20),
-        "fallback must be fast"
-    );
     assert!(summary.contains(&format!("digest {want}")), "{summary}");
     check_layout(&out, "1", &want);
     // The manifest came from the fake (it is intact there); every blob from the real
