@@ -62,12 +62,22 @@ pub trait Upstream: Send + Sync + 'static {
         reference: &'a str,
     ) -> BoxFuture<'a, Result<FetchedManifest, UpstreamError>>;
 
-    /// HEAD a manifest by tag through the plan (tag revalidation).
+    /// HEAD a manifest by tag through the plan (tag revalidation). Upstreams that have no
+    /// cheaper way keep this default: the manifest itself, its body dropped.
     fn head_manifest<'a>(
         &'a self,
         plan: &'a Plan,
         tag: &'a str,
-    ) -> BoxFuture<'a, Result<ManifestHead, UpstreamError>>;
+    ) -> BoxFuture<'a, Result<ManifestHead, UpstreamError>> {
+        Box::pin(async move {
+            let m = self.manifest(plan, tag).await?;
+            Ok(ManifestHead {
+                digest: m.digest,
+                media_type: m.media_type,
+                source: m.source,
+            })
+        })
+    }
 
     /// One page of the repository's tag list (`n` tags at most, after `last`), from the
     /// first endpoint that answers. Upstreams that cannot list tags keep this default.

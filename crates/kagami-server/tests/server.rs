@@ -402,8 +402,7 @@ mod bounds {
     use futures_util::{FutureExt, StreamExt};
     use kagami_config::{Digest, Plan};
     use kagami_server::{
-        BlobBody, BlobHead, FetchLimits, FetchedManifest, ManifestHead, ServerOptions, Upstream,
-        UpstreamError,
+        BlobBody, BlobHead, FetchLimits, FetchedManifest, ServerOptions, Upstream, UpstreamError,
     };
 
     use crate::common::{Server, digest_of, request, serve};
@@ -530,22 +529,6 @@ mod bounds {
             reference: &'a str,
         ) -> BoxFuture<'a, Result<FetchedManifest, UpstreamError>> {
             self.manifest_call(reference).boxed()
-        }
-
-        fn head_manifest<'a>(
-            &'a self,
-            _plan: &'a Plan,
-            tag: &'a str,
-        ) -> BoxFuture<'a, Result<ManifestHead, UpstreamError>> {
-            async move {
-                let m = self.manifest_call(tag).await?;
-                Ok(ManifestHead {
-                    digest: m.digest,
-                    media_type: m.media_type,
-                    source: "scripted".into(),
-                })
-            }
-            .boxed()
         }
 
         fn head_blob<'a>(

@@ -23,8 +23,8 @@ use futures_util::{FutureExt, StreamExt};
 use kagami_config::{Config, Digest, Plan};
 use kagami_p2p::{MemoryNetwork, MemoryRouter, Router};
 use kagami_server::{
-    AppState, BlobBody, FetchLimits, FetchedManifest, ManifestHead, NodeInfo, Peers, ServerOptions,
-    Upstream, UpstreamError, peer_router, router,
+    AppState, BlobBody, FetchLimits, FetchedManifest, NodeInfo, Peers, ServerOptions, Upstream,
+    UpstreamError, peer_router, router,
 };
 use kagami_store::{Store, StoreOptions};
 
@@ -113,22 +113,6 @@ impl Upstream for Script {
         reference: &'a str,
     ) -> BoxFuture<'a, Result<FetchedManifest, UpstreamError>> {
         self.find(reference).boxed()
-    }
-
-    fn head_manifest<'a>(
-        &'a self,
-        _plan: &'a Plan,
-        tag: &'a str,
-    ) -> BoxFuture<'a, Result<ManifestHead, UpstreamError>> {
-        async move {
-            let m = self.find(tag).await?;
-            Ok(ManifestHead {
-                digest: m.digest,
-                media_type: m.media_type,
-                source: "scripted".into(),
-            })
-        }
-        .boxed()
     }
 
     fn blob<'a>(
