@@ -141,12 +141,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     for (name, digest) in &listed {
         list.push_str(&format!("{name} {digest}\n"));
     }
-    add_bytes(
-        &mut tar,
-        "README.md",
-        readme(&kagami_names, &listed).as_bytes(),
-    )?;
-    add_bytes(&mut tar, "images.txt", list.as_bytes())?;
+    let readme = readme(&kagami_names, &listed);
+    add_bytes(&mut tar, &format!("{ROOT}/README.md"), readme.as_bytes())?;
+    add_bytes(&mut tar, &format!("{ROOT}/images.txt"), list.as_bytes())?;
     add_file(
         &mut tar,
         &format!("{ROOT}/images/kagami.tar"),
@@ -156,7 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     for (name, text) in DEPLOY {
         add_bytes(
             &mut tar,
-            &format!("deploy/kubernetes/{name}"),
+            &format!("{ROOT}/deploy/kubernetes/{name}"),
             text.as_bytes(),
         )?;
     }
@@ -259,8 +256,8 @@ fn add_bytes<W: std::io::Write>(
     bytes: &[u8],
 ) -> anyhow::Result<()> {
     let mut h = header(bytes.len() as u64);
-    tar.append_data(&mut h, format!("{ROOT}/{name}"), bytes)
-        .with_context(|| format!("cannot add {name} to the bundle"))
+    tar.append_data(&mut h, name, bytes)
+        .with_context(|| format!("cannot add {name} to the archive"))
 }
 
 /// Streams the file at `path` into the archive as `name`.

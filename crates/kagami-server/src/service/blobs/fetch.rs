@@ -356,14 +356,19 @@ pub(super) async fn run_fetch(
                     None => sources.open(offset, body.at).await,
                 }
             }
-            Pump::Abandoned => {
-                // A failed store write ends every follower, who then leave: that is the
-                // store failing, not a cancel. The writer's task says which it was.
+            // The store ended the write (a failed write ends every follower, who then
+            // leave): a store failure, not a cancel. While this fetch holds the writer,
+            // only the store can have failed it.
+            Pump::Abandoned if follow.failed() => {
                 let (writer, e) = sink.finish().await;
-                if let Some(e) = e {
-                    store_failed(svc, fetch, digest, writer, e);
-                    return;
-                }
+                let e = e.map_or_else(
+                    || "the store ended the write".to_string(),
+                    |e| e.to_string(),
+                );
+                store_failed(svc, fetch, digest, writer, e);
+                return;
+            }
+            Pump::Abandoned => {
                 tracing::info!(%digest, written = follow.written(), size, "no client follows this fetch any more and it is not worth finishing; cancelled");
                 svc.telemetry.metrics.fetches_cancelled.inc();
                 ended(fetch, "cancelled: no client followed it");
