@@ -15,6 +15,7 @@ use crate::service::Deps;
 use crate::service::blobs::Blobs;
 use crate::service::import::Importer;
 use crate::service::manifests::Manifests;
+use crate::service::referrers::Referrers;
 use crate::service::tags::Tags;
 use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
@@ -76,6 +77,7 @@ pub(crate) struct Services {
     pub blobs: Arc<Blobs>,
     pub manifests: Arc<Manifests>,
     pub tags: Tags,
+    pub referrers: Referrers,
     pub import: Importer,
 }
 
@@ -104,6 +106,7 @@ impl AppState {
             options.limits.revalidation_timeout,
         );
         let tags = Tags::new(&deps, options.tag_ttl);
+        let referrers = Referrers::new(&deps, manifests.clone(), options.tag_ttl);
         let import = Importer::new(&deps, config.clone(), admin.clone());
         AppState {
             inner: Arc::new(Inner {
@@ -121,6 +124,7 @@ impl AppState {
                     blobs,
                     manifests,
                     tags,
+                    referrers,
                     import,
                 },
             }),

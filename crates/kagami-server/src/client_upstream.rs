@@ -9,7 +9,9 @@ use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use kagami_client::{AttemptError, Client, ClientOptions, Error, OpenedBlob};
 use kagami_config::{Digest, Plan};
 
-use crate::upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};
+use crate::upstream::{
+    BlobBody, BlobHead, FetchedManifest, FetchedReferrers, ManifestHead, Upstream, UpstreamError,
+};
 
 pub struct ClientUpstream {
     client: Client,
@@ -159,6 +161,27 @@ impl Upstream for ClientUpstream {
                 digest: h.digest,
                 media_type: h.media_type,
                 source: h.endpoint,
+            })
+        }
+        .boxed()
+    }
+
+    fn referrers<'a>(
+        &'a self,
+        plan: &'a Plan,
+        subject: &'a Digest,
+    ) -> BoxFuture<'a, Result<FetchedReferrers, UpstreamError>> {
+        async move {
+            let r = self
+                .client
+                .referrers(plan, subject)
+                .await
+                .map_err(all_failed)?;
+            Ok(FetchedReferrers {
+                bytes: r.bytes,
+                digest: r.digest,
+                source: r.endpoint,
+                tag_schema: r.via == kagami_client::ReferrersVia::TagSchema,
             })
         }
         .boxed()

@@ -1,6 +1,7 @@
 //! Parsing OCI distribution pull requests, once, by hand (rather than one route per shape).
 //!
-//! `/v2/<name>/manifests/<reference>`, `/v2/<name>/blobs/<digest>`, `/v2/<name>/tags/list`.
+//! `/v2/<name>/manifests/<reference>`, `/v2/<name>/blobs/<digest>`, `/v2/<name>/tags/list`,
+//! `/v2/<name>/referrers/<digest>`.
 //! The query string is percent-decoded here and nowhere else ([`Query`]). The registry
 //! comes from `?ns=<registry>` (containerd) or, when absent, from the first path component
 //! when it looks like a registry name (`/v2/docker.io/library/alpine/...`, and
@@ -20,6 +21,8 @@ pub enum Target {
     Manifest(ManifestRef),
     Blob(Digest),
     TagsList,
+    /// The referrers of a manifest (OCI distribution spec 1.1), by the manifest's digest.
+    Referrers(Digest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +60,9 @@ impl OciPath {
     pub fn reference(&self) -> Reference {
         let (tag, digest) = match &self.target {
             Target::Manifest(ManifestRef::Tag(t)) => (Some(t.clone()), None),
-            Target::Manifest(ManifestRef::Digest(d)) | Target::Blob(d) => (None, Some(d.clone())),
+            Target::Manifest(ManifestRef::Digest(d)) | Target::Blob(d) | Target::Referrers(d) => {
+                (None, Some(d.clone()))
+            }
             Target::TagsList => (Some("latest".to_string()), None),
         };
         Reference {
@@ -248,6 +253,16 @@ fn split_target(rest: &str) -> Result<(&str, Target), ApiError> {
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Ok((name, Target::TagsList));
     }
+    // Before manifests: a tag or a digest has no '/', so `<name>/referrers/<digest>` with
+    // no '/' after it is never a manifest or blob path.
+    if let Some((name, digest)) = rest.rsplit_once("/referrers/")
+        && !digest.contains('/')
+    {
+        let d = digest
+            .parse()
+            .map_err(|e: kagami_config::ReferenceError| ApiError::digest_invalid(e.to_string()))?;
+        return Ok((name, Target::Referrers(d)));
+    }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         let r =
             if reference.contains(':') {
@@ -316,6 +331,24 @@ mod tests {
     fn repository_named_manifests() {
         let p = parse("docker.io/a/manifests/manifests/1", None, None).unwrap();
         assert_eq!(p.repository, "a/manifests");
+    }
+
+    #[test]
+    fn referrers_paths() {
+        let p = parse(&format!("team/app/referrers/{D}"), Some("quay.io"), None).unwrap();
+        assert_eq!(p.repository, "team/app");
+        assert_eq!(p.target, Target::Referrers(D.parse().unwrap()));
+        assert_eq!(p.reference().digest, Some(D.parse().unwrap()));
+        // A repository named `referrers`, and a tag after it, are manifest paths.
+        let p = parse("docker.io/a/referrers/manifests/1", None, None).unwrap();
+        assert_eq!(p.repository, "a/referrers");
+        assert_eq!(p.target, Target::Manifest(ManifestRef::Tag("1".into())));
+        assert_eq!(
+            parse("docker.io/a/referrers/sha256:xyz", None, None)
+                .unwrap_err()
+                .code,
+            "DIGEST_INVALID"
+        );
     }
 
     #[test]

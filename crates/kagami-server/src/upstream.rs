@@ -45,6 +45,18 @@ pub struct BlobHead {
     pub source: String,
 }
 
+/// A referrers list (an OCI image index, checked to be one), from the first endpoint that
+/// had one: its referrers API, or on a registry without it the tag-schema index.
+#[derive(Debug, Clone)]
+pub struct FetchedReferrers {
+    pub bytes: Bytes,
+    /// sha256 of `bytes`.
+    pub digest: Digest,
+    pub source: String,
+    /// True when it came from the referrers tag schema rather than the referrers API.
+    pub tag_schema: bool,
+}
+
 /// Why every attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -108,6 +120,22 @@ pub trait Upstream: Send + Sync + 'static {
             Ok(BlobHead {
                 size: b.size,
                 source: b.source,
+            })
+        })
+    }
+
+    /// The referrers of `subject` through the plan (`kagami_client::Client::referrers`).
+    /// `not_found` when no endpoint has any. Upstreams that cannot list referrers keep
+    /// this default: none.
+    fn referrers<'a>(
+        &'a self,
+        _plan: &'a Plan,
+        _subject: &'a Digest,
+    ) -> BoxFuture<'a, Result<FetchedReferrers, UpstreamError>> {
+        Box::pin(async {
+            Err(UpstreamError {
+                message: "this upstream does not list referrers".into(),
+                not_found: true,
             })
         })
     }

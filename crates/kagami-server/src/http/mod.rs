@@ -257,6 +257,17 @@ async fn route(
                 (reply::tags(&ctx.path, r), source)
             }),
         ),
+        Target::Referrers(d) => (
+            "referrers",
+            services
+                .referrers
+                .list(&ctx, d, query.get("artifactType"))
+                .await
+                .map(|r| {
+                    let source = r.source;
+                    (reply::referrers(r), source)
+                }),
+        ),
     }
 }
 

@@ -132,8 +132,9 @@ async fn handle(
             Err(not_here())
         }
         // Nodes resolve tags with manifest requests; no node asks a peer for a tag list.
-        Target::TagsList => Err(ApiError::not_found(
-            "the peer API serves blobs and manifests, not tag lists",
+        // Referrers travel as their tag-schema tag (`service::referrers`).
+        Target::TagsList | Target::Referrers(_) => Err(ApiError::not_found(
+            "the peer API serves blobs and manifests, not tag lists or referrers",
         )),
     }
 }

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::path::OciPath;
 use crate::service::error::ApiError;
-use crate::service::reply::{BlobReply, ManifestReply, Span, TagsReply};
+use crate::service::reply::{BlobReply, ManifestReply, ReferrersReply, Span, TagsReply};
 
 /// The OCI error envelope, with the request id when the request has one.
 impl IntoResponse for ApiError {
@@ -93,6 +93,21 @@ pub(crate) fn manifest(reply: ManifestReply) -> Response {
         "Docker-Content-Digest",
         HeaderValue::from_str(&reply.digest.to_string()).expect("ascii"),
     );
+    r
+}
+
+/// A referrers list: an OCI image index, saying when it was filtered by artifact type.
+pub(crate) fn referrers(reply: ReferrersReply) -> Response {
+    let mut r = Response::new(reply.body.map_or_else(Body::empty, Body::from));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(kagami_config::oci::OCI_INDEX),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.len));
+    if reply.filtered {
+        h.insert("OCI-Filters-Applied", HeaderValue::from_static("artifactType"));
+    }
     r
 }
 

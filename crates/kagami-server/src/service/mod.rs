@@ -19,6 +19,7 @@ pub mod blobs;
 pub mod error;
 pub(crate) mod import;
 pub(crate) mod manifests;
+pub(crate) mod referrers;
 pub(crate) mod reply;
 pub(crate) mod tags;
 

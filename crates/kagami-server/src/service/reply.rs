@@ -86,3 +86,14 @@ pub struct TagsReply {
     pub next: Option<(Option<u32>, String)>,
     pub source: Source,
 }
+
+/// A referrers list (an OCI image index), whole: at most 4 MiB.
+#[derive(Debug, Clone)]
+pub struct ReferrersReply {
+    /// The index; `None` for a HEAD.
+    pub body: Option<Bytes>,
+    pub len: u64,
+    /// Whether the `artifactType` filter was applied.
+    pub filtered: bool,
+    pub source: Source,
+}

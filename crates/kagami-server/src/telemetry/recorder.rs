@@ -207,7 +207,7 @@ impl Recorder {
             Target::Blob(d) => ("blob", d.to_string(), Some(d.to_string())),
             Target::Manifest(ManifestRef::Digest(d)) => ("manifest", d.to_string(), r.digest),
             Target::Manifest(ManifestRef::Tag(t)) => ("manifest", t.clone(), r.digest),
-            Target::TagsList => return,
+            Target::TagsList | Target::Referrers(_) => return,
         };
         self.push_pull(Pull {
             at: unix_millis(SystemTime::now()),
