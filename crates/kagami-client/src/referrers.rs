@@ -218,8 +218,14 @@ mod tests {
             .as_deref(),
             Some("http://r.example/v2/a/referrers/x?n=1&last=z")
         );
-        assert_eq!(next_link("http://r.example/v2/a", "<file:///x>; rel=\"next\""), None);
-        assert_eq!(next_link("http://r.example/v2/a", "</v2/b>; rel=\"prev\""), None);
+        assert_eq!(
+            next_link("http://r.example/v2/a", "<file:///x>; rel=\"next\""),
+            None
+        );
+        assert_eq!(
+            next_link("http://r.example/v2/a", "</v2/b>; rel=\"prev\""),
+            None
+        );
     }
 
     #[test]
@@ -229,15 +235,18 @@ mod tests {
             "digest": D, "size": 10, "artifactType": "application/x.sig"
         })]);
         assert_eq!(check_index(&idx).unwrap().len(), 1);
-        assert!(check_index(br#"{"schemaVersion":2,"manifests":[]}"#).unwrap().is_empty());
+        assert!(
+            check_index(br#"{"schemaVersion":2,"manifests":[]}"#)
+                .unwrap()
+                .is_empty()
+        );
         let manifest = format!(
             r#"{{"schemaVersion":2,"config":{{"mediaType":"c","digest":"{D}","size":1}},"layers":[]}}"#
         );
         assert!(check_index(manifest.as_bytes()).is_err());
         assert!(check_index(br#"{"schemaVersion":2,"manifests":[{"digest":"x"}]}"#).is_err());
         assert!(
-            check_index(br#"{"schemaVersion":2,"mediaType":"text/plain","manifests":[]}"#)
-                .is_err()
+            check_index(br#"{"schemaVersion":2,"mediaType":"text/plain","manifests":[]}"#).is_err()
         );
     }
 }

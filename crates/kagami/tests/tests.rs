@@ -19,6 +19,7 @@ mod name_forms;
 #[cfg(feature = "containerd")]
 mod p2p_containerd;
 mod pull;
+mod referrers;
 mod serve;
 mod status;
 mod sync;

@@ -106,7 +106,10 @@ pub(crate) fn referrers(reply: ReferrersReply) -> Response {
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.len));
     if reply.filtered {
-        h.insert("OCI-Filters-Applied", HeaderValue::from_static("artifactType"));
+        h.insert(
+            "OCI-Filters-Applied",
+            HeaderValue::from_static("artifactType"),
+        );
     }
     r
 }

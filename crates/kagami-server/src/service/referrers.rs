@@ -86,9 +86,7 @@ impl Referrers {
             .attempts
             .iter()
             .any(|a| matches!(a, Attempt::Endpoint(_)));
-        let cached = self
-            .store
-            .get_tag(&path.registry, &path.repository, &tag);
+        let cached = self.store.get_tag(&path.registry, &path.repository, &tag);
         if let Some(e) = &cached {
             let age = SystemTime::now()
                 .duration_since(e.fetched_at)
@@ -101,9 +99,10 @@ impl Referrers {
             }
         }
         if cached.is_none()
-            && let Some(e) = self.cluster.peers().and_then(|p| {
-                p.learnt_tag(&path.registry, &path.repository, &tag, self.tag_ttl)
-            })
+            && let Some(e) = self
+                .cluster
+                .peers()
+                .and_then(|p| p.learnt_tag(&path.registry, &path.repository, &tag, self.tag_ttl))
             && let Some(b) = self.stored(&e.digest).await?
         {
             self.telemetry.cache("referrers", "hit");
