@@ -110,7 +110,7 @@ impl Referrers {
         }
         self.telemetry.cache("referrers", "miss");
         if cached.is_none()
-            && let Some(b) = self.from_peers(plan, path, &tag).await
+            && let Some(b) = self.ask_peers(plan, path, &tag).await
         {
             return Ok((b, Source::Peer));
         }
@@ -166,7 +166,7 @@ impl Referrers {
 
     /// The referrers list of another node, through the tag-schema tag it has recorded
     /// (shared registries only). Stored as content and learnt for the TTL.
-    async fn from_peers(&self, plan: &Plan, path: &OciPath, tag: &str) -> Option<Bytes> {
+    async fn ask_peers(&self, plan: &Plan, path: &OciPath, tag: &str) -> Option<Bytes> {
         let peers = self.cluster.peers()?;
         if !plan.attempts.iter().any(|a| matches!(a, Attempt::Peers)) {
             return None;
