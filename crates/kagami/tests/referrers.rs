@@ -1,8 +1,10 @@
 //! Signatures and SBOMs through the mirror (OCI 1.1 referrers) with real parts: the Debian
 //! docker-registry (2.8) has no referrers API, so kagami builds the answer from the
 //! referrers tag schema (the image index under the tag `sha256-<hex>`, which cosign, notation
-//! and oras maintain on such registries). The artifact is pushed with plain HTTP PUTs, as
-//! those clients do; the registry stores it byte for byte.
+//! and oras maintain on such registries). The artifact and the index are pushed with plain
+//! HTTP PUTs, as those clients do; the registry stores them byte for byte. (The Python oras
+//! SDK on PyPI can push a manifest with a `subject`, but it keeps no tag-schema index and
+//! sets no `artifactType`, so the part under test would be written by hand anyway.)
 
 use std::path::Path;
 use std::process::{Command, Stdio};
