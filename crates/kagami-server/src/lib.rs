@@ -53,4 +53,6 @@ pub use http::{listener, peer_api, request_id};
 pub use peer_api::{NodeInfo, peer_router};
 pub use peers::Peers;
 pub use service::blobs::{FETCH_MEMORY_MAX, FetchLimits};
-pub use upstream::{BlobBody, BlobHead, FetchedManifest, ManifestHead, Upstream, UpstreamError};
+pub use upstream::{
+    BlobBody, BlobHead, FetchedManifest, FetchedReferrers, ManifestHead, Upstream, UpstreamError,
+};

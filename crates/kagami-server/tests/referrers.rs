@@ -15,8 +15,9 @@ use axum::body::Body;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use kagami_config::Config;
+use kagami_p2p::{MemoryNetwork, MemoryRouter, Router};
 use kagami_server::client_upstream::ClientUpstream;
-use kagami_server::{AppState, ServerOptions, router};
+use kagami_server::{AppState, NodeInfo, Peers, ServerOptions, peer_router, router};
 use kagami_store::{Store, StoreOptions};
 
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -98,15 +99,21 @@ async fn upstream() -> Upstream {
 
 /// kagami mirroring `r.test` from `up`, with the real upstream client.
 async fn mirror(up: &Upstream, tag_ttl: Duration) -> (SocketAddr, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
-        .await
-        .unwrap();
     let yaml = format!(
         "mirrors:\n  r.test:\n    endpoint: [\"http://{}\"]\n",
         up.addr
     );
-    let config = Config::parse(&yaml, std::path::Path::new("test.yaml"))
+    let (addr, _, dir) = mirror_of(&yaml, tag_ttl).await;
+    (addr, dir)
+}
+
+/// kagami configured by `yaml` (no default endpoint), with the real upstream client.
+async fn mirror_of(yaml: &str, tag_ttl: Duration) -> (SocketAddr, AppState, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
+        .await
+        .unwrap();
+    let config = Config::parse(yaml, std::path::Path::new("test.yaml"))
         .unwrap()
         .0;
     let options = ServerOptions {
@@ -117,8 +124,23 @@ async fn mirror(up: &Upstream, tag_ttl: Duration) -> (SocketAddr, tempfile::Temp
     let state = AppState::new(config, store, Arc::new(ClientUpstream::new()), options);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
-    (addr, dir)
+    let app = router(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, state, dir)
+}
+
+/// Makes `state` the member `id` of `net`, its peer API served on a port of its own.
+async fn join(state: &AppState, net: &Arc<MemoryNetwork>, id: &str) {
+    let info = NodeInfo {
+        peer_id: id.into(),
+        addrs: vec![],
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = listener.local_addr().unwrap();
+    let app = peer_router(state.clone(), info.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let router: Arc<dyn Router> = Arc::new(MemoryRouter::join(net, id, peer_addr));
+    state.set_peers(Arc::new(Peers::new(router, None, false)), info);
 }
 
 fn artifact_types(body: &[u8]) -> Vec<String> {
@@ -234,4 +256,61 @@ async fn cached_referrers_are_served_when_every_endpoint_fails() {
     .await;
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("HTTP 503"));
+}
+
+/// A node that reaches no registry gets the list another node fetched, by its tag-schema
+/// tag, and keeps it in memory only (a peer's list cannot be verified).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_gets_the_list_another_fetched_and_does_not_record_it() {
+    let up = upstream().await;
+    let net = MemoryNetwork::new();
+    let yaml = format!(
+        "mirrors:\n  r.test:\n    endpoint: [\"http://{}\"]\n",
+        up.addr
+    );
+    let (a, a_state, _da) = mirror_of(&yaml, Duration::from_secs(300)).await;
+    join(&a_state, &net, "a").await;
+    // Node b has no endpoint for r.test: peers only.
+    let (b, b_state, _db) = mirror_of("mirrors:\n  r.test:\n", Duration::from_secs(300)).await;
+    join(&b_state, &net, "b").await;
+    let path = format!("/v2/team/app/referrers/{}?ns=r.test", subject());
+
+    // Nobody has a list yet and b has no endpoint: an empty one.
+    let (status, _, body, _) = request(b, "GET", &path, &[]).await;
+    assert_eq!(status, 200);
+    assert!(artifact_types(&body).is_empty());
+
+    let (status, _, from_a, _) = request(a, "GET", &path, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(artifact_types(&from_a).len(), 3);
+    let asked = up.hits.load(Ordering::SeqCst);
+    let (status, _, from_b, _) = request(b, "GET", &path, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(from_b, from_a, "a's list, as a recorded it");
+    let filtered = format!("{path}&artifactType=application%2Fspdx%2Bjson");
+    let (_, h, body, _) = request(b, "GET", &filtered, &[]).await;
+    assert_eq!(artifact_types(&body), [SBOM]);
+    assert_eq!(
+        h.get("oci-filters-applied").map(String::as_str),
+        Some("artifactType")
+    );
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        asked,
+        "b never asked the registry"
+    );
+    let tag = format!("sha256-{}", subject().trim_start_matches("sha256:"));
+    assert!(
+        a_state
+            .store()
+            .get_tag("r.test", "team/app", &tag)
+            .is_some()
+    );
+    assert!(
+        b_state
+            .store()
+            .get_tag("r.test", "team/app", &tag)
+            .is_none(),
+        "a peer's list is not written to the tag index"
+    );
 }
