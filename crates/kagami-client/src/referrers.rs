@@ -131,8 +131,14 @@ impl Client {
             })?;
             pages.push(body);
             match next {
-                Some(n) if pages.len() < MAX_PAGES => url = n,
-                Some(_) => {
+                Some(Err(why)) => {
+                    return Err(Error::InvalidManifest {
+                        url,
+                        why: format!("referrers answer: {why}"),
+                    });
+                }
+                Some(Ok(n)) if pages.len() < MAX_PAGES => url = n,
+                Some(Ok(_)) => {
                     return Err(Error::InvalidManifest {
                         url,
                         why: format!("referrers answer of more than {MAX_PAGES} pages"),
@@ -178,15 +184,25 @@ impl Client {
 }
 
 /// The URL of the next page from a `Link: <...>; rel="next"` header, resolved against the
-/// URL of the page that named it. Only http(s) URLs are followed.
-fn next_link(current: &str, link: &str) -> Option<String> {
+/// URL of the page that named it: `None` when there is no next page, `Err` when the next
+/// page is elsewhere. Only a URL of the page's own origin is followed: the endpoint's
+/// credentials go with it, and a registry's answer must not send them (or kagami)
+/// elsewhere.
+fn next_link(current: &str, link: &str) -> Option<Result<String, String>> {
     let (target, rel) = link.split_once(';')?;
     if !rel.replace(' ', "").contains("rel=\"next\"") {
         return None;
     }
     let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
-    let next = url::Url::parse(current).ok()?.join(target).ok()?;
-    matches!(next.scheme(), "http" | "https").then(|| next.to_string())
+    let page = url::Url::parse(current).ok()?;
+    let Ok(next) = page.join(target) else {
+        return Some(Err(format!("next page {target:?} is not a URL")));
+    };
+    Some(if next.origin() == page.origin() {
+        Ok(next.to_string())
+    } else {
+        Err(format!("next page {next} is not on this endpoint"))
+    })
 }
 
 #[cfg(test)]
@@ -214,14 +230,28 @@ mod tests {
             next_link(
                 "http://r.example/v2/a/referrers/x?ns=y",
                 "</v2/a/referrers/x?n=1&last=z>; rel=\"next\""
-            )
-            .as_deref(),
-            Some("http://r.example/v2/a/referrers/x?n=1&last=z")
+            ),
+            Some(Ok(
+                "http://r.example/v2/a/referrers/x?n=1&last=z".to_string()
+            ))
         );
-        assert_eq!(
-            next_link("http://r.example/v2/a", "<file:///x>; rel=\"next\""),
-            None
-        );
+        for elsewhere in [
+            "file:///x",
+            "http://other.example/v2/a",
+            "https://r.example/v2/a",
+            "http://r.example:81/v2/a",
+        ] {
+            assert!(
+                matches!(
+                    next_link(
+                        "http://r.example/v2/a",
+                        &format!("<{elsewhere}>; rel=\"next\"")
+                    ),
+                    Some(Err(_))
+                ),
+                "{elsewhere}"
+            );
+        }
         assert_eq!(
             next_link("http://r.example/v2/a", "</v2/b>; rel=\"prev\""),
             None
