@@ -77,7 +77,7 @@ pub(crate) struct Services {
     pub blobs: Arc<Blobs>,
     pub manifests: Arc<Manifests>,
     pub tags: Tags,
-    pub referrers: Referrers,
+    pub referrers: Arc<Referrers>,
     pub import: Importer,
 }
 
@@ -106,7 +106,12 @@ impl AppState {
             options.limits.revalidation_timeout,
         );
         let tags = Tags::new(&deps, options.tag_ttl);
-        let referrers = Referrers::new(&deps, manifests.clone(), options.tag_ttl);
+        let referrers = Referrers::new(
+            &deps,
+            manifests.clone(),
+            options.tag_ttl,
+            options.limits.revalidation_timeout,
+        );
         let import = Importer::new(&deps, config.clone(), admin.clone());
         AppState {
             inner: Arc::new(Inner {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::common::{digest_of, request};
+use crate::common::{digest_of, eventually, request};
 use axum::body::Body;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -49,14 +49,19 @@ struct Upstream {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
+    /// While set, a first page waits for a permit of `gate`.
+    gated: Arc<AtomicBool>,
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 async fn upstream() -> Upstream {
     let hits = Arc::new(AtomicUsize::new(0));
     let down = Arc::new(AtomicBool::new(false));
-    let (h, d) = (hits.clone(), down.clone());
+    let gated = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (h, d, g, s) = (hits.clone(), down.clone(), gated.clone(), gate.clone());
     let app = axum::Router::new().fallback(move |uri: Uri| {
-        let (h, d) = (h.clone(), d.clone());
+        let (h, d, g, s) = (h.clone(), d.clone(), g.clone(), s.clone());
         async move {
             h.fetch_add(1, Ordering::SeqCst);
             if d.load(Ordering::SeqCst) {
@@ -72,6 +77,9 @@ async fn upstream() -> Upstream {
             if uri.path() == ours {
                 if uri.query().is_some_and(|q| q.contains("last=")) {
                     return answer(index(vec![descriptor("sig2", SIG)]));
+                }
+                if g.load(Ordering::SeqCst) {
+                    s.acquire().await.unwrap().forget();
                 }
                 let mut r = answer(index(vec![
                     descriptor("sig1", SIG),
@@ -94,7 +102,13 @@ async fn upstream() -> Upstream {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Upstream { addr, hits, down }
+    Upstream {
+        addr,
+        hits,
+        down,
+        gated,
+        gate,
+    }
 }
 
 /// kagami mirroring `r.test` from `up`, with the real upstream client.
@@ -313,4 +327,39 @@ async fn a_node_gets_the_list_another_fetched_and_does_not_record_it() {
             .is_none(),
         "a peer's list is not written to the tag index"
     );
+}
+
+/// Concurrent requests for one list share one lookup: the upstream is asked once (two
+/// pages), and every client gets the list.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_for_one_list_ask_upstream_once() {
+    let up = upstream().await;
+    up.gated.store(true, Ordering::SeqCst);
+    let yaml = format!(
+        "mirrors:\n  r.test:\n    endpoint: [\"http://{}\"]\n",
+        up.addr
+    );
+    let (m, state, _dir) = mirror_of(&yaml, Duration::from_secs(300)).await;
+    let path = format!("/v2/team/app/referrers/{}?ns=r.test", subject());
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let p = path.clone();
+            tokio::spawn(async move { request(m, "GET", &p, &[]).await })
+        })
+        .collect();
+    // Every request has missed the store (and so joined the lookup) before the upstream
+    // answers its first page.
+    let missed = "kagami_cache_requests_total{kind=\"referrers\",result=\"miss\"} 10";
+    eventually(Duration::from_secs(20), "ten misses", async || {
+        state.metrics_text().contains(missed)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    up.gate.add_permits(1);
+    for c in clients {
+        let (status, _, body, _) = c.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(artifact_types(&body), [SIG, SBOM, SIG]);
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst), 2, "one lookup of two pages");
 }

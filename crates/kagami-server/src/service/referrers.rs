@@ -21,10 +21,13 @@
 //! manifest with no referrers). `?artifactType=` filters here (never upstream: one record
 //! per subject), and the answer then says so in `OCI-Filters-Applied`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use kagami_client::{check_index, index_of, referrers_tag};
 use kagami_config::oci::{MAX_MANIFEST_SIZE, OCI_INDEX};
 use kagami_config::{Attempt, Digest, Plan};
@@ -40,7 +43,10 @@ use crate::service::{Deps, RequestContext};
 use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
 
-/// Referrers lists.
+/// A referrers lookup in flight, awaited by every request for that list.
+type SharedFetch = Shared<BoxFuture<'static, Result<(Bytes, Source), ApiError>>>;
+
+/// Referrers lists. The lookups in flight are its own.
 pub(crate) struct Referrers {
     store: Store,
     upstream: Arc<dyn Upstream>,
@@ -49,53 +55,64 @@ pub(crate) struct Referrers {
     /// Reads stored indexes.
     manifests: Arc<Manifests>,
     tag_ttl: Duration,
+    /// The longest a lookup may take (the tag revalidation timeout).
+    timeout: Duration,
+    /// Lookups in flight, by (registry, repository, subject).
+    in_flight: Mutex<HashMap<(String, String, Digest), SharedFetch>>,
 }
 
 impl Referrers {
-    pub(crate) fn new(deps: &Deps, manifests: Arc<Manifests>, tag_ttl: Duration) -> Referrers {
-        Referrers {
+    pub(crate) fn new(
+        deps: &Deps,
+        manifests: Arc<Manifests>,
+        tag_ttl: Duration,
+        timeout: Duration,
+    ) -> Arc<Referrers> {
+        Arc::new(Referrers {
             store: deps.store.clone(),
             upstream: deps.upstream.clone(),
             telemetry: deps.telemetry.clone(),
             cluster: deps.cluster.clone(),
             manifests,
             tag_ttl,
-        }
+            timeout,
+            in_flight: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The referrers of `subject`, filtered by `artifact_type` when given.
     pub(crate) async fn list(
-        &self,
+        self: &Arc<Self>,
         ctx: &RequestContext,
         subject: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<ReferrersReply, ApiError> {
-        let (bytes, source) = self.unfiltered(ctx, subject).await?;
+        let (bytes, source) = match self.current(ctx, subject).await? {
+            Some(b) => (b, Source::Local),
+            None => self.coalesced(ctx, subject).await?,
+        };
         answer(bytes, artifact_type, ctx.head, source)
     }
 
-    async fn unfiltered(
+    /// This node's list while it counts: its record younger than the TTL (or any record,
+    /// with no endpoint to ask), else a list learnt from a peer within the TTL.
+    async fn current(
         &self,
         ctx: &RequestContext,
         subject: &Digest,
-    ) -> Result<(Bytes, Source), ApiError> {
+    ) -> Result<Option<Bytes>, ApiError> {
         let path = &ctx.path;
         let tag = referrers_tag(subject);
-        let plan = &**ctx.plan();
-        let has_endpoints = plan
-            .attempts
-            .iter()
-            .any(|a| matches!(a, Attempt::Endpoint(_)));
         let cached = self.store.get_tag(&path.registry, &path.repository, &tag);
         if let Some(e) = &cached {
             let age = SystemTime::now()
                 .duration_since(e.fetched_at)
                 .unwrap_or_default();
-            if (age < self.tag_ttl || !has_endpoints)
+            if (age < self.tag_ttl || !has_endpoints(ctx.plan()))
                 && let Some(b) = self.stored(&e.digest).await?
             {
                 self.telemetry.cache("referrers", "hit");
-                return Ok((b, Source::Local));
+                return Ok(Some(b));
             }
         }
         if cached.is_none()
@@ -106,15 +123,88 @@ impl Referrers {
             && let Some(b) = self.stored(&e.digest).await?
         {
             self.telemetry.cache("referrers", "hit");
-            return Ok((b, Source::Local));
+            return Ok(Some(b));
         }
         self.telemetry.cache("referrers", "miss");
+        Ok(None)
+    }
+
+    /// One [`Referrers::fetch`] per list at a time; concurrent requests share its outcome.
+    /// It runs in a task of its own with a deadline, so it ends (and leaves the map) even
+    /// when every client waiting for it has gone.
+    async fn coalesced(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        subject: &Digest,
+    ) -> Result<(Bytes, Source), ApiError> {
+        let path = &ctx.path;
+        let key = (
+            path.registry.clone(),
+            path.repository.clone(),
+            subject.clone(),
+        );
+        let shared = {
+            let mut map = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(f) = map.get(&key) {
+                f.clone()
+            } else {
+                let (svc, plan, p, d, k) = (
+                    self.clone(),
+                    ctx.plan().clone(),
+                    path.clone(),
+                    subject.clone(),
+                    key.clone(),
+                );
+                let limit = self.timeout;
+                let id = crate::request_id::current();
+                let task = tokio::spawn(crate::request_id::within(id, async move {
+                    let out = tokio::time::timeout(limit, svc.fetch(&plan, &p, &d))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ApiError::manifest_unknown(format!(
+                                "referrers of {d}: took longer than {limit:?}"
+                            ))
+                            .upstream(false))
+                        });
+                    svc.in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&k);
+                    out
+                }));
+                let fut = async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(ApiError::internal(format!("referrers lookup failed: {e}")))
+                    })
+                }
+                .boxed()
+                .shared();
+                map.insert(key, fut.clone());
+                fut
+            }
+        };
+        shared.await
+    }
+
+    /// The list when this node has none that counts: another node's, the endpoints', or
+    /// this node's old record (stale-if-error).
+    async fn fetch(
+        &self,
+        plan: &Plan,
+        path: &OciPath,
+        subject: &Digest,
+    ) -> Result<(Bytes, Source), ApiError> {
+        let tag = referrers_tag(subject);
+        let cached = self.store.get_tag(&path.registry, &path.repository, &tag);
         if cached.is_none()
             && let Some(b) = self.ask_peers(plan, path, &tag).await
         {
             return Ok((b, Source::Peer));
         }
-        let why = if has_endpoints {
+        let why = if has_endpoints(plan) {
             match self.upstream.referrers(plan, subject).await {
                 Ok(r) => {
                     self.telemetry.endpoint_ok(&r.source);
@@ -229,6 +319,13 @@ impl Referrers {
             peers.router.advertise(vec![key.to_string()]).await;
         }
     }
+}
+
+/// Whether the plan has an endpoint to ask.
+fn has_endpoints(plan: &Plan) -> bool {
+    plan.attempts
+        .iter()
+        .any(|a| matches!(a, Attempt::Endpoint(_)))
 }
 
 /// The answer: the index as stored when there is no filter, else an index of the
