@@ -92,25 +92,11 @@ fn all_failed(e: Error) -> UpstreamError {
     }
 }
 
-/// What a client may learn about a failed attempt: nothing the upstream wrote (error
-/// bodies, redirect targets) and nothing that tells a refused connection from a timeout.
+/// What a client may learn about a failed attempt ([`Error::reason`]): nothing the
+/// upstream wrote (error bodies, redirect targets) and nothing that tells a refused
+/// connection from a timeout.
 pub fn client_reason(e: &Error) -> String {
-    match e {
-        Error::Status { status, .. } => format!("HTTP {status}"),
-        Error::Network { source, .. } if kagami_client::guard::is_refused_address(source) => {
-            "refused: not a public address".into()
-        }
-        Error::Network { .. } | Error::Io { .. } => "no answer".into(),
-        Error::DigestMismatch { .. } => "digest mismatch".into(),
-        Error::SizeMismatch { .. } => "size mismatch".into(),
-        Error::ManifestTooBig { .. } => "manifest too big".into(),
-        Error::InvalidManifest { .. } => "invalid manifest".into(),
-        Error::Auth { .. } => "authentication failed".into(),
-        Error::Redirects { .. } => "too many redirects".into(),
-        Error::Refused { .. } => "refused (address or redirect not allowed)".into(),
-        Error::TlsSetup { .. } => "TLS setup failed".into(),
-        Error::AllFailed { .. } => "failed".into(),
-    }
+    e.reason()
 }
 
 impl Upstream for ClientUpstream {
