@@ -61,6 +61,8 @@ pub(crate) struct Inner {
     token_lock: tokio::sync::Mutex<()>,
     /// The last challenge seen per origin, to authenticate the next requests up front.
     challenges: Mutex<HashMap<String, Challenge>>,
+    /// Rate limits and circuits of the endpoints, shared by every walk of this client.
+    pub(crate) health: crate::health::Health,
 }
 
 /// A body that can be sent more than once (after an auth retry).
@@ -91,7 +93,14 @@ impl Default for Client {
 }
 
 impl Client {
+    /// A client with an endpoint [`Health`](crate::Health) of its own, with the default
+    /// thresholds.
     pub fn new(options: ClientOptions) -> Client {
+        Client::with_health(options, crate::health::Health::default())
+    }
+
+    /// A client whose walks skip endpoints as `health` says (and tell it what happened).
+    pub fn with_health(options: ClientOptions, health: crate::health::Health) -> Client {
         Client {
             inner: Arc::new(Inner {
                 options,
@@ -99,8 +108,14 @@ impl Client {
                 tokens: TokenCache::default(),
                 token_lock: tokio::sync::Mutex::new(()),
                 challenges: Mutex::new(HashMap::new()),
+                health,
             }),
         }
+    }
+
+    /// The endpoint health its walks follow.
+    pub fn health(&self) -> &crate::health::Health {
+        &self.inner.health
     }
 
     /// The reqwest client for an origin with the given TLS settings (built once);
@@ -473,6 +488,7 @@ async fn token_get(
 
 async fn read_token(url: &Url, resp: Response) -> Result<(String, Duration), Error> {
     let status = resp.status();
+    let retry_after = retry_after(&resp);
     let body = resp.bytes().await.map_err(|source| Error::Network {
         url: url.to_string(),
         source,
@@ -482,6 +498,7 @@ async fn read_token(url: &Url, resp: Response) -> Result<(String, Duration), Err
             url: url.to_string(),
             status: status.as_u16(),
             body: RegistryError::parse(&body),
+            retry_after,
         });
     }
     serde_json::from_slice::<TokenResponse>(&body)
@@ -552,6 +569,7 @@ pub(crate) async fn read_limited(
 /// Turns a non-success response into [`Error::Status`], keeping the registry's body.
 pub(crate) async fn status_error(url: &str, resp: Response) -> Error {
     let status = resp.status().as_u16();
+    let retry_after = retry_after(&resp);
     let body = read_limited(url, resp, 64 * 1024)
         .await
         .ok()
@@ -561,7 +579,21 @@ pub(crate) async fn status_error(url: &str, resp: Response) -> Error {
         url: url.to_string(),
         status,
         body,
+        retry_after,
     }
+}
+
+/// The `Retry-After` of a 429 or a 503 ([`crate::health::parse_retry_after`]).
+fn retry_after(resp: &Response) -> Option<Duration> {
+    if !matches!(resp.status().as_u16(), 429 | 503) {
+        return None;
+    }
+    let v = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
+    crate::health::parse_retry_after(v, std::time::SystemTime::now())
 }
 
 /// Used by tests and callers that want a shared crypto provider.

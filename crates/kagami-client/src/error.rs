@@ -16,12 +16,14 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
-    /// The registry answered with an unexpected status. `body` keeps its own error.
-    #[error("{url}: HTTP {status}{}", body.as_ref().map(|b| format!(": {b}")).unwrap_or_default())]
+    /// The registry answered with an unexpected status. `body` keeps its own error;
+    /// `retry_after` its `Retry-After` (read on a 429 and a 503 only).
+    #[error("{url}: HTTP {status}{}{}", body.as_ref().map(|b| format!(": {b}")).unwrap_or_default(), retry_after.map(|d| format!(" (Retry-After: {} s)", d.as_secs())).unwrap_or_default())]
     Status {
         url: String,
         status: u16,
         body: Option<RegistryError>,
+        retry_after: Option<std::time::Duration>,
     },
     /// The content does not hash to the digest it was asked for.
     #[error("{url}: digest mismatch: expected {expected}, got {actual}")]
@@ -59,6 +61,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The walk did not try this endpoint: it is backing off after a rate limit, or its
+    /// circuit is open ([`crate::health`]).
+    #[error("{endpoint}: skipped: {skip}")]
+    Skipped {
+        endpoint: String,
+        skip: crate::health::Skip,
+    },
     /// Every attempt of a plan failed; each one is listed with its reason.
     #[error("{}", all_failed(what, attempts))]
     AllFailed {
@@ -84,13 +93,60 @@ impl Error {
         }
     }
 
-    /// True for failures worth retrying on the same endpoint: a 5xx, or network trouble
-    /// that came quickly (refused, reset, DNS). A timeout is not: the endpoint has had its
-    /// time already, and a second wait would double what the caller (containerd, through
-    /// `serve`) waits before it can move on.
+    /// A short reason in kagami's own words: nothing the upstream wrote (error bodies,
+    /// redirect targets) and nothing that tells a refused connection from a timeout. What
+    /// the mirror's clients and its status page are told, and what [`crate::Health`] keeps.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Status {
+                status: s @ (429 | 503),
+                retry_after: Some(d),
+                ..
+            } => format!("HTTP {s} (Retry-After: {} s)", d.as_secs()),
+            Error::Status { status, .. } => format!("HTTP {status}"),
+            Error::Network { source, .. } if crate::guard::is_refused_address(source) => {
+                "refused: not a public address".into()
+            }
+            Error::Network { .. } | Error::Io { .. } => "no answer".into(),
+            Error::DigestMismatch { .. } => "digest mismatch".into(),
+            Error::SizeMismatch { .. } => "size mismatch".into(),
+            Error::ManifestTooBig { .. } => "manifest too big".into(),
+            Error::InvalidManifest { .. } => "invalid manifest".into(),
+            Error::Auth { .. } => "authentication failed".into(),
+            Error::Redirects { .. } => "too many redirects".into(),
+            Error::Refused { .. } => "refused (address or redirect not allowed)".into(),
+            Error::TlsSetup { .. } => "TLS setup failed".into(),
+            Error::Skipped { skip, .. } => format!("skipped: {skip}"),
+            Error::AllFailed { .. } => "failed".into(),
+        }
+    }
+
+    /// True when every attempt of an [`Error::AllFailed`] was skipped (none was
+    /// contacted: each is backing off or its circuit is open).
+    pub fn all_skipped(&self) -> bool {
+        match self {
+            Error::AllFailed { attempts, .. } => {
+                !attempts.is_empty()
+                    && attempts
+                        .iter()
+                        .all(|a| matches!(a.error, Error::Skipped { .. }))
+            }
+            _ => false,
+        }
+    }
+
+    /// True for failures worth retrying on the same endpoint: a 5xx (without
+    /// `Retry-After`, which asks for a later try), or network trouble that came quickly
+    /// (refused, reset, DNS). A timeout is not: the endpoint has had its time already, and
+    /// a second wait would double what the caller (containerd, through `serve`) waits
+    /// before it can move on.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Status { status, .. } => *status >= 500,
+            Error::Status {
+                status,
+                retry_after,
+                ..
+            } => *status >= 500 && retry_after.is_none(),
             Error::Network { source, .. } => !source.is_timeout(),
             _ => false,
         }
@@ -259,6 +315,7 @@ mod tests {
                         url: "http://a/v2/r/manifests/1".into(),
                         status: 404,
                         body: None,
+                        retry_after: None,
                     },
                 },
                 AttemptError {

@@ -15,6 +15,8 @@
 //! - redirects go to http(s) only, never from https to http; with
 //!   [`ClientOptions::public_only_for_name_chosen`], an attempt whose host came from the
 //!   image name alone reaches public addresses only ([`guard`]);
+//! - an endpoint backing off after a rate limit, or whose circuit is open, is skipped by
+//!   every walk of the client ([`health`]), and the error says so;
 //! - the client knows nothing about peers, the local store or files other than those a
 //!   caller hands it.
 
@@ -22,6 +24,7 @@ pub mod auth;
 mod client;
 pub mod error;
 pub mod guard;
+pub mod health;
 mod pull;
 mod push;
 mod referrers;
@@ -31,6 +34,7 @@ mod walk;
 
 pub use client::{Client, ClientOptions};
 pub use error::{AttemptError, Error, RegistryError};
+pub use health::{EndpointStatus, Health, HealthEvents, HealthPolicy};
 pub use pull::{BlobStream, Manifest, ManifestHead, OpenedBlob};
 pub use push::{Mount, push_target};
 pub use referrers::{Referrers, ReferrersVia, check_index, index_of, referrers_tag};

@@ -46,7 +46,7 @@ impl Client {
     /// Fetches a manifest by tag or digest, trying every endpoint of the plan in order.
     pub async fn manifest(&self, plan: &Plan, reference: &str) -> Result<Manifest, Error> {
         let what = || format!("manifest {}:{reference}", plan.image.name());
-        Walk::new(plan, 0)
+        Walk::new(plan, 0, self.health())
             .run(what, |_, a| self.manifest_from(a, reference))
             .await
     }
@@ -226,7 +226,7 @@ impl Client {
                 Ok(OpenedBlob { stream, attempt })
             }
         };
-        Walk::new(plan, from).run(what, open).await
+        Walk::new(plan, from, self.health()).run(what, open).await
     }
 
     /// Downloads a blob into `file` (truncated first), trying every endpoint of the plan:
@@ -248,13 +248,16 @@ impl Client {
             written: 0,
             hasher: Hasher::new(digest.algorithm()),
         };
-        let mut walk = Walk::new(plan, 0);
+        let mut walk = Walk::new(plan, 0, self.health());
         while let Some((_, a)) = walk.next_try() {
             let error = match self
                 .blob_once(a, digest, size, file, &mut state, progress)
                 .await
             {
-                Ok(()) => return Ok(a.endpoint.base()),
+                Ok(()) => {
+                    walk.succeeded();
+                    return Ok(a.endpoint.base());
+                }
                 Err(e) => e,
             };
             if let Error::DigestMismatch { .. } | Error::SizeMismatch { .. } = error {
@@ -499,7 +502,7 @@ impl Client {
     /// HEAD of a manifest by tag or digest, trying every endpoint of the plan in order.
     pub async fn head_manifest(&self, plan: &Plan, reference: &str) -> Result<ManifestHead, Error> {
         let what = || format!("manifest HEAD {}:{reference}", plan.image.name());
-        Walk::new(plan, 0)
+        Walk::new(plan, 0, self.health())
             .run(what, |_, a| self.head_manifest_from(a, reference))
             .await
     }
@@ -515,7 +518,7 @@ impl Client {
         let head = |_, a: &'p EndpointAttempt| async move {
             Ok((self.head_blob_from(a, digest).await?, a.endpoint.base()))
         };
-        Walk::new(plan, 0).run(what, head).await
+        Walk::new(plan, 0, self.health()).run(what, head).await
     }
 
     /// HEAD of a blob on one endpoint: its size when the endpoint says (`Content-Length`).

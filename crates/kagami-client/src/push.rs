@@ -223,6 +223,7 @@ fn location(url: &str, resp: &reqwest::Response) -> Result<String, Error> {
             body: Some(crate::error::RegistryError::Text(
                 "upload started without a Location header".into(),
             )),
+            retry_after: None,
         })?;
     let base = Url::parse(url).map_err(|e| bad_url(url, e))?;
     Ok(base.join(loc).map_err(|e| bad_url(loc, e))?.to_string())

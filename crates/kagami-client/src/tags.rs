@@ -37,7 +37,7 @@ impl Client {
         last: Option<&str>,
     ) -> Result<TagPage, Error> {
         let what = || format!("tag list of {}", plan.image.name());
-        Walk::new(plan, 0)
+        Walk::new(plan, 0, self.health())
             .run(what, |_, a| self.tags_from(a, n, last))
             .await
     }

@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     /// The admin routes' credential, when they are on (see `crate::admin`).
     pub admin: Arc<OnceLock<crate::admin::Admin>>,
     pub services: Services,
+    /// The upstream's endpoint health (rate limits, circuits), when it keeps one.
+    pub health: Option<kagami_client::Health>,
 }
 
 /// The services, built once per server.
@@ -90,6 +92,10 @@ impl AppState {
     ) -> AppState {
         let config = Arc::new(RwLock::new(Arc::new(config)));
         let telemetry = Arc::new(Telemetry::new());
+        let health = upstream.health();
+        if let Some(h) = &health {
+            h.observe(telemetry.clone());
+        }
         let cluster = Cluster::default();
         let admin = Arc::new(OnceLock::new());
         let deps = Deps {
@@ -132,6 +138,7 @@ impl AppState {
                     referrers,
                     import,
                 },
+                health,
             }),
         }
     }
@@ -217,7 +224,19 @@ impl AppState {
         m.evictions
             .inner()
             .store(usage.evictions, Ordering::Relaxed);
+        self.inner
+            .telemetry
+            .endpoint_states(&self.endpoint_health());
         m.encode()
+    }
+
+    /// Every endpoint the upstream's health tracks (rate limited or failed at some point).
+    pub fn endpoint_health(&self) -> Vec<kagami_client::EndpointStatus> {
+        self.inner
+            .health
+            .as_ref()
+            .map(kagami_client::Health::snapshot)
+            .unwrap_or_default()
     }
 
     pub(crate) fn plan_options(&self) -> PlanOptions {

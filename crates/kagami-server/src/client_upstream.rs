@@ -6,7 +6,7 @@ use std::io;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
-use kagami_client::{AttemptError, Client, ClientOptions, Error, OpenedBlob};
+use kagami_client::{AttemptError, Client, ClientOptions, Error, Health, OpenedBlob};
 use kagami_config::{Digest, Plan};
 
 use crate::upstream::{
@@ -23,8 +23,15 @@ impl ClientUpstream {
     }
 
     pub fn with_options(options: ClientOptions) -> Self {
+        Self::with_health(options, Health::default())
+    }
+
+    /// An upstream whose walks skip endpoints as `health` says: one [`Health`] for every
+    /// request of the process, so that a rate limit or an open circuit seen by one request
+    /// spares the endpoint for all of them.
+    pub fn with_health(options: ClientOptions, health: Health) -> Self {
         Self {
-            client: Client::new(options),
+            client: Client::with_health(options, health),
         }
     }
 
@@ -34,12 +41,22 @@ impl ClientUpstream {
     /// Its clients choose the image names, so a registry without a `mirrors` entry of its
     /// own (reached through `"*"`) is reached on public addresses only.
     pub fn for_mirror() -> Self {
-        Self::with_options(ClientOptions {
+        Self::for_mirror_with(Health::default())
+    }
+
+    /// [`ClientUpstream::for_mirror`] with the endpoint health given.
+    pub fn for_mirror_with(health: Health) -> Self {
+        Self::with_health(Self::mirror_options(), health)
+    }
+
+    /// The client options of [`ClientUpstream::for_mirror`].
+    pub fn mirror_options() -> ClientOptions {
+        ClientOptions {
             connect_timeout: std::time::Duration::from_secs(2),
             read_timeout: std::time::Duration::from_secs(10),
             public_only_for_name_chosen: true,
             ..Default::default()
-        })
+        }
     }
 }
 
@@ -76,7 +93,12 @@ fn all_failed(e: Error) -> UpstreamError {
         .map(|a| format!("{}: {}", a.endpoint, a.error))
         .collect();
     let not_found = errors.iter().all(|a| a.error.status() == Some(404));
-    if not_found {
+    // Every endpoint left alone (rate limited, circuit open): said once, as it happened,
+    // by the endpoint health; not again for every request.
+    let skipped = errors
+        .iter()
+        .all(|a| matches!(a.error, Error::Skipped { .. }));
+    if not_found || skipped {
         tracing::info!(request_id = %id, "{what}: every attempt failed: {}", detail.join("; "));
     } else {
         tracing::warn!(request_id = %id, "{what}: every attempt failed: {}", detail.join("; "));
@@ -94,28 +116,18 @@ fn all_failed(e: Error) -> UpstreamError {
     }
 }
 
-/// What a client may learn about a failed attempt: nothing the upstream wrote (error
-/// bodies, redirect targets) and nothing that tells a refused connection from a timeout.
+/// What a client may learn about a failed attempt ([`Error::reason`]): nothing the
+/// upstream wrote (error bodies, redirect targets) and nothing that tells a refused
+/// connection from a timeout.
 pub fn client_reason(e: &Error) -> String {
-    match e {
-        Error::Status { status, .. } => format!("HTTP {status}"),
-        Error::Network { source, .. } if kagami_client::guard::is_refused_address(source) => {
-            "refused: not a public address".into()
-        }
-        Error::Network { .. } | Error::Io { .. } => "no answer".into(),
-        Error::DigestMismatch { .. } => "digest mismatch".into(),
-        Error::SizeMismatch { .. } => "size mismatch".into(),
-        Error::ManifestTooBig { .. } => "manifest too big".into(),
-        Error::InvalidManifest { .. } => "invalid manifest".into(),
-        Error::Auth { .. } => "authentication failed".into(),
-        Error::Redirects { .. } => "too many redirects".into(),
-        Error::Refused { .. } => "refused (address or redirect not allowed)".into(),
-        Error::TlsSetup { .. } => "TLS setup failed".into(),
-        Error::AllFailed { .. } => "failed".into(),
-    }
+    e.reason()
 }
 
 impl Upstream for ClientUpstream {
+    fn health(&self) -> Option<Health> {
+        Some(self.client.health().clone())
+    }
+
     fn manifest<'a>(
         &'a self,
         plan: &'a Plan,

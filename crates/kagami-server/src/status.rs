@@ -39,6 +39,7 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
             .unwrap_or_default(),
         peer_id: node_info.map(|n| n.peer_id.clone()),
         p2p_addrs: node_info.map(|n| n.addrs.clone()).unwrap_or_default(),
+        endpoint_health: state.endpoint_health(),
         #[cfg(feature = "containerd")]
         containerd: state.containerd().map(|c| c.info()),
         #[cfg(not(feature = "containerd"))]

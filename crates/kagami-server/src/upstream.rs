@@ -140,6 +140,12 @@ pub trait Upstream: Send + Sync + 'static {
         })
     }
 
+    /// The endpoint health its walks follow (rate limits, circuits), for `/status` and
+    /// `/metrics`; `None` for upstreams that keep none.
+    fn health(&self) -> Option<kagami_client::Health> {
+        None
+    }
+
     /// GET a blob from `offset`, trying the plan's attempts from index `from_attempt` on.
     fn blob<'a>(
         &'a self,

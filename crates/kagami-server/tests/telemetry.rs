@@ -199,6 +199,53 @@ async fn node(script: Script, options: ServerOptions, max_size: Option<u64>) -> 
     }
 }
 
+/// A node whose upstream is the real client (`ClientUpstream`, its endpoint health opening
+/// a circuit at the first failure) through two mirrors on 127.0.0.1: the first answers
+/// every request `429` with `Retry-After`, the second `503` (fault injection).
+async fn health_node() -> Node {
+    let answer = |status: u16| {
+        axum::Router::new().fallback(move || async move {
+            let mut r = axum::http::Response::new(axum::body::Body::from("{}"));
+            *r.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+            if status == 429 {
+                r.headers_mut()
+                    .insert("retry-after", axum::http::HeaderValue::from_static("60"));
+            }
+            r
+        })
+    };
+    let (limited, failing) = (serve(answer(429)).await, serve(answer(503)).await);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
+        .await
+        .unwrap();
+    let config = Config::parse(
+        &format!(
+            "mirrors:\n  {REGISTRY}:\n    endpoint: [\"http://{limited}\", \"http://{failing}\"]\n"
+        ),
+        std::path::Path::new("test.yaml"),
+    )
+    .unwrap()
+    .0;
+    let health = kagami_client::Health::new(kagami_client::HealthPolicy {
+        failures_to_open: 1,
+        ..Default::default()
+    });
+    let upstream = kagami_server::client_upstream::ClientUpstream::for_mirror_with(health);
+    let options = ServerOptions {
+        disable_default_endpoint: true,
+        ..Default::default()
+    };
+    let state = AppState::new(config, store, Arc::new(upstream), options);
+    let addr = serve(router(state.clone())).await;
+    Node {
+        addr,
+        state,
+        upstream: Arc::new(Script::default()),
+        _dir: dir,
+    }
+}
+
 async fn serve(app: axum::Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -598,6 +645,29 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
     .await;
     scrapes.push(("C", scrape(&c).await));
 
+    // Node D: the real upstream client, its endpoint health on: a mirror rate limits
+    // (429) and the next one fails (503), opening its circuit.
+    let d = health_node().await;
+    let (status, body) = get(&d, &manifest_path("1")).await;
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    let md = scrape(&d).await;
+    assert_eq!(md.sum("kagami_upstream_rate_limited_total"), 1.0);
+    assert_eq!(md.sum("kagami_upstream_circuit_opens_total"), 1.0);
+    assert_eq!(
+        md.sum("kagami_upstream_endpoint_state"),
+        2.0,
+        "one state each"
+    );
+    let status = json(&d, "/status.json").await;
+    let states: BTreeSet<&str> = status["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["state"].as_str())
+        .collect();
+    assert_eq!(states, BTreeSet::from(["backing_off", "open"]), "{status}");
+    scrapes.push(("D", md));
+
     // Every documented metric moved on some node, with the documented type; every metric
     // exposed is documented.
     let names: BTreeSet<&str> = documented.iter().map(|(n, _)| n.as_str()).collect();
@@ -628,7 +698,8 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
     }
     // Node C's status page shows its faults as the metrics count them.
     let mc = scrapes
-        .last()
+        .iter()
+        .find(|(n, _)| *n == "C")
         .unwrap()
         .1
         .sum("kagami_stale_tags_served_total");

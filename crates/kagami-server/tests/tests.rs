@@ -15,3 +15,4 @@ mod referrers;
 mod server;
 mod status;
 mod telemetry;
+mod upstream_health;

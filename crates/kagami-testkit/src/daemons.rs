@@ -100,6 +100,20 @@ impl Registry {
             .collect()
     }
 
+    /// Stops the registry (by PID) if it runs, and starts it again on the same port with
+    /// the same storage (its log starts afresh).
+    pub fn restart(&mut self) {
+        self.daemon.stop();
+        self.daemon = Daemon::spawn(
+            "docker-registry",
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(self.dir.join("registry.yml")),
+            &self.log,
+        );
+        wait_for_port(&self.addr(), Duration::from_secs(10));
+    }
+
     /// Number of access-log lines for GET requests whose path contains `needle`.
     pub fn count_gets(&self, needle: &str) -> usize {
         self.access_log()

@@ -96,6 +96,23 @@ pub fn pull_image(p: &Pull) -> String {
     }
 }
 
+/// An endpoint's state in words: `healthy`, `failing` (tried, but its last fetch failed),
+/// `rate limited until 20:31:05 UTC`, `circuit open until …`, `half-open (probing)`.
+pub fn endpoint_state(e: &crate::report::EndpointHealth) -> String {
+    let until = || {
+        e.until
+            .map(|at| format!(" until {} UTC", utc_time(at / 1000)))
+            .unwrap_or_default()
+    };
+    match e.state.as_str() {
+        "backing_off" => format!("rate limited{}", until()),
+        "open" => format!("circuit open{}", until()),
+        "half_open" => "half-open (probing)".into(),
+        _ if e.healthy() => "healthy".into(),
+        _ => "failing".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -197,11 +197,38 @@ pub struct EndpointHealth {
     pub last_error: Option<String>,
     /// Unix milliseconds.
     pub last_error_at: Option<u64>,
+    /// What the walks do with it: `healthy` (tried), `backing_off` (skipped after a rate
+    /// limit), `open` (skipped after failures in a row), `half_open` (one probe let
+    /// through). See docs/serve.md, "Rate limits and unhealthy endpoints".
+    #[serde(default = "healthy")]
+    pub state: String,
+    /// Until when it is skipped (backing off or open), Unix milliseconds.
+    #[serde(default)]
+    pub until: Option<u64>,
+    /// Tries that failed in a row (network errors, timeouts, 5xx).
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// The last failure or rate limit of the endpoint itself, in kagami's words.
+    #[serde(default)]
+    pub last_failure: Option<String>,
+    /// Rate limits it answered (429, or 503 with `Retry-After`).
+    #[serde(default)]
+    pub rate_limited: u64,
+    /// Times its circuit opened.
+    #[serde(default)]
+    pub circuit_opens: u64,
+}
+
+fn healthy() -> String {
+    "healthy".into()
 }
 
 impl EndpointHealth {
-    /// Healthy when it has not failed since it last answered.
+    /// Healthy when the walks try it and it has not failed since it last answered.
     pub fn healthy(&self) -> bool {
+        if !self.state.is_empty() && self.state != "healthy" {
+            return false;
+        }
         match (self.last_ok_at, self.last_error_at) {
             (_, None) => true,
             (Some(ok), Some(err)) => ok > err,

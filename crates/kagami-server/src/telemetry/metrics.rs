@@ -36,6 +36,12 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointStateLabels {
+    pub endpoint: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub registry: String,
     pub reason: &'static str,
@@ -121,6 +127,12 @@ pub struct Metrics {
     pub fetch_memory: Gauge,
     /// Tag revalidations given up after the revalidation timeout.
     pub revalidation_timeouts: Counter,
+    /// Endpoints by health state (set from the upstream's health at each scrape).
+    pub upstream_endpoint_state: Family<EndpointStateLabels, Gauge>,
+    /// Rate limits (429, or 503 with Retry-After) by endpoint.
+    pub upstream_rate_limited: Family<EndpointLabels, Counter>,
+    /// Circuit openings by endpoint.
+    pub upstream_circuit_opens: Family<EndpointLabels, Counter>,
 }
 
 impl Metrics {
@@ -152,6 +164,9 @@ impl Metrics {
             blobs_too_large: Counter::default(),
             fetch_memory: Gauge::default(),
             revalidation_timeouts: Counter::default(),
+            upstream_endpoint_state: Family::default(),
+            upstream_rate_limited: Family::default(),
+            upstream_circuit_opens: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,6 +273,21 @@ impl Metrics {
             "revalidation_timeouts",
             "Tag revalidations given up after the revalidation timeout",
             m.revalidation_timeouts.clone(),
+        );
+        registry.register(
+            "upstream_endpoint_state",
+            "Upstream endpoints by health state (healthy, backing_off, open, half_open): 1 for the endpoint's state, 0 for the others; only endpoints that have failed or been rate limited",
+            m.upstream_endpoint_state.clone(),
+        );
+        registry.register(
+            "upstream_rate_limited",
+            "Rate limits (429, or 503 with Retry-After) answered by an upstream endpoint, each starting a back-off",
+            m.upstream_rate_limited.clone(),
+        );
+        registry.register(
+            "upstream_circuit_opens",
+            "Times an upstream endpoint's circuit opened (failures in a row, or a failed probe)",
+            m.upstream_circuit_opens.clone(),
         );
         Metrics { registry, ..m }
     }

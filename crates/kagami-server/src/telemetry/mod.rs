@@ -22,7 +22,7 @@ pub(crate) use recorder::Finished;
 pub use recorder::Recorder;
 pub use report::ReportInputs;
 
-use metrics::{CacheLabels, Metrics, PeerLabels};
+use metrics::{CacheLabels, EndpointStateLabels, Metrics, PeerLabels};
 use refusals::Refusals;
 
 /// Metrics, the status recorder and the refusal log of one server.
@@ -157,6 +157,46 @@ impl Telemetry {
         let m = &self.metrics;
         m.upstream_failures.get_or_create(&m.endpoint(&first)).inc();
         self.plan_failed(plan, why);
+    }
+}
+
+impl kagami_client::HealthEvents for Telemetry {
+    fn rate_limited(&self, endpoint: &str, _backoff: Duration) {
+        let m = &self.metrics;
+        m.upstream_rate_limited
+            .get_or_create(&m.endpoint(endpoint))
+            .inc();
+    }
+
+    fn circuit_opened(&self, endpoint: &str, _cool_down: Duration) {
+        let m = &self.metrics;
+        m.upstream_circuit_opens
+            .get_or_create(&m.endpoint(endpoint))
+            .inc();
+    }
+}
+
+impl Telemetry {
+    /// Sets `kagami_upstream_endpoint_state` from the upstream's health (at each scrape):
+    /// for each endpoint, 1 for its state and 0 for the others (past the label budget,
+    /// `other` counts the endpoints in each state).
+    pub fn endpoint_states(&self, health: &[kagami_client::EndpointStatus]) {
+        use kagami_client::health::State;
+        let m = &self.metrics;
+        let mut values: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
+        for e in health {
+            let endpoint = m.endpoint(&e.endpoint).endpoint;
+            for s in State::ALL {
+                *values.entry((endpoint.clone(), s.as_str())).or_default() +=
+                    i64::from(e.state == s);
+            }
+        }
+        m.upstream_endpoint_state.clear();
+        for ((endpoint, state), v) in values {
+            m.upstream_endpoint_state
+                .get_or_create(&EndpointStateLabels { endpoint, state })
+                .set(v);
+        }
     }
 }
 

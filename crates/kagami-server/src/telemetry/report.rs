@@ -5,13 +5,13 @@
 use std::time::SystemTime;
 
 use crate::report::{
-    BytesBySource, CacheInfo, ContainerdInfo, HitMiss, INTERVAL_SECS, MemberInfo, Node,
-    PeersSummary, Pull, Report, Series, StoreInfo,
+    BytesBySource, CacheInfo, ContainerdInfo, EndpointHealth, HitMiss, INTERVAL_SECS, MemberInfo,
+    Node, PeersSummary, Pull, Report, Series, StoreInfo,
 };
 
 use super::Telemetry;
 use super::metrics::{CacheLabels, SourceLabels};
-use super::recorder::unix_secs;
+use super::recorder::{unix_millis, unix_secs};
 
 /// What the report needs from outside telemetry.
 pub struct ReportInputs<'a> {
@@ -27,6 +27,8 @@ pub struct ReportInputs<'a> {
     pub p2p_addrs: Vec<String>,
     /// The shared containerd, when there is one.
     pub containerd: Option<ContainerdInfo>,
+    /// The upstream's endpoint health (rate limits, circuits).
+    pub endpoint_health: Vec<kagami_client::EndpointStatus>,
 }
 
 impl Telemetry {
@@ -118,10 +120,44 @@ impl Telemetry {
                 samples: st.samples(now),
             },
             recent_pulls,
-            endpoints: st.endpoints(),
+            endpoints: endpoints(st.endpoints(), inputs.endpoint_health),
             inflight_fetches: m.inflight.get(),
             stale_tags_served: m.stale_served.get(),
             containerd: inputs.containerd,
         }
     }
+}
+
+/// The recorder's endpoints with their health (state, until when, failures in a row), by
+/// name; an endpoint only the health knows of is added.
+fn endpoints(
+    mut recorded: Vec<EndpointHealth>,
+    health: Vec<kagami_client::EndpointStatus>,
+) -> Vec<EndpointHealth> {
+    for h in health {
+        let i = match recorded.iter().position(|e| e.endpoint == h.endpoint) {
+            Some(i) => i,
+            None => {
+                recorded.push(EndpointHealth {
+                    endpoint: h.endpoint.clone(),
+                    ..Default::default()
+                });
+                recorded.len() - 1
+            }
+        };
+        let e = &mut recorded[i];
+        e.state = h.state.as_str().to_string();
+        e.until = h.until.map(unix_millis);
+        e.consecutive_failures = h.consecutive_failures;
+        e.last_failure = h.last_error;
+        e.rate_limited = h.rate_limited;
+        e.circuit_opens = h.circuit_opens;
+    }
+    for e in &mut recorded {
+        if e.state.is_empty() {
+            e.state = "healthy".into();
+        }
+    }
+    recorded.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+    recorded
 }

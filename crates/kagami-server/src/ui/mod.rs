@@ -516,33 +516,40 @@ fn endpoints_card(h: &mut String, r: &Report) {
         return;
     }
     h.push_str(
-        "<table><tr><th>endpoint</th><th class=\"num\">fetches</th><th class=\"num\">failures</th>\
-         <th class=\"num\">last answer</th><th class=\"num\">last error</th></tr>",
+        "<table><tr><th>endpoint</th><th>state</th><th class=\"num\">fetches</th><th class=\"num\">failures</th>\
+         <th class=\"num\">in a row</th><th class=\"num\">last answer</th><th class=\"num\">last error</th></tr>",
     );
     for e in &r.endpoints {
-        let (dot, state) = if e.healthy() {
-            ("#2f9e6a", "healthy")
-        } else {
-            ("#c4372b", "failing")
+        let state = crate::report::format::endpoint_state(e);
+        let dot = match e.state.as_str() {
+            "backing_off" | "half_open" => "#d08a1e",
+            _ if e.healthy() => "#2f9e6a",
+            _ => "#c4372b",
         };
         let when = |at: Option<u64>| at.map_or("–".to_string(), |at| ago(r.generated_at, at));
-        let error_row = e.last_error.is_some();
+        let errors: Vec<&String> = e.last_failure.iter().chain(&e.last_error).collect();
+        let error_row = !errors.is_empty();
         let _ = write!(
             h,
-            "<tr{}><td class=\"mono nowrap\"><i class=\"dot\" style=\"background:{dot}\" title=\"{state}\"></i>{}</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num muted\">{}</td><td class=\"num muted\">{}</td></tr>",
+            "<tr{}><td class=\"mono nowrap\"><i class=\"dot\" style=\"background:{dot}\" title=\"{}\"></i>{}</td>\
+             <td class=\"nowrap\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num muted\">{}</td><td class=\"num muted\">{}</td></tr>",
             if error_row { " class=\"joined\"" } else { "" },
+            escape(&e.state),
             escape(&e.endpoint),
+            escape(&state),
             e.fetches,
             e.failures,
+            e.consecutive_failures,
             when(e.last_ok_at),
             when(e.last_error_at),
         );
-        if let Some(err) = &e.last_error {
+        if error_row {
+            let text: Vec<String> = errors.iter().map(|t| escape(t)).collect();
             let _ = write!(
                 h,
-                "<tr><td colspan=\"5\" class=\"err\">{}</td></tr>",
-                escape(err)
+                "<tr><td colspan=\"7\" class=\"err\">{}</td></tr>",
+                text.join("<br>")
             );
         }
     }
@@ -705,6 +712,12 @@ mod tests {
                 last_ok_at: None,
                 last_error: Some(evil.into()),
                 last_error_at: Some(1_795_328_464_000),
+                state: evil.into(),
+                until: Some(1_795_328_464_000),
+                consecutive_failures: 3,
+                last_failure: Some(evil.into()),
+                rate_limited: 1,
+                circuit_opens: 1,
             }],
             inflight_fetches: 0,
             stale_tags_served: 0,

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use kagami_server::report::Report;
 use kagami_server::report::format::{
-    human_bytes, human_duration_ms, human_uptime, pull_image, short_digest, utc_datetime, utc_time,
+    endpoint_state, human_bytes, human_duration_ms, human_uptime, pull_image, short_digest,
+    utc_datetime, utc_time,
 };
 
 use crate::Format;
@@ -366,9 +367,10 @@ pub fn render(r: &Report, base: &str) -> String {
             .map(|e| {
                 vec![
                     e.endpoint.clone(),
-                    if e.healthy() { "ok" } else { "failing" }.into(),
+                    endpoint_state(e),
                     e.fetches.to_string(),
                     e.failures.to_string(),
+                    e.consecutive_failures.to_string(),
                     e.last_error_at
                         .map_or("–".into(), |at| format!("{} UTC", utc_time(at / 1000))),
                 ]
@@ -376,11 +378,21 @@ pub fn render(r: &Report, base: &str) -> String {
             .collect();
         table(
             &mut o,
-            &["ENDPOINT", "STATE", "FETCHES", "FAILURES", "LAST ERROR"],
-            &[false, false, true, true, false],
+            &[
+                "ENDPOINT",
+                "STATE",
+                "FETCHES",
+                "FAILURES",
+                "IN A ROW",
+                "LAST ERROR",
+            ],
+            &[false, false, true, true, true, false],
             &rows,
         );
         for e in &r.endpoints {
+            if let Some(err) = &e.last_failure {
+                let _ = writeln!(o, "  last failure of {}:\n    {err}", e.endpoint);
+            }
             if let Some(err) = &e.last_error {
                 let _ = writeln!(o, "  last error of {}:\n    {err}", e.endpoint);
             }
