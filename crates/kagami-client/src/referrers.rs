@@ -84,7 +84,7 @@ impl Client {
     /// The referrers of `subject` through the plan ([`Walk`]).
     pub async fn referrers(&self, plan: &Plan, subject: &Digest) -> Result<Referrers, Error> {
         let what = || format!("referrers of {}@{subject}", plan.image.name());
-        Walk::new(plan, 0)
+        Walk::new(plan, 0, self.health())
             .run(what, |_, a| self.referrers_from(a, subject))
             .await
     }
