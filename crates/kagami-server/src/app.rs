@@ -16,6 +16,7 @@ use crate::service::blobs::Blobs;
 use crate::service::import::Importer;
 use crate::service::manifests::Manifests;
 use crate::service::tags::Tags;
+use crate::service::warm::Warmer;
 use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
 
@@ -77,6 +78,7 @@ pub(crate) struct Services {
     pub manifests: Arc<Manifests>,
     pub tags: Tags,
     pub import: Importer,
+    pub warm: Arc<Warmer>,
 }
 
 impl AppState {
@@ -105,6 +107,15 @@ impl AppState {
         );
         let tags = Tags::new(&deps, options.tag_ttl);
         let import = Importer::new(&deps, config.clone(), admin.clone());
+        let warm = Warmer::new(
+            &deps,
+            manifests.clone(),
+            blobs.clone(),
+            config.clone(),
+            PlanOptions {
+                disable_default_endpoint: options.disable_default_endpoint,
+            },
+        );
         AppState {
             inner: Arc::new(Inner {
                 config,
@@ -122,6 +133,7 @@ impl AppState {
                     manifests,
                     tags,
                     import,
+                    warm,
                 },
             }),
         }
@@ -149,6 +161,12 @@ impl AppState {
         peers.attach(self.inner.telemetry.clone());
         let _ = self.inner.peers.set(peers);
         let _ = self.inner.node_info.set(node);
+    }
+
+    /// The node's warm list (docs/warm.md): `kagami serve` gives it the policy's list with
+    /// [`Warmer::set_list`]; `POST /kagami/warm` adds to it.
+    pub fn warmer(&self) -> &Arc<Warmer> {
+        &self.inner.services.warm
     }
 
     pub fn peers(&self) -> Option<&Arc<crate::peers::Peers>> {

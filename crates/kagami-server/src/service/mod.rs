@@ -21,6 +21,7 @@ pub(crate) mod import;
 pub(crate) mod manifests;
 pub(crate) mod reply;
 pub(crate) mod tags;
+pub(crate) mod warm;
 
 /// One request, parsed once: what it names and where that can come from.
 pub(crate) struct RequestContext {

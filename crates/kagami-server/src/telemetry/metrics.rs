@@ -26,6 +26,11 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
@@ -121,6 +126,10 @@ pub struct Metrics {
     pub fetch_memory: Gauge,
     /// Tag revalidations given up after the revalidation timeout.
     pub revalidation_timeouts: Counter,
+    /// Images of the warm list by state (`service::warm`).
+    pub warm_images: Family<StateLabels, Gauge>,
+    /// Bytes of blobs fetched to warm images, by source (peer, upstream).
+    pub warm_bytes: Family<SourceLabels, Counter>,
 }
 
 impl Metrics {
@@ -152,6 +161,8 @@ impl Metrics {
             blobs_too_large: Counter::default(),
             fetch_memory: Gauge::default(),
             revalidation_timeouts: Counter::default(),
+            warm_images: Family::default(),
+            warm_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,6 +269,16 @@ impl Metrics {
             "revalidation_timeouts",
             "Tag revalidations given up after the revalidation timeout",
             m.revalidation_timeouts.clone(),
+        );
+        registry.register(
+            "warm_images",
+            "Images of this node's warm list by state (queued, fetching, held, failed, not_chosen)",
+            m.warm_images.clone(),
+        );
+        registry.register(
+            "warm_fetched_bytes",
+            "Bytes of blobs this node fetched to warm images, by source (peer, upstream)",
+            m.warm_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

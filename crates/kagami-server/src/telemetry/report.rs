@@ -27,6 +27,8 @@ pub struct ReportInputs<'a> {
     pub p2p_addrs: Vec<String>,
     /// The shared containerd, when there is one.
     pub containerd: Option<ContainerdInfo>,
+    /// Cluster warming, when this node has a warm list.
+    pub warm: Option<crate::report::WarmReport>,
 }
 
 impl Telemetry {
@@ -122,6 +124,7 @@ impl Telemetry {
             inflight_fetches: m.inflight.get(),
             stale_tags_served: m.stale_served.get(),
             containerd: inputs.containerd,
+            warm: inputs.warm,
         }
     }
 }
