@@ -14,3 +14,4 @@ mod proxy;
 mod server;
 mod status;
 mod telemetry;
+mod warm;
