@@ -22,3 +22,4 @@ mod pull;
 mod serve;
 mod status;
 mod sync;
+mod warm;
