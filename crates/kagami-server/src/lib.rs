@@ -42,9 +42,7 @@ pub mod import {
 pub mod warm {
     pub use crate::http::warm::{WARM_PATH, WarmAccepted, WarmRequest};
     pub use crate::report::{WarmImage, WarmReport};
-    pub use crate::service::warm::{
-        MAX_IMAGES, PASS_EVERY, RESOLVE_EVERY, STATES, Warmer, chosen,
-    };
+    pub use crate::service::warm::{MAX_IMAGES, PASS_EVERY, RESOLVE_EVERY, STATES, Warmer, chosen};
 }
 pub mod telemetry;
 pub use telemetry::{metrics, refusals};

@@ -514,9 +514,11 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
     let image = kagami_config::Reference::parse(&format!("{REGISTRY}/team/app@{dm}")).unwrap();
     d.state.warmer().add(vec![image]).unwrap();
     eventually(
-        async || metric(&d, "kagami_warm_images").await > 0.0 && {
-            let w = json(&d, "/kagami/warm").await;
-            w["images"][0]["state"] == "held"
+        async || {
+            metric(&d, "kagami_warm_images").await > 0.0 && {
+                let w = json(&d, "/kagami/warm").await;
+                w["images"][0]["state"] == "held"
+            }
         },
         "node D to warm the image",
     )
@@ -527,7 +529,10 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
         md.value("kagami_warm_fetched_bytes_total", r#"source="peer""#),
         (config_blob.len() + layer.len()) as f64
     );
-    assert_eq!(json(&d, "/status.json").await["warm"]["images"][0]["state"], "held");
+    assert_eq!(
+        json(&d, "/status.json").await["warm"]["images"][0]["state"],
+        "held"
+    );
     scrapes.push(("D", md));
 
     // Node C: faults. One fetch at a time, short waits, small caps, a small store.

@@ -131,7 +131,9 @@ pub async fn push_image(registry: &Registry, repo: &str, tag: &str, layers: usiz
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let base = format!("http://{}", registry.addr());
-    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec();
     let mut blobs = vec![config.clone()];
     for i in 0..layers {
         blobs.push(random(200 * 1024 + i * 1000, 40 + i as u64));
@@ -162,9 +164,7 @@ pub async fn push_image(registry: &Registry, repo: &str, tag: &str, layers: usiz
         assert_eq!(r.status(), 201, "upload of {d}");
         digests.push(d);
     }
-    let desc = |data: &Vec<u8>, media: &str| {
-        serde_json::json!({"mediaType": media, "digest": digest_of(data).to_string(), "size": data.len()})
-    };
+    let desc = |data: &Vec<u8>, media: &str| serde_json::json!({"mediaType": media, "digest": digest_of(data).to_string(), "size": data.len()});
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -173,10 +173,7 @@ pub async fn push_image(registry: &Registry, repo: &str, tag: &str, layers: usiz
     });
     let r = http
         .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header(
-            "content-type",
-            "application/vnd.oci.image.manifest.v1+json",
-        )
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
         .body(serde_json::to_vec(&manifest).unwrap())
         .send()
         .await
@@ -223,22 +220,26 @@ async fn two_copies_kept_among_three_nodes_and_a_dead_holder_replaced() {
             .join("\n")
     };
     let all: Vec<&Node> = nodes.iter().collect();
-    eventually(Duration::from_secs(60), "the two chosen nodes to hold the image", async || {
-        let held: BTreeSet<String> = all
-            .iter()
-            .filter(|n| state_of(n, &name) == "held")
-            .map(|n| n.id.clone())
-            .collect();
-        let others_idle = all
-            .iter()
-            .filter(|n| !chosen.contains(&n.id))
-            .all(|n| state_of(n, &name) == "not_chosen");
-        if held == chosen.iter().cloned().collect() && others_idle {
-            Ok(())
-        } else {
-            Err(summary(&all))
-        }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the two chosen nodes to hold the image",
+        async || {
+            let held: BTreeSet<String> = all
+                .iter()
+                .filter(|n| state_of(n, &name) == "held")
+                .map(|n| n.id.clone())
+                .collect();
+            let others_idle = all
+                .iter()
+                .filter(|n| !chosen.contains(&n.id))
+                .all(|n| state_of(n, &name) == "not_chosen");
+            if held == chosen.iter().cloned().collect() && others_idle {
+                Ok(())
+            } else {
+                Err(summary(&all))
+            }
+        },
+    )
     .await;
     // Exactly the chosen nodes hold the blobs; upstream sent each blob once.
     for n in &nodes {
@@ -256,13 +257,17 @@ async fn two_copies_kept_among_three_nodes_and_a_dead_holder_replaced() {
         );
     }
     // Each node sees the two copies (the providers of the manifest, and itself).
-    eventually(Duration::from_secs(30), "every node to see 2 copies", async || {
-        if all.iter().all(|n| n.warm().images[0].copies_seen == 2) {
-            Ok(())
-        } else {
-            Err(summary(&all))
-        }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "every node to see 2 copies",
+        async || {
+            if all.iter().all(|n| n.warm().images[0].copies_seen == 2) {
+                Ok(())
+            } else {
+                Err(summary(&all))
+            }
+        },
+    )
     .await;
 
     // A holder dies: the third node takes its place, from the surviving holder.
@@ -271,13 +276,17 @@ async fn two_copies_kept_among_three_nodes_and_a_dead_holder_replaced() {
     let third = nodes.iter().find(|n| !chosen.contains(&n.id)).unwrap();
     let survivor = nodes.iter().find(|n| n.id == chosen[1]).unwrap();
     let alive = [third, survivor];
-    eventually(Duration::from_secs(60), "the third node to take over", async || {
-        if state_of(third, &name) == "held" && state_of(survivor, &name) == "held" {
-            Ok(())
-        } else {
-            Err(summary(&alive))
-        }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the third node to take over",
+        async || {
+            if state_of(third, &name) == "held" && state_of(survivor, &name) == "held" {
+                Ok(())
+            } else {
+                Err(summary(&alive))
+            }
+        },
+    )
     .await;
     for d in &blobs {
         assert!(third.state.store().blob_size(&d.parse().unwrap()).is_some());
@@ -309,12 +318,14 @@ async fn an_image_upstream_lacks_fails_in_the_status_and_stores_nothing() {
     let image = Reference::parse("registry.example.test/team/missing:1").unwrap();
     n.state.warmer().add(vec![image.clone()]).unwrap();
     let name = image.to_string();
-    eventually(Duration::from_secs(30), "the image to fail", async || {
-        match n.warm().images.first() {
+    eventually(
+        Duration::from_secs(30),
+        "the image to fail",
+        async || match n.warm().images.first() {
             Some(i) if i.state == "failed" => Ok(i.clone()),
             other => Err(format!("{other:?}")),
-        }
-    })
+        },
+    )
     .await;
     let r = n.warm();
     let i = &r.images[0];

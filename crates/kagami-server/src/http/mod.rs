@@ -28,8 +28,8 @@ pub mod listener;
 pub(crate) mod log;
 pub mod peer_api;
 pub(crate) mod reply;
-pub(crate) mod warm;
 pub mod request_id;
+pub(crate) mod warm;
 
 /// The whole HTTP application: the OCI pull API plus health and metrics.
 pub fn router(state: AppState) -> Router {

@@ -311,7 +311,10 @@ impl Warmer {
             match l.entries.get(key) {
                 Some(e) => (
                     e.status.state == "held",
-                    e.status.digest.as_deref().and_then(|d| d.parse::<Digest>().ok()),
+                    e.status
+                        .digest
+                        .as_deref()
+                        .and_then(|d| d.parse::<Digest>().ok()),
                 ),
                 None => return 0,
             }
@@ -426,7 +429,11 @@ impl Warmer {
         let view = ManifestView::checked(index).map_err(|e| format!("unreadable index: {e}"))?;
         view.manifests
             .iter()
-            .find(|d| d.platform.as_ref().is_some_and(|p| self.platform.matches(p)))
+            .find(|d| {
+                d.platform
+                    .as_ref()
+                    .is_some_and(|p| self.platform.matches(p))
+            })
             .map(|d| d.digest.clone())
             .ok_or_else(|| {
                 let have: Vec<String> = view
@@ -522,7 +529,8 @@ impl Warmer {
             self.update(key, |e| e.status.platform_digest = None);
             root
         };
-        let view = ManifestView::checked(&image).map_err(|e| format!("unreadable manifest: {e}"))?;
+        let view =
+            ManifestView::checked(&image).map_err(|e| format!("unreadable manifest: {e}"))?;
         let blobs: Vec<(Digest, u64)> = view
             .blobs()
             .map(|d| (d.digest.clone(), d.size.unwrap_or(0)))
@@ -654,7 +662,11 @@ async fn run(weak: Weak<Warmer>, wake: Arc<Notify>) {
 pub fn chosen(ids: &BTreeSet<String>, image: &str, k: usize) -> Vec<String> {
     let mut ranked: Vec<(u64, &String)> = ids.iter().map(|id| (score(id, image), id)).collect();
     ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-    ranked.into_iter().take(k).map(|(_, id)| id.clone()).collect()
+    ranked
+        .into_iter()
+        .take(k)
+        .map(|(_, id)| id.clone())
+        .collect()
 }
 
 fn score(node: &str, image: &str) -> u64 {

@@ -532,14 +532,21 @@ fn warm_card(h: &mut String, r: &Report) {
             "held" => ("#2f9e6a", "held".to_string()),
             "failed" => ("#c4372b", "failed".to_string()),
             "fetching" => ("#d08a1e", "fetching".to_string()),
-            "not_chosen" => ("#9fb0c4", format!("not chosen here: held by {}", i.chosen.join(", "))),
+            "not_chosen" => (
+                "#9fb0c4",
+                format!("not chosen here: held by {}", i.chosen.join(", ")),
+            ),
             other => ("#9fb0c4", other.to_string()),
         };
         let _ = write!(
             h,
             "<tr{}><td class=\"mono\">{}</td><td>{}</td><td><i class=\"dot\" style=\"background:{dot}\"></i>{}</td>\
              <td class=\"num\">{} / {}</td><td class=\"num\">{} / {}</td><td class=\"num\">{}</td></tr>",
-            if i.error.is_some() { " class=\"joined\"" } else { "" },
+            if i.error.is_some() {
+                " class=\"joined\""
+            } else {
+                ""
+            },
             escape(&i.image),
             escape(&i.listed_by),
             escape(&state),
@@ -550,7 +557,11 @@ fn warm_card(h: &mut String, r: &Report) {
             i.copies_seen,
         );
         if let Some(e) = &i.error {
-            let _ = write!(h, "<tr><td colspan=\"6\" class=\"err\">{}</td></tr>", escape(e));
+            let _ = write!(
+                h,
+                "<tr><td colspan=\"6\" class=\"err\">{}</td></tr>",
+                escape(e)
+            );
         }
     }
     h.push_str("</table></section>\n");

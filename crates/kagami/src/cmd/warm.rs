@@ -72,9 +72,7 @@ pub fn parse_list(file: &Path, text: &str) -> anyhow::Result<Vec<Reference>> {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut images: Vec<Reference> = Vec::new();
     for (i, s) in args.images.iter().enumerate() {
-        images.push(
-            Reference::parse(s).with_context(|| format!("argument {} ({s:?})", i + 1))?,
-        );
+        images.push(Reference::parse(s).with_context(|| format!("argument {} ({s:?})", i + 1))?);
     }
     for file in &args.from {
         let text = std::fs::read_to_string(file)
@@ -136,7 +134,9 @@ async fn post(
         .body(serde_json::to_vec(req).expect("a request serialises"))
         .send()
         .await
-        .with_context(|| format!("asking {url} to warm images (is `kagami serve` running there?)"))?;
+        .with_context(|| {
+            format!("asking {url} to warm images (is `kagami serve` running there?)")
+        })?;
     let status = resp.status();
     let body = resp
         .text()
@@ -187,7 +187,9 @@ async fn follow(
         // The server queued every image it accepted (`queued`) before answering: a held or
         // failed state is this request's outcome.
         let done = mine.len() == images.len()
-            && mine.iter().all(|w| w.state == "held" || w.state == "failed");
+            && mine
+                .iter()
+                .all(|w| w.state == "held" || w.state == "failed");
         if done {
             let failed = mine.iter().filter(|w| w.state == "failed").count();
             return Ok(if failed == 0 {
