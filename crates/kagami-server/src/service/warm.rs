@@ -49,6 +49,10 @@ use crate::telemetry::metrics::{SourceLabels, StateLabels};
 pub const PASS_EVERY: Duration = Duration::from_secs(30);
 /// How often the members are compared with the last pass's (a change starts a pass).
 const MEMBERS_POLL: Duration = Duration::from_secs(1);
+/// How often the copies seen in the cluster are looked up again between passes.
+pub const COPIES_EVERY: Duration = Duration::from_secs(10);
+/// Lookups of copies in flight at once.
+const COPIES_LOOKUPS: usize = 8;
 /// A tag held locally is resolved again through the service (a pull's revalidation) at
 /// most this often; in between, a held tag costs no network request.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(600);
@@ -271,6 +275,12 @@ impl Warmer {
         };
         let nodes = self.nodes();
         self.list().nodes = nodes.as_ref().map_or(1, |(_, ids)| ids.len());
+        // Before the node has joined the P2P network it knows no member and would rank
+        // itself first for every image: limited copies wait for the join.
+        let joined = match self.cluster.peers() {
+            Some(p) => p.router.ready().await,
+            None => true,
+        };
         for (key, reference, listed_by, force, resolved_at) in work {
             let holders = match (&nodes, copies) {
                 (Some((_, ids)), Some(k)) if listed_by == ListedBy::Policy => {
@@ -282,6 +292,13 @@ impl Warmer {
                 (Some(h), Some((me, _))) => h.contains(me),
                 _ => true,
             };
+            if holders.is_some() && !joined {
+                self.update(&key, |e| {
+                    e.status.state = "queued".into();
+                    e.status.error = Some("waiting to join the P2P network".into());
+                });
+                continue;
+            }
             self.update(&key, |e| {
                 e.status.chosen = holders.clone().unwrap_or_default();
             });
@@ -293,6 +310,7 @@ impl Warmer {
             } else {
                 self.update(&key, |e| {
                     e.status.state = "not_chosen".into();
+                    e.status.error = None;
                     e.force = false;
                 });
             }
@@ -301,6 +319,25 @@ impl Warmer {
             self.publish_gauges();
         }
         self.list().last_pass_at = Some(now_secs());
+    }
+
+    /// Looks up the copies seen of every image again (no fetch).
+    async fn refresh_copies(&self) {
+        if self.cluster.peers().is_none() {
+            return;
+        }
+        let work: Vec<(String, Reference)> = self
+            .list()
+            .entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.reference.clone()))
+            .collect();
+        futures_util::stream::iter(work)
+            .for_each_concurrent(COPIES_LOOKUPS, |(key, reference)| async move {
+                let seen = self.copies_seen(&key, &reference).await;
+                self.update(&key, |e| e.status.copies_seen = seen);
+            })
+            .await;
     }
 
     /// Nodes holding the image as far as the P2P network says: the providers of its
@@ -632,10 +669,12 @@ fn set_counts(s: &mut WarmImage, h: &Held) {
 }
 
 /// The warming task: a pass at start, then every [`PASS_EVERY`], when the members change
-/// and when woken (the list changed). Ends when the warmer is dropped.
+/// and when woken (the list changed); between passes, the copies seen are looked up every
+/// [`COPIES_EVERY`]. Ends when the warmer is dropped.
 async fn run(weak: Weak<Warmer>, wake: Arc<Notify>) {
     let mut last_members: Option<BTreeSet<String>> = None;
     let mut last_pass: Option<Instant> = None;
+    let mut last_copies = Instant::now();
     let mut woken = true;
     loop {
         {
@@ -648,6 +687,10 @@ async fn run(weak: Weak<Warmer>, wake: Arc<Notify>) {
                 last_members = members;
                 w.pass().await;
                 last_pass = Some(Instant::now());
+                last_copies = Instant::now();
+            } else if last_copies.elapsed() >= COPIES_EVERY {
+                w.refresh_copies().await;
+                last_copies = Instant::now();
             }
         }
         woken = tokio::time::timeout(MEMBERS_POLL, wake.notified())
