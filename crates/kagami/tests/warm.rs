@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::serve::Kagami;
-use crate::support::{Registry, build_image, http_get, kagami, run};
+use crate::support::{Registry, build_image, build_index, http_get, kagami, push_all, run};
 
 fn mirror(dir: &Path, registry: &Registry) -> Kagami {
     let config = dir.join("registries.yaml");
@@ -122,6 +122,78 @@ fn image_blobs(layout: &Path) -> (String, Vec<String>) {
     let mut blobs = vec![hex(&m["config"])];
     blobs.extend(m["layers"].as_array().unwrap().iter().map(hex));
     (manifest, blobs)
+}
+
+/// Of a multi-platform image a node warms the index, its own platform's manifest and that
+/// manifest's blobs, and nothing of the other platforms.
+#[test]
+fn only_this_nodes_platform_of_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let host = kagami_config::oci::Platform::host();
+    let other = if host.architecture == "amd64" {
+        "linux/arm64"
+    } else {
+        "linux/amd64"
+    };
+    let mine = format!("linux/{}", host.architecture);
+    let image = build_index(&dir.path().join("image"), "m", &[&mine, other], 64 * 1024);
+    push_all(&image, &format!("{}/team/multi:m", registry.addr()));
+    let k = mirror(dir.path(), &registry);
+
+    run(warm(&k).arg("registry.example.test/team/multi:m"));
+    let read = |hex: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(image.layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap()
+    };
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.layout.join("index.json")).unwrap()).unwrap();
+    let index_entry = top["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "m")
+        .unwrap();
+    let index_hex = &index_entry["digest"].as_str().unwrap()[7..];
+    let stored = k.data.join("store/blobs/sha256");
+    assert!(stored.join(index_hex).exists(), "the index is stored");
+    let w = warm_json(&k);
+    for m in read(index_hex)["manifests"].as_array().unwrap() {
+        let hex = &m["digest"].as_str().unwrap()[7..];
+        let platform = format!(
+            "{}/{}",
+            m["platform"]["os"].as_str().unwrap(),
+            m["platform"]["architecture"].as_str().unwrap()
+        );
+        let manifest = read(hex);
+        let layer = &manifest["layers"][0]["digest"].as_str().unwrap()[7..];
+        let ours = platform == mine;
+        assert_eq!(stored.join(hex).exists(), ours, "{platform} manifest");
+        assert_eq!(stored.join(layer).exists(), ours, "{platform} layer");
+        if ours {
+            assert_eq!(
+                w["images"][0]["platform_digest"],
+                format!("sha256:{hex}"),
+                "{w}"
+            );
+        }
+    }
+    // This platform pulls through kagami with no request to the registry.
+    let before = registry.access_log().len();
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .args([
+            "--override-arch",
+            &host.architecture,
+            "--override-os",
+            "linux",
+        ])
+        .arg(format!(
+            "docker://{}/registry.example.test/team/multi:m",
+            k.addr()
+        ))
+        .arg(format!("oci:{}:m", dir.path().join("copy").display())));
+    assert_eq!(registry.access_log().len(), before);
 }
 
 #[test]

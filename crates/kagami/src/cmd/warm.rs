@@ -237,3 +237,18 @@ pub fn render(w: &WarmImage) -> String {
         w.image, w.copies_seen
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_skip_comments_and_name_the_bad_line() {
+        let f = Path::new("/etc/kagami/warm.txt");
+        let ok = parse_list(f, "# head\n\n  r.test/app:1  # note\nr.test/lib@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n").unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[0].to_string(), "r.test/app:1");
+        let e = parse_list(f, "r.test/app:1\n\nr.test/App:1\n").unwrap_err();
+        assert!(e.to_string().starts_with("/etc/kagami/warm.txt:3: "), "{e}");
+    }
+}
