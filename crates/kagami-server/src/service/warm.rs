@@ -84,6 +84,9 @@ impl ListedBy {
 struct Entry {
     reference: Reference,
     listed_by: ListedBy,
+    /// In the runtime list (too, for an image of both lists): warmed on this node whatever
+    /// the ranking says.
+    runtime: bool,
     status: WarmImage,
     /// When the image was last resolved through the service (tags: see [`RESOLVE_EVERY`]).
     resolved_at: Option<Instant>,
@@ -258,7 +261,7 @@ impl Warmer {
     async fn pass(&self) {
         let (work, copies) = {
             let l = self.list();
-            let work: Vec<(String, Reference, ListedBy, bool, Option<Instant>)> = l
+            let work: Vec<(String, Reference, ListedBy, bool, bool, Option<Instant>)> = l
                 .entries
                 .iter()
                 .map(|(k, e)| {
@@ -266,6 +269,7 @@ impl Warmer {
                         k.clone(),
                         e.reference.clone(),
                         e.listed_by,
+                        e.runtime,
                         e.force,
                         e.resolved_at,
                     )
@@ -281,18 +285,19 @@ impl Warmer {
             Some(p) => p.router.ready().await,
             None => true,
         };
-        for (key, reference, listed_by, force, resolved_at) in work {
+        for (key, reference, listed_by, runtime, force, resolved_at) in work {
             let holders = match (&nodes, copies) {
                 (Some((_, ids)), Some(k)) if listed_by == ListedBy::Policy => {
                     Some(chosen(ids, &reference.to_string(), k as usize))
                 }
                 _ => None,
             };
-            let here = match (&holders, &nodes) {
-                (Some(h), Some((me, _))) => h.contains(me),
-                _ => true,
-            };
-            if holders.is_some() && !joined {
+            let here = runtime
+                || match (&holders, &nodes) {
+                    (Some(h), Some((me, _))) => h.contains(me),
+                    _ => true,
+                };
+            if !runtime && holders.is_some() && !joined {
                 self.update(&key, |e| {
                     e.status.state = "queued".into();
                     e.status.error = Some("waiting to join the P2P network".into());
@@ -730,8 +735,9 @@ fn dedup(images: Vec<Reference>) -> Vec<Reference> {
 }
 
 /// Brings the entries in line with the two lists: new images queued, dropped ones
-/// forgotten, an image in both counted as the policy's.
+/// forgotten, an image in both shown as the policy's (and warmed here, as a runtime one).
 fn sync_entries(l: &mut List) {
+    let runtime: BTreeSet<String> = l.runtime.iter().map(|r| r.to_string()).collect();
     let mut wanted: BTreeMap<String, (Reference, ListedBy)> = BTreeMap::new();
     for r in &l.runtime {
         wanted.insert(r.to_string(), (r.clone(), ListedBy::Runtime));
@@ -741,6 +747,7 @@ fn sync_entries(l: &mut List) {
     }
     l.entries.retain(|k, _| wanted.contains_key(k));
     for (k, (reference, listed_by)) in wanted {
+        let in_runtime = runtime.contains(&k);
         let e = l.entries.entry(k.clone()).or_insert_with(|| Entry {
             reference: reference.clone(),
             listed_by,
@@ -761,7 +768,9 @@ fn sync_entries(l: &mut List) {
             },
             resolved_at: None,
             force: false,
+            runtime: in_runtime,
         });
+        e.runtime = in_runtime;
         e.listed_by = listed_by;
         e.status.listed_by = listed_by.as_str().into();
     }
