@@ -341,3 +341,53 @@ async fn an_image_upstream_lacks_fails_in_the_status_and_stores_nothing() {
     let report = kagami_server::status::report(&n.state, None);
     assert_eq!(report.warm.unwrap().images[0].state, "failed");
 }
+
+#[tokio::test]
+async fn the_admin_route_checks_the_token_and_every_reference() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let net = MemoryNetwork::new();
+    let n = node(
+        "n1",
+        &net,
+        "mirrors:\n  registry.example.test:\n    endpoint: [\"http://127.0.0.1:9\"]\n",
+    )
+    .await;
+    let (addr, _task) = serve(router(n.state.clone())).await;
+    let url = format!("http://{addr}/kagami/warm");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let post = |token: Option<&str>, body: &str| {
+        let mut r = http.post(&url).body(body.to_string());
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let good = r#"{"images":["registry.example.test/team/app:1"]}"#;
+    // Admin off: refused.
+    assert_eq!(post(Some("x"), good).await.unwrap().status(), 403);
+    kagami_server::admin::enable(
+        &n.state,
+        kagami_server::admin::Admin::new("secret".into(), n._dir.path()),
+    );
+    assert_eq!(post(None, good).await.unwrap().status(), 401);
+    assert_eq!(post(Some("wrong"), good).await.unwrap().status(), 401);
+    for bad in [
+        "not json",
+        r#"{"images":[]}"#,
+        r#"{"images":["registry.example.test/team/app:1","registry.example.test/Bad/Name:1"]}"#,
+    ] {
+        let r = post(Some("secret"), bad).await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["errors"][0]["code"], "WARM_INVALID", "{body}");
+    }
+    assert!(n.state.warmer().report().is_none(), "nothing was added");
+    let r = post(Some("secret"), good).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let listed: WarmReport =
+        serde_json::from_slice(&http.get(&url).send().await.unwrap().bytes().await.unwrap())
+            .unwrap();
+    assert_eq!(listed.images.len(), 1);
+    assert_eq!(listed.images[0].image, "registry.example.test/team/app:1");
+    assert_eq!(listed.images[0].listed_by, "runtime");
+}
