@@ -1,6 +1,6 @@
-//! The credential of the admin routes (`POST /kagami/import`): a random token that
-//! `kagami serve` writes at each start to `<data-dir>/admin.token` (mode 0600, so only the
-//! user kagami runs as, root on a node, can read it). A request must carry it as
+//! The credential of the admin routes (`POST /kagami/import`, `POST /kagami/warm`): a
+//! random token that `kagami serve` writes at each start to `<data-dir>/admin.token` (mode
+//! 0600, so only the user kagami runs as, root on a node, can read it). A request must carry it as
 //! `Authorization: Bearer <token>`; it is compared in constant time. Without a token set
 //! (an [`AppState`] nobody called [`enable`] on) the admin routes refuse everything.
 //!

@@ -17,6 +17,7 @@ use crate::service::import::Importer;
 use crate::service::manifests::Manifests;
 use crate::service::referrers::Referrers;
 use crate::service::tags::Tags;
+use crate::service::warm::Warmer;
 use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
 
@@ -81,6 +82,7 @@ pub(crate) struct Services {
     pub tags: Tags,
     pub referrers: Arc<Referrers>,
     pub import: Importer,
+    pub warm: Arc<Warmer>,
 }
 
 impl AppState {
@@ -119,6 +121,15 @@ impl AppState {
             options.limits.revalidation_timeout,
         );
         let import = Importer::new(&deps, config.clone(), admin.clone());
+        let warm = Warmer::new(
+            &deps,
+            manifests.clone(),
+            blobs.clone(),
+            config.clone(),
+            PlanOptions {
+                disable_default_endpoint: options.disable_default_endpoint,
+            },
+        );
         AppState {
             inner: Arc::new(Inner {
                 config,
@@ -137,6 +148,7 @@ impl AppState {
                     tags,
                     referrers,
                     import,
+                    warm,
                 },
                 health,
             }),
@@ -165,6 +177,12 @@ impl AppState {
         peers.attach(self.inner.telemetry.clone());
         let _ = self.inner.peers.set(peers);
         let _ = self.inner.node_info.set(node);
+    }
+
+    /// The node's warm list (docs/warm.md): `kagami serve` gives it the policy's list with
+    /// [`Warmer::set_list`]; `POST /kagami/warm` adds to it.
+    pub fn warmer(&self) -> &Arc<Warmer> {
+        &self.inner.services.warm
     }
 
     pub fn peers(&self) -> Option<&Arc<crate::peers::Peers>> {

@@ -37,6 +37,13 @@ pub mod import {
         state.services().import.import(path, name).await
     }
 }
+/// Cluster warming (docs/warm.md): the [`Warmer`](warm::Warmer) of a server
+/// (`AppState::warmer`) and its admin route.
+pub mod warm {
+    pub use crate::http::warm::{WARM_PATH, WarmAccepted, WarmRequest};
+    pub use crate::report::{WarmImage, WarmReport};
+    pub use crate::service::warm::{MAX_IMAGES, PASS_EVERY, RESOLVE_EVERY, STATES, Warmer, chosen};
+}
 pub mod telemetry;
 pub use telemetry::{metrics, refusals};
 pub mod path;

@@ -44,6 +44,7 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
         containerd: state.containerd().map(|c| c.info()),
         #[cfg(not(feature = "containerd"))]
         containerd: None,
+        warm: state.services().warm.report(),
     })
 }
 

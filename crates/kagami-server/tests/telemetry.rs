@@ -555,6 +555,33 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
     scrapes.push(("A", scrape(&a).await));
     scrapes.push(("B", mb));
 
+    // Node D warms the image (by digest): every blob from A, counted as warmed from a peer.
+    let d = node(Script::default(), ServerOptions::default(), None).await;
+    let _rd = join(&d, &net, "d").await;
+    let image = kagami_config::Reference::parse(&format!("{REGISTRY}/team/app@{dm}")).unwrap();
+    d.state.warmer().add(vec![image]).unwrap();
+    eventually(
+        async || {
+            metric(&d, "kagami_warm_images").await > 0.0 && {
+                let w = json(&d, "/kagami/warm").await;
+                w["images"][0]["state"] == "held"
+            }
+        },
+        "node D to warm the image",
+    )
+    .await;
+    let md = scrape(&d).await;
+    assert_eq!(md.value("kagami_warm_images", r#"state="held""#), 1.0);
+    assert_eq!(
+        md.value("kagami_warm_fetched_bytes_total", r#"source="peer""#),
+        (config_blob.len() + layer.len()) as f64
+    );
+    assert_eq!(
+        json(&d, "/status.json").await["warm"]["images"][0]["state"],
+        "held"
+    );
+    scrapes.push(("D", md));
+
     // Node C: faults. One fetch at a time, short waits, small caps, a small store.
     let good1 = random(200 * 1024, 11);
     let good2 = random(200 * 1024, 12);

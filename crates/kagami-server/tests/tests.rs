@@ -16,3 +16,4 @@ mod server;
 mod status;
 mod telemetry;
 mod upstream_health;
+mod warm;

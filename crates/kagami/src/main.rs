@@ -76,6 +76,9 @@ enum Command {
     /// Load image tarballs (docker save, ctr images export, OCI archives or layouts) into a
     /// running `kagami serve`, which then serves them and shares them with other nodes.
     Import(cmd::import::Args),
+    /// Warm images on this node: ask the running `kagami serve` to fetch them ahead of
+    /// need (through the other nodes, else upstream) and follow the progress.
+    Warm(cmd::warm::Args),
     /// Write an air-gap bundle: one archive with the kagami image, the deployment files
     /// and the listed images (an OCI archive that `kagami import`, `ctr images import` and
     /// K3s's agent/images folder accept), pulled through the resolution plan.
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::status::run(a),
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Import(a) => cmd::import::run(a),
+        Command::Warm(a) => cmd::warm::run(a),
         Command::Bundle(a) => cmd::bundle::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Man(a) => cmd::completions::man(a),

@@ -23,3 +23,4 @@ mod referrers;
 mod serve;
 mod status;
 mod sync;
+mod warm;

@@ -2,8 +2,8 @@
 //! middleware; [`dispatch`] parses a request once into a
 //! [`RequestContext`](crate::service::RequestContext) (path, plan, range, HEAD), calls a
 //! service and turns its typed reply or error into a response in one place ([`reply`]);
-//! the request log ([`log`]), the peer API ([`peer_api`]) and the admin import route
-//! ([`import`]). Handlers get the [`AppState`] (the composition root); services never do.
+//! the request log ([`log`]), the peer API ([`peer_api`]) and the admin routes
+//! ([`import`], [`warm`]). Handlers get the [`AppState`] (the composition root); services never do.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -29,6 +29,7 @@ pub(crate) mod log;
 pub mod peer_api;
 pub(crate) mod reply;
 pub mod request_id;
+pub(crate) mod warm;
 
 /// The whole HTTP application: the OCI pull API plus health and metrics.
 pub fn router(state: AppState) -> Router {
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/status", get(crate::status::html))
         .route("/status.json", get(crate::status::json))
         .route(import::IMPORT_PATH, axum::routing::post(import::route))
+        .route(warm::WARM_PATH, get(warm::progress).post(warm::route))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(limit_headers))
         .with_state(state)

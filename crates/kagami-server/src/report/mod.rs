@@ -41,6 +41,51 @@ pub struct Report {
     /// (`--containerd-content`).
     #[serde(default)]
     pub containerd: Option<ContainerdInfo>,
+    /// The images this node warms (fetches ahead of need), when it has a list.
+    #[serde(default)]
+    pub warm: Option<WarmReport>,
+}
+
+/// Cluster warming as this node sees it (`kagami_server::service::warm`): what `GET
+/// /kagami/warm` answers, the `warm` field of `/status.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WarmReport {
+    /// Copies of each policy image the cluster keeps; `None`: every node holds every image.
+    pub copies: Option<u32>,
+    /// The nodes the holders are chosen among: the P2P members this node knows, plus itself.
+    pub nodes: usize,
+    /// When the last pass over the list ended (Unix seconds).
+    pub last_pass_at: Option<u64>,
+    pub images: Vec<WarmImage>,
+}
+
+/// One image of the warm list.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WarmImage {
+    /// The reference as listed (normalised).
+    pub image: String,
+    /// `policy` (the cluster-wide list) or `runtime` (added on this node by `kagami warm`).
+    pub listed_by: String,
+    /// `queued`, `fetching`, `held`, `failed` or `not_chosen`.
+    pub state: String,
+    /// The digest the image resolved to (the index for a multi-platform image).
+    pub digest: Option<String>,
+    /// The platform manifest warmed, for an index.
+    pub platform_digest: Option<String>,
+    /// Blobs (config and layers) of the image, and how many this node holds.
+    pub blobs_total: u64,
+    pub blobs_held: u64,
+    pub bytes_total: u64,
+    pub bytes_held: u64,
+    /// Why the last attempt failed (`failed`), kept until an attempt succeeds.
+    pub error: Option<String>,
+    /// The nodes chosen to hold it (rendezvous hashing), when copies are limited.
+    pub chosen: Vec<String>,
+    /// Nodes seen holding it: the providers of its manifest (or tag) among the other nodes,
+    /// plus this node when it holds it.
+    pub copies_seen: u64,
+    /// When its state last changed (Unix seconds).
+    pub updated_at: u64,
 }
 
 /// The node's containerd as a source for other nodes: what `/p2p/status` shows under

@@ -22,6 +22,7 @@ pub(crate) mod manifests;
 pub(crate) mod referrers;
 pub(crate) mod reply;
 pub(crate) mod tags;
+pub(crate) mod warm;
 
 /// One request, parsed once: what it names and where that can come from.
 pub(crate) struct RequestContext {

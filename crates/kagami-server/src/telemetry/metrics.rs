@@ -26,6 +26,11 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
@@ -133,6 +138,10 @@ pub struct Metrics {
     pub upstream_rate_limited: Family<EndpointLabels, Counter>,
     /// Circuit openings by endpoint.
     pub upstream_circuit_opens: Family<EndpointLabels, Counter>,
+    /// Images of the warm list by state (`service::warm`).
+    pub warm_images: Family<StateLabels, Gauge>,
+    /// Bytes of blobs fetched to warm images, by source (peer, upstream).
+    pub warm_bytes: Family<SourceLabels, Counter>,
 }
 
 impl Metrics {
@@ -167,6 +176,8 @@ impl Metrics {
             upstream_endpoint_state: Family::default(),
             upstream_rate_limited: Family::default(),
             upstream_circuit_opens: Family::default(),
+            warm_images: Family::default(),
+            warm_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -288,6 +299,16 @@ impl Metrics {
             "upstream_circuit_opens",
             "Times an upstream endpoint's circuit opened (failures in a row, or a failed probe)",
             m.upstream_circuit_opens.clone(),
+        );
+        registry.register(
+            "warm_images",
+            "Images of this node's warm list by state (queued, fetching, held, failed, not_chosen)",
+            m.warm_images.clone(),
+        );
+        registry.register(
+            "warm_fetched_bytes",
+            "Bytes of blobs this node fetched to warm images, by source (peer, upstream)",
+            m.warm_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -29,6 +29,8 @@ pub struct ReportInputs<'a> {
     pub containerd: Option<ContainerdInfo>,
     /// The upstream's endpoint health (rate limits, circuits).
     pub endpoint_health: Vec<kagami_client::EndpointStatus>,
+    /// Cluster warming, when this node has a warm list.
+    pub warm: Option<crate::report::WarmReport>,
 }
 
 impl Telemetry {
@@ -124,6 +126,7 @@ impl Telemetry {
             inflight_fetches: m.inflight.get(),
             stale_tags_served: m.stale_served.get(),
             containerd: inputs.containerd,
+            warm: inputs.warm,
         }
     }
 }

@@ -69,6 +69,7 @@ pub fn render_html(r: &Report) -> String {
     chart_card(&mut h, r);
     members_card(&mut h, r);
     containerd_card(&mut h, r);
+    warm_card(&mut h, r);
     endpoints_card(&mut h, r);
     pulls_card(&mut h, r);
     h.push_str("</main></body></html>\n");
@@ -504,6 +505,68 @@ fn containerd_card(h: &mut String, r: &Report) {
     h.push_str("</section>\n");
 }
 
+/// The warm list (docs/warm.md), when the node has one.
+fn warm_card(h: &mut String, r: &Report) {
+    let Some(w) = &r.warm else {
+        return;
+    };
+    let copies = w
+        .copies
+        .map_or_else(|| "every node".to_string(), |k| format!("{k} copies"));
+    let _ = write!(
+        h,
+        "<section class=\"wide\" id=\"warm\"><h2>Warm images ({})</h2>\
+         <div class=\"muted\" style=\"margin-bottom:8px\">policy: {copies} among {} node{} · last pass {}</div>",
+        w.images.len(),
+        w.nodes,
+        if w.nodes == 1 { "" } else { "s" },
+        w.last_pass_at
+            .map_or_else(|| "not yet".to_string(), |t| format!("{} UTC", utc_time(t))),
+    );
+    h.push_str(
+        "<table><tr><th>image</th><th>listed by</th><th>state</th><th class=\"num\">blobs</th>\
+         <th class=\"num\">bytes</th><th class=\"num\">copies seen</th></tr>",
+    );
+    for i in &w.images {
+        let (dot, state) = match i.state.as_str() {
+            "held" => ("#2f9e6a", "held".to_string()),
+            "failed" => ("#c4372b", "failed".to_string()),
+            "fetching" => ("#d08a1e", "fetching".to_string()),
+            "not_chosen" => (
+                "#9fb0c4",
+                format!("not chosen here: held by {}", i.chosen.join(", ")),
+            ),
+            other => ("#9fb0c4", other.to_string()),
+        };
+        let _ = write!(
+            h,
+            "<tr{}><td class=\"mono\">{}</td><td>{}</td><td><i class=\"dot\" style=\"background:{dot}\"></i>{}</td>\
+             <td class=\"num\">{} / {}</td><td class=\"num\">{} / {}</td><td class=\"num\">{}</td></tr>",
+            if i.error.is_some() {
+                " class=\"joined\""
+            } else {
+                ""
+            },
+            escape(&i.image),
+            escape(&i.listed_by),
+            escape(&state),
+            i.blobs_held.min(i.blobs_total),
+            i.blobs_total,
+            human_bytes(i.bytes_held),
+            human_bytes(i.bytes_total),
+            i.copies_seen,
+        );
+        if let Some(e) = &i.error {
+            let _ = write!(
+                h,
+                "<tr><td colspan=\"6\" class=\"err\">{}</td></tr>",
+                escape(e)
+            );
+        }
+    }
+    h.push_str("</table></section>\n");
+}
+
 fn ago(now: u64, at_ms: u64) -> String {
     let secs = now.saturating_sub(at_ms / 1000);
     format!("{} ago", human_uptime(secs))
@@ -734,6 +797,26 @@ mod tests {
                 served_manifests: 0,
                 served_bytes: 0,
             }),
+            warm: Some(WarmReport {
+                copies: Some(2),
+                nodes: 3,
+                last_pass_at: Some(1_795_328_464),
+                images: vec![WarmImage {
+                    image: evil.into(),
+                    listed_by: evil.into(),
+                    state: "not_chosen".into(),
+                    digest: Some(evil.into()),
+                    platform_digest: None,
+                    blobs_total: 2,
+                    blobs_held: 1,
+                    bytes_total: 10,
+                    bytes_held: 5,
+                    error: Some(evil.into()),
+                    chosen: vec![evil.into()],
+                    copies_seen: 2,
+                    updated_at: 1_795_328_464,
+                }],
+            }),
         }
     }
 
@@ -752,6 +835,7 @@ mod tests {
             "Recent pulls",
             "Upstream endpoints",
             "containerd's content store",
+            "Warm images",
         ] {
             assert!(page.contains(&format!(">{heading}")), "{heading}");
         }

@@ -22,6 +22,7 @@ pub mod registries_conf;
 pub mod serve;
 pub mod status;
 pub mod sync;
+pub mod warm;
 
 /// `--config` and `--disable-default-registry-endpoint`: what the commands that resolve
 /// images (explain, pull, sync, bundle) plan with.

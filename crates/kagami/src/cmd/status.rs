@@ -286,6 +286,21 @@ pub fn render(r: &Report, base: &str) -> String {
         }
     }
 
+    if let Some(w) = &r.warm {
+        let copies = w
+            .copies
+            .map_or_else(|| "every node".to_string(), |k| format!("{k} copies"));
+        let _ = writeln!(
+            o,
+            "\nWarm images ({}; policy: {copies} among {})",
+            w.images.len(),
+            plural(w.nodes as u64, "node", "nodes")
+        );
+        for i in &w.images {
+            let _ = writeln!(o, "  {} [{}]", super::warm::render(i), i.listed_by);
+        }
+    }
+
     let c = &r.cache;
     let _ = writeln!(o, "\nHit ratio");
     let _ = writeln!(
