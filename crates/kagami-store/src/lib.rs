@@ -25,7 +25,7 @@ mod error;
 mod layout;
 mod tags;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -111,6 +111,8 @@ pub(crate) struct State {
     inflight: HashMap<Digest, Arc<Shared>>,
     tags: TagMap,
     media: HashMap<Digest, String>,
+    /// Digests the node's policy keeps (`Store::set_pinned`): never evicted.
+    pinned: HashSet<Digest>,
 }
 
 /// A complete blob.
@@ -168,7 +170,7 @@ impl Inner {
             let mut candidates: Vec<(u64, Digest)> = st
                 .blobs
                 .iter()
-                .filter(|(_, e)| e.pins == 0)
+                .filter(|(d, e)| e.pins == 0 && !st.pinned.contains(*d))
                 .map(|(d, e)| (e.last_used, d.clone()))
                 .collect();
             candidates.sort();
@@ -192,7 +194,7 @@ impl Inner {
             let old: Vec<(Digest, u64)> = st
                 .blobs
                 .iter()
-                .filter(|(_, e)| e.pins == 0 && e.used_at < cutoff)
+                .filter(|(d, e)| e.pins == 0 && e.used_at < cutoff && !st.pinned.contains(*d))
                 .map(|(d, e)| (d.clone(), e.size))
                 .collect();
             for (d, size) in old {
@@ -276,6 +278,7 @@ impl Store {
             inflight: HashMap::new(),
             tags: HashMap::new(),
             media: scanned.media,
+            pinned: HashSet::new(),
         };
         for b in blobs {
             state.clock += 1;
@@ -495,6 +498,83 @@ impl Store {
             .or_insert_with(|| shared.clone());
         drop(st);
         Ok(Begin::Writer(BlobWriter::new(self.inner.clone(), shared)))
+    }
+
+    /// Replaces the set of digests kept by the node's policy (pinned images): eviction, by
+    /// size or by age, never removes them. They count in the size limit like any blob; when
+    /// pinned blobs alone exceed it, new writes fail with `OverBudget`. Digests not (yet) in
+    /// the store may be named; they are kept from the moment they arrive.
+    pub fn set_pinned(&self, digests: HashSet<Digest>) {
+        self.inner.state().pinned = digests;
+    }
+
+    /// Whether `d` is in the policy's pinned set.
+    pub fn is_pinned(&self, d: &Digest) -> bool {
+        self.inner.state().pinned.contains(d)
+    }
+
+    /// Removes tags and blobs at once (`kagami purge`), or nothing: fails with
+    /// [`StoreError::InUse`] when one of the blobs is read (an open handle, a follower),
+    /// written (a write in flight) or pinned by the policy. Blobs not in the store and tags
+    /// not in the index are skipped. Returns the blobs removed with their sizes; each is
+    /// announced as [`StoreEvent::Removed`]. Blocking (small file operations).
+    pub fn remove(
+        &self,
+        tags: &[(String, String, String)],
+        digests: &[Digest],
+    ) -> Result<Vec<(Digest, u64)>, StoreError> {
+        let mut victims = Vec::new();
+        let mut removed = Vec::new();
+        {
+            let mut st = self.inner.state();
+            for d in digests {
+                let why = if st.inflight.contains_key(d) {
+                    Some("it is being written")
+                } else if st.blobs.get(d).is_some_and(|e| e.pins > 0) {
+                    Some("it is being read")
+                } else if st.pinned.contains(d) && st.blobs.contains_key(d) {
+                    Some("it is pinned by the policy")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(StoreError::InUse {
+                        digest: d.clone(),
+                        why,
+                    });
+                }
+            }
+            for (registry, repository, tag) in tags {
+                let key = (registry.clone(), repository.clone());
+                let Some(map) = st.tags.get_mut(&key) else {
+                    continue;
+                };
+                if map.remove(tag).is_none() {
+                    continue;
+                }
+                if map.is_empty() {
+                    st.tags.remove(&key);
+                }
+                let file = self
+                    .inner
+                    .layout
+                    .tags_dir()
+                    .join(tags::tag_file_name(registry, repository, tag));
+                layout::remove_if_exists(&file)?;
+            }
+            for d in digests {
+                let Some(size) = st.blobs.get(d).map(|e| e.size) else {
+                    continue;
+                };
+                if self.inner.take_out(&mut st, d, &mut victims) {
+                    // Not an eviction: the counter is the size bound's and the age's.
+                    st.evictions -= 1;
+                    removed.push((d.clone(), size));
+                }
+            }
+        }
+        self.inner.delete_victims(victims);
+        Ok(removed)
     }
 
     /// Records what a tag points to; persisted at once (a small blocking file write).
