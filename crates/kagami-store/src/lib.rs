@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use kagami_config::Digest;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 pub use blob::{Begin, BlobHandle, BlobWriter, CHUNK, Inflight, WINDOW};
 pub use error::StoreError;
@@ -92,6 +92,8 @@ pub(crate) struct Inner {
     _lock: std::fs::File,
     state: Mutex<State>,
     events: broadcast::Sender<StoreEvent>,
+    /// Bumped whenever blobs or tags change (`Store::changes`).
+    changes: watch::Sender<u64>,
     next_tmp: AtomicU64,
     /// Test hook: writes reaching this many bytes fail with ENOSPC.
     #[cfg(feature = "fault-injection")]
@@ -128,6 +130,11 @@ pub(crate) struct Entry {
 impl Inner {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells `Store::changes` watchers that blobs or tags changed.
+    pub(crate) fn changed(&self) {
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     fn tmp_path(&self, what: &str) -> PathBuf {
@@ -237,6 +244,9 @@ impl Inner {
     }
 
     fn delete_victims(&self, victims: Vec<(Digest, Option<PathBuf>)>) {
+        if !victims.is_empty() {
+            self.changed();
+        }
         for (d, path) in victims {
             if let Some(path) = path
                 && let Err(e) = layout::remove_if_exists(&path)
@@ -304,6 +314,7 @@ impl Store {
             _lock: lock,
             state: Mutex::new(state),
             events: broadcast::channel(1024).0,
+            changes: watch::channel(0).0,
             next_tmp: AtomicU64::new(0),
             #[cfg(feature = "fault-injection")]
             fail_after: AtomicU64::new(u64::MAX),
@@ -364,6 +375,7 @@ impl Store {
                     removed.is_some()
                 };
                 if removed {
+                    self.inner.changed();
                     let _ = self.inner.events.send(StoreEvent::Removed(d.clone()));
                 }
                 Ok(None)
@@ -573,6 +585,9 @@ impl Store {
                 }
             }
         }
+        if !tags.is_empty() {
+            self.inner.changed();
+        }
         self.inner.delete_victims(victims);
         Ok(removed)
     }
@@ -607,6 +622,8 @@ impl Store {
             .entry((file.registry, file.repository))
             .or_default()
             .insert(file.tag, file.entry);
+        drop(st);
+        self.inner.changed();
         Ok(())
     }
 
@@ -683,6 +700,13 @@ impl Store {
     /// behind gets `Lagged` and should resynchronise from the store.
     pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// A counter bumped whenever a blob arrives or goes, or a tag is recorded or removed:
+    /// for work that follows the store's content as a whole (the pinned set), where the
+    /// individual events do not matter.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     /// Test hook: from now on, a write that would take a blob past `bytes` fails as if the

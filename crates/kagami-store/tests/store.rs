@@ -1195,10 +1195,14 @@ async fn remove_is_all_or_nothing() {
         media_type: "application/vnd.oci.image.manifest.v1+json".into(),
         fetched_at: SystemTime::now(),
     };
+    let mut changes = store.changes();
+    changes.mark_unchanged();
     store
         .put_tag("r.example", "team/app", "1", entry.clone())
         .unwrap();
+    assert!(changes.has_changed().unwrap(), "a tag is a change");
     store.put_tag("r.example", "team/app", "2", entry).unwrap();
+    changes.mark_unchanged();
     let tag1 = [(
         "r.example".to_string(),
         "team/app".to_string(),
@@ -1232,6 +1236,7 @@ async fn remove_is_all_or_nothing() {
 
     let removed = store.remove(&tag1, &both).unwrap();
     assert_eq!(removed, vec![(da.clone(), 1000), (db.clone(), 2000)]);
+    assert!(changes.has_changed().unwrap(), "a removal is a change");
     assert_eq!(store.list_tags("r.example", "team/app"), ["2"]);
     assert_eq!(store.usage().blobs, 0);
     assert_eq!(store.usage().evictions, 0, "a purge is not an eviction");
