@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use kagami_config::{Config, PlanOptions};
+use kagami_config::{Config, PlanOptions, Policy};
 use kagami_store::Store;
 
 use crate::peers::Cluster;
@@ -15,6 +15,8 @@ use crate::service::Deps;
 use crate::service::blobs::Blobs;
 use crate::service::import::Importer;
 use crate::service::manifests::Manifests;
+use crate::service::pins::Pins;
+use crate::service::purge::Purger;
 use crate::service::tags::Tags;
 use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
@@ -54,6 +56,8 @@ pub struct AppState {
 
 pub(crate) struct Inner {
     pub config: Arc<RwLock<Arc<Config>>>,
+    /// The policy file (`kagami_config::policy`); empty when there is none.
+    pub policy: Arc<RwLock<Arc<Policy>>>,
     pub store: Store,
     pub options: ServerOptions,
     /// Metrics, the status recorder and the refusal log: every count goes through it.
@@ -77,6 +81,8 @@ pub(crate) struct Services {
     pub manifests: Arc<Manifests>,
     pub tags: Tags,
     pub import: Importer,
+    pub pins: Arc<Pins>,
+    pub purge: Purger,
 }
 
 impl AppState {
@@ -87,6 +93,7 @@ impl AppState {
         options: ServerOptions,
     ) -> AppState {
         let config = Arc::new(RwLock::new(Arc::new(config)));
+        let policy = Arc::new(RwLock::new(Arc::new(Policy::default())));
         let telemetry = Arc::new(Telemetry::new());
         let cluster = Cluster::default();
         let admin = Arc::new(OnceLock::new());
@@ -101,13 +108,25 @@ impl AppState {
             &deps,
             blobs.clone(),
             options.tag_ttl,
+            policy.clone(),
             options.limits.revalidation_timeout,
         );
         let tags = Tags::new(&deps, options.tag_ttl);
         let import = Importer::new(&deps, config.clone(), admin.clone());
+        let pins = Pins::new(store.clone(), policy.clone());
+        // Follows the store's changes while the pins live (a task only inside a runtime:
+        // a state built outside one refreshes on `set_policy` only).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(crate::service::pins::follow(
+                Arc::downgrade(&pins),
+                store.changes(),
+            ));
+        }
+        let purge = Purger::new(store.clone(), cluster.clone(), pins.clone());
         AppState {
             inner: Arc::new(Inner {
                 config,
+                policy,
                 store,
                 options,
                 telemetry,
@@ -122,6 +141,8 @@ impl AppState {
                     manifests,
                     tags,
                     import,
+                    pins,
+                    purge,
                 },
             }),
         }
@@ -142,6 +163,38 @@ impl AppState {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Replaces the policy file (at start and on reload) and recomputes the pinned set
+    /// before returning.
+    pub async fn set_policy(&self, policy: Policy) {
+        *self
+            .inner
+            .policy
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+        self.inner.services.pins.refresh().await;
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.inner
+            .policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Each image the policy pins and how much of it the store holds.
+    pub fn pinned(&self) -> Vec<crate::report::PinnedImage> {
+        self.inner.services.pins.status()
+    }
+
+    /// Removes an image from this node (see `crate::purge`).
+    pub async fn purge(
+        &self,
+        image: &str,
+    ) -> Result<crate::purge::PurgeReport, crate::purge::PurgeError> {
+        self.inner.services.purge.purge(image).await
     }
 
     /// Turns on sharing between nodes (once, at start).

@@ -37,6 +37,11 @@ pub mod import {
         state.services().import.import(path, name).await
     }
 }
+/// `kagami purge`: removing an image from a node (`service::purge`), and its admin route.
+pub mod purge {
+    pub use crate::http::purge::PURGE_PATH;
+    pub use crate::service::purge::{PurgeError, PurgeReport, PurgeRequest, RemovedBlob};
+}
 pub mod telemetry;
 pub use telemetry::{metrics, refusals};
 pub mod path;

@@ -23,7 +23,7 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
     let inner = &state.inner;
     let usage = inner.store.usage();
     let node_info = inner.node_info.get();
-    inner.telemetry.report(ReportInputs {
+    let mut report = inner.telemetry.report(ReportInputs {
         address,
         store: StoreInfo {
             bytes: usage.bytes,
@@ -43,7 +43,9 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
         containerd: state.containerd().map(|c| c.info()),
         #[cfg(not(feature = "containerd"))]
         containerd: None,
-    })
+    });
+    report.pinned = state.pinned();
+    report
 }
 
 fn host(headers: &HeaderMap) -> Option<&str> {

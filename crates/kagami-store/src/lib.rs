@@ -384,6 +384,23 @@ impl Store {
         }
     }
 
+    /// The bytes of a small stored blob (a manifest) of at most `max` bytes, without
+    /// counting as a use: for bookkeeping that reads manifests (the pinned set, purge).
+    /// `None` when the blob is not stored or is larger than `max`.
+    pub async fn read_small(&self, d: &Digest, max: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.blob_size(d) {
+            Some(size) if size <= max => {}
+            _ => return Ok(None),
+        }
+        let path = self.inner.layout.blob(d);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) if bytes.len() as u64 <= max => Ok(Some(bytes)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("read", path, e)),
+        }
+    }
+
     /// Evicts every complete blob not used for `age` (never a pinned one: an open handle, a
     /// joined reader, a just-committed blob still followed); returns how many blobs and
     /// bytes went. Use is the last open (the file's modification time across restarts) or

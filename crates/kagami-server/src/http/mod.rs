@@ -27,6 +27,7 @@ pub(crate) mod import;
 pub mod listener;
 pub(crate) mod log;
 pub mod peer_api;
+pub(crate) mod purge;
 pub(crate) mod reply;
 pub mod request_id;
 
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/status", get(crate::status::html))
         .route("/status.json", get(crate::status::json))
         .route(import::IMPORT_PATH, axum::routing::post(import::route))
+        .route(purge::PURGE_PATH, axum::routing::post(purge::route))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(limit_headers))
         .with_state(state)

@@ -19,6 +19,8 @@ pub mod blobs;
 pub mod error;
 pub(crate) mod import;
 pub(crate) mod manifests;
+pub(crate) mod pins;
+pub(crate) mod purge;
 pub(crate) mod reply;
 pub(crate) mod tags;
 

@@ -122,6 +122,7 @@ impl Telemetry {
             inflight_fetches: m.inflight.get(),
             stale_tags_served: m.stale_served.get(),
             containerd: inputs.containerd,
+            pinned: Vec::new(),
         }
     }
 }
