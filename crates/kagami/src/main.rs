@@ -76,6 +76,10 @@ enum Command {
     /// Load image tarballs (docker save, ctr images export, OCI archives or layouts) into a
     /// running `kagami serve`, which then serves them and shares them with other nodes.
     Import(cmd::import::Args),
+    /// Remove images from a running `kagami serve` on this node (tag, manifests and the
+    /// blobs no other stored image uses) and withdraw them from the cluster; refused for an
+    /// image the policy file pins.
+    Purge(cmd::purge::Args),
     /// Write an air-gap bundle: one archive with the kagami image, the deployment files
     /// and the listed images (an OCI archive that `kagami import`, `ctr images import` and
     /// K3s's agent/images folder accept), pulled through the resolution plan.
@@ -104,6 +108,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::status::run(a),
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Import(a) => cmd::import::run(a),
+        Command::Purge(a) => cmd::purge::run(a),
         Command::Bundle(a) => cmd::bundle::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Man(a) => cmd::completions::man(a),

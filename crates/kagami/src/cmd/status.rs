@@ -285,6 +285,21 @@ pub fn render(r: &Report, base: &str) -> String {
         }
     }
 
+    if !r.pinned.is_empty() {
+        let _ = writeln!(o, "\nPinned images (policy file)");
+        for p in &r.pinned {
+            let _ = writeln!(
+                o,
+                "  {}  {}  {} ({} blobs held, {} missing)",
+                p.image,
+                p.held,
+                human_bytes(p.held_bytes),
+                p.blobs_held,
+                p.blobs_missing
+            );
+        }
+    }
+
     let c = &r.cache;
     let _ = writeln!(o, "\nHit ratio");
     let _ = writeln!(
