@@ -414,7 +414,12 @@ async fn evict_by_age(state: kagami_server::AppState, flag: Option<Duration>) {
         };
         let (blobs, bytes) = state.store().evict_unused_for(age).await;
         if blobs > 0 {
-            tracing::info!(blobs, bytes, max_blob_age = ?age, "evicted blobs unused for longer than the maximum age");
+            let by = if flag.is_some() {
+                "--max-blob-age"
+            } else {
+                "the policy's gc.maxUnusedAge"
+            };
+            tracing::info!(blobs, bytes, max_blob_age = ?age, "evicted blobs unused for longer than {by}");
         }
         let every = (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
         tokio::time::sleep(every).await;
