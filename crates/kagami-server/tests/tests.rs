@@ -11,6 +11,7 @@ mod import;
 mod peer_security;
 mod peers;
 mod proxy;
+mod purge;
 mod server;
 mod status;
 mod telemetry;
