@@ -327,3 +327,31 @@ fn a_broken_or_missing_policy_file_is_fatal_at_start() {
         .arg("--config")
         .arg(&config));
 }
+
+/// The example of docs/policy.md is a valid policy file.
+#[test]
+fn the_documented_example_checks_clean() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/policy.md"))
+        .unwrap();
+    let start = doc.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let example = &doc[start..start + doc[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    write(&file, example);
+    write(&dir.path().join("registries.yaml"), "");
+    let out = run_bounded(
+        kagami()
+            .arg("check")
+            .arg("--config")
+            .arg(dir.path().join("registries.yaml"))
+            .arg("--policy")
+            .arg(&file),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.and_then(|s| s.code()), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("policy.yaml: ok (0 warning(s))"),
+        "{}",
+        out.stderr
+    );
+}
