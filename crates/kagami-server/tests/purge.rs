@@ -285,3 +285,55 @@ async fn pinned_images_status_and_set_follow_the_store() {
     let (n, _) = store.evict_unused_for(Duration::ZERO).await;
     assert_eq!(n, 3);
 }
+
+/// A multi-platform image: held when the platforms this node fetched are complete (the
+/// others are named, not missing); a purge takes the index and the fetched platform.
+#[tokio::test]
+async fn an_index_is_pinned_and_purged_with_its_fetched_platform() {
+    let s = start(Fake::new(vec![]), ServerOptions::default()).await;
+    let store = s.state.store().clone();
+    let layer = blob(&s, &random(2000, 20)).await;
+    let config = blob(&s, b"{\"amd64\":1}").await;
+    let amd64 = manifest(&s, &config, &[&layer]).await;
+    let arm64 = digest_of(b"a platform this node never fetched");
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": MT, "digest": amd64.to_string(), "size": store.blob_size(&amd64).unwrap(),
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": MT, "digest": arm64.to_string(), "size": 34,
+             "platform": {"os": "linux", "architecture": "arm64"}},
+        ],
+    }))
+    .unwrap();
+    let idx = blob(&s, &index).await;
+    tag(&s, "team/multi", "1", &idx);
+    s.state
+        .set_policy(pin(&["registry.example.test/team/multi:1"]))
+        .await;
+    let p = &s.state.pinned()[0];
+    assert_eq!(p.held, "held", "{p:?}");
+    assert_eq!((p.blobs_held, p.blobs_missing), (4, 0), "{p:?}");
+    assert!(store.is_pinned(&arm64) && store.is_pinned(&layer));
+    // Pinned by digest too: the purge of the index by digest is refused.
+    let e = s
+        .state
+        .purge(&format!("registry.example.test/team/multi@{idx}"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("pinned by the policy file"), "{e}");
+    s.state.set_policy(Policy::default()).await;
+    // By digest: the repository's tags pointing at it go too.
+    let r = s
+        .state
+        .purge(&format!("registry.example.test/team/multi@{idx}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.tags,
+        vec!["registry.example.test/team/multi:1".to_string()]
+    );
+    assert_eq!(r.removed.len(), 4, "{r:?}");
+    assert_eq!(store.usage().blobs, 0);
+}
