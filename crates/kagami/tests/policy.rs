@@ -115,6 +115,10 @@ fn pinned_image_survives_eviction_then_purge_refetches_it() {
         pinned["held_bytes"].as_u64().unwrap() > 400 * 1024,
         "{pinned}"
     );
+    let text = run(kagami().args(["status", "--addr", &k.addr()])).stdout;
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("Pinned images"), "{text}");
+    assert!(text.contains(&format!("{KEEP}  held  ")), "{text}");
 
     // The other image, pulled later, pushes the store over its size: keep is the least
     // recently used, but pinned, so other's blobs are the ones evicted.
