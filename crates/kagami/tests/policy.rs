@@ -359,3 +359,46 @@ fn the_documented_example_checks_clean() {
         out.stderr
     );
 }
+
+/// `gc.maxUnusedAge` evicts by age like `--max-blob-age`, never a pinned image.
+#[test]
+fn gc_max_unused_age_spares_pinned_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    for repo in ["keep", "other"] {
+        let image = build_image(&dir.path().join(repo), "1", 1, 64 * 1024);
+        image.push(&format!("{}/team/{repo}:1", registry.addr()));
+    }
+    let config = mirror_config(dir.path(), &registry);
+    write(
+        &dir.path().join("policy.yaml"),
+        &format!("pin: [{KEEP}]\ngc:\n  maxUnusedAge: 2s\n"),
+    );
+    let k = Kagami::start(
+        dir.path(),
+        &config,
+        &["--disable-default-registry-endpoint"],
+    );
+    pull(&k, KEEP, &dir.path().join("out-keep"));
+    pull(
+        &k,
+        "registry.example.test/team/other:1",
+        &dir.path().join("out-other"),
+    );
+    let (keep, other) = (
+        blob_digests(&dir.path().join("out-keep")),
+        blob_digests(&dir.path().join("out-other")),
+    );
+    eventually_sync(
+        Duration::from_secs(20),
+        "the other image to be evicted",
+        || other.iter().all(|d| !stored(&k, d)),
+    );
+    assert!(keep.iter().all(|d| stored(&k, d)), "{}", k.log_text());
+    assert!(
+        k.log_text()
+            .contains("unused for longer than the policy's gc.maxUnusedAge"),
+        "{}",
+        k.log_text()
+    );
+}
