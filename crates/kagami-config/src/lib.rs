@@ -13,6 +13,7 @@ pub mod diag;
 pub mod endpoint;
 pub mod oci;
 pub mod plan;
+pub mod policy;
 pub mod raw;
 pub mod reference;
 pub mod registries_conf;
@@ -24,4 +25,5 @@ pub use config::{
 pub use diag::{Diagnostic, Severity};
 pub use endpoint::Endpoint;
 pub use plan::{Attempt, EndpointAttempt, Plan, PlanOptions, Source, plan};
+pub use policy::Policy;
 pub use reference::{Digest, Reference, ReferenceError};

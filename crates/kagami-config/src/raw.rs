@@ -356,7 +356,11 @@ fn spanned<T>(value: T, key_pos: Pos, pos: Pos, path: &str) -> Spanned<T> {
 }
 
 /// A mapping's entries, reporting duplicate keys and a wrong node type.
-fn mapping<'a>(node: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'a [(Node, Node)]> {
+pub(crate) fn mapping<'a>(
+    node: &'a Node,
+    path: &str,
+    diags: &mut Diagnostics,
+) -> Option<&'a [(Node, Node)]> {
     match &node.kind {
         NodeKind::Map(entries) => {
             for (i, (k, _)) in entries.iter().enumerate() {
@@ -389,7 +393,7 @@ fn mapping<'a>(node: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'
     }
 }
 
-fn key_str<'a>(k: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'a str> {
+pub(crate) fn key_str<'a>(k: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'a str> {
     match &k.kind {
         NodeKind::Scalar { text, .. } => Some(text),
         _ => {
@@ -403,7 +407,7 @@ fn key_str<'a>(k: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'a s
     }
 }
 
-fn scalar<'a>(node: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'a str> {
+pub(crate) fn scalar<'a>(node: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'a str> {
     match &node.kind {
         NodeKind::Scalar { text, .. } => Some(text),
         _ => {
@@ -413,7 +417,7 @@ fn scalar<'a>(node: &'a Node, path: &str, diags: &mut Diagnostics) -> Option<&'a
     }
 }
 
-fn type_error(node: &Node, path: &str, expected: &str, diags: &mut Diagnostics) {
+pub(crate) fn type_error(node: &Node, path: &str, expected: &str, diags: &mut Diagnostics) {
     diags.error(
         node.pos,
         path,

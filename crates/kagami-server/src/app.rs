@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use kagami_config::{Config, PlanOptions};
+use kagami_config::{Config, PlanOptions, Policy};
 use kagami_store::Store;
 
 use crate::peers::Cluster;
@@ -16,6 +16,8 @@ use crate::service::blobs::Blobs;
 use crate::service::import::Importer;
 use crate::service::manifests::Manifests;
 use crate::service::referrers::Referrers;
+use crate::service::pins::Pins;
+use crate::service::purge::Purger;
 use crate::service::tags::Tags;
 use crate::service::warm::Warmer;
 use crate::telemetry::Telemetry;
@@ -56,6 +58,8 @@ pub struct AppState {
 
 pub(crate) struct Inner {
     pub config: Arc<RwLock<Arc<Config>>>,
+    /// The policy file (`kagami_config::policy`); empty when there is none.
+    pub policy: Arc<RwLock<Arc<Policy>>>,
     pub store: Store,
     pub options: ServerOptions,
     /// Metrics, the status recorder and the refusal log: every count goes through it.
@@ -83,6 +87,8 @@ pub(crate) struct Services {
     pub referrers: Arc<Referrers>,
     pub import: Importer,
     pub warm: Arc<Warmer>,
+    pub pins: Arc<Pins>,
+    pub purge: Purger,
 }
 
 impl AppState {
@@ -93,6 +99,7 @@ impl AppState {
         options: ServerOptions,
     ) -> AppState {
         let config = Arc::new(RwLock::new(Arc::new(config)));
+        let policy = Arc::new(RwLock::new(Arc::new(Policy::default())));
         let telemetry = Arc::new(Telemetry::new());
         let health = upstream.health();
         if let Some(h) = &health {
@@ -111,6 +118,7 @@ impl AppState {
             &deps,
             blobs.clone(),
             options.tag_ttl,
+            policy.clone(),
             options.limits.revalidation_timeout,
         );
         let tags = Tags::new(&deps, options.tag_ttl);
@@ -130,9 +138,20 @@ impl AppState {
                 disable_default_endpoint: options.disable_default_endpoint,
             },
         );
+        let pins = Pins::new(store.clone(), policy.clone());
+        // Follows the store's changes while the pins live (a task only inside a runtime:
+        // a state built outside one refreshes on `set_policy` only).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(crate::service::pins::follow(
+                Arc::downgrade(&pins),
+                store.changes(),
+            ));
+        }
+        let purge = Purger::new(store.clone(), cluster.clone(), pins.clone());
         AppState {
             inner: Arc::new(Inner {
                 config,
+                policy,
                 store,
                 options,
                 telemetry,
@@ -149,6 +168,8 @@ impl AppState {
                     referrers,
                     import,
                     warm,
+                    pins,
+                    purge,
                 },
                 health,
             }),
@@ -170,6 +191,38 @@ impl AppState {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Replaces the policy file (at start and on reload) and recomputes the pinned set
+    /// before returning.
+    pub async fn set_policy(&self, policy: Policy) {
+        *self
+            .inner
+            .policy
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+        self.inner.services.pins.refresh().await;
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.inner
+            .policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Each image the policy pins and how much of it the store holds.
+    pub fn pinned(&self) -> Vec<crate::report::PinnedImage> {
+        self.inner.services.pins.status()
+    }
+
+    /// Removes an image from this node (see `crate::purge`).
+    pub async fn purge(
+        &self,
+        image: &str,
+    ) -> Result<crate::purge::PurgeReport, crate::purge::PurgeError> {
+        self.inner.services.purge.purge(image).await
     }
 
     /// Turns on sharing between nodes (once, at start).

@@ -44,6 +44,12 @@ pub mod warm {
     pub use crate::report::{WarmImage, WarmReport};
     pub use crate::service::warm::{MAX_IMAGES, PASS_EVERY, RESOLVE_EVERY, STATES, Warmer, chosen};
 }
+
+/// `kagami purge`: removing an image from a node (`service::purge`), and its admin route.
+pub mod purge {
+    pub use crate::http::purge::PURGE_PATH;
+    pub use crate::service::purge::{PurgeError, PurgeReport, PurgeRequest, RemovedBlob};
+}
 pub mod telemetry;
 pub use telemetry::{metrics, refusals};
 pub mod path;

@@ -23,7 +23,7 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
     let inner = &state.inner;
     let usage = inner.store.usage();
     let node_info = inner.node_info.get();
-    inner.telemetry.report(ReportInputs {
+    let mut report = inner.telemetry.report(ReportInputs {
         address,
         store: StoreInfo {
             bytes: usage.bytes,
@@ -45,7 +45,9 @@ pub fn report(state: &AppState, address: Option<&str>) -> Report {
         #[cfg(not(feature = "containerd"))]
         containerd: None,
         warm: state.services().warm.report(),
-    })
+    });
+    report.pinned = state.pinned();
+    report
 }
 
 fn host(headers: &HeaderMap) -> Option<&str> {

@@ -12,6 +12,7 @@ mod peer_security;
 mod peers;
 mod proxy;
 mod referrers;
+mod purge;
 mod server;
 mod status;
 mod telemetry;

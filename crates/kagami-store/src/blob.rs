@@ -447,6 +447,7 @@ impl BlobWriter {
             return Err(err);
         }
         self.done = true;
+        self.inner.changed();
         let _ = self
             .inner
             .events

@@ -50,6 +50,9 @@ pub enum StoreError {
         "writing {digest} would exceed the store's size limit of {max} bytes ({used} bytes used by stored blobs and writes in flight)"
     )]
     OverBudget { digest: Digest, max: u64, used: u64 },
+    /// A blob cannot be removed now (see `Store::remove`).
+    #[error("{digest} cannot be removed: {why}")]
+    InUse { digest: Digest, why: &'static str },
     /// A tag index key or media type that cannot be stored.
     #[error("invalid {what} {value:?}: {why}")]
     Invalid {

@@ -25,14 +25,14 @@ mod error;
 mod layout;
 mod tags;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use kagami_config::Digest;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 pub use blob::{Begin, BlobHandle, BlobWriter, CHUNK, Inflight, WINDOW};
 pub use error::StoreError;
@@ -92,6 +92,8 @@ pub(crate) struct Inner {
     _lock: std::fs::File,
     state: Mutex<State>,
     events: broadcast::Sender<StoreEvent>,
+    /// Bumped whenever blobs or tags change (`Store::changes`).
+    changes: watch::Sender<u64>,
     next_tmp: AtomicU64,
     /// Test hook: writes reaching this many bytes fail with ENOSPC.
     #[cfg(feature = "fault-injection")]
@@ -111,6 +113,8 @@ pub(crate) struct State {
     inflight: HashMap<Digest, Arc<Shared>>,
     tags: TagMap,
     media: HashMap<Digest, String>,
+    /// Digests the node's policy keeps (`Store::set_pinned`): never evicted.
+    pinned: HashSet<Digest>,
 }
 
 /// A complete blob.
@@ -126,6 +130,11 @@ pub(crate) struct Entry {
 impl Inner {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells `Store::changes` watchers that blobs or tags changed.
+    pub(crate) fn changed(&self) {
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     fn tmp_path(&self, what: &str) -> PathBuf {
@@ -168,7 +177,7 @@ impl Inner {
             let mut candidates: Vec<(u64, Digest)> = st
                 .blobs
                 .iter()
-                .filter(|(_, e)| e.pins == 0)
+                .filter(|(d, e)| e.pins == 0 && !st.pinned.contains(*d))
                 .map(|(d, e)| (e.last_used, d.clone()))
                 .collect();
             candidates.sort();
@@ -192,7 +201,7 @@ impl Inner {
             let old: Vec<(Digest, u64)> = st
                 .blobs
                 .iter()
-                .filter(|(_, e)| e.pins == 0 && e.used_at < cutoff)
+                .filter(|(d, e)| e.pins == 0 && e.used_at < cutoff && !st.pinned.contains(*d))
                 .map(|(d, e)| (d.clone(), e.size))
                 .collect();
             for (d, size) in old {
@@ -235,6 +244,9 @@ impl Inner {
     }
 
     fn delete_victims(&self, victims: Vec<(Digest, Option<PathBuf>)>) {
+        if !victims.is_empty() {
+            self.changed();
+        }
         for (d, path) in victims {
             if let Some(path) = path
                 && let Err(e) = layout::remove_if_exists(&path)
@@ -276,6 +288,7 @@ impl Store {
             inflight: HashMap::new(),
             tags: HashMap::new(),
             media: scanned.media,
+            pinned: HashSet::new(),
         };
         for b in blobs {
             state.clock += 1;
@@ -301,6 +314,7 @@ impl Store {
             _lock: lock,
             state: Mutex::new(state),
             events: broadcast::channel(1024).0,
+            changes: watch::channel(0).0,
             next_tmp: AtomicU64::new(0),
             #[cfg(feature = "fault-injection")]
             fail_after: AtomicU64::new(u64::MAX),
@@ -361,11 +375,29 @@ impl Store {
                     removed.is_some()
                 };
                 if removed {
+                    self.inner.changed();
                     let _ = self.inner.events.send(StoreEvent::Removed(d.clone()));
                 }
                 Ok(None)
             }
             Err(e) => Err(StoreError::io("open", path, e)),
+        }
+    }
+
+    /// The bytes of a small stored blob (a manifest) of at most `max` bytes, without
+    /// counting as a use: for bookkeeping that reads manifests (the pinned set, purge).
+    /// `None` when the blob is not stored or is larger than `max`.
+    pub async fn read_small(&self, d: &Digest, max: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.blob_size(d) {
+            Some(size) if size <= max => {}
+            _ => return Ok(None),
+        }
+        let path = self.inner.layout.blob(d);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) if bytes.len() as u64 <= max => Ok(Some(bytes)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("read", path, e)),
         }
     }
 
@@ -497,6 +529,86 @@ impl Store {
         Ok(Begin::Writer(BlobWriter::new(self.inner.clone(), shared)))
     }
 
+    /// Replaces the set of digests kept by the node's policy (pinned images): eviction, by
+    /// size or by age, never removes them. They count in the size limit like any blob; when
+    /// pinned blobs alone exceed it, new writes fail with `OverBudget`. Digests not (yet) in
+    /// the store may be named; they are kept from the moment they arrive.
+    pub fn set_pinned(&self, digests: HashSet<Digest>) {
+        self.inner.state().pinned = digests;
+    }
+
+    /// Whether `d` is in the policy's pinned set.
+    pub fn is_pinned(&self, d: &Digest) -> bool {
+        self.inner.state().pinned.contains(d)
+    }
+
+    /// Removes tags and blobs at once (`kagami purge`), or nothing: fails with
+    /// [`StoreError::InUse`] when one of the blobs is read (an open handle, a follower),
+    /// written (a write in flight) or pinned by the policy. Blobs not in the store and tags
+    /// not in the index are skipped. Returns the blobs removed with their sizes; each is
+    /// announced as [`StoreEvent::Removed`]. Blocking (small file operations).
+    pub fn remove(
+        &self,
+        tags: &[(String, String, String)],
+        digests: &[Digest],
+    ) -> Result<Vec<(Digest, u64)>, StoreError> {
+        let mut victims = Vec::new();
+        let mut removed = Vec::new();
+        {
+            let mut st = self.inner.state();
+            for d in digests {
+                let why = if st.inflight.contains_key(d) {
+                    Some("it is being written")
+                } else if st.blobs.get(d).is_some_and(|e| e.pins > 0) {
+                    Some("it is being read")
+                } else if st.pinned.contains(d) && st.blobs.contains_key(d) {
+                    Some("it is pinned by the policy")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(StoreError::InUse {
+                        digest: d.clone(),
+                        why,
+                    });
+                }
+            }
+            for (registry, repository, tag) in tags {
+                let key = (registry.clone(), repository.clone());
+                let Some(map) = st.tags.get_mut(&key) else {
+                    continue;
+                };
+                if map.remove(tag).is_none() {
+                    continue;
+                }
+                if map.is_empty() {
+                    st.tags.remove(&key);
+                }
+                let file = self
+                    .inner
+                    .layout
+                    .tags_dir()
+                    .join(tags::tag_file_name(registry, repository, tag));
+                layout::remove_if_exists(&file)?;
+            }
+            for d in digests {
+                let Some(size) = st.blobs.get(d).map(|e| e.size) else {
+                    continue;
+                };
+                if self.inner.take_out(&mut st, d, &mut victims) {
+                    // Not an eviction: the counter is the size bound's and the age's.
+                    st.evictions -= 1;
+                    removed.push((d.clone(), size));
+                }
+            }
+        }
+        if !tags.is_empty() {
+            self.inner.changed();
+        }
+        self.inner.delete_victims(victims);
+        Ok(removed)
+    }
+
     /// Records what a tag points to; persisted at once (a small blocking file write).
     pub fn put_tag(
         &self,
@@ -527,6 +639,8 @@ impl Store {
             .entry((file.registry, file.repository))
             .or_default()
             .insert(file.tag, file.entry);
+        drop(st);
+        self.inner.changed();
         Ok(())
     }
 
@@ -603,6 +717,13 @@ impl Store {
     /// behind gets `Lagged` and should resynchronise from the store.
     pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// A counter bumped whenever a blob arrives or goes, or a tag is recorded or removed:
+    /// for work that follows the store's content as a whole (the pinned set), where the
+    /// individual events do not matter.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     /// Test hook: from now on, a write that would take a blob past `bytes` fails as if the

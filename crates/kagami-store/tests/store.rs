@@ -1148,3 +1148,104 @@ async fn blobs_unused_for_the_age_are_evicted_but_never_pinned_ones() {
     assert_eq!(buf.len(), 20_000);
     assert_eq!(store.usage().blobs, 1);
 }
+
+/// Digests pinned by the policy (`set_pinned`) survive the size bound and the age, and are
+/// evicted normally once unpinned.
+#[tokio::test]
+async fn policy_pinned_blobs_survive_size_and_age_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for two blobs (a write in flight counts).
+    let store = open_max(dir.path(), 2000).await;
+    let [a, b, c, d] = [40, 41, 42, 43].map(|s| data(1000, s));
+    let da = put(&store, &a).await;
+    let db = put(&store, &b).await;
+    // A is the least recently used, and pinned; a digest not (yet) stored may be named.
+    let absent = sha256(b"not stored yet");
+    store.set_pinned([da.clone(), absent.clone()].into_iter().collect());
+    assert!(store.is_pinned(&da) && store.is_pinned(&absent) && !store.is_pinned(&db));
+    let dc = put(&store, &c).await;
+    let dd = put(&store, &d).await;
+    // Over the limit twice: B and then C made room, never A.
+    assert_eq!(read_blob(&store, &da).await, a);
+    assert_eq!(store.blob_size(&db), None);
+    assert_eq!(store.blob_size(&dc), None);
+    assert!(store.blob_size(&dd).is_some());
+    // By age: everything unused for zero seconds goes, but A.
+    let (n, _) = store.evict_unused_for(Duration::ZERO).await;
+    assert_eq!(n, 1, "D only");
+    assert_eq!(store.digests(), vec![da.clone()]);
+    // Unpinned, it is an ordinary blob again.
+    store.set_pinned(Default::default());
+    let (n, bytes) = store.evict_unused_for(Duration::ZERO).await;
+    assert_eq!((n, bytes), (1, 1000));
+    assert!(!blob_path(dir.path(), &da).exists());
+}
+
+/// `remove` (purge) takes tags and blobs out together and announces the blobs, or changes
+/// nothing when one of the blobs is read, written or pinned by the policy.
+#[tokio::test]
+async fn remove_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let mut events = store.subscribe();
+    let (a, b) = (data(1000, 50), data(2000, 51));
+    let (da, db) = (put(&store, &a).await, put(&store, &b).await);
+    let entry = TagEntry {
+        digest: da.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        fetched_at: SystemTime::now(),
+    };
+    let mut changes = store.changes();
+    changes.mark_unchanged();
+    store
+        .put_tag("r.example", "team/app", "1", entry.clone())
+        .unwrap();
+    assert!(changes.has_changed().unwrap(), "a tag is a change");
+    store.put_tag("r.example", "team/app", "2", entry).unwrap();
+    changes.mark_unchanged();
+    let tag1 = [(
+        "r.example".to_string(),
+        "team/app".to_string(),
+        "1".to_string(),
+    )];
+    let both = [da.clone(), db.clone()];
+
+    // Read right now: refused, nothing changed.
+    let handle = store.open_blob(&db).await.unwrap().unwrap();
+    let e = store.remove(&tag1, &both).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::InUse { digest, .. } if *digest == db),
+        "{e}"
+    );
+    assert!(e.to_string().contains("being read"), "{e}");
+    drop(handle);
+    // Written right now: refused.
+    let c = data(10, 52);
+    let dc = sha256(&c);
+    let w = writer(&store, &dc, None);
+    let e = store.remove(&tag1, &[da.clone(), dc.clone()]).unwrap_err();
+    assert!(e.to_string().contains("being written"), "{e}");
+    drop(w);
+    // Pinned by the policy: refused.
+    store.set_pinned([da.clone()].into_iter().collect());
+    let e = store.remove(&tag1, &both).unwrap_err();
+    assert!(e.to_string().contains("pinned"), "{e}");
+    store.set_pinned(Default::default());
+    assert_eq!(store.list_tags("r.example", "team/app"), ["1", "2"]);
+    assert_eq!(store.usage().blobs, 2);
+
+    let removed = store.remove(&tag1, &both).unwrap();
+    assert_eq!(removed, vec![(da.clone(), 1000), (db.clone(), 2000)]);
+    assert!(changes.has_changed().unwrap(), "a removal is a change");
+    assert_eq!(store.list_tags("r.example", "team/app"), ["2"]);
+    assert_eq!(store.usage().blobs, 0);
+    assert_eq!(store.usage().evictions, 0, "a purge is not an eviction");
+    assert!(!blob_path(dir.path(), &da).exists());
+    let evs: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert!(evs.contains(&StoreEvent::Removed(da.clone())), "{evs:?}");
+    assert!(evs.contains(&StoreEvent::Removed(db.clone())), "{evs:?}");
+    // The tag stays removed across a restart; the other one stays.
+    drop(store);
+    let store = open(dir.path()).await;
+    assert_eq!(store.list_tags("r.example", "team/app"), ["2"]);
+}

@@ -79,6 +79,10 @@ enum Command {
     /// Warm images on this node: ask the running `kagami serve` to fetch them ahead of
     /// need (through the other nodes, else upstream) and follow the progress.
     Warm(cmd::warm::Args),
+    /// Remove images from a running `kagami serve` on this node (tag, manifests and the
+    /// blobs no other stored image uses) and withdraw them from the cluster; refused for an
+    /// image the policy file pins.
+    Purge(cmd::purge::Args),
     /// Write an air-gap bundle: one archive with the kagami image, the deployment files
     /// and the listed images (an OCI archive that `kagami import`, `ctr images import` and
     /// K3s's agent/images folder accept), pulled through the resolution plan.
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Import(a) => cmd::import::run(a),
         Command::Warm(a) => cmd::warm::run(a),
+        Command::Purge(a) => cmd::purge::run(a),
         Command::Bundle(a) => cmd::bundle::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Man(a) => cmd::completions::man(a),

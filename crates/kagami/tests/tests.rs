@@ -18,6 +18,7 @@ mod import;
 mod name_forms;
 #[cfg(feature = "containerd")]
 mod p2p_containerd;
+mod policy;
 mod pull;
 mod referrers;
 mod serve;

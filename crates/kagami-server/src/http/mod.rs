@@ -27,6 +27,7 @@ pub(crate) mod import;
 pub mod listener;
 pub(crate) mod log;
 pub mod peer_api;
+pub(crate) mod purge;
 pub(crate) mod reply;
 pub mod request_id;
 pub(crate) mod warm;
@@ -42,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/status.json", get(crate::status::json))
         .route(import::IMPORT_PATH, axum::routing::post(import::route))
         .route(warm::WARM_PATH, get(warm::progress).post(warm::route))
+        .route(purge::PURGE_PATH, axum::routing::post(purge::route))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn(limit_headers))
         .with_state(state)

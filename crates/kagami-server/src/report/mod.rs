@@ -44,6 +44,26 @@ pub struct Report {
     /// The images this node warms (fetches ahead of need), when it has a list.
     #[serde(default)]
     pub warm: Option<WarmReport>,
+    /// The images the policy file pins on this node, in its order.
+    #[serde(default)]
+    pub pinned: Vec<PinnedImage>,
+}
+
+/// One image of the policy's `pin` list and how much of it the store holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PinnedImage {
+    /// The reference as normalised (`docker.io/library/nginx:1.27`).
+    pub image: String,
+    /// The manifest it resolves to in the store, when known.
+    pub digest: Option<String>,
+    /// `held` (the manifest and everything it names; for a multi-platform image, every
+    /// platform this node fetched, at least one), `partly held` or `not held`.
+    pub held: String,
+    /// Bytes of the image's blobs in the store.
+    pub held_bytes: u64,
+    pub blobs_held: u64,
+    /// Blobs the stored manifests name that the store does not hold.
+    pub blobs_missing: u64,
 }
 
 /// Cluster warming as this node sees it (`kagami_server::service::warm`): what `GET

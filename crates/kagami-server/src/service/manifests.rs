@@ -4,14 +4,14 @@
 //! (stale-if-error).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use kagami_config::oci::{ManifestView, OCI_MANIFEST};
-use kagami_config::{Digest, Plan};
+use kagami_config::{Digest, Plan, Policy};
 use kagami_store::{Store, TagEntry};
 use tokio::io::AsyncReadExt;
 
@@ -36,8 +36,11 @@ pub(crate) struct Manifests {
     cluster: Cluster,
     /// Told the blob sizes of every manifest served.
     blobs: Arc<Blobs>,
-    /// How long a resolved tag is served without asking upstream again.
+    /// How long a resolved tag is served without asking upstream again (`--tag-ttl`), when
+    /// no `tagTTL` rule of the policy matches.
     tag_ttl: Duration,
+    /// The policy file, for its per-repository `tagTTL` rules (reloads apply).
+    policy: Arc<RwLock<Arc<Policy>>>,
     /// The longest a tag revalidation may take.
     revalidation_timeout: Duration,
     /// Tag revalidations in flight, by (registry, repository, tag).
@@ -49,6 +52,7 @@ impl Manifests {
         deps: &Deps,
         blobs: Arc<Blobs>,
         tag_ttl: Duration,
+        policy: Arc<RwLock<Arc<Policy>>>,
         revalidation_timeout: Duration,
     ) -> Arc<Manifests> {
         Arc::new(Manifests {
@@ -58,9 +62,20 @@ impl Manifests {
             cluster: deps.cluster.clone(),
             blobs,
             tag_ttl,
+            policy,
             revalidation_timeout,
             revalidations: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The tag TTL of a repository: the policy's first matching `tagTTL` rule, else
+    /// `--tag-ttl`.
+    pub(crate) fn tag_ttl(&self, registry: &str, repository: &str) -> Duration {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tag_ttl_for(registry, repository)
+            .unwrap_or(self.tag_ttl)
     }
 
     /// A client's manifest GET or HEAD (see [`get`]).
@@ -148,12 +163,13 @@ async fn get_inner(svc: &Arc<Manifests>, ctx: &RequestContext, r: &ManifestRef) 
         }
         ManifestRef::Tag(tag) => {
             let cached = svc.store.get_tag(&path.registry, &path.repository, tag);
+            let ttl = svc.tag_ttl(&path.registry, &path.repository);
             // A tag learnt from a peer counts only for the TTL (`peers::LearntTags`).
             if cached.is_none()
                 && let Some(e) = svc
                     .cluster
                     .peers()
-                    .and_then(|p| p.learnt_tag(&path.registry, &path.repository, tag, svc.tag_ttl))
+                    .and_then(|p| p.learnt_tag(&path.registry, &path.repository, tag, ttl))
                 && let Some(reply) = serve_stored(svc, &e.digest, head).await?
             {
                 svc.telemetry.cache("manifest", "hit");
@@ -166,7 +182,7 @@ async fn get_inner(svc: &Arc<Manifests>, ctx: &RequestContext, r: &ManifestRef) 
                 // With no endpoint to ask (a peers-only registry on an air-gapped node, or
                 // an imported image), there is nothing to revalidate against: the cached
                 // tag stays current instead of being served "stale" on every pull.
-                let current = age < svc.tag_ttl
+                let current = age < ttl
                     || !ctx
                         .plan()
                         .attempts
@@ -334,7 +350,7 @@ async fn resolve_tag(
                 && let Some(peers) = svc.cluster.peers()
             {
                 // Not stored, not advertised: see `peers::LearntTags`.
-                let ttl = svc.tag_ttl;
+                let ttl = svc.tag_ttl(&path.registry, &path.repository);
                 peers.learn_tag(&path.registry, &path.repository, tag, entry.clone(), ttl);
                 return Revalidation::Current(entry, Source::Peer);
             }

@@ -20,6 +20,8 @@ pub mod error;
 pub(crate) mod import;
 pub(crate) mod manifests;
 pub(crate) mod referrers;
+pub(crate) mod pins;
+pub(crate) mod purge;
 pub(crate) mod reply;
 pub(crate) mod tags;
 pub(crate) mod warm;

@@ -127,6 +127,7 @@ impl Telemetry {
             stale_tags_served: m.stale_served.get(),
             containerd: inputs.containerd,
             warm: inputs.warm,
+            pinned: Vec::new(),
         }
     }
 }

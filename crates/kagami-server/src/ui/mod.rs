@@ -70,6 +70,7 @@ pub fn render_html(r: &Report) -> String {
     members_card(&mut h, r);
     containerd_card(&mut h, r);
     warm_card(&mut h, r);
+    pinned_card(&mut h, r);
     endpoints_card(&mut h, r);
     pulls_card(&mut h, r);
     h.push_str("</main></body></html>\n");
@@ -567,6 +568,36 @@ fn warm_card(h: &mut String, r: &Report) {
     h.push_str("</table></section>\n");
 }
 
+/// The images the policy file pins, when it pins any.
+fn pinned_card(h: &mut String, r: &Report) {
+    if r.pinned.is_empty() {
+        return;
+    }
+    h.push_str(
+        "<section id=\"pinned\"><h2>Pinned images</h2>\
+         <div class=\"muted\">kept by the policy file: eviction never removes them; pinning fetches nothing</div>\
+         <table><tr><th>image</th><th>on this node</th><th class=\"num\">held</th><th class=\"num\">blobs</th></tr>",
+    );
+    for p in &r.pinned {
+        let dot = match p.held.as_str() {
+            "held" => "#2f9e6a",
+            "partly held" => "#d08a1c",
+            _ => "#8a96a3",
+        };
+        let _ = write!(
+            h,
+            "<tr><td class=\"mono\">{}</td><td><i class=\"dot\" style=\"background:{dot}\"></i>{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{} held, {} missing</td></tr>",
+            escape(&p.image),
+            escape(&p.held),
+            human_bytes(p.held_bytes),
+            p.blobs_held,
+            p.blobs_missing,
+        );
+    }
+    h.push_str("</table></section>\n");
+}
+
 fn ago(now: u64, at_ms: u64) -> String {
     let secs = now.saturating_sub(at_ms / 1000);
     format!("{} ago", human_uptime(secs))
@@ -817,6 +848,14 @@ mod tests {
                     updated_at: 1_795_328_464,
                 }],
             }),
+            pinned: vec![PinnedImage {
+                image: evil.into(),
+                digest: Some(evil.into()),
+                held: evil.into(),
+                held_bytes: 1,
+                blobs_held: 1,
+                blobs_missing: 0,
+            }],
         }
     }
 
@@ -836,6 +875,7 @@ mod tests {
             "Upstream endpoints",
             "containerd's content store",
             "Warm images",
+            "Pinned images",
         ] {
             assert!(page.contains(&format!(">{heading}")), "{heading}");
         }

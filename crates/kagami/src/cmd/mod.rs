@@ -18,6 +18,7 @@ pub mod explain;
 pub mod import;
 pub mod node;
 pub mod pull;
+pub mod purge;
 pub mod registries_conf;
 pub mod serve;
 pub mod status;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use kagami_config::containerd::{RenderOptions, render, write_hosts_dir};
-use kagami_config::{Config, Endpoint};
+use kagami_config::{Config, Endpoint, Policy};
 use kagami_server::{AppState, ServerOptions, router};
 use kagami_store::{Store, StoreOptions};
 use tokio::signal::unix::{SignalKind, signal};
@@ -27,6 +27,12 @@ pub struct Args {
     /// and the old one kept.
     #[arg(long, short = 'c', env = "KAGAMI_CONFIG", value_name = "FILE", default_value = DEFAULT_CONFIG)]
     config: PathBuf,
+    /// The policy file (pin, warm, tagTTL, gc; see docs/policy.md). Default: policy.yaml
+    /// next to --config, used when it exists; a file named here must exist. Reloaded with
+    /// registries.yaml (SIGHUP, or when it changes); a version with errors is fatal at start
+    /// and refused on reload.
+    #[arg(long, env = "KAGAMI_POLICY", value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// Address to listen on for containerd (the OCI distribution API), /metrics, /healthz
     /// and /readyz.
     #[arg(long, env = "KAGAMI_LISTEN", default_value = "127.0.0.1:5000")]
@@ -39,8 +45,9 @@ pub struct Args {
     #[arg(long, env = "KAGAMI_MAX_STORE_SIZE", value_parser = parse_size)]
     max_store_size: Option<u64>,
     /// Evict blobs not used for this long (e.g. 30d, 12h), besides the size limit; never
-    /// one being read or written. Checked every tenth of it (between 1 s and 1 h). Off
-    /// when not set.
+    /// one being read or written, nor one of an image the policy file pins. Checked every
+    /// tenth of it (between 1 s and 1 h). When not set, the policy's gc.maxUnusedAge
+    /// applies; this flag wins over it. Off when neither is set.
     #[arg(long, env = "KAGAMI_MAX_BLOB_AGE", value_parser = parse_duration, value_name = "DURATION")]
     max_blob_age: Option<Duration>,
     /// How long a resolved tag is served before kagami asks upstream again (e.g. 300s,
@@ -194,6 +201,47 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     }
 }
 
+/// The policy file and whether it must exist (named by --policy) or is optional (next to
+/// registries.yaml).
+fn policy_path(args: &Args) -> (PathBuf, bool) {
+    match &args.policy {
+        Some(p) => (p.clone(), true),
+        None => {
+            let dir = match args.config.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            (dir.join(kagami_config::policy::POLICY_FILE), false)
+        }
+    }
+}
+
+/// Loads the policy file: an optional one that does not exist is an empty policy. Errors
+/// are fatal at start and refused on reload.
+fn load_policy(path: &Path, required: bool) -> anyhow::Result<Policy> {
+    if !required && !path.exists() {
+        return Ok(Policy::default());
+    }
+    match Policy::load(path) {
+        Ok((policy, warnings)) => {
+            for w in &warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(policy)
+        }
+        Err(kagami_config::LoadError::Invalid { errors, .. }) => {
+            print_diagnostics(&errors);
+            anyhow::bail!(
+                "{} has {} error(s); run `kagami check --policy {}`",
+                path.display(),
+                errors.len(),
+                path.display()
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn write_hosts(args: &Args, config: &Config) -> anyhow::Result<()> {
     let Some(dir) = &args.containerd_hosts_dir else {
         return Ok(());
@@ -225,6 +273,11 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let config = load(&args.config)?;
+    let (policy_file, policy_required) = policy_path(&args);
+    let policy = load_policy(&policy_file, policy_required)?;
+    if !policy.is_empty() {
+        tracing::info!(path = %policy_file.display(), pinned = policy.pin.len(), tag_ttl_rules = policy.tag_ttl.len(), "policy file loaded");
+    }
     let store = Store::open(
         args.data_dir.join("store"),
         StoreOptions {
@@ -253,6 +306,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         },
     );
     state.status().set_listen(args.listen.to_string());
+    state.set_policy(policy).await;
     let admin = kagami_server::admin::Admin::create(&args.data_dir).with_context(|| {
         format!(
             "writing the admin token {}",
@@ -270,9 +324,10 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     if args.containerd_content {
         start_containerd(&args, &state)?;
     }
-    if let Some(age) = args.max_blob_age {
-        tokio::spawn(evict_by_age(state.store().clone(), age));
-    }
+    // After the P2P join: a node that knows no members yet would rank itself among the
+    // holders of every image.
+    apply_warm_list(&state);
+    tokio::spawn(evict_by_age(state.clone(), args.max_blob_age));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -351,26 +406,38 @@ async fn shutdown_signal() {
     }
 }
 
-/// Reloads registries.yaml on SIGHUP and when its modification time changes (checked
-/// every 2 s). A file with errors is refused: the running configuration stays.
-/// `--max-blob-age`: every tenth of the age (1 s to 1 h), evicts the blobs not used for it.
-async fn evict_by_age(store: Store, age: Duration) {
-    let every = (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// `--max-blob-age`, else the policy's `gc.maxUnusedAge` (read at each round, so a reload
+/// applies): every tenth of the age (1 s to 1 h), evicts the blobs not used for it (never a
+/// pinned one). With neither set, looks again every 5 s.
+async fn evict_by_age(state: kagami_server::AppState, flag: Option<Duration>) {
     loop {
-        tick.tick().await;
-        let (blobs, bytes) = store.evict_unused_for(age).await;
+        let Some(age) = flag.or(state.policy().gc.max_unused_age) else {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            continue;
+        };
+        let (blobs, bytes) = state.store().evict_unused_for(age).await;
         if blobs > 0 {
-            tracing::info!(blobs, bytes, max_blob_age = ?age, "evicted blobs unused for longer than --max-blob-age");
+            let by = if flag.is_some() {
+                "--max-blob-age"
+            } else {
+                "the policy's gc.maxUnusedAge"
+            };
+            tracing::info!(blobs, bytes, max_blob_age = ?age, "evicted blobs unused for longer than {by}");
         }
+        let every = (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        tokio::time::sleep(every).await;
     }
 }
 
+/// Reloads registries.yaml and the policy file on SIGHUP and when either's modification
+/// time changes (checked every 2 s). A file with errors is refused: the running version of
+/// it stays.
 async fn reload_loop(args: Arc<Args>, state: AppState) {
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let (policy_file, policy_required) = policy_path(&args);
     let mut seen: Option<SystemTime> = mtime(&args.config);
+    let mut policy_seen: Option<SystemTime> = mtime(&policy_file);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         let forced = tokio::select! {
@@ -378,25 +445,49 @@ async fn reload_loop(args: Arc<Args>, state: AppState) {
             _ = tick.tick() => false,
         };
         let now = mtime(&args.config);
-        if !forced && now == seen {
-            continue;
+        if forced || now != seen {
+            seen = now;
+            reload_config(&args, &state);
         }
-        seen = now;
-        match load(&args.config) {
-            Ok(config) => {
-                if let Err(e) = write_hosts(&args, &config) {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot rewrite hosts.toml files");
+        let now = mtime(&policy_file);
+        if forced || now != policy_seen {
+            policy_seen = now;
+            match load_policy(&policy_file, policy_required) {
+                Ok(policy) => {
+                    state.set_policy(policy).await;
+                    apply_warm_list(&state);
+                    tracing::info!(path = %policy_file.display(), "policy file reloaded");
                 }
-                state.set_config(config);
-                #[cfg(feature = "containerd")]
-                if let Some(c) = state.containerd() {
-                    c.request_rescan();
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "new policy file refused; keeping the running one")
                 }
-                tracing::info!(path = %args.config.display(), "configuration reloaded");
             }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "new configuration refused; keeping the running one")
+        }
+    }
+}
+
+/// Hands the policy's warm list (docs/warm.md) to the node's warmer, replacing the one it
+/// had; the runtime list (`kagami warm`) stays.
+fn apply_warm_list(state: &AppState) {
+    let warm = state.policy().warm.clone();
+    state.warmer().set_list(warm.images, warm.copies);
+}
+
+fn reload_config(args: &Args, state: &AppState) {
+    match load(&args.config) {
+        Ok(config) => {
+            if let Err(e) = write_hosts(args, &config) {
+                tracing::warn!(error = %format!("{e:#}"), "cannot rewrite hosts.toml files");
             }
+            state.set_config(config);
+            #[cfg(feature = "containerd")]
+            if let Some(c) = state.containerd() {
+                c.request_rescan();
+            }
+            tracing::info!(path = %args.config.display(), "configuration reloaded");
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "new configuration refused; keeping the running one")
         }
     }
 }

@@ -300,6 +300,20 @@ pub fn render(r: &Report, base: &str) -> String {
             let _ = writeln!(o, "  {} [{}]", super::warm::render(i), i.listed_by);
         }
     }
+    if !r.pinned.is_empty() {
+        let _ = writeln!(o, "\nPinned images (policy file)");
+        for p in &r.pinned {
+            let _ = writeln!(
+                o,
+                "  {}  {}  {} ({} blobs held, {} missing)",
+                p.image,
+                p.held,
+                human_bytes(p.held_bytes),
+                p.blobs_held,
+                p.blobs_missing
+            );
+        }
+    }
 
     let c = &r.cache;
     let _ = writeln!(o, "\nHit ratio");
