@@ -5,9 +5,12 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::serve::Kagami;
-use crate::support::{Registry, build_image, build_index, http_get, kagami, push_all, run};
+use crate::support::{
+    Registry, build_image, build_index, eventually_sync, http_get, kagami, push_all, run,
+};
 
 fn mirror(dir: &Path, registry: &Registry) -> Kagami {
     let config = dir.join("registries.yaml");
@@ -107,6 +110,66 @@ fn warmed_from_a_list_then_pulled_with_no_upstream_request() {
     let again = run(warm(&k).arg("registry.example.test/team/app:1"));
     assert!(String::from_utf8_lossy(&again.stdout).contains("held"));
     assert_eq!(registry.count_gets("/blobs/"), blobs.len());
+}
+
+/// The policy file's `warm:` list (a `policy.yaml` next to registries.yaml, read by
+/// `kagami serve` with no flag) is fetched at start with no pull and no `kagami warm`, and
+/// a reload that empties it takes it off the list while the store keeps what was fetched.
+#[test]
+fn the_policy_files_warm_list_is_fetched_at_start_and_follows_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let image = build_image(&dir.path().join("image"), "1", 2, 64 * 1024);
+    image.push(&format!("{}/team/app:1", registry.addr()));
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "warm:\n  images:\n    - registry.example.test/team/app:1\n",
+    )
+    .unwrap();
+    let k = mirror(dir.path(), &registry);
+
+    let w = eventually_sync(
+        Duration::from_secs(30),
+        "the policy's warm image to be held",
+        || {
+            let w = warm_json(&k);
+            if w["images"][0]["state"] == "held" {
+                Ok(w)
+            } else {
+                Err(w.to_string())
+            }
+        },
+    );
+    assert_eq!(w["images"][0]["listed_by"], "policy", "{w}");
+    assert_eq!(
+        w["images"][0]["image"], "registry.example.test/team/app:1",
+        "{w}"
+    );
+    let (manifest, blobs) = image_blobs(&image.layout);
+    let stored = k.data.join("store/blobs/sha256");
+    for hex in blobs.iter().chain([&manifest]) {
+        assert!(stored.join(hex).exists(), "sha256:{hex} not stored");
+    }
+    assert_eq!(registry.count_gets("/blobs/"), blobs.len());
+
+    // The list emptied (the file's change is seen and reloaded): no image left to warm, and nothing deleted.
+    std::fs::write(&policy, "warm:\n  images: []\n").unwrap();
+    eventually_sync(Duration::from_secs(15), "the emptied list to apply", || {
+        let w = warm_json(&k);
+        let images = w["images"].as_array().map_or(0, Vec::len);
+        if w.is_null() || images == 0 {
+            Ok(())
+        } else {
+            Err(w.to_string())
+        }
+    });
+    for hex in blobs.iter().chain([&manifest]) {
+        assert!(
+            stored.join(hex).exists(),
+            "sha256:{hex} deleted by the reload"
+        );
+    }
 }
 
 /// The hex digests of the image in an OCI layout (its only one): the manifest, and its
