@@ -7,6 +7,7 @@ mod common;
 
 #[cfg(feature = "containerd")]
 mod containerd;
+mod claims;
 mod import;
 mod peer_security;
 mod peers;
