@@ -44,7 +44,7 @@ const MAX_CLAIMS: usize = 10_000;
 const MAX_ASKERS: usize = 32;
 /// How long an asker waits for a coordinator's answer (which may include a check of the
 /// holder, [`CHECK_TIMEOUT`]).
-const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a coordinator waits for a holder to answer its check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How many coordinators, in rendezvous order, are asked before falling back.
@@ -294,13 +294,14 @@ impl Peers {
         })
     }
 
-    /// The address of member `p` as this node's router knows it (an announced `0.0.0.0`
-    /// resolved, say), else the one the claim names.
-    fn resolve(&self, p: &ClaimPeer, members: &HashMap<String, SocketAddr>) -> Peer {
-        Peer {
+    /// Member `p` at the peer HTTP address this node's router knows for it: never the
+    /// address a claim names (a member could name another host's, and peer requests
+    /// carry the token; docs/security.md). `None` for a node this router does not know.
+    fn known(p: &ClaimPeer, members: &HashMap<String, SocketAddr>) -> Option<Peer> {
+        Some(Peer {
             id: p.id.clone(),
-            http_addr: members.get(&p.id).copied().unwrap_or(p.http_addr),
-        }
+            http_addr: *members.get(&p.id)?,
+        })
     }
 
     fn member_addrs(&self) -> HashMap<String, SocketAddr> {
@@ -360,12 +361,16 @@ impl Peers {
             if a.granted {
                 return Some(Claimed::Granted);
             }
-            let holder = self.resolve(&a.holder, &members);
+            let Some(holder) = Self::known(&a.holder, &members) else {
+                // A holder this node cannot reach safely: the announcements decide.
+                tracing::debug!(%digest, holder = %a.holder.id, "the claim holder is not a member this node knows");
+                return None;
+            };
             let mut earlier: Vec<Peer> = a
                 .earlier
                 .iter()
                 .filter(|p| p.id != me)
-                .map(|p| self.resolve(p, &members))
+                .filter_map(|p| Self::known(p, &members))
                 .collect();
             if !earlier.iter().any(|p| p.id == holder.id) {
                 earlier.insert(0, holder.clone());
