@@ -53,7 +53,11 @@ struct Life {
     blob_hits: Arc<AtomicUsize>,
 }
 
-async fn life_layer(State(life): State<Life>, req: Request, next: axum::middleware::Next) -> Response {
+async fn life_layer(
+    State(life): State<Life>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
     if life.dead.load(Ordering::SeqCst) {
         return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
@@ -111,7 +115,7 @@ async fn cluster(n: usize, upstream: &Arc<Fake>, net: &Arc<MemoryNetwork>) -> Ve
             id,
             server,
             life,
-            peer_addr: peer_addr,
+            peer_addr,
         });
     }
     nodes
@@ -131,14 +135,19 @@ async fn pull_all(nodes: &[&Node], d: &Digest, data: &[u8]) {
     let pulls = nodes
         .iter()
         .map(|n| request(n.server.addr, "GET", &path, &[]));
-    for (n, (status, _, body, complete)) in nodes.iter().zip(futures_util::future::join_all(pulls).await) {
+    for (n, (status, _, body, complete)) in nodes
+        .iter()
+        .zip(futures_util::future::join_all(pulls).await)
+    {
         assert_eq!(status, 200, "node {}", n.id);
         assert!(complete && body == data, "node {} got other bytes", n.id);
     }
     for n in nodes {
-        eventually(Duration::from_secs(10), "the blob stored on every node", async || {
-            n.server.state.store().blob_size(d).is_some()
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the blob stored on every node",
+            async || n.server.state.store().blob_size(d).is_some(),
+        )
         .await;
     }
 }
@@ -187,9 +196,11 @@ async fn when_the_claim_holder_dies_mid_fetch_another_node_takes_the_claim() {
         let (addr, path) = (holder.server.addr, path.clone());
         tokio::spawn(async move { request(addr, "GET", &path, &[]).await })
     };
-    eventually(Duration::from_secs(10), "the holder fetching from upstream", async || {
-        !upstream_calls(&fake).is_empty()
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the holder fetching from upstream",
+        async || !upstream_calls(&fake).is_empty(),
+    )
     .await;
     let others: Vec<&Node> = nodes.iter().filter(|n| n.id != holder.id).collect();
     let pulls = futures_util::future::join_all(
@@ -198,9 +209,11 @@ async fn when_the_claim_holder_dies_mid_fetch_another_node_takes_the_claim() {
             .map(|n| request(n.server.addr, "GET", &path, &[])),
     );
     let kill = async {
-        eventually(Duration::from_secs(10), "a node streaming from the holder", async || {
-            holder.life.blob_hits.load(Ordering::SeqCst) > 0
-        })
+        eventually(
+            Duration::from_secs(10),
+            "a node streaming from the holder",
+            async || holder.life.blob_hits.load(Ordering::SeqCst) > 0,
+        )
         .await;
         holder.life.dead.store(true, Ordering::SeqCst);
     };
@@ -249,7 +262,10 @@ async fn a_coordinator_that_is_down_is_replaced_by_the_next_one() {
     let nodes = cluster(5, &fake, &net).await;
     let order = order(&nodes, &d);
     // Still a member for every router, but its peer API refuses everything.
-    by_id(&nodes, &order[0]).life.dead.store(true, Ordering::SeqCst);
+    by_id(&nodes, &order[0])
+        .life
+        .dead
+        .store(true, Ordering::SeqCst);
     let up: Vec<&Node> = nodes.iter().filter(|n| n.id != order[0]).collect();
     pull_all(&up, &d, &data).await;
     // The next node in the order coordinated (itself among the pullers, answering
@@ -268,7 +284,10 @@ async fn with_no_coordinator_answering_the_announcements_decide() {
     for id in &order[..2] {
         by_id(&nodes, id).life.dead.store(true, Ordering::SeqCst);
     }
-    let up: Vec<&Node> = nodes.iter().filter(|n| !order[..2].contains(&n.id)).collect();
+    let up: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| !order[..2].contains(&n.id))
+        .collect();
     pull_all(&up, &d, &data).await;
     let calls = upstream_calls(&fake);
     assert!(

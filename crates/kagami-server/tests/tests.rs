@@ -5,9 +5,9 @@
 
 mod common;
 
+mod claims;
 #[cfg(feature = "containerd")]
 mod containerd;
-mod claims;
 mod import;
 mod peer_security;
 mod peers;

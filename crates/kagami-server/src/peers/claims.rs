@@ -337,10 +337,11 @@ impl Peers {
         };
         for id in order.iter().take(COORDINATORS_TRIED) {
             let answer = if id == me {
-                match self.coordinate(me, digest, &req, local_has).await {
-                    Ok(a) => a,
-                    Err(Full) => None,
-                }
+                // A full table (`Err`) answers nothing: the announcements decide.
+                self.coordinate(me, digest, &req, local_has)
+                    .await
+                    .ok()
+                    .flatten()
             } else {
                 let coordinator = Peer {
                     id: id.clone(),
@@ -509,7 +510,12 @@ mod tests {
         answer(&c, ask("a"), true).await;
         let mut rel = ask("a");
         rel.release = Some(Release::Failed);
-        assert!(c.ask(&d(), &rel, |_| async { true }).await.unwrap().is_none());
+        assert!(
+            c.ask(&d(), &rel, |_| async { true })
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert!(answer(&c, ask("b"), true).await.granted);
         rel.asker = peer("b");
         rel.release = Some(Release::Done);

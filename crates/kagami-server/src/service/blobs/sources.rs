@@ -25,7 +25,9 @@ impl Blobs {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .iter()
-                .any(|((d, _), f)| d == digest && !matches!(*f.state.borrow(), FetchState::Failed(_)))
+                .any(|((d, _), f)| {
+                    d == digest && !matches!(*f.state.borrow(), FetchState::Failed(_))
+                })
     }
 }
 
@@ -53,7 +55,12 @@ pub(super) struct ClaimGuard {
 }
 
 impl ClaimGuard {
-    fn start(peers: &Arc<crate::peers::Peers>, me: &str, digest: &Digest, store: &Store) -> ClaimGuard {
+    fn start(
+        peers: &Arc<crate::peers::Peers>,
+        me: &str,
+        digest: &Digest,
+        store: &Store,
+    ) -> ClaimGuard {
         let (p, m, d) = (peers.clone(), me.to_string(), digest.clone());
         let renew = tokio::spawn(async move {
             loop {
