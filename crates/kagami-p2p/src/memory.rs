@@ -10,6 +10,8 @@ use crate::{BoxFuture, Member, Peer, Router};
 #[derive(Debug, Default)]
 pub struct MemoryNetwork {
     nodes: Mutex<Nodes>,
+    /// Key prefixes no lookup finds (see [`MemoryNetwork::hide_keys`]).
+    hidden: Mutex<Vec<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -28,6 +30,24 @@ struct MemoryNode {
 impl MemoryNetwork {
     pub fn new() -> Arc<Self> {
         Arc::default()
+    }
+
+    /// A test hook: from now on no lookup finds a key starting with `prefix`, as if
+    /// every announcement of such a key were still on its way (announcements that cross
+    /// on a slow network). Advertising and withdrawing them still work.
+    pub fn hide_keys(&self, prefix: impl Into<String>) {
+        self.hidden
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(prefix.into());
+    }
+
+    fn hidden(&self, key: &str) -> bool {
+        self.hidden
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|p| key.starts_with(p.as_str()))
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Nodes) -> R) -> R {
@@ -107,6 +127,9 @@ impl Router for MemoryRouter {
     }
 
     fn lookup(&self, key: &str, limit: usize) -> BoxFuture<'_, Vec<Peer>> {
+        if self.net.hidden(key) {
+            return Box::pin(async { Vec::new() });
+        }
         let found = self.net.with(|nodes| {
             nodes
                 .by_id

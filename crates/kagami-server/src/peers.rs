@@ -38,7 +38,10 @@ pub fn peer_token(psk: &[u8; 32]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+mod claims;
 mod key;
+pub(crate) use claims::{CLAIM_RENEW, Claimed, Full};
+pub use claims::{ClaimAnswer, ClaimPeer, ClaimRequest, Release, coordinator_order};
 pub use key::{BadKey, ContentKey};
 
 /// (registry, repository, tag).
@@ -113,6 +116,8 @@ pub struct Peers {
     own_http_addr: std::sync::OnceLock<std::net::SocketAddr>,
     /// Tags resolved through peers: kept here, not in the store (see [`LearntTags`]).
     learnt: LearntTags,
+    /// The claims this node coordinates (see `claims`).
+    claims: claims::Claims,
 }
 
 /// The most tags learnt from peers kept at once; beyond it the oldest go first.
@@ -203,6 +208,7 @@ impl Peers {
             telemetry: OnceLock::new(),
             own_http_addr: std::sync::OnceLock::new(),
             learnt: LearntTags::default(),
+            claims: claims::Claims::default(),
         }
     }
 

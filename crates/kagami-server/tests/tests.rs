@@ -5,6 +5,7 @@
 
 mod common;
 
+mod claims;
 #[cfg(feature = "containerd")]
 mod containerd;
 mod import;

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::app::AppState;
 use crate::http::reply;
@@ -27,6 +27,8 @@ pub fn peer_router(state: AppState, info: NodeInfo) -> Router {
                 reply::json(serde_json::to_string(&info).expect("serialisable"))
             }),
         )
+        .route("/p2p/claim/{digest}", post(claim))
+        .route("/p2p/has/{digest}", get(has))
         .fallback(serve)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -54,6 +56,62 @@ async fn require_token(
         .into_response();
     }
     next.run(req).await
+}
+
+/// The largest claim request read.
+const MAX_CLAIM_REQUEST: usize = 16 * 1024;
+
+/// `POST /p2p/claim/<digest>`: this node as the coordinator of the blob's claim (see
+/// `peers::claims`). Answers who holds the claim (`204` for a release); `503` when this
+/// node is not in a P2P network or its claim table is full.
+async fn claim(
+    State(state): State<AppState>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(digest) = digest.parse::<kagami_config::Digest>() else {
+        return ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "not a digest")
+            .into_response();
+    };
+    let req: crate::peers::ClaimRequest = match serde_json::from_slice(&body) {
+        Ok(r) if body.len() <= MAX_CLAIM_REQUEST => r,
+        _ => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "CLAIM_INVALID",
+                "the body is not a claim request (JSON, at most 16 KiB)",
+            )
+            .into_response();
+        }
+    };
+    let node = state.node();
+    let (Some(peers), Some(me)) = (node.cluster.peers(), node.cluster.me()) else {
+        return unavailable("this node is not in a P2P network");
+    };
+    let blobs = state.services().blobs.clone();
+    let d = digest.clone();
+    let local_has = move || blobs.holds_or_fetches(&d);
+    match peers.coordinate(me, &digest, &req, &local_has).await {
+        Ok(Some(answer)) => reply::json(serde_json::to_string(&answer).expect("serialisable")),
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Err(crate::peers::Full) => unavailable("this node coordinates too many claims"),
+    }
+}
+
+fn unavailable(why: &str) -> Response {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", why).into_response()
+}
+
+/// `GET /p2p/has/<digest>`: `200` when this node holds the blob or is fetching it (a
+/// coordinator's check of a claim holder), else `404`.
+async fn has(
+    State(state): State<AppState>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+) -> Response {
+    match digest.parse::<kagami_config::Digest>() {
+        Ok(d) if state.services().blobs.holds_or_fetches(&d) => StatusCode::OK.into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn serve(State(state): State<AppState>, req: Request) -> Response {

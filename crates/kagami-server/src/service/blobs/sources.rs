@@ -7,22 +7,153 @@ use super::*;
 /// the announcements of other nodes about to do the same.
 pub(super) const SETTLE: Duration = Duration::from_millis(150);
 
-/// One upstream fetch per cluster: when no node holds a blob, every node about to fetch it
-/// announces `inflight:<digest>`, waits briefly, and looks the key up; the node with the
-/// lowest id fetches from upstream and the others stream from it while it downloads (its
-/// peer API serves blobs in flight). Returns the nodes to stream from, empty when this
-/// node is the fetcher. Announcements that raced past each other degrade to two fetches,
-/// never to a failure; a stale announcement is a provider that answers 404, then skipped.
+/// How many times a follower asks for the claim again (its holder failed, or a new
+/// holder failed too) before it goes to the endpoints itself.
+const MAX_REASK: u32 = 3;
+
+/// How many of the nodes that asked for the claim before it a follower tries (the holder
+/// is always among them).
+const CLAIM_SOURCES: usize = 4;
+
+impl Blobs {
+    /// Whether this node holds `digest` or is fetching it right now (a claim coordinator's
+    /// check of a holder).
+    pub(crate) fn holds_or_fetches(&self, digest: &Digest) -> bool {
+        self.store.blob_size(digest).is_some()
+            || self
+                .fetches
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .any(|((d, _), f)| {
+                    d == digest && !matches!(*f.state.borrow(), FetchState::Failed(_))
+                })
+    }
+}
+
+/// This node's part in a claim on a blob nobody holds (`peers::claims`).
+pub(super) enum ClaimRole {
+    /// No claim: P2P is off, another node holds the blob, or no coordinator answered.
+    None,
+    /// This node holds the claim and fetches from upstream; renewed until dropped.
+    Holder(#[allow(dead_code)] ClaimGuard),
+    /// Another node holds it; `asked` counts the times this node asked again.
+    Follower {
+        holder: kagami_p2p::Peer,
+        asked: u32,
+    },
+}
+
+/// Renews this node's claim on a blob while it lives; released when dropped: as done
+/// when the store has the blob by then, else as failed (the next asker gets it).
+pub(super) struct ClaimGuard {
+    renew: tokio::task::JoinHandle<()>,
+    peers: Arc<crate::peers::Peers>,
+    me: String,
+    digest: Digest,
+    store: Store,
+}
+
+impl ClaimGuard {
+    fn start(
+        peers: &Arc<crate::peers::Peers>,
+        me: &str,
+        digest: &Digest,
+        store: &Store,
+    ) -> ClaimGuard {
+        let (p, m, d) = (peers.clone(), me.to_string(), digest.clone());
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::peers::CLAIM_RENEW).await;
+                // A renewal never asks for a check: nothing to check locally.
+                p.claim(&m, &d, None, None, &|| true).await;
+            }
+        });
+        ClaimGuard {
+            renew,
+            peers: peers.clone(),
+            me: me.to_string(),
+            digest: digest.clone(),
+            store: store.clone(),
+        }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let release = if self.store.blob_size(&self.digest).is_some() {
+            crate::peers::Release::Done
+        } else {
+            crate::peers::Release::Failed
+        };
+        let (p, m, d) = (self.peers.clone(), self.me.clone(), self.digest.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                p.claim(&m, &d, None, Some(release), &|| true).await;
+            });
+        }
+    }
+}
+
+/// Who fetches a blob nobody holds, for the cluster: this node when empty.
+pub(super) struct ClusterFetch {
+    /// The nodes to stream from.
+    pub(super) sources: Vec<kagami_p2p::Peer>,
+    pub(super) claim: ClaimRole,
+    /// This node fetches, elected by announcements (no coordinator answered): it watches
+    /// for a lower id that announced the blob too (see [`lower_fetcher`]).
+    pub(super) elected: bool,
+}
+
+/// One upstream fetch per cluster. Every node about to fetch a blob nobody holds
+/// announces `inflight:<digest>` (so that nodes can find the fetching one and each
+/// other), then asks the blob's claim coordinator (`peers::claims`): the first asker
+/// fetches from upstream, every later one streams from the nodes that asked before it,
+/// the holder among them. When no coordinator answers, the announcements decide: the
+/// node waits briefly, looks the key up, and the node with the lowest id fetches while
+/// the others stream from it (its peer API serves blobs in flight). Announcements that
+/// raced past each other degrade to two fetches, never to a failure; a stale
+/// announcement is a provider that answers 404, then skipped.
 pub(super) async fn cluster_fetcher(
     svc: &Blobs,
-    peers: &crate::peers::Peers,
+    peers: &Arc<crate::peers::Peers>,
     digest: &Digest,
-) -> Vec<kagami_p2p::Peer> {
+) -> ClusterFetch {
     let Some(me) = svc.cluster.me().map(str::to_string) else {
-        return Vec::new();
+        return ClusterFetch {
+            sources: Vec::new(),
+            claim: ClaimRole::None,
+            elected: false,
+        };
     };
     let key = ContentKey::Inflight(digest.clone()).to_string();
     peers.router.advertise(vec![key.clone()]).await;
+    let has = || svc.holds_or_fetches(digest);
+    match claim(peers, &me, digest, None, &has).await {
+        Some(crate::peers::Claimed::Granted) => {
+            tracing::debug!(%digest, "claim granted; fetching this blob for the cluster");
+            return ClusterFetch {
+                sources: Vec::new(),
+                claim: ClaimRole::Holder(ClaimGuard::start(peers, &me, digest, &svc.store)),
+                elected: false,
+            };
+        }
+        Some(crate::peers::Claimed::Held { holder, earlier }) => {
+            let mut sources = spread_followers(&me, digest, earlier);
+            sources.truncate(CLAIM_SOURCES);
+            if !sources.iter().any(|p| p.id == holder.id) {
+                sources.push(holder.clone());
+            }
+            tracing::debug!(%digest, holder = %holder.id, from = %sources[0].id, "another node holds the claim on this blob; streaming");
+            return ClusterFetch {
+                sources,
+                claim: ClaimRole::Follower { holder, asked: 0 },
+                elected: false,
+            };
+        }
+        None => {}
+    }
     tokio::time::sleep(SETTLE).await;
     let earlier: Vec<kagami_p2p::Peer> = peers
         .providers(&key)
@@ -34,7 +165,22 @@ pub(super) async fn cluster_fetcher(
     if let Some(first) = earlier.first() {
         tracing::debug!(%digest, from = %first.id, "another node is fetching this blob; streaming from it");
     }
-    earlier
+    ClusterFetch {
+        elected: earlier.is_empty(),
+        sources: earlier,
+        claim: ClaimRole::None,
+    }
+}
+
+/// Asks for the claim (see [`crate::peers::Peers::claim`]).
+async fn claim(
+    peers: &crate::peers::Peers,
+    me: &str,
+    digest: &Digest,
+    failed: Option<&str>,
+    has: &(dyn Fn() -> bool + Send + Sync),
+) -> Option<crate::peers::Claimed> {
+    peers.claim(me, digest, failed, None, has).await
 }
 
 /// The order in which a follower tries the nodes that announced a blob before it: by a
@@ -118,9 +264,12 @@ pub(super) struct Sources<'a> {
     pub(super) path: &'a OciPath,
     pub(super) digest: &'a Digest,
     pub(super) providers: Vec<kagami_p2p::Peer>,
-    /// This node fetches the blob from an endpoint for the cluster (no other node had it
-    /// or had announced it).
+    /// This node fetches the blob from an endpoint for the cluster, elected by
+    /// announcements (no claim coordinator answered, no other node had it or had
+    /// announced it).
     pub(super) cluster_leader: bool,
+    /// This node's part in the blob's claim.
+    claim: Mutex<ClaimRole>,
 }
 
 impl<'a> Sources<'a> {
@@ -135,13 +284,15 @@ impl<'a> Sources<'a> {
             .iter()
             .any(|a| matches!(a, kagami_config::Attempt::Peers));
         let mut cluster_leader = false;
+        let mut claim = ClaimRole::None;
         let providers = match svc.cluster.peers() {
             Some(p) if wants_peers => {
                 let holders = p.providers(&digest.to_string()).await;
                 if holders.is_empty() {
-                    let earlier = cluster_fetcher(svc, p, digest).await;
-                    cluster_leader = earlier.is_empty() && svc.cluster.me().is_some();
-                    earlier
+                    let f = cluster_fetcher(svc, p, digest).await;
+                    cluster_leader = f.elected;
+                    claim = f.claim;
+                    f.sources
                 } else {
                     holders
                 }
@@ -155,6 +306,7 @@ impl<'a> Sources<'a> {
             digest,
             providers,
             cluster_leader,
+            claim: Mutex::new(claim),
         }
     }
 
@@ -185,6 +337,11 @@ impl<'a> Sources<'a> {
                 at,
             });
         }
+        if let Attempt::Provider(_) = from
+            && let Some(opened) = self.follow_claim(offset).await
+        {
+            return Ok(opened);
+        }
         let endpoint = match from {
             Attempt::Endpoint(i) => i,
             Attempt::Provider(_) => 0,
@@ -199,6 +356,64 @@ impl<'a> Sources<'a> {
             origin: Origin::Endpoint(b.source.clone()),
             body: rate_guarded(self.svc, b),
         })
+    }
+}
+
+impl Sources<'_> {
+    /// A follower whose sources all failed asks for the claim again, naming the holder
+    /// it knew: when the coordinator finds that holder gone, this node gets the claim
+    /// and goes to the endpoints (`None`); otherwise it streams from the holder named
+    /// (at `offset`). After [`MAX_REASK`] times, or when no coordinator answers, `None`.
+    async fn follow_claim(&self, offset: u64) -> Option<Opened> {
+        let peers = self.svc.cluster.peers()?;
+        let me = self.svc.cluster.me()?;
+        let has = || self.svc.holds_or_fetches(self.digest);
+        loop {
+            let (known, asked) = match &*self.claim.lock().unwrap_or_else(PoisonError::into_inner) {
+                ClaimRole::Follower { holder, asked } if *asked < MAX_REASK => {
+                    (holder.clone(), *asked)
+                }
+                _ => return None,
+            };
+            let answer = claim(peers, me, self.digest, Some(&known.id), &has).await;
+            let holder = match answer {
+                Some(crate::peers::Claimed::Granted) => {
+                    tracing::info!(%self.digest, offset, failed = %known.id, "the claim holder failed; this node holds the claim now and continues from upstream");
+                    let guard = ClaimGuard::start(peers, me, self.digest, &self.svc.store);
+                    *self.claim.lock().unwrap_or_else(PoisonError::into_inner) =
+                        ClaimRole::Holder(guard);
+                    return None;
+                }
+                Some(crate::peers::Claimed::Held { holder, .. }) => holder,
+                None => {
+                    *self.claim.lock().unwrap_or_else(PoisonError::into_inner) = ClaimRole::None;
+                    return None;
+                }
+            };
+            *self.claim.lock().unwrap_or_else(PoisonError::into_inner) = ClaimRole::Follower {
+                holder: holder.clone(),
+                asked: asked + 1,
+            };
+            if let Some((b, origin)) = peers
+                .blob(
+                    std::slice::from_ref(&holder),
+                    0,
+                    &self.path.registry,
+                    &self.path.repository,
+                    self.digest,
+                    offset,
+                )
+                .await
+            {
+                tracing::info!(%self.digest, offset, holder = %holder.id, "continuing from the claim holder");
+                return Some(Opened {
+                    body: rate_guarded(self.svc, b),
+                    origin,
+                    // Past the providers: a failure asks for the claim again.
+                    at: Attempt::Provider(self.providers.len()),
+                });
+            }
+        }
     }
 }
 

@@ -1,0 +1,297 @@
+//! One upstream fetch per cluster decided by a claim (docs/p2p.md, "One upstream fetch
+//! per cluster"): several real nodes (each a server with its peer API on 127.0.0.1) on
+//! one in-memory network, one counting upstream shared by all of them. The in-memory
+//! router can hide the `inflight:` announcements from every lookup, as if they were all
+//! still on their way: only the claim then keeps the nodes from all fetching. A node
+//! "dies" by its peer API refusing requests and cutting the transfers it serves.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::common::*;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use kagami_config::{Digest, Plan};
+use kagami_p2p::{MemoryNetwork, MemoryRouter};
+use kagami_server::{
+    BlobBody, FetchedManifest, NodeInfo, Peers, ServerOptions, Upstream, UpstreamError,
+};
+
+/// One upstream shared by every node, counting requests ([`Fake::blob_calls`]).
+struct Shared(Arc<Fake>);
+
+impl Upstream for Shared {
+    fn manifest<'a>(
+        &'a self,
+        plan: &'a Plan,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<FetchedManifest, UpstreamError>> {
+        self.0.manifest(plan, reference)
+    }
+
+    fn blob<'a>(
+        &'a self,
+        plan: &'a Plan,
+        digest: &'a Digest,
+        offset: u64,
+        from: usize,
+    ) -> BoxFuture<'a, Result<BlobBody, UpstreamError>> {
+        self.0.blob(plan, digest, offset, from)
+    }
+}
+
+/// A node's peer API switch: once `dead`, it refuses requests and cuts what it is sending.
+#[derive(Clone, Default)]
+struct Life {
+    dead: Arc<AtomicBool>,
+    /// Blob requests this node's peer API received.
+    blob_hits: Arc<AtomicUsize>,
+}
+
+async fn life_layer(
+    State(life): State<Life>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if life.dead.load(Ordering::SeqCst) {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if req.uri().path().contains("/blobs/") {
+        life.blob_hits.fetch_add(1, Ordering::SeqCst);
+    }
+    let (parts, body) = next.run(req).await.into_parts();
+    let dead = life.dead.clone();
+    let body = body.into_data_stream().map(move |c| {
+        if dead.load(Ordering::SeqCst) {
+            Err(std::io::Error::other("node died"))
+        } else {
+            c.map_err(std::io::Error::other)
+        }
+    });
+    Response::from_parts(parts, Body::from_stream(body))
+}
+
+struct Node {
+    id: String,
+    server: Server<Shared>,
+    life: Life,
+    peer_addr: SocketAddr,
+}
+
+/// `n` nodes `n0`.. on `net`, each with its peer API served, sharing `upstream`.
+async fn cluster(n: usize, upstream: &Arc<Fake>, net: &Arc<MemoryNetwork>) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let id = format!("n{i}");
+        let server = serve(
+            Shared(upstream.clone()),
+            ONE_MIRROR,
+            None,
+            ServerOptions::default(),
+        )
+        .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer_addr = listener.local_addr().unwrap();
+        let router = MemoryRouter::join(net, id.clone(), peer_addr);
+        let peers = Peers::new(Arc::new(router), None, false);
+        peers.set_own_http_addr(peer_addr);
+        let info = NodeInfo {
+            peer_id: id.clone(),
+            addrs: vec![],
+        };
+        server.state.set_peers(Arc::new(peers), info.clone());
+        tokio::spawn(kagami_server::peers::advertise_store(server.state.clone()));
+        let life = Life::default();
+        let app = kagami_server::peer_router(server.state.clone(), info).layer(
+            axum::middleware::from_fn_with_state(life.clone(), life_layer),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        nodes.push(Node {
+            id,
+            server,
+            life,
+            peer_addr,
+        });
+    }
+    nodes
+}
+
+/// A slow upstream with one blob of `len` bytes (64 KiB chunks, `delay` apart).
+fn upstream(len: usize, seed: u64, delay: Duration) -> (Arc<Fake>, Vec<u8>) {
+    let data = random(len, seed);
+    let mut fake = Fake::new(vec![BlobMode::Good]).with_blob(&data);
+    fake.chunk_delay = delay;
+    (Arc::new(fake), data)
+}
+
+/// Every node in `nodes` GETs blob `d` at once; each gets `data`, verified.
+async fn pull_all(nodes: &[&Node], d: &Digest, data: &[u8]) {
+    let path = blob_path(d);
+    let pulls = nodes
+        .iter()
+        .map(|n| request(n.server.addr, "GET", &path, &[]));
+    for (n, (status, _, body, complete)) in nodes
+        .iter()
+        .zip(futures_util::future::join_all(pulls).await)
+    {
+        assert_eq!(status, 200, "node {}", n.id);
+        assert!(complete && body == data, "node {} got other bytes", n.id);
+    }
+    for n in nodes {
+        eventually(
+            Duration::from_secs(10),
+            "the blob stored on every node",
+            async || n.server.state.store().blob_size(d).is_some(),
+        )
+        .await;
+    }
+}
+
+fn upstream_calls(fake: &Fake) -> Vec<(usize, u64)> {
+    fake.blob_calls.lock().unwrap().clone()
+}
+
+/// The coordinator order of `d` over the nodes' ids.
+fn order(nodes: &[Node], d: &Digest) -> Vec<String> {
+    let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+    kagami_server::peers::coordinator_order(d, &ids)
+}
+
+fn by_id<'a>(nodes: &'a [Node], id: &str) -> &'a Node {
+    nodes.iter().find(|n| n.id == id).unwrap()
+}
+
+#[tokio::test]
+async fn a_blob_claimed_by_one_node_is_fetched_once_even_when_announcements_arrive_late() {
+    let (fake, data) = upstream(2 * 1024 * 1024, 41, Duration::from_millis(10));
+    let d = digest_of(&data);
+    let net = MemoryNetwork::new();
+    // No node sees another's `inflight:` announcement: without the claim every node
+    // would find nobody fetching and go to upstream itself.
+    net.hide_keys("inflight:");
+    let nodes = cluster(5, &fake, &net).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    pull_all(&all, &d, &data).await;
+    let calls = upstream_calls(&fake);
+    assert_eq!(calls, vec![(0, 0)], "upstream blob GETs: {calls:?}");
+}
+
+#[tokio::test]
+async fn when_the_claim_holder_dies_mid_fetch_another_node_takes_the_claim() {
+    let (fake, data) = upstream(4 * 1024 * 1024, 42, Duration::from_millis(40));
+    let d = digest_of(&data);
+    let net = MemoryNetwork::new();
+    net.hide_keys("inflight:");
+    let nodes = cluster(4, &fake, &net).await;
+    let order = order(&nodes, &d);
+    // The holder is not the coordinator, which stays up to check it and grant anew.
+    let holder = by_id(&nodes, &order[1]);
+    let path = blob_path(&d);
+    let first = {
+        let (addr, path) = (holder.server.addr, path.clone());
+        tokio::spawn(async move { request(addr, "GET", &path, &[]).await })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the holder fetching from upstream",
+        async || !upstream_calls(&fake).is_empty(),
+    )
+    .await;
+    let others: Vec<&Node> = nodes.iter().filter(|n| n.id != holder.id).collect();
+    let pulls = futures_util::future::join_all(
+        others
+            .iter()
+            .map(|n| request(n.server.addr, "GET", &path, &[])),
+    );
+    let kill = async {
+        eventually(
+            Duration::from_secs(10),
+            "a node streaming from the holder",
+            async || holder.life.blob_hits.load(Ordering::SeqCst) > 0,
+        )
+        .await;
+        holder.life.dead.store(true, Ordering::SeqCst);
+    };
+    let (results, ()) = tokio::join!(pulls, kill);
+    for (n, (status, _, body, complete)) in others.iter().zip(results) {
+        assert_eq!(status, 200, "node {}", n.id);
+        assert!(complete && body == data, "node {} got other bytes", n.id);
+    }
+    // The dead node's own client still gets its blob (only its peer API died).
+    let (status, _, body, _) = first.await.unwrap();
+    assert_eq!((status, body == data), (200, true));
+    let calls = upstream_calls(&fake);
+    assert!(
+        calls.len() <= 2 && calls[0] == (0, 0),
+        "the holder's fetch and at most one continuation expected: {calls:?}"
+    );
+    // The coordinator moved the claim: the dead node still renews it (only its peer API
+    // died), so it would otherwise hold it still.
+    let answer = ask_claim(by_id(&nodes, &order[0]), &d).await;
+    assert_ne!(answer["holder"]["id"], holder.id.as_str(), "{answer}");
+}
+
+/// Asks `coordinator`'s peer API for the claim on `d` as a node named "probe".
+async fn ask_claim(coordinator: &Node, d: &Digest) -> serde_json::Value {
+    let url = format!("http://{}/p2p/claim/{d}", coordinator.peer_addr);
+    let body = serde_json::json!({"asker": {"id": "probe", "http_addr": "127.0.0.1:9"}});
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(url)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_coordinator_that_is_down_is_replaced_by_the_next_one() {
+    let (fake, data) = upstream(2 * 1024 * 1024, 43, Duration::from_millis(10));
+    let d = digest_of(&data);
+    let net = MemoryNetwork::new();
+    net.hide_keys("inflight:");
+    let nodes = cluster(5, &fake, &net).await;
+    let order = order(&nodes, &d);
+    // Still a member for every router, but its peer API refuses everything.
+    by_id(&nodes, &order[0])
+        .life
+        .dead
+        .store(true, Ordering::SeqCst);
+    let up: Vec<&Node> = nodes.iter().filter(|n| n.id != order[0]).collect();
+    pull_all(&up, &d, &data).await;
+    // The next node in the order coordinated (itself among the pullers, answering
+    // itself without HTTP): one fetch still.
+    let calls = upstream_calls(&fake);
+    assert_eq!(calls, vec![(0, 0)], "upstream blob GETs: {calls:?}");
+}
+
+#[tokio::test]
+async fn with_no_coordinator_answering_the_announcements_decide() {
+    let (fake, data) = upstream(2 * 1024 * 1024, 44, Duration::from_millis(10));
+    let d = digest_of(&data);
+    let net = MemoryNetwork::new();
+    let nodes = cluster(5, &fake, &net).await;
+    let order = order(&nodes, &d);
+    for id in &order[..2] {
+        by_id(&nodes, id).life.dead.store(true, Ordering::SeqCst);
+    }
+    let up: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| !order[..2].contains(&n.id))
+        .collect();
+    pull_all(&up, &d, &data).await;
+    let calls = upstream_calls(&fake);
+    assert!(
+        !calls.is_empty() && calls.len() <= up.len(),
+        "upstream blob GETs: {calls:?}"
+    );
+}
