@@ -101,7 +101,7 @@ struct Mirror {
 /// kagami with the real upstream client, `config`, and the listener's limits.
 async fn mirror_with(config: Config, opts: ListenOptions) -> Mirror {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
+    let store = Store::open(dir.path().join("store"), StoreOptions::default())
         .await
         .unwrap();
     let state = AppState::new(

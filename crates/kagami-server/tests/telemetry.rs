@@ -179,7 +179,10 @@ struct Node {
 
 async fn node(script: Script, options: ServerOptions, max_size: Option<u64>) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size })
+    let store = Store::open(dir.path().join("store"), StoreOptions {
+            max_size,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let config = Config::parse(

@@ -229,6 +229,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         args.data_dir.join("store"),
         StoreOptions {
             max_size: args.max_store_size,
+            memory: Some(args.fetch_memory),
         },
     )
     .await

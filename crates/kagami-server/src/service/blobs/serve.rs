@@ -29,11 +29,7 @@ pub(super) async fn pass_through(
 ) -> Result<BlobReply, ApiError> {
     let (path, plan) = (&ctx.path, &**ctx.plan());
     let limits = &svc.limits;
-    let Some(permit) = svc
-        .budget
-        .acquire(&svc.telemetry, CHUNK as u64, limits.queue_wait)
-        .await
-    else {
+    let Some(permit) = svc.budget.acquire(limits.queue_wait).await else {
         svc.telemetry.metrics.fetches_refused.inc();
         return Err(busy(limits));
     };
