@@ -45,6 +45,50 @@ pub struct BlobHandle {
     pub(crate) _pin: Pin,
 }
 
+impl BlobHandle {
+    /// `len` bytes from `offset`, in chunks of at most `chunk` bytes. Each chunk is read
+    /// (positionally, on a blocking thread) into a buffer of its own only when the stream is
+    /// polled: nothing is read ahead and no buffer is kept between reads, so a response
+    /// sent slowly holds only the chunk it is sending. The blob stays pinned while the
+    /// stream lives. A blob shorter than the range ends with an `UnexpectedEof` error.
+    pub fn into_stream(
+        self,
+        offset: u64,
+        len: u64,
+        chunk: usize,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let BlobHandle { file, _pin, .. } = self;
+        // No operation is in flight on a handle just opened, so this does not fail.
+        let file = file.try_into_std().map(Arc::new);
+        let chunk = chunk.max(1) as u64;
+        let end = offset.saturating_add(len);
+        futures_util::stream::unfold(
+            (file, offset, _pin, false),
+            move |(file, pos, pin, failed)| async move {
+                if pos >= end || failed {
+                    return None;
+                }
+                let f = match &file {
+                    Ok(f) => f.clone(),
+                    Err(_) => {
+                        let e = io::Error::other("blob file busy");
+                        return Some((Err(e), (file, pos, pin, true)));
+                    }
+                };
+                let n = (end - pos).min(chunk) as usize;
+                let r = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0; n];
+                    f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                let failed = r.is_err();
+                Some((r, (file, pos + n as u64, pin, failed)))
+            },
+        )
+    }
+}
+
 /// Keeps a complete blob from being evicted; released on drop.
 pub(crate) struct Pin {
     pub(crate) inner: Arc<Inner>,

@@ -18,9 +18,7 @@ use futures_util::{Stream, StreamExt};
 use http::StatusCode;
 use kagami_config::{Digest, Plan};
 use kagami_store::{Begin, BlobHandle, Inflight, MemoryPermit, Store};
-use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio_util::io::ReaderStream;
 
 use crate::origin::{Origin, Source};
 use crate::path::OciPath;
