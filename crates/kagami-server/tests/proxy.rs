@@ -464,10 +464,14 @@ async fn slow_get(addr: SocketAddr, path: String, digest: kagami_config::Digest)
         .unwrap_or(0);
     let len: Option<usize> = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
         .and_then(|v| v.trim().parse().ok());
-    let ok = Some(body) == len
-        && kagami_config::Digest::sha256_from_bytes(&hasher.finalize()) == digest;
+    let ok =
+        Some(body) == len && kagami_config::Digest::sha256_from_bytes(&hasher.finalize()) == digest;
     (status, ok)
 }
 
@@ -534,7 +538,10 @@ async fn many_cold_blobs_to_slow_clients_stay_within_the_memory_budget() {
     let mut most = 0u64;
     while clients.iter().any(|c| !c.is_finished()) {
         let used = store.memory_used();
-        assert!(used <= budget, "{used} bytes held, over the budget of {budget}");
+        assert!(
+            used <= budget,
+            "{used} bytes held, over the budget of {budget}"
+        );
         most = most.max(used);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -550,12 +557,14 @@ async fn many_cold_blobs_to_slow_clients_stay_within_the_memory_budget() {
     assert!(peak <= budget, "peak {peak} over the budget {budget}");
     assert!(most > 0 && peak > 0, "the fetches held nothing in memory?");
     // Everything given back, and the gauge says so.
-    eventually(Duration::from_secs(10), "the memory to be given back", async || {
-        match store.memory_used() {
+    eventually(
+        Duration::from_secs(10),
+        "the memory to be given back",
+        async || match store.memory_used() {
             0 => Ok(()),
             n => Err(format!("{n} bytes still held")),
-        }
-    })
+        },
+    )
     .await;
     assert!(
         state

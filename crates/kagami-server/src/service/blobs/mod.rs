@@ -159,7 +159,7 @@ impl Default for FetchLimits {
     fn default() -> Self {
         FetchLimits {
             max_fetches: 32,
-            fetch_memory: 64 * 1024 * 1024,
+            fetch_memory: 16 * 1024 * 1024,
             queue_wait: Duration::from_secs(5),
             max_blob_size: 16 * 1024 * 1024 * 1024,
             min_rate: 16 * 1024,
