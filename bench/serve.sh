@@ -3,6 +3,7 @@
 #
 #   bench/serve.sh            # builds kagami (release) and prints the figures
 #   KAGAMI_BIN=path/to/kagami bench/serve.sh   # a given binary (e.g. another commit's)
+#   KAGAMI_ARGS="--max-fetches 8" bench/serve.sh   # more flags for the kagami under test
 #   SCENARIO=memory bench/serve.sh   # only the last part: many blobs in flight to slow
 #                                    # clients (MEM_N, MEM_MB, MEM_RATE), peak RSS
 #
@@ -58,7 +59,7 @@ mirrors:
     endpoint: ["http://127.0.0.1:$ORIGIN"]
 YAML
 "$KAGAMI" serve --listen 127.0.0.1:$KPORT --data-dir "$WORK/kagami" --config "$WORK/registries.yaml" \
-  --disable-default-registry-endpoint 2>"$WORK/kagami.log" &
+  --disable-default-registry-endpoint ${KAGAMI_ARGS:-} 2>"$WORK/kagami.log" &
 KPID=$!; PIDS+=($KPID); wait_port "$KPORT"
 
 push_blob() { # repo [MiB] -> digest (a fresh random blob of SIZE_MB, or MiB)
