@@ -3,6 +3,9 @@
 #
 #   bench/serve.sh            # builds kagami (release) and prints the figures
 #   KAGAMI_BIN=path/to/kagami bench/serve.sh   # a given binary (e.g. another commit's)
+#   KAGAMI_ARGS="--max-fetches 8" bench/serve.sh   # more flags for the kagami under test
+#   SCENARIO=memory bench/serve.sh   # only the last part: many blobs in flight to slow
+#                                    # clients (MEM_N, MEM_MB, MEM_RATE), peak RSS
 #
 # Needs: docker-registry, curl, wrk (apt-get install docker-registry curl wrk).
 # Every process listens on 127.0.0.1 and is stopped at the end.
@@ -56,12 +59,12 @@ mirrors:
     endpoint: ["http://127.0.0.1:$ORIGIN"]
 YAML
 "$KAGAMI" serve --listen 127.0.0.1:$KPORT --data-dir "$WORK/kagami" --config "$WORK/registries.yaml" \
-  --disable-default-registry-endpoint 2>"$WORK/kagami.log" &
+  --disable-default-registry-endpoint ${KAGAMI_ARGS:-} 2>"$WORK/kagami.log" &
 KPID=$!; PIDS+=($KPID); wait_port "$KPORT"
 
-push_blob() { # repo -> digest (a fresh random blob of SIZE_MB)
+push_blob() { # repo [MiB] -> digest (a fresh random blob of SIZE_MB, or MiB)
   local f=$WORK/blob.bin
-  head -c $((SIZE_MB*1024*1024)) /dev/urandom >"$f"
+  head -c $((${2:-$SIZE_MB}*1024*1024)) /dev/urandom >"$f"
   local d="sha256:$(sha256sum "$f" | cut -d' ' -f1)"
   local loc; loc=$(curl -sSi -X POST "http://127.0.0.1:$ORIGIN/v2/$1/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
   case $loc in http*) ;; *) loc="http://127.0.0.1:$ORIGIN$loc";; esac
@@ -83,6 +86,9 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}'
 echo "kagami $("$KAGAMI" --version | cut -d' ' -f2), docker-registry $(docker-registry --version 2>/dev/null | awk '{print $3}'), blob ${SIZE_MB} MiB, medians of $RUNS"
 echo
 
+PPID_PROXY=${PIDS[1]}
+rss_peak() { awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
+if [ "${SCENARIO:-all}" = all ]; then
 # Cold: a fresh blob per run, through each mirror.
 declare -A COLD
 for who in proxy kagami; do
@@ -152,8 +158,6 @@ fi
 echo
 
 # Peak RSS while streaming 50 concurrent downloads of the warm blob.
-rss_peak() { awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
-PPID_PROXY=${PIDS[1]}
 for who in proxy kagami; do
   cpids=(); for _ in $(seq 50); do curl -sSf -o /dev/null "$(blob_url "$who" library/warm "$WARM_D")" & cpids+=($!); done; wait "${cpids[@]}"
 done
@@ -170,3 +174,39 @@ K2=$(port)
 "$KAGAMI" serve --listen 127.0.0.1:$K2 --data-dir "$WORK/k2" --config "$WORK/dead.yaml" --disable-default-registry-endpoint 2>/dev/null &
 PIDS+=($!); wait_port "$K2"
 for _ in $(seq 5); do curl -s -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$K2/v2/a/b/manifests/1?ns=dead.example.test"; done | awk '{print $1*1000}' | median | xargs printf '%-44s %10s ms\n' "unservable request (refused endpoint), kagami"
+echo
+fi
+
+# Many blobs in flight at once: MEM_N distinct cold blobs of MEM_MB MiB and MEM_N streams of
+# the warm blob, every client reading at MEM_RATE (curl --limit-rate). Peak RSS of each
+# mirror while they run (VmHWM reset first, and VmRSS sampled every 0.1 s), how many clients
+# got the whole blob, and the wall time.
+MEM_N=${MEM_N:-50}; MEM_MB=${MEM_MB:-20}; MEM_RATE=${MEM_RATE:-20M}
+if [ -z "${WARM_D:-}" ]; then
+  WARM_D=$(push_blob library/warm)
+  for who in proxy kagami; do curl -sSf -o /dev/null "$(blob_url "$who" library/warm "$WARM_D")"; done
+fi
+declare -A MEM_D MEM_PEAK MEM_OK MEM_T
+for who in proxy kagami; do for i in $(seq "$MEM_N"); do MEM_D[$who$i]=$(push_blob "library/mem$i$who" "$MEM_MB"); done; done
+for who in proxy kagami; do
+  pid=$KPID; [ "$who" = proxy ] && pid=$PPID_PROXY
+  echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true
+  out=$WORK/mem.$who; mkdir -p "$out"; cpids=(); t0=$(date +%s.%N)
+  for i in $(seq "$MEM_N"); do
+    curl -sS --limit-rate "$MEM_RATE" -o /dev/null -w '%{http_code} %{size_download}\n' "$(blob_url "$who" "library/mem$i$who" "${MEM_D[$who$i]}")" >"$out/c$i" 2>/dev/null & cpids+=($!)
+    curl -sS --limit-rate "$MEM_RATE" -o /dev/null -w '%{http_code} %{size_download}\n' "$(blob_url "$who" library/warm "$WARM_D")" >"$out/w$i" 2>/dev/null & cpids+=($!)
+  done
+  peak=0
+  while kill -0 "${cpids[@]}" 2>/dev/null; do
+    r=$(awk '/VmRSS/{print $2}' "/proc/$pid/status"); [ "$r" -gt "$peak" ] && peak=$r; sleep 0.1
+  done
+  wait "${cpids[@]}" || true
+  MEM_T[$who]=$(echo "$(date +%s.%N) - $t0" | bc | xargs printf '%.1f')
+  hwm=$(awk '/VmHWM/{print $2}' "/proc/$pid/status"); [ "$hwm" -gt "$peak" ] && peak=$hwm
+  MEM_PEAK[$who]=$((peak / 1024))
+  MEM_OK[$who]="$(cat "$out"/c* | awk -v s=$((MEM_MB*1048576)) '$1==200 && $2==s' | wc -l)+$(cat "$out"/w* | awk -v s=$((SIZE_MB*1048576)) '$1==200 && $2==s' | wc -l)"
+done
+printf '%-44s %10s %10s\n' "$MEM_N cold ${MEM_MB} MiB + $MEM_N warm, ${MEM_RATE}B/s each" docker-reg kagami
+printf '%-44s %10s %10s\n' "peak RSS (MiB)" "${MEM_PEAK[proxy]}" "${MEM_PEAK[kagami]}"
+printf '%-44s %10s %10s\n' "clients with the whole blob (cold+warm)" "${MEM_OK[proxy]}" "${MEM_OK[kagami]}"
+printf '%-44s %10s %10s\n' "wall time (s)" "${MEM_T[proxy]}" "${MEM_T[kagami]}"

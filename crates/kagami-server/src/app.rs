@@ -292,6 +292,8 @@ impl AppState {
         let usage = self.inner.store.usage();
         m.store_bytes.set(usage.bytes as i64);
         m.store_blobs.set(usage.blobs as i64);
+        m.fetch_memory
+            .set(self.inner.store.memory_used().min(i64::MAX as u64) as i64);
         m.evictions
             .inner()
             .store(usage.evictions, Ordering::Relaxed);

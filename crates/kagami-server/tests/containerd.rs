@@ -86,7 +86,7 @@ struct Node {
 
 async fn node(net: &Arc<MemoryNetwork>, yaml: &str) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
+    let store = Store::open(dir.path().join("store"), StoreOptions::default())
         .await
         .unwrap();
     let config = Config::parse(yaml, Path::new("test.yaml")).unwrap().0;

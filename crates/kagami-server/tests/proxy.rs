@@ -101,7 +101,7 @@ struct Mirror {
 /// kagami with the real upstream client, `config`, and the listener's limits.
 async fn mirror_with(config: Config, opts: ListenOptions) -> Mirror {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
+    let store = Store::open(dir.path().join("store"), StoreOptions::default())
         .await
         .unwrap();
     let state = AppState::new(
@@ -383,4 +383,197 @@ async fn connections_over_the_cap_are_closed() {
         async || healthz(m.addr).await == 200,
     )
     .await;
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Pushes `data` to a real registry as a blob of `repo` (monolithic upload).
+async fn push(http: &reqwest::Client, registry: &str, repo: &str, data: Vec<u8>) {
+    let d = digest_of(&data);
+    let r = http
+        .post(format!("http://{registry}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("http://{registry}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = http
+        .put(format!("{loc}{sep}digest={d}"))
+        .header("content-type", "application/octet-stream")
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+}
+
+/// A blob GET read slowly (16 KiB at a time, 1 ms apart); returns the status and whether
+/// the body was complete and had the digest asked for.
+async fn slow_get(addr: SocketAddr, path: String, digest: kagami_config::Digest) -> (u16, bool) {
+    use sha2::Digest as _;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: kagami\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut hasher = sha2::Sha256::new();
+    let mut body = 0usize;
+    let mut in_body = false;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        if in_body {
+            hasher.update(&buf[..n]);
+            body += n;
+        } else {
+            head.extend_from_slice(&buf[..n]);
+            if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                hasher.update(&head[i + 4..]);
+                body += head.len() - i - 4;
+                head.truncate(i);
+                in_body = true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let len: Option<usize> = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
+        .and_then(|v| v.trim().parse().ok());
+    let ok =
+        Some(body) == len && kagami_config::Digest::sha256_from_bytes(&hasher.finalize()) == digest;
+    (status, ok)
+}
+
+/// Many distinct cold blobs from a real docker-registry, each to slow clients at once:
+/// what the fetches hold in memory (the store's accounting of `--fetch-memory`) never goes
+/// over the budget, sampled while they run and by the store's exact peak, and every client
+/// still gets every byte, verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_cold_blobs_to_slow_clients_stay_within_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = kagami_testkit::Registry::start(&dir.path().join("registry"));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let mut blobs = Vec::new();
+    for i in 0..12u64 {
+        let data = noise(2 * 1024 * 1024 + 4321, 500 + i);
+        blobs.push(digest_of(&data));
+        push(&http, &registry.addr(), "team/app", data).await;
+    }
+    let config = Config::parse(
+        &format!(
+            "mirrors:\n  registry.example.test:\n    endpoint: [\"http://{}\"]\n",
+            registry.addr()
+        ),
+        std::path::Path::new("test.yaml"),
+    )
+    .unwrap()
+    .0;
+    let budget = 1024 * 1024;
+    let store = Store::open(dir.path().join("store"), StoreOptions::default())
+        .await
+        .unwrap();
+    let options = ServerOptions {
+        disable_default_endpoint: true,
+        limits: kagami_server::FetchLimits {
+            max_fetches: 100,
+            fetch_memory: budget,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let state = AppState::new(
+        config,
+        store.clone(),
+        Arc::new(ClientUpstream::for_mirror()),
+        options,
+    );
+    assert_eq!(store.memory_limit(), Some(budget));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(
+        listener,
+        router(state.clone()),
+        ListenOptions::default(),
+        std::future::pending(),
+    ));
+    let mut clients = Vec::new();
+    for d in &blobs {
+        for _ in 0..2 {
+            let path = format!("/v2/team/app/blobs/{d}?ns=registry.example.test");
+            clients.push(tokio::spawn(slow_get(addr, path, d.clone())));
+        }
+    }
+    let mut most = 0u64;
+    while clients.iter().any(|c| !c.is_finished()) {
+        let used = store.memory_used();
+        assert!(
+            used <= budget,
+            "{used} bytes held, over the budget of {budget}"
+        );
+        most = most.max(used);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for c in clients {
+        let (status, ok) = tokio::time::timeout(Duration::from_secs(60), c)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(ok, "a client got a short or wrong body");
+    }
+    let peak = store.memory_peak();
+    assert!(peak <= budget, "peak {peak} over the budget {budget}");
+    assert!(most > 0 && peak > 0, "the fetches held nothing in memory?");
+    // Everything given back, and the gauge says so.
+    eventually(
+        Duration::from_secs(10),
+        "the memory to be given back",
+        async || match store.memory_used() {
+            0 => Ok(()),
+            n => Err(format!("{n} bytes still held")),
+        },
+    )
+    .await;
+    assert!(
+        state
+            .metrics_text()
+            .contains("kagami_fetch_memory_bytes 0\n"),
+        "gauge not at 0"
+    );
+    // One upstream GET per blob.
+    for d in &blobs {
+        assert_eq!(registry.count_gets(&d.to_string()), 1, "{d}");
+    }
 }

@@ -124,7 +124,7 @@ async fn mirror(up: &Upstream, tag_ttl: Duration) -> (SocketAddr, tempfile::Temp
 /// kagami configured by `yaml` (no default endpoint), with the real upstream client.
 async fn mirror_of(yaml: &str, tag_ttl: Duration) -> (SocketAddr, AppState, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
+    let store = Store::open(dir.path().join("store"), StoreOptions::default())
         .await
         .unwrap();
     let config = Config::parse(yaml, std::path::Path::new("test.yaml"))

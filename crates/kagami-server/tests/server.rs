@@ -681,10 +681,11 @@ async fn forty_trickling_blobs_stay_within_the_fetch_budget_and_release_their_so
     for b in &blobs {
         fake = fake.blob(b);
     }
-    // Memory for three fetches of unknown size; a cold request waits 300 ms for room.
-    let budget = 3 * kagami_server::FETCH_MEMORY_MAX;
+    // Three fetches at once, and what one fetch may hold at most in memory for all of
+    // them; a cold request waits 300 ms for room.
+    let budget = kagami_server::FETCH_MEMORY_MAX;
     let limits = kagami_server::FetchLimits {
-        max_fetches: 100,
+        max_fetches: 3,
         fetch_memory: budget,
         queue_wait: Duration::from_millis(300),
         min_rate: 1000,

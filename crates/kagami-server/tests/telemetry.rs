@@ -179,9 +179,15 @@ struct Node {
 
 async fn node(script: Script, options: ServerOptions, max_size: Option<u64>) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size })
-        .await
-        .unwrap();
+    let store = Store::open(
+        dir.path().join("store"),
+        StoreOptions {
+            max_size,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let config = Config::parse(
         &format!("mirrors:\n  {REGISTRY}:\n    endpoint: [\"http://127.0.0.1:9\"]\n"),
         std::path::Path::new("test.yaml"),
@@ -216,7 +222,7 @@ async fn health_node() -> Node {
     };
     let (limited, failing) = (serve(answer(429)).await, serve(answer(503)).await);
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
+    let store = Store::open(dir.path().join("store"), StoreOptions::default())
         .await
         .unwrap();
     let config = Config::parse(

@@ -87,7 +87,7 @@ async fn serve(app: axum::Router) -> (std::net::SocketAddr, tokio::task::JoinHan
 
 async fn node(id: &str, net: &Arc<MemoryNetwork>, yaml: &str) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store"), StoreOptions { max_size: None })
+    let store = Store::open(dir.path().join("store"), StoreOptions::default())
         .await
         .unwrap();
     let config = Config::parse(yaml, std::path::Path::new("test.yaml"))

@@ -7,6 +7,11 @@
 //! does not disturb them). The file write and the hashing of a chunk run on a blocking
 //! thread while the next chunk arrives. The last byte received is held back until the
 //! digest has been verified, and the window never drops a chunk before it is on disk.
+//!
+//! Every chunk in a window holds its bytes in the store's memory budget (`memory.rs`), from
+//! before the writer receives it until it leaves the window. While the budget is short,
+//! windows keep nothing that is already on disk: followers read the file, and the writer's
+//! caller waits for room before it takes more from its source.
 
 use std::fs::File;
 use std::io;
@@ -20,14 +25,16 @@ use kagami_config::Digest;
 use kagami_config::oci::Hasher;
 use tokio::sync::watch;
 
+use crate::memory::MemoryPermit;
 use crate::{Inner, StoreError, StoreEvent};
 
 /// Size of the chunks a follower's stream yields when it reads the file.
 pub const CHUNK: usize = 128 * 1024;
 
-/// Bytes already on disk that a write keeps in memory for followers a little behind it.
-/// Chunks not yet on disk stay in the window whatever its size; the writer writes one batch
-/// (one `write_chunks` call) at a time, so a window holds at most this plus one batch.
+/// Bytes already on disk that a write keeps in memory for followers a little behind it, when
+/// the store's memory budget is not short (then it keeps none). Chunks not yet on disk stay
+/// in the window whatever its size; the writer writes one batch (one `write_chunks` call) at
+/// a time, so a window holds at most this plus one batch.
 pub const WINDOW: usize = 4 * 1024 * 1024;
 
 /// A complete blob opened for reading. The blob cannot be evicted while this handle lives.
@@ -36,6 +43,50 @@ pub struct BlobHandle {
     pub size: u64,
     pub file: tokio::fs::File,
     pub(crate) _pin: Pin,
+}
+
+impl BlobHandle {
+    /// `len` bytes from `offset`, in chunks of at most `chunk` bytes. Each chunk is read
+    /// (positionally, on a blocking thread) into a buffer of its own only when the stream is
+    /// polled: nothing is read ahead and no buffer is kept between reads, so a response
+    /// sent slowly holds only the chunk it is sending. The blob stays pinned while the
+    /// stream lives. A blob shorter than the range ends with an `UnexpectedEof` error.
+    pub fn into_stream(
+        self,
+        offset: u64,
+        len: u64,
+        chunk: usize,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let BlobHandle { file, _pin, .. } = self;
+        // No operation is in flight on a handle just opened, so this does not fail.
+        let file = file.try_into_std().map(Arc::new);
+        let chunk = chunk.max(1) as u64;
+        let end = offset.saturating_add(len);
+        futures_util::stream::unfold(
+            (file, offset, _pin, false),
+            move |(file, pos, pin, failed)| async move {
+                if pos >= end || failed {
+                    return None;
+                }
+                let f = match &file {
+                    Ok(f) => f.clone(),
+                    Err(_) => {
+                        let e = io::Error::other("blob file busy");
+                        return Some((Err(e), (file, pos, pin, true)));
+                    }
+                };
+                let n = (end - pos).min(chunk) as usize;
+                let r = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0; n];
+                    f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                let failed = r.is_err();
+                Some((r, (file, pos + n as u64, pin, failed)))
+            },
+        )
+    }
 }
 
 /// Keeps a complete blob from being evicted; released on drop.
@@ -71,7 +122,7 @@ pub(crate) struct Progress {
 /// where `start` is the offset of the first chunk; every byte before `start` is on disk.
 #[derive(Default)]
 pub(crate) struct Window {
-    chunks: std::collections::VecDeque<(u64, Bytes)>,
+    chunks: std::collections::VecDeque<(u64, Bytes, MemoryPermit)>,
     /// Bytes on disk, from offset 0.
     persisted: u64,
     /// Total length of `chunks`.
@@ -79,18 +130,25 @@ pub(crate) struct Window {
 }
 
 impl Window {
-    fn push(&mut self, offset: u64, chunk: Bytes) {
+    fn push(&mut self, offset: u64, chunk: Bytes, permit: MemoryPermit) {
         self.bytes += chunk.len();
-        self.chunks.push_back((offset, chunk));
+        self.chunks.push_back((offset, chunk, permit));
     }
 
     /// Records `[.., end)` as on disk and drops the oldest chunks that are on disk while the
-    /// window holds more than [`WINDOW`] bytes without them.
-    fn persisted(&mut self, end: u64) {
+    /// window holds more than [`WINDOW`] bytes without them (or all of them, when `short`:
+    /// the memory budget is short).
+    fn persisted(&mut self, end: u64, short: bool) {
         self.persisted = end;
-        while let Some((off, c)) = self.chunks.front() {
+        self.trim(if short { 0 } else { WINDOW });
+    }
+
+    /// Drops the oldest chunks that are on disk while the window holds more than `keep`
+    /// bytes without them.
+    fn trim(&mut self, keep: usize) {
+        while let Some((off, c, _)) = self.chunks.front() {
             let on_disk = off + c.len() as u64 <= self.persisted;
-            if !on_disk || self.bytes - c.len() < WINDOW {
+            if !on_disk || self.bytes - c.len() < keep {
                 break;
             }
             self.bytes -= c.len();
@@ -104,8 +162,8 @@ impl Window {
         if pos < first {
             return None;
         }
-        let i = self.chunks.partition_point(|(off, _)| *off <= pos) - 1;
-        let (off, c) = &self.chunks[i];
+        let i = self.chunks.partition_point(|(off, _, _)| *off <= pos) - 1;
+        let (off, c, _) = &self.chunks[i];
         let from = (pos - off) as usize;
         if from >= c.len() {
             return None;
@@ -169,6 +227,12 @@ impl Shared {
     fn window(&self) -> std::sync::MutexGuard<'_, Window> {
         self.window.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Gives up every chunk of the window that is already on disk (the memory budget is
+    /// short): followers read those from the file.
+    pub(crate) fn drop_persisted(&self) {
+        self.window().trim(0);
+    }
 }
 
 /// What [`crate::Store::begin`] returns: the caller writes, or follows a write (or a complete
@@ -202,6 +266,7 @@ pub struct BlobWriter {
 
 impl BlobWriter {
     pub(crate) fn new(inner: Arc<Inner>, shared: Arc<Shared>) -> BlobWriter {
+        inner.memory.register(&shared);
         BlobWriter {
             hasher: Some(Box::new(Hasher::new(shared.digest.algorithm()))),
             inner,
@@ -241,17 +306,34 @@ impl BlobWriter {
     }
 
     /// Appends `chunks`, in order: followers see them at once (from memory), then they are
-    /// written to the temp file and hashed on one blocking thread. On any error the write
-    /// is abandoned (temp file deleted, followers told). A write whose future is dropped
-    /// half-way abandons the blob at the next call: its bytes may be neither on disk nor in
-    /// the hash.
-    pub async fn write_chunks(&mut self, mut chunks: Vec<Bytes>) -> Result<(), StoreError> {
+    /// written to the temp file and hashed on one blocking thread. Their bytes are taken
+    /// from the store's memory budget first, waiting for room (see
+    /// [`crate::Store::reserve_memory`]). On any error the write is abandoned (temp file
+    /// deleted, followers told). A write whose future is dropped half-way abandons the blob
+    /// at the next call: its bytes may be neither on disk nor in the hash.
+    pub async fn write_chunks(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
+        self.write_reserved(chunks, MemoryPermit::empty()).await
+    }
+
+    /// [`BlobWriter::write_chunks`] for chunks whose bytes the caller has already taken
+    /// from the store's memory budget (`permit`, from [`crate::Store::reserve_memory`]):
+    /// whatever the permit does not cover is taken (waiting) first. Each chunk's share is
+    /// given back when the chunk leaves the window.
+    pub async fn write_reserved(
+        &mut self,
+        mut chunks: Vec<Bytes>,
+        mut permit: MemoryPermit,
+    ) -> Result<(), StoreError> {
         if self.done {
             return Err(self.aborted());
         }
         chunks.retain(|c| !c.is_empty());
         if chunks.is_empty() {
             return Ok(());
+        }
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if permit.bytes() < len {
+            permit.merge(self.inner.memory.reserve(len - permit.bytes()).await);
         }
         let Some(mut hasher) = self.hasher.take() else {
             let err = StoreError::Aborted {
@@ -261,7 +343,6 @@ impl BlobWriter {
             self.fail(&err);
             return Err(err);
         };
-        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         let end = self.written + len;
         if let Some(expected) = self.shared.expected_size
             && end > expected
@@ -286,7 +367,7 @@ impl BlobWriter {
             let mut w = self.shared.window();
             let mut pos = start;
             for c in &chunks {
-                w.push(pos, c.clone());
+                w.push(pos, c.clone(), permit.split(c.len() as u64));
                 pos += c.len() as u64;
             }
         }
@@ -331,7 +412,8 @@ impl BlobWriter {
             self.fail(&err);
             return Err(err);
         }
-        self.shared.window().persisted(end);
+        let short = self.inner.memory.short();
+        self.shared.window().persisted(end, short);
         Ok(())
     }
 

@@ -19,10 +19,17 @@
 //! The size limit covers writes in flight too: every byte written to `tmp/` counts, and a
 //! write that would take complete blobs plus writes in flight over the limit (after evicting
 //! what can be evicted) fails with [`StoreError::OverBudget`].
+//!
+//! A memory budget covers writes in flight too: the bytes of every chunk held in memory for
+//! a write (from [`Store::reserve_memory`] or [`BlobWriter::write_chunks`] until the chunk
+//! leaves its write's window) are taken from one budget, [`StoreOptions::memory`]. When it
+//! is short, windows keep only what is not yet on disk and reservations wait: memory stays
+//! bounded however many blobs are written at once, and followers read from disk instead.
 
 mod blob;
 mod error;
 mod layout;
+mod memory;
 mod tags;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -36,6 +43,7 @@ use tokio::sync::{broadcast, watch};
 
 pub use blob::{Begin, BlobHandle, BlobWriter, CHUNK, Inflight, WINDOW};
 pub use error::StoreError;
+pub use memory::MemoryPermit;
 pub use tags::TagEntry;
 
 use blob::{Phase, Pin, Progress, Shared};
@@ -46,6 +54,9 @@ use layout::{Layout, TagMap};
 pub struct StoreOptions {
     /// The most bytes of complete blobs to keep; `None` for no limit.
     pub max_size: Option<u64>,
+    /// The most bytes of blob data that writes in flight hold in memory together (their
+    /// windows for followers and what callers reserved for them); `None` for no limit.
+    pub memory: Option<u64>,
 }
 
 /// A snapshot of the store's counters.
@@ -88,6 +99,8 @@ impl std::fmt::Debug for Store {
 pub(crate) struct Inner {
     layout: Layout,
     max_size: Option<u64>,
+    /// What writes in flight hold in memory (see [`StoreOptions::memory`]).
+    memory: Arc<memory::Memory>,
     /// The open root directory, exclusively `flock`ed while the store lives.
     _lock: std::fs::File,
     state: Mutex<State>,
@@ -311,6 +324,7 @@ impl Store {
         let inner = Arc::new(Inner {
             layout,
             max_size: opts.max_size,
+            memory: Arc::new(memory::Memory::new(opts.memory)),
             _lock: lock,
             state: Mutex::new(state),
             events: broadcast::channel(1024).0,
@@ -331,6 +345,42 @@ impl Store {
     /// The size limit the store was opened with, if any.
     pub fn max_size(&self) -> Option<u64> {
         self.inner.max_size
+    }
+
+    /// Takes `bytes` from the memory budget of writes in flight ([`StoreOptions::memory`]),
+    /// for chunks the caller is about to hand to [`BlobWriter::write_reserved`]; waits while
+    /// the budget is short (windows meanwhile give up what is already on disk). A caller
+    /// that waits here before reading more from its source is how a fetch is held back.
+    pub async fn reserve_memory(&self, bytes: u64) -> MemoryPermit {
+        self.inner.memory.reserve(bytes).await
+    }
+
+    /// Takes `bytes` from the memory budget if they fit now (see
+    /// [`Store::reserve_memory`]); `None` when the budget is short.
+    pub fn try_reserve_memory(&self, bytes: u64) -> Option<MemoryPermit> {
+        self.inner.memory.try_reserve(bytes)
+    }
+
+    /// Sets the memory budget of writes in flight (see [`StoreOptions::memory`]); `None`
+    /// for no limit. Bytes already taken stay taken.
+    pub fn set_memory_limit(&self, limit: Option<u64>) {
+        self.inner.memory.set_limit(limit);
+    }
+
+    /// Bytes taken from the memory budget now: chunks in the windows of writes in flight
+    /// and reservations not yet written.
+    pub fn memory_used(&self) -> u64 {
+        self.inner.memory.used()
+    }
+
+    /// The most bytes ever taken from the memory budget at once since open.
+    pub fn memory_peak(&self) -> u64 {
+        self.inner.memory.peak()
+    }
+
+    /// The memory budget of writes in flight, if any.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.inner.memory.limit()
     }
 
     /// Size of a complete (verified) blob, if present. Does not count as a use.

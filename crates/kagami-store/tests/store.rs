@@ -42,6 +42,7 @@ async fn open_max(root: &Path, max: u64) -> Store {
         root,
         StoreOptions {
             max_size: Some(max),
+            ..Default::default()
         },
     )
     .await
@@ -1248,4 +1249,124 @@ async fn remove_is_all_or_nothing() {
     drop(store);
     let store = open(dir.path()).await;
     assert_eq!(store.list_tags("r.example", "team/app"), ["2"]);
+}
+
+async fn open_memory(root: &Path, memory: u64) -> Store {
+    Store::open(
+        root,
+        StoreOptions {
+            memory: Some(memory),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// One memory budget for every write in flight: many writes at once, each followed by a
+/// slow reader, never hold more than the budget in their windows (the store's own
+/// accounting, exact), writers wait for room instead, and every follower still gets every
+/// byte (from the file when its chunk was no longer in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_bounds_every_window_and_followers_read_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 8 * kagami_store::CHUNK as u64;
+    let store = open_memory(dir.path(), budget).await;
+    assert_eq!(store.memory_limit(), Some(budget));
+    let mut tasks = Vec::new();
+    for i in 0..6u64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let bytes = data(3 * 1024 * 1024 + 777, 100 + i);
+            let d = sha256(&bytes);
+            let mut w = writer(&store, &d, Some(bytes.len() as u64));
+            // A slow follower: it falls behind the writer and out of its window.
+            let slow = w.follow().stream(0, None);
+            let follower = tokio::spawn(async move {
+                let mut s = std::pin::pin!(slow);
+                let mut got = Vec::new();
+                while let Some(c) = s.next().await {
+                    got.extend_from_slice(&c.unwrap());
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                got
+            });
+            for c in bytes.chunks(64 * 1024 + 3) {
+                w.write_chunks(vec![Bytes::copy_from_slice(c)])
+                    .await
+                    .unwrap();
+            }
+            w.commit().await.unwrap();
+            let got = tokio::time::timeout(DEADLINE, follower)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(got == bytes, "follower {i} got different bytes");
+        }));
+    }
+    let mut samples = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        assert!(store.memory_used() <= budget, "{}", store.memory_used());
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for t in tasks {
+        tokio::time::timeout(DEADLINE, t).await.unwrap().unwrap();
+    }
+    assert!(samples > 0);
+    // Exact, not sampled: the most ever taken at once.
+    let peak = store.memory_peak();
+    assert!(peak <= budget, "peak {peak} over the budget {budget}");
+    // Six writes at once wanted more than that: the budget was full at some point.
+    assert!(peak > budget / 2, "peak {peak}");
+    assert_eq!(store.memory_used(), 0);
+}
+
+/// A writer short of memory waits and resumes once room is given back; a reservation that
+/// finds the budget short makes windows give up what is already on disk, and followers
+/// then read those bytes from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_short_of_memory_waits_and_windows_give_up_what_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = kagami_store::CHUNK;
+    let store = open_memory(dir.path(), 4 * chunk as u64).await;
+    let bytes = data(6 * chunk, 7);
+    let d = sha256(&bytes);
+    let mut w = writer(&store, &d, Some(bytes.len() as u64));
+    // Two chunks written: on disk, and kept in the window for followers.
+    w.write_chunks(vec![Bytes::copy_from_slice(&bytes[..2 * chunk])])
+        .await
+        .unwrap();
+    assert_eq!(store.memory_used(), 2 * chunk as u64);
+    // Someone needs the whole budget: the window gives up its two chunks at once.
+    let all = tokio::time::timeout(DEADLINE, store.reserve_memory(4 * chunk as u64))
+        .await
+        .expect("the window's chunks on disk were given up");
+    assert_eq!(store.memory_used(), 4 * chunk as u64);
+    // The budget is full: the next write waits ...
+    let mut w = tokio::spawn(async move {
+        w.write_chunks(vec![Bytes::copy_from_slice(&bytes[2 * chunk..])])
+            .await
+            .unwrap();
+        (w, bytes)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!w.is_finished(), "a write went past a full budget");
+    assert!(store.memory_used() <= 4 * chunk as u64);
+    // ... and resumes when room is given back.
+    drop(all);
+    let (w, bytes) = tokio::time::timeout(DEADLINE, &mut w)
+        .await
+        .expect("the writer resumed")
+        .unwrap();
+    // A follower from 0: the first chunks are no longer in memory, the file has them.
+    let follower = tokio::spawn(drain(w.follow().stream(0, None)));
+    w.commit().await.unwrap();
+    let (got, err) = tokio::time::timeout(DEADLINE, follower)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(err.is_none(), "{err:?}");
+    assert!(got == bytes);
+    assert_eq!(store.memory_used(), 0);
 }

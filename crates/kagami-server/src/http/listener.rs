@@ -10,6 +10,10 @@
 //!   one over the cap is accepted and closed at once (a warning is logged at most every
 //!   10 s with how many were closed), so that kagami never runs out of file descriptors
 //!   for its store and its upstreams.
+//! - **write buffer**: a response holds at most [`WRITE_BUFFER`] bytes queued in hyper
+//!   besides the chunk being sent (hyper's default is ~400 KiB per connection, which with
+//!   many slow clients is most of kagami's memory); the kernel's socket buffer does the
+//!   rest. It also bounds a request head.
 //! - every request gets a request id ([`crate::request_id::layer`]).
 //!
 //! HTTP/1.1 only, as containerd and kagami's peers speak to a plain-http mirror.
@@ -34,6 +38,10 @@ pub struct ListenOptions {
     /// Connections served at once; more are closed as they arrive.
     pub max_connections: usize,
 }
+
+/// What hyper may queue for one connection before it stops taking more of a response body
+/// (and the largest request head).
+pub const WRITE_BUFFER: usize = 64 * 1024;
 
 /// The default header timeout.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,6 +132,7 @@ where
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(opts.header_timeout)
+            .max_buf_size(WRITE_BUFFER)
             .keep_alive(true);
         let conn =
             builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));

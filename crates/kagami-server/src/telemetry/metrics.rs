@@ -128,7 +128,8 @@ pub struct Metrics {
     pub slow_sources: Counter,
     /// Fetches stopped for exceeding the blob's size (descriptor size or --max-blob-size).
     pub blobs_too_large: Counter,
-    /// Memory reserved by the fetches in flight (their share of --fetch-memory).
+    /// Memory held by the fetches in flight: chunks received and not yet out of the
+    /// store's windows (at most --fetch-memory); set from the store at each scrape.
     pub fetch_memory: Gauge,
     /// Tag revalidations given up after the revalidation timeout.
     pub revalidation_timeouts: Counter,
@@ -277,7 +278,7 @@ impl Metrics {
         );
         registry.register(
             "fetch_memory_bytes",
-            "Memory reserved by the blob fetches in flight (bounded by --fetch-memory)",
+            "Memory held by the blob fetches in flight: chunks received and not yet out of the store's windows for followers (bounded by --fetch-memory)",
             m.fetch_memory.clone(),
         );
         registry.register(

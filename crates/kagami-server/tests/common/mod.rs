@@ -236,6 +236,7 @@ pub async fn serve<U: Upstream>(
         dir.path().join("store"),
         StoreOptions {
             max_size: max_store,
+            ..Default::default()
         },
     )
     .await

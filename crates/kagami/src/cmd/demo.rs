@@ -375,7 +375,7 @@ async fn start_node(
     let (config, _warnings) = Config::load(&config_path)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("loading {}", config_path.display()))?;
-    let store = Store::open(data_dir.join("store"), StoreOptions { max_size: None })
+    let store = Store::open(data_dir.join("store"), StoreOptions::default())
         .await
         .context("opening the content store")?;
     let upstream = Arc::new(kagami_server::client_upstream::ClientUpstream::for_mirror());

@@ -129,9 +129,9 @@ pub struct Args {
         default_value_t = 32
     )]
     max_fetches: usize,
-    /// Memory the blob fetches in flight may hold together (each up to about 8.5 MiB, less
-    /// for a blob known to be smaller), e.g. 64MiB.
-    #[arg(long, env = "KAGAMI_FETCH_MEMORY", value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    /// Memory the blob fetches in flight may hold together, taken per chunk received (a
+    /// fetch short of it waits, and its clients read from disk), e.g. 16MiB.
+    #[arg(long, env = "KAGAMI_FETCH_MEMORY", value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     fetch_memory: u64,
     /// The largest blob fetched when no manifest served by this node gives its size
     /// (a manifest's descriptor size always applies when known), e.g. 16GiB.
@@ -282,6 +282,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         args.data_dir.join("store"),
         StoreOptions {
             max_size: args.max_store_size,
+            memory: Some(args.fetch_memory),
         },
     )
     .await

@@ -101,12 +101,7 @@ pub(super) async fn join_or_start(
     }
     let limits = &svc.limits;
     let expected = descriptor_size(svc, &path.registry, digest);
-    let memory = expected.map_or(FETCH_MEMORY_MAX, |s| s.min(FETCH_MEMORY_MAX));
-    let Some(permit) = svc
-        .budget
-        .acquire(&svc.telemetry, memory, limits.queue_wait)
-        .await
-    else {
+    let Some(permit) = svc.budget.acquire(limits.queue_wait).await else {
         svc.telemetry.metrics.fetches_refused.inc();
         tracing::warn!(%digest, registry = %path.registry, "fetch budget full; answering 503");
         return Err(busy(limits));
@@ -295,7 +290,7 @@ pub(super) async fn run_fetch(
     let size = expected.or(body.body.size);
     let mut contributors = vec![body.origin.clone()];
     let follow = writer.follow();
-    let mut sink = StoreSink::new(writer);
+    let mut sink = StoreSink::new(writer, svc.store.clone());
     fetch.state.send_replace(FetchState::Streaming(Streaming {
         inflight: Arc::new(follow.clone()),
         size,

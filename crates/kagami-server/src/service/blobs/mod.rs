@@ -17,10 +17,8 @@ use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use http::StatusCode;
 use kagami_config::{Digest, Plan};
-use kagami_store::{Begin, BlobHandle, Inflight, Store};
-use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
+use kagami_store::{Begin, BlobHandle, Inflight, MemoryPermit, Store};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio_util::io::ReaderStream;
 
 use crate::origin::{Origin, Source};
 use crate::path::OciPath;
@@ -64,6 +62,9 @@ pub(crate) struct Blobs {
 
 impl Blobs {
     pub(crate) fn new(deps: &Deps, limits: FetchLimits) -> Arc<Blobs> {
+        // One budget for the memory of every fetch: the store's, which their chunks take
+        // from until they leave its windows.
+        deps.store.set_memory_limit(Some(limits.fetch_memory));
         Arc::new(Blobs {
             store: deps.store.clone(),
             upstream: deps.upstream.clone(),
@@ -122,8 +123,9 @@ impl Blobs {
     }
 }
 
-/// The most memory one fetch holds: the store's window (the last 4 MiB on disk plus the
-/// batch being written) and the queue to the writer.
+/// The most memory one fetch holds when the memory budget has room: the store's window
+/// (the last 4 MiB on disk plus the batch being written) and the queue to the writer. All
+/// of it is taken from the memory budget (`FetchLimits::fetch_memory`).
 pub const FETCH_MEMORY_MAX: u64 =
     kagami_store::WINDOW as u64 + ((QUEUE + 1) * WRITE_BATCH) as u64 + WRITE_BATCH as u64;
 
@@ -133,8 +135,10 @@ pub const FETCH_MEMORY_MAX: u64 =
 pub struct FetchLimits {
     /// The most blob fetches (and uncached pass-throughs) at once.
     pub max_fetches: usize,
-    /// The memory fetches in flight may reserve together: each reserves what it can hold,
-    /// [`FETCH_MEMORY_MAX`] or the blob's size when it is known and smaller.
+    /// The memory fetches in flight may hold together: every chunk received takes its bytes
+    /// from this one budget (the store's, see `kagami_store::StoreOptions::memory`) until
+    /// it leaves the store's window; a fetch short of it waits (reading nothing more from
+    /// its source) and its followers read from disk.
     pub fetch_memory: u64,
     /// How long a cold request waits for room in the budget before a `503` with
     /// `Retry-After`.
@@ -155,7 +159,7 @@ impl Default for FetchLimits {
     fn default() -> Self {
         FetchLimits {
             max_fetches: 32,
-            fetch_memory: 64 * 1024 * 1024,
+            fetch_memory: 16 * 1024 * 1024,
             queue_wait: Duration::from_secs(5),
             max_blob_size: 16 * 1024 * 1024 * 1024,
             min_rate: 16 * 1024,

@@ -7,13 +7,14 @@ use super::*;
 /// fastest for one client (about 2 GB/s warm against 1.5 with 64 KiB).
 pub(super) const CHUNK: usize = 256 * 1024;
 
-/// Reads once more than [`BUSY_RESPONSES`] stored blobs are being sent. Every response
-/// holds about two reads (the stream's buffer and the file's own), so this is what bounds
-/// the memory of many clients at once: 1,000 connections held 334 MiB with 256 KiB reads
-/// for everyone (docs/BENCHMARKS.md).
+/// Reads once more than [`BUSY_RESPONSES`] stored blobs are being sent. A response reads
+/// nothing ahead and keeps no buffer between reads (`BlobHandle::into_stream`), so it holds
+/// the chunk hyper is sending and at most the one being read (hyper takes the next chunk
+/// only once less than `http::listener::WRITE_BUFFER` is queued): this is what bounds the
+/// memory of many slow clients at once (docs/BENCHMARKS.md).
 pub(super) const BUSY_CHUNK: usize = 64 * 1024;
 
-pub(super) const BUSY_RESPONSES: usize = 32;
+pub(super) const BUSY_RESPONSES: usize = 8;
 
 /// Responses from stored blobs being sent, process-wide.
 pub(super) static LOCAL_RESPONSES: std::sync::atomic::AtomicUsize =
@@ -29,11 +30,7 @@ pub(super) async fn pass_through(
 ) -> Result<BlobReply, ApiError> {
     let (path, plan) = (&ctx.path, &**ctx.plan());
     let limits = &svc.limits;
-    let Some(permit) = svc
-        .budget
-        .acquire(&svc.telemetry, CHUNK as u64, limits.queue_wait)
-        .await
-    else {
+    let Some(permit) = svc.budget.acquire(limits.queue_wait).await else {
         svc.telemetry.metrics.fetches_refused.inc();
         return Err(busy(limits));
     };
@@ -144,7 +141,7 @@ pub(super) async fn serve_in_flight(
 
 /// A stored blob, with `Range`.
 pub(super) async fn serve_local(
-    mut handle: BlobHandle,
+    handle: BlobHandle,
     digest: &Digest,
     range_header: Option<&str>,
     head: bool,
@@ -157,18 +154,17 @@ pub(super) async fn serve_local(
         None
     } else {
         let (start, len) = span.window();
-        if start > 0 {
-            handle
-                .file
-                .seek(io::SeekFrom::Start(start))
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-        }
         use std::sync::atomic::Ordering::Relaxed;
         let busy = LOCAL_RESPONSES.fetch_add(1, Relaxed) >= BUSY_RESPONSES;
         let chunk = if busy { BUSY_CHUNK } else { CHUNK };
-        let reader = tokio::io::AsyncReadExt::take(Pinned(handle), len.unwrap_or(size));
-        Some(ReaderStream::with_capacity(reader, chunk).boxed())
+        let sending = Sending;
+        let stream = handle
+            .into_stream(start, len.unwrap_or(size - start), chunk)
+            .map(move |c| {
+                let _sending = &sending;
+                c
+            });
+        Some(stream.boxed())
     };
     Ok(BlobReply::Bytes {
         digest: digest.clone(),
@@ -178,23 +174,12 @@ pub(super) async fn serve_local(
     })
 }
 
-/// Keeps the store's pin on a blob for as long as its body is being sent (and counts it in
-/// `LOCAL_RESPONSES`).
-pub(super) struct Pinned(BlobHandle);
+/// Counts a response from a stored blob in `LOCAL_RESPONSES` while its body is being sent.
+pub(super) struct Sending;
 
-impl Drop for Pinned {
+impl Drop for Sending {
     fn drop(&mut self) {
         LOCAL_RESPONSES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl AsyncRead for Pinned {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0.file).poll_read(cx, buf)
     }
 }
 

@@ -1,5 +1,8 @@
 //! The store side of a fetch: a writer task fed through a bounded queue, so that network
-//! reception and file writes overlap.
+//! reception and file writes overlap. Every chunk received takes its bytes from the store's
+//! memory budget (`--fetch-memory`) before it is queued, and keeps them until it leaves the
+//! store's window: when the budget is short, the pump waits and reads nothing more from
+//! its source.
 
 use super::*;
 
@@ -25,7 +28,8 @@ pub(super) enum Pump {
 /// (a bounded queue of chunks between them), so a fetch runs at the slower of the two
 /// rather than at the sum of both. The writer takes whatever is queued in one go.
 pub(super) struct StoreSink {
-    pub(super) tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    pub(super) tx: Option<tokio::sync::mpsc::Sender<(Bytes, MemoryPermit)>>,
+    store: Store,
     /// Bytes handed to the store so far: the offset a resume continues from.
     pub(super) received: u64,
     pub(super) task:
@@ -33,12 +37,20 @@ pub(super) struct StoreSink {
 }
 
 impl StoreSink {
-    pub(super) fn new(mut writer: kagami_store::BlobWriter) -> StoreSink {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(QUEUE);
+    pub(super) fn new(mut writer: kagami_store::BlobWriter, store: Store) -> StoreSink {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Bytes, MemoryPermit)>(QUEUE);
         let task = tokio::spawn(async move {
-            let mut chunks = Vec::with_capacity(QUEUE);
-            while rx.recv_many(&mut chunks, QUEUE).await > 0 {
-                if let Err(e) = writer.write_chunks(std::mem::take(&mut chunks)).await {
+            let mut queued = Vec::with_capacity(QUEUE);
+            while rx.recv_many(&mut queued, QUEUE).await > 0 {
+                let mut permit = MemoryPermit::empty();
+                let chunks = queued
+                    .drain(..)
+                    .map(|(c, p)| {
+                        permit.merge(p);
+                        c
+                    })
+                    .collect();
+                if let Err(e) = writer.write_reserved(chunks, permit).await {
                     return (writer, Some(e));
                 }
             }
@@ -46,16 +58,36 @@ impl StoreSink {
         });
         StoreSink {
             tx: Some(tx),
+            store,
             received: 0,
             task,
         }
     }
 
+    /// Room in the memory budget for `n` bytes received: at once when it has room, else
+    /// after `batch` (whose bytes are taken already) has gone to the store, so that a
+    /// waiting fetch holds nothing the store cannot give back.
+    async fn reserve(&mut self, n: u64, batch: &mut Batch) -> Option<MemoryPermit> {
+        if let Some(p) = self.store.try_reserve_memory(n) {
+            return Some(p);
+        }
+        if !batch.bytes.is_empty() && !self.send_batch(batch).await {
+            return None;
+        }
+        Some(self.store.reserve_memory(n).await)
+    }
+
+    async fn send_batch(&mut self, batch: &mut Batch) -> bool {
+        let full = batch.bytes.split().freeze();
+        let permit = std::mem::replace(&mut batch.permit, MemoryPermit::empty());
+        self.send(full, permit).await
+    }
+
     /// False when the store side has stopped (a write failed).
-    pub(super) async fn send(&mut self, chunk: bytes::Bytes) -> bool {
+    pub(super) async fn send(&mut self, chunk: Bytes, permit: MemoryPermit) -> bool {
         let n = chunk.len() as u64;
         match &self.tx {
-            Some(tx) if tx.send(chunk).await.is_ok() => {
+            Some(tx) if tx.send((chunk, permit)).await.is_ok() => {
                 self.received += n;
                 true
             }
@@ -75,37 +107,55 @@ impl StoreSink {
     }
 }
 
+/// Small chunks gathered for the store, and their room in the memory budget.
+pub(super) struct Batch {
+    bytes: bytes::BytesMut,
+    permit: MemoryPermit,
+}
+
 /// Hands a body to the store sink. Large network chunks go as they are (no copy); small
 /// ones (TLS records are 16 KiB) are gathered into batches of up to `WRITE_BATCH` bytes.
+/// Each chunk takes its room in the memory budget first (see [`StoreSink`]).
 pub(super) async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) -> Pump {
-    let mut batch = bytes::BytesMut::new();
+    let mut batch = Batch {
+        bytes: bytes::BytesMut::new(),
+        permit: MemoryPermit::empty(),
+    };
     loop {
         let next = body.stream.next().await;
-        if let Some(Ok(c)) = &next {
-            let total = sink.received + batch.len() as u64 + c.len() as u64;
-            if total > cap {
-                return Pump::TooLarge(total);
+        let permit = match &next {
+            Some(Ok(c)) => {
+                let total = sink.received + batch.bytes.len() as u64 + c.len() as u64;
+                if total > cap {
+                    return Pump::TooLarge(total);
+                }
+                match sink.reserve(c.len() as u64, &mut batch).await {
+                    Some(p) => p,
+                    None => return Pump::StoreFailed,
+                }
             }
-        }
+            _ => MemoryPermit::empty(),
+        };
         let (end, failed) = match next {
-            Some(Ok(c)) if c.len() >= WRITE_BATCH / 4 && batch.is_empty() => {
-                if !sink.send(c).await {
+            Some(Ok(c)) if c.len() >= WRITE_BATCH / 4 && batch.bytes.is_empty() => {
+                if !sink.send(c, permit).await {
                     return Pump::StoreFailed;
                 }
                 continue;
             }
             Some(Ok(c)) => {
-                batch.extend_from_slice(&c);
+                batch.bytes.extend_from_slice(&c);
+                batch.permit.merge(permit);
                 (false, false)
             }
             Some(Err(_)) => (true, true),
             None => (true, false),
         };
-        if (end || batch.len() >= WRITE_BATCH) && !batch.is_empty() {
-            let full = batch.split().freeze();
-            if !sink.send(full).await {
-                return Pump::StoreFailed;
-            }
+        if (end || batch.bytes.len() >= WRITE_BATCH)
+            && !batch.bytes.is_empty()
+            && !sink.send_batch(&mut batch).await
+        {
+            return Pump::StoreFailed;
         }
         if end {
             return if failed {
