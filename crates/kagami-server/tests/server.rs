@@ -259,6 +259,11 @@ async fn bad_input_gets_oci_errors() {
         ),
         (
             "/v2/team/app/referrers/x?ns=registry.example.test",
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/team/app/signatures/x?ns=registry.example.test",
             404,
             "NOT_FOUND",
         ),
@@ -284,7 +289,7 @@ async fn bad_input_gets_oci_errors() {
     let metrics = String::from_utf8_lossy(&body);
     for line in [
         r#"kagami_refused_requests_total{registry="-",reason="invalid_name"} 5"#,
-        r#"kagami_refused_requests_total{registry="-",reason="invalid_digest"} 1"#,
+        r#"kagami_refused_requests_total{registry="-",reason="invalid_digest"} 2"#,
         r#"kagami_refused_requests_total{registry="quay.io",reason="registry_not_served"} 1"#,
         r#"kagami_refused_requests_total{registry="docker.io",reason="registry_not_served"} 1"#,
         r#"kagami_refused_requests_total{registry="-",reason="unsupported"} 2"#,
