@@ -23,17 +23,15 @@ pub const IMPORT_PATH: &str = "/kagami/import";
 /// input), 401 `UNAUTHORIZED` (no or wrong token), 403 `DENIED` (admin off, or a path inside
 /// kagami's data directory) or 500 `UNKNOWN`.
 pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(e) = crate::admin::check(&state, &headers) {
-        tracing::warn!(error = %e.message, "admin request refused");
-        return e.into_response();
-    }
-    let req: ImportRequest = match serde_json::from_slice(&body) {
+    let req: ImportRequest = match crate::http::admin_request(
+        &state,
+        &headers,
+        &body,
+        "IMPORT_INVALID",
+        "{\"path\": \"/abs/file.tar\", \"name\": null}",
+    ) {
         Ok(r) => r,
-        Err(e) => {
-            return invalid(format!(
-                "expected {{\"path\": \"/abs/file.tar\", \"name\": null}}: {e}"
-            ));
-        }
+        Err(refused) => return refused,
     };
     let path = PathBuf::from(&req.path);
     if !path.is_absolute() {

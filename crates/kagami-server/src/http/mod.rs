@@ -285,3 +285,27 @@ fn probe_answer(path: &path::OciPath) -> Response {
     );
     r
 }
+
+/// The start of every admin route: the admin token checked (401 without it, 403 when the
+/// admin routes are off), then the JSON body read as a `T` — else 400 with `code`, showing
+/// the `expected` shape.
+pub(crate) fn admin_request<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    code: &'static str,
+    expected: &str,
+) -> Result<T, Response> {
+    if let Err(e) = crate::admin::check(state, headers) {
+        tracing::warn!(error = %e.message, "admin request refused");
+        return Err(e.into_response());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!("expected {expected}: {e}"),
+        )
+        .into_response()
+    })
+}

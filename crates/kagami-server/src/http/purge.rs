@@ -21,20 +21,15 @@ pub const PURGE_PATH: &str = "/kagami/purge";
 /// `PINNED` (the policy pins it) or `IN_USE` (a blob of it is being read or written), 500
 /// `UNKNOWN`. A refused purge changes nothing.
 pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(e) = crate::admin::check(&state, &headers) {
-        tracing::warn!(error = %e.message, "admin request refused");
-        return e.into_response();
-    }
-    let req: PurgeRequest = match serde_json::from_slice(&body) {
+    let req: PurgeRequest = match crate::http::admin_request(
+        &state,
+        &headers,
+        &body,
+        "PURGE_INVALID",
+        "{\"image\": \"registry/repository:tag\"}",
+    ) {
         Ok(r) => r,
-        Err(e) => {
-            return ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "PURGE_INVALID",
-                format!("expected {{\"image\": \"registry/repository:tag\"}}: {e}"),
-            )
-            .into_response();
-        }
+        Err(refused) => return refused,
     };
     // Run to the end even if the client goes away.
     let st = state.clone();

@@ -36,17 +36,15 @@ pub struct WarmAccepted {
 /// 400 `WARM_INVALID` (not JSON, no image, a malformed reference — nothing is added then),
 /// 401, 403.
 pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(e) = crate::admin::check(&state, &headers) {
-        tracing::warn!(error = %e.message, "admin request refused");
-        return e.into_response();
-    }
-    let req: WarmRequest = match serde_json::from_slice(&body) {
+    let req: WarmRequest = match crate::http::admin_request(
+        &state,
+        &headers,
+        &body,
+        "WARM_INVALID",
+        "{\"images\": [\"registry/repository:tag\", ...]}",
+    ) {
         Ok(r) => r,
-        Err(e) => {
-            return invalid(format!(
-                "expected {{\"images\": [\"registry/repository:tag\", ...]}}: {e}"
-            ));
-        }
+        Err(refused) => return refused,
     };
     if req.images.is_empty() {
         return invalid("no image given".into());

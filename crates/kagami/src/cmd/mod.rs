@@ -8,6 +8,7 @@ use kagami_config::{Config, Diagnostic, LoadError, Severity};
 
 use crate::ConfigArgs;
 
+pub mod admin_client;
 pub mod bundle;
 pub mod check;
 pub mod completions;

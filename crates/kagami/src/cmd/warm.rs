@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use kagami_config::Reference;
-use kagami_server::admin::{ADMIN_TOKEN_FILE, read_token};
 use kagami_server::report::format::human_bytes;
 use kagami_server::warm::{WARM_PATH, WarmAccepted, WarmImage, WarmReport, WarmRequest};
+
+use super::admin_client::AdminArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -24,26 +25,8 @@ pub struct Args {
     /// May be repeated.
     #[arg(long, value_name = "FILE")]
     from: Vec<PathBuf>,
-    /// The kagami to ask: its --listen address, as http://host:port or host:port.
-    #[arg(
-        long,
-        env = "KAGAMI_ADDR",
-        default_value = "http://127.0.0.1:5000",
-        value_name = "URL"
-    )]
-    addr: String,
-    /// The data directory of that kagami (its --data-dir): the admin token is read from
-    /// admin.token there, a file only root can read.
-    #[arg(
-        long,
-        env = "KAGAMI_DATA_DIR",
-        default_value = "/var/lib/kagami",
-        value_name = "DIR"
-    )]
-    data_dir: PathBuf,
-    /// The admin token file to use instead of <data-dir>/admin.token.
-    #[arg(long, env = "KAGAMI_ADMIN_TOKEN_FILE", value_name = "FILE")]
-    admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArgs,
     /// Return once the server accepted the list, without following the progress.
     #[arg(long)]
     no_wait: bool,
@@ -83,73 +66,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         !images.is_empty(),
         "no image to warm: give IMAGE arguments or --from FILE"
     );
-    let base = super::normalise_base(&args.addr)
-        .with_context(|| format!("--addr {:?} is not an http(s) address", args.addr))?;
-    let url = format!("{base}{WARM_PATH}");
-    let token_file = args
-        .admin_token_file
-        .clone()
-        .unwrap_or_else(|| args.data_dir.join(ADMIN_TOKEN_FILE));
-    let token = read_token(&token_file).with_context(|| {
-        format!(
-            "reading the admin token {} (written by `kagami serve` at start, readable by root only; run as root, or give the server's --data-dir or --admin-token-file)",
-            token_file.display()
-        )
-    })?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .no_proxy()
-        .build()
-        .context("building the HTTP client")?;
+    let admin = args.admin.connect(Some(Duration::from_secs(30)))?;
     let req = WarmRequest {
         images: images.iter().map(|r| r.to_string()).collect(),
     };
-    let accepted = rt.block_on(post(&client, &url, &token, &req))?;
+    let (accepted, _): (WarmAccepted, String) = admin.rt.block_on(admin.post(
+        WARM_PATH,
+        "warm images",
+        "a warm request",
+        &req,
+    ))?;
     println!(
-        "warming {} image{} on {base}",
+        "warming {} image{} on {}",
         accepted.images.len(),
-        if accepted.images.len() == 1 { "" } else { "s" }
+        if accepted.images.len() == 1 { "" } else { "s" },
+        admin.base
     );
     if args.no_wait {
         return Ok(ExitCode::SUCCESS);
     }
-    rt.block_on(follow(&client, &url, &accepted.images, args.timeout))
-}
-
-async fn post(
-    client: &reqwest::Client,
-    url: &str,
-    token: &str,
-    req: &WarmRequest,
-) -> anyhow::Result<WarmAccepted> {
-    let resp = client
-        .post(url)
-        .bearer_auth(token)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(req).expect("a request serialises"))
-        .send()
-        .await
-        .with_context(|| {
-            format!("asking {url} to warm images (is `kagami serve` running there?)")
-        })?;
-    let status = resp.status();
-    let body = resp
-        .text()
-        .await
-        .with_context(|| format!("reading the answer of {url}"))?;
-    if !status.is_success() {
-        let message = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| format!("{url} answered {status}: {}", body.trim()));
-        anyhow::bail!("{message}");
-    }
-    serde_json::from_str(&body).with_context(|| format!("{url} did not answer a warm request"))
+    let url = admin.url(WARM_PATH);
+    admin
+        .rt
+        .block_on(follow(&admin.http, &url, &accepted.images, args.timeout))
 }
 
 /// Follows the progress of `images` until each is held or failed (exit 0 when all are
