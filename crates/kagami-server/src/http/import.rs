@@ -31,7 +31,7 @@ pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Byte
         "{\"path\": \"/abs/file.tar\", \"name\": null}",
     ) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let path = PathBuf::from(&req.path);
     if !path.is_absolute() {

@@ -295,10 +295,10 @@ pub(crate) fn admin_request<T: serde::de::DeserializeOwned>(
     body: &[u8],
     code: &'static str,
     expected: &str,
-) -> Result<T, Response> {
+) -> Result<T, ApiError> {
     if let Err(e) = crate::admin::check(state, headers) {
         tracing::warn!(error = %e.message, "admin request refused");
-        return Err(e.into_response());
+        return Err(e);
     }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
@@ -306,6 +306,5 @@ pub(crate) fn admin_request<T: serde::de::DeserializeOwned>(
             code,
             format!("expected {expected}: {e}"),
         )
-        .into_response()
     })
 }

@@ -29,7 +29,7 @@ pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Byte
         "{\"image\": \"registry/repository:tag\"}",
     ) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     // Run to the end even if the client goes away.
     let st = state.clone();

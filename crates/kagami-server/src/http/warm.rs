@@ -44,7 +44,7 @@ pub async fn route(State(state): State<AppState>, headers: HeaderMap, body: Byte
         "{\"images\": [\"registry/repository:tag\", ...]}",
     ) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     if req.images.is_empty() {
         return invalid("no image given".into());

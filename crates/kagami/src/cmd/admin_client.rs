@@ -107,7 +107,9 @@ impl AdminClient {
             .body(serde_json::to_vec(req).expect("a request serialises"))
             .send()
             .await
-            .with_context(|| format!("asking {url} to {doing} (is `kagami serve` running there?)"))?;
+            .with_context(|| {
+                format!("asking {url} to {doing} (is `kagami serve` running there?)")
+            })?;
         let status = resp.status();
         let body = resp
             .text()

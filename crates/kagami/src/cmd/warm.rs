@@ -70,12 +70,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let req = WarmRequest {
         images: images.iter().map(|r| r.to_string()).collect(),
     };
-    let (accepted, _): (WarmAccepted, String) = admin.rt.block_on(admin.post(
-        WARM_PATH,
-        "warm images",
-        "a warm request",
-        &req,
-    ))?;
+    let (accepted, _): (WarmAccepted, String) =
+        admin
+            .rt
+            .block_on(admin.post(WARM_PATH, "warm images", "a warm request", &req))?;
     println!(
         "warming {} image{} on {}",
         accepted.images.len(),
