@@ -265,6 +265,40 @@ fn configmap_registries_yaml_passes_kagami_check() {
     assert_check_passes(&file, "configmap.yaml's registries.yaml");
 }
 
+/// The commented `policy.yaml` key of configmap.yaml, uncommented, is a ConfigMap whose
+/// policy file `kagami check` accepts beside the registries.yaml (read from the same
+/// directory, with no flag, as `kagami serve` reads it).
+#[test]
+fn configmap_commented_policy_passes_kagami_check() {
+    let text = read("deploy/kubernetes/configmap.yaml");
+    let start = text
+        .find("  # policy.yaml: |")
+        .expect("configmap.yaml has a commented policy.yaml");
+    let uncommented: String = text[start..]
+        .lines()
+        .take_while(|l| l.starts_with("  #"))
+        .map(|l| format!("  {}\n", l.strip_prefix("  # ").unwrap_or("")))
+        .collect();
+    let cm: Value = serde_saphyr::from_str(&format!("{}{uncommented}", &text[..start]))
+        .expect("configmap.yaml with policy.yaml uncommented parses");
+    let policy = cm["data"]["policy.yaml"]
+        .as_str()
+        .expect("a policy.yaml key");
+    assert!(policy.contains("warm:"), "{policy}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("registries.yaml");
+    std::fs::write(&config, cm["data"]["registries.yaml"].as_str().unwrap()).unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+    let out = kagami()
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("policy.yaml: ok"), "{stderr}");
+}
+
 /// `kagami check --config FILE` succeeds; `what` names the file in the failure.
 fn assert_check_passes(file: &std::path::Path, what: &str) {
     let out = kagami()
