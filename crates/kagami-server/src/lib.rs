@@ -42,7 +42,9 @@ pub mod import {
 pub mod warm {
     pub use crate::http::warm::{WARM_PATH, WarmAccepted, WarmRequest};
     pub use crate::report::{WarmImage, WarmReport};
-    pub use crate::service::warm::{MAX_IMAGES, PASS_EVERY, RESOLVE_EVERY, STATES, Warmer, chosen};
+    pub use crate::service::warm::{
+        MAX_IMAGES, MAX_RETRY_AFTER, PASS_EVERY, RESOLVE_EVERY, STATES, Warmer, chosen, retry_after,
+    };
 }
 
 /// `kagami purge`: removing an image from a node (`service::purge`), and its admin route.

@@ -340,6 +340,54 @@ async fn an_image_upstream_lacks_fails_in_the_status_and_stores_nothing() {
     // `/status.json` says the same.
     let report = kagami_server::status::report(&n.state, None);
     assert_eq!(report.warm.unwrap().images[0].state, "failed");
+
+    // A failed image waits for its retry time: a later pass (here started by a change of
+    // the policy list) does not ask upstream for it again.
+    assert!(why.contains("next try in 30 s"), "{why}");
+    let asked = || {
+        registry
+            .access_log()
+            .iter()
+            .filter(|l| l.contains("/team/missing/"))
+            .count()
+    };
+    let before = asked();
+    assert!(before > 0, "{:#?}", registry.access_log());
+    let pass_before = r.last_pass_at.unwrap();
+    // Passes are stamped in whole seconds: start the next one in a later second.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    eventually(Duration::from_secs(5), "the next second", async || {
+        (now() > pass_before).then_some(()).ok_or(now())
+    })
+    .await;
+    n.state.warmer().set_list(Vec::new(), None);
+    eventually(Duration::from_secs(15), "another pass", async || {
+        match n.warm().last_pass_at {
+            Some(t) if t > pass_before => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(asked(), before, "{:#?}", registry.access_log());
+    assert_eq!(n.warm().images[0].state, "failed");
+    // Asked for again (`kagami warm`), it is tried at once, and waits twice as long after.
+    n.state.warmer().add(vec![image.clone()]).unwrap();
+    let why = eventually(
+        Duration::from_secs(30),
+        "the second failure",
+        async || match n.warm().images.first().and_then(|i| i.error.clone()) {
+            Some(e) if e.contains("2 times in a row") => Ok(e),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    assert!(why.contains("next try in 60 s"), "{why}");
+    assert!(asked() > before, "{:#?}", registry.access_log());
 }
 
 #[tokio::test]

@@ -92,6 +92,10 @@ struct Entry {
     resolved_at: Option<Instant>,
     /// Go through the service at the next pass even when held (`POST /kagami/warm`).
     force: bool,
+    /// Failed pulls in a row, and when the next may start ([`retry_after`]): a failing
+    /// image is not asked for upstream at every pass.
+    failures: u32,
+    retry_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -264,6 +268,8 @@ impl Warmer {
             let work: Vec<(String, Reference, ListedBy, bool, bool, Option<Instant>)> = l
                 .entries
                 .iter()
+                // A failed image waits for its retry time, unless asked for again.
+                .filter(|(_, e)| e.force || e.retry_at.is_none_or(|t| Instant::now() >= t))
                 .map(|(k, e)| {
                     (
                         k.clone(),
@@ -404,10 +410,20 @@ impl Warmer {
                     e.status.state = "held".into();
                     e.status.error = None;
                     e.resolved_at = Some(Instant::now());
+                    e.failures = 0;
+                    e.retry_at = None;
                 }
                 Err(why) => {
+                    e.failures = e.failures.saturating_add(1);
+                    let wait = retry_after(e.failures);
+                    e.retry_at = Some(Instant::now() + wait);
                     e.status.state = "failed".into();
-                    e.status.error = Some(why);
+                    e.status.error = Some(format!(
+                        "{why} (failed {} time{} in a row; next try in {} s, or at once with `kagami warm`)",
+                        e.failures,
+                        if e.failures == 1 { "" } else { "s" },
+                        wait.as_secs()
+                    ));
                 }
             }
         });
@@ -768,6 +784,8 @@ fn sync_entries(l: &mut List) {
             },
             resolved_at: None,
             force: false,
+            failures: 0,
+            retry_at: None,
             runtime: in_runtime,
         });
         e.runtime = in_runtime;
@@ -775,6 +793,18 @@ fn sync_entries(l: &mut List) {
         e.status.listed_by = listed_by.as_str().into();
     }
 }
+
+/// How long a failed image waits before its next pull: a pass's interval after the first
+/// failure, doubling with each failure in a row up to [`MAX_RETRY_AFTER`].
+pub fn retry_after(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    PASS_EVERY
+        .saturating_mul(1 << doublings)
+        .min(MAX_RETRY_AFTER)
+}
+
+/// The longest a failed image waits for its next pull.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -789,6 +819,16 @@ mod tests {
 
     fn ids(n: usize) -> BTreeSet<String> {
         (0..n).map(|i| format!("node-{i}")).collect()
+    }
+
+    #[test]
+    fn a_failed_image_waits_longer_after_each_failure_up_to_the_cap() {
+        assert_eq!(retry_after(1), PASS_EVERY);
+        assert_eq!(retry_after(2), PASS_EVERY * 2);
+        assert_eq!(retry_after(3), PASS_EVERY * 4);
+        assert_eq!(retry_after(5), PASS_EVERY * 16);
+        assert_eq!(retry_after(6), MAX_RETRY_AFTER);
+        assert_eq!(retry_after(u32::MAX), MAX_RETRY_AFTER);
     }
 
     #[test]
