@@ -43,10 +43,14 @@ const MAX_CLAIMS: usize = 10_000;
 /// The most askers remembered per claim (the ones a later asker may stream from).
 const MAX_ASKERS: usize = 32;
 /// How long an asker waits for a coordinator's answer (which may include a check of the
-/// holder, [`CHECK_TIMEOUT`]).
-const ASK_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a coordinator waits for a holder to answer its check.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// holder, [`CHECK_TIMEOUT`]). A dead coordinator refuses the connection at once; this
+/// bounds a hung one, and is long enough that a merely busy one (a loaded node) is not
+/// taken for dead, which would let the asker fall back to announcements and fetch too.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a coordinator waits for a holder to answer its check. A dead holder refuses
+/// at once; a busy one must not lose its claim to a slow answer (that is a second
+/// upstream fetch).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// How many coordinators, in rendezvous order, are asked before falling back.
 const COORDINATORS_TRIED: usize = 2;
 

@@ -394,6 +394,12 @@ impl Sources<'_> {
                 holder: holder.clone(),
                 asked: asked + 1,
             };
+            if holder.id == known.id {
+                // The coordinator found the holder alive: it is still starting its fetch
+                // (its peer API waits only so long for that). Give it time before trying
+                // it again: 0.25, 0.5, then 1 s.
+                tokio::time::sleep(Duration::from_millis(250 << asked.min(2))).await;
+            }
             if let Some((b, origin)) = peers
                 .blob(
                     std::slice::from_ref(&holder),
