@@ -23,8 +23,8 @@ use std::time::Duration;
 use regex::Regex;
 
 use crate::config::LoadError;
-use crate::diag::{Diagnostic, Diagnostics, Severity, key_part};
-use crate::raw::{key_str, mapping, scalar, type_error};
+use crate::diag::{Diagnostic, Diagnostics, Severity};
+use crate::raw::{key_str, mapping, scalar, type_error, unknown_key_error};
 use crate::reference::Reference;
 use crate::yaml::{self, Node, NodeKind, Pos};
 
@@ -390,17 +390,7 @@ fn fields<'a>(
 }
 
 fn unknown_key(pos: Pos, parent: &str, key: &str, known: &[&str], diags: &mut Diagnostics) {
-    let path = if parent.is_empty() {
-        key_part(key)
-    } else {
-        format!("{parent}.{}", key_part(key))
-    };
-    let where_ = if parent.is_empty() {
-        "at the top level".to_string()
-    } else {
-        format!("under {parent}")
-    };
-    let d = diags.error(pos, &path, format!("unknown key {key:?} {where_}"));
+    let d = unknown_key_error(pos, parent, key, diags);
     // Compared case-insensitively: `tagTtl` and `maxunusedage` are typos of case.
     let lower: Vec<String> = known.iter().map(|k| k.to_ascii_lowercase()).collect();
     let refs: Vec<&str> = lower.iter().map(String::as_str).collect();

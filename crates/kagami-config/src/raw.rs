@@ -2,7 +2,7 @@
 //! position of every key and value. Decoding reports structural problems (unknown keys,
 //! wrong types, duplicate keys); meaning is checked later, in `config`.
 
-use crate::diag::{Diagnostics, did_you_mean, key_part};
+use crate::diag::{Diagnostic, Diagnostics, did_you_mean, key_part};
 use crate::yaml::{Node, NodeKind, Pos, yaml11_bool};
 
 /// A value with the position of its key and of the value itself.
@@ -425,7 +425,14 @@ pub(crate) fn type_error(node: &Node, path: &str, expected: &str, diags: &mut Di
     );
 }
 
-fn unknown_key(pos: Pos, parent: &str, key: &str, known: &[&str], diags: &mut Diagnostics) {
+/// The error for a key nobody reads, at `parent` (`""` for the top level); the caller adds
+/// its hint. Shared by registries.yaml and the policy file.
+pub(crate) fn unknown_key_error<'d>(
+    pos: Pos,
+    parent: &str,
+    key: &str,
+    diags: &'d mut Diagnostics,
+) -> &'d mut Diagnostic {
     let path = if parent.is_empty() {
         key_part(key)
     } else {
@@ -436,7 +443,11 @@ fn unknown_key(pos: Pos, parent: &str, key: &str, known: &[&str], diags: &mut Di
     } else {
         format!("under {parent}")
     };
-    let d = diags.error(pos, &path, format!("unknown key {key:?} {where_}"));
+    diags.error(pos, &path, format!("unknown key {key:?} {where_}"))
+}
+
+fn unknown_key(pos: Pos, parent: &str, key: &str, known: &[&str], diags: &mut Diagnostics) {
+    let d = unknown_key_error(pos, parent, key, diags);
     // `token` is the classic mistake: the K3s field is identity_token.
     let suggestion = if key == "token" && known.contains(&"identity_token") {
         Some("identity_token")
