@@ -20,12 +20,19 @@
 #   batch    batches of 20% of the nodes, each batch at once, one after another
 #   kill     nodes 1 and 2 hold the image, node 3 pulls; the node sending to it is killed
 #            (-9) half-way (P2P only)
+#   holder   every node pulls at the same moment, and the node fetching from the origin for
+#            the cluster (the most bytes served from upstream) is killed (-9) at half the
+#            limit (P2P only): nobody else holds the whole blob yet
 # Reported per scenario, as the spread over RUNS runs (min-max, median):
 #   all:     time until all hold ÷ (image ÷ U); per-node time p50/p99 ÷ (image ÷ U);
-#            bytes the origin sent ÷ image; peak RSS and CPU seconds per node
+#            bytes the origin sent ÷ image; peak RSS and CPU seconds per node; the CPU
+#            all processes on the machine used during the pulls ÷ (cores × that time),
+#            which says whether the machine's CPU, not the network, was the limit
 #   rolling: each later node's time ÷ (image ÷ B), median and slowest
 #   batch:   each batch's time ÷ (image ÷ B) after the first
 #   kill:    time added by the kill (ms), against the same pull without it
+#   holder:  time until the other nodes hold ÷ (image ÷ U), bytes the origin sent ÷ image,
+#            and the time added against "all" of the same run (when both ran)
 # Needs root (tc), docker-registry, skopeo, umoci, curl, python3, bc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +42,7 @@ LAYERS=${LAYERS:-1}
 U_MBIT=${U_MBIT:-80}
 B_MBIT=${B_MBIT:-400}
 RUNS=${RUNS:-3}
-ONLY=${ONLY:-all rolling batch kill}
+ONLY=${ONLY:-all rolling batch kill holder}
 MODES=${MODES:-solo p2p}
 on() { [[ " $ONLY " == *" $1 "* ]]; }
 [ "$(id -u)" = 0 ] || { echo "p2p-shaped.sh: needs root for tc" >&2; exit 1; }
@@ -100,6 +107,19 @@ shape_on() {
 # Bytes node I has sent to peers so far (its class's counter).
 peer_sent() { tc -s class show dev lo classid "1:$((100 + $1))" | awk '/Sent/{print $2; exit}'; }
 cpu_secs() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / t}' "/proc/$1/stat"; }
+# Busy and total jiffies of the whole machine (all cores), from /proc/stat.
+machine_cpu() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat; }
+# busy_share "BUSY0 TOTAL0" "BUSY1 TOTAL1": the share of the machine's CPU used in between.
+busy_share() { echo "$1 $2" | awk '{printf "%.2f\n", ($3 - $1) / ($4 - $2)}'; }
+# Most bytes served from upstream: the node fetching from the origin for the cluster.
+upstream_node() {
+  local best=1 most=-1 n
+  for i in $(seq "$NODES"); do
+    n=$(curl -s "http://$(ip_of "$i"):5000/metrics" | awk '/^kagami_served_bytes_total\{source="upstream"\}/{print int($2)}')
+    if [ "${n:-0}" -gt "$most" ]; then most=${n:-0}; best=$i; fi
+  done
+  echo "$best"
+}
 rss_mib() { awk '/VmHWM/{printf "%.0f\n", $2/1024}' "/proc/$1/status"; }
 spread() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f-%.2f (%.2f)", a[1], a[NR], m}'; }
 # pull_timed I OUT: pull through node I; writes the seconds it took to OUT.
@@ -115,10 +135,13 @@ if on all; then
     for run in $(seq "$RUNS"); do
       start_network "$NODES" "$mode"
       mark=$(log_mark)
+      c0=$(machine_cpu)
       t0=$(now); pids=()
       for i in $(seq "$NODES"); do pull_timed "$i" "$WORK/t-$i" & pids+=($!); done
       wait "${pids[@]}"
       total=$(since "$t0")
+      R[$mode-all-busy]+="$(busy_share "$c0" "$(machine_cpu)") "
+      R[$mode-all-secs]+="$total "
       R[$mode-all-total]+="$(ratio "$total" "$LIMIT_U") "
       R[$mode-all-up]+="$(ratio "$(upstream_bytes "$mark")" "$IMAGE_BYTES") "
       per=$(for i in $(seq "$NODES"); do cat "$WORK/t-$i"; done)
@@ -188,6 +211,27 @@ if on kill && [[ " $MODES " == *" p2p "* ]]; then
   done
 fi
 
+if on holder && [[ " $MODES " == *" p2p "* ]]; then
+  half=$(echo "$LIMIT_U / 2" | bc -l)
+  for run in $(seq "$RUNS"); do
+    start_network "$NODES" p2p
+    mark=$(log_mark)
+    t0=$(now); pids=()
+    for i in $(seq "$NODES"); do pull_timed "$i" "$WORK/h-$i" & pids+=($!); done
+    sleep "$half"
+    victim=$(upstream_node)
+    kill -9 "${NODE_PIDS[$victim]}"
+    # The victim's own pull fails; the others must complete.
+    for p in "${pids[@]}"; do wait "$p" || true; done
+    total=$(since "$t0")
+    R[p2p-hold-total]+="$(ratio "$total" "$LIMIT_U") "
+    R[p2p-hold-secs]+="$total "
+    R[p2p-hold-up]+="$(ratio "$(upstream_bytes "$mark")" "$IMAGE_BYTES") "
+    R[p2p-hold-done]+="$(for i in $(seq "$NODES"); do [ "$i" != "$victim" ] && [ -s "$WORK/h-$i" ] && echo x; done | wc -l) "
+    stop_nodes
+  done
+fi
+
 row() { printf '%-62s %-22s %-22s\n' "$@"; }
 val() { [ -n "${R[$1]:-}" ] && echo "${R[$1]}" | tr ' ' '\n' | grep -v '^$' | spread || echo "-"; }
 echo
@@ -199,6 +243,7 @@ if on all; then
   row "all at once: origin sent / image" "$(val solo-all-up)" "$(val p2p-all-up)"
   row "all at once: peak RSS of the largest node (MiB)" "$(val solo-all-rss)" "$(val p2p-all-rss)"
   row "all at once: CPU seconds per node (median)" "$(val solo-all-cpu)" "$(val p2p-all-cpu)"
+  row "all at once: machine CPU busy during the pulls (share)" "$(val solo-all-busy)" "$(val p2p-all-busy)"
 fi
 if on rolling; then
   row "rolling: later nodes, median time / (image / B)" "$(val solo-roll-p50)" "$(val p2p-roll-p50)"
@@ -207,6 +252,14 @@ fi
 if on batch; then
   row "batches of 20%: later batches, median time / (image / B)" "$(val solo-batch)" "$(val p2p-batch)"
   row "batches of 20%: slowest later batch / (image / B)" "$(val solo-batch-max)" "$(val p2p-batch-max)"
+fi
+if on holder && [ -n "${R[p2p-hold-total]:-}" ]; then
+  echo
+  echo "holder killed at half the limit: the other $((NODES - 1)) nodes hold it after $(val p2p-hold-total) x (image / U); origin sent $(val p2p-hold-up) x the image; nodes that completed (of $((NODES - 1))): $(val p2p-hold-done)"
+  if [ -n "${R[p2p-all-secs]:-}" ]; then
+    base=$(echo "${R[p2p-all-secs]}" | tr ' ' '\n' | grep -v '^$' | median)
+    echo "holder killed: time added against all at once without a kill (ms): $(echo "${R[p2p-hold-secs]}" | tr ' ' '\n' | grep -v '^$' | while read -r t; do echo "($t - $base) * 1000" | bc; done | spread)"
+  fi
 fi
 if on kill && [ "${#added[@]}" -gt 0 ]; then
   echo

@@ -40,7 +40,7 @@ pub fn peer_token(psk: &[u8; 32]) -> String {
 
 mod claims;
 mod key;
-pub(crate) use claims::{CLAIM_RENEW, Claimed, Full};
+pub(crate) use claims::{CLAIM_RENEW, Claimed, Full, MAX_ASKERS};
 pub use claims::{ClaimAnswer, ClaimPeer, ClaimRequest, Release, coordinator_order};
 pub use key::{BadKey, ContentKey};
 

@@ -41,7 +41,7 @@ const DONE_KEEP: Duration = Duration::from_secs(30);
 /// refuses, and the asker falls back to announcements.
 const MAX_CLAIMS: usize = 10_000;
 /// The most askers remembered per claim (the ones a later asker may stream from).
-const MAX_ASKERS: usize = 32;
+pub(crate) const MAX_ASKERS: usize = 32;
 /// How long an asker waits for a coordinator's answer (which may include a check of the
 /// holder, [`CHECK_TIMEOUT`]). A dead coordinator refuses the connection at once; this
 /// bounds a hung one, and is long enough that a merely busy one (a loaded node) is not

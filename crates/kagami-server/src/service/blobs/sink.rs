@@ -12,6 +12,12 @@ pub(super) const WRITE_BATCH: usize = 256 * 1024;
 /// Chunks queued between reception and the store writer.
 pub(super) const QUEUE: usize = 16;
 
+/// A batch started this long ago goes to the store even when not full, so that followers
+/// (a client, or other nodes streaming the blob in flight from this one, each adding its
+/// own hop) see bytes this soon after they arrive when the source is slow: at 10 MB/s a
+/// full batch would take 26 ms to gather at each hop of a chain of nodes.
+pub(super) const BATCH_DELAY: Duration = Duration::from_millis(5);
+
 pub(super) enum Pump {
     /// Another node with a lower id is fetching the same blob from upstream.
     Yield(kagami_p2p::Peer),
@@ -121,8 +127,25 @@ pub(super) async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) ->
         bytes: bytes::BytesMut::new(),
         permit: MemoryPermit::empty(),
     };
+    let mut started = tokio::time::Instant::now();
     loop {
-        let next = body.stream.next().await;
+        let next = if batch.bytes.is_empty() {
+            let next = body.stream.next().await;
+            started = tokio::time::Instant::now();
+            next
+        } else {
+            match tokio::time::timeout_at(started + BATCH_DELAY, body.stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    // A slow source: what is gathered goes now (polling a stream's
+                    // `next` again after a timeout loses nothing).
+                    if !sink.send_batch(&mut batch).await {
+                        return Pump::StoreFailed;
+                    }
+                    continue;
+                }
+            }
+        };
         let permit = match &next {
             Some(Ok(c)) => {
                 let total = sink.received + batch.bytes.len() as u64 + c.len() as u64;

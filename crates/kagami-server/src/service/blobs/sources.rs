@@ -15,6 +15,14 @@ const MAX_REASK: u32 = 3;
 /// is always among them).
 const CLAIM_SOURCES: usize = 4;
 
+/// How many followers stream a blob in flight from one node, by the claim's order: the
+/// followers form a tree of this fan-out with the holder at its root (see
+/// [`tree_sources`]). Each node then sends the blob at most this many times while it
+/// arrives, so a node's link needs this many times the rate of the link the blob comes
+/// in by (a NIC of 1 Gbit/s or more against a registry link of a few hundred Mbit/s),
+/// and 50 nodes are at most three hops from the holder.
+pub(super) const FANOUT: usize = 4;
+
 impl Blobs {
     /// Whether this node holds `digest` or is fetching it right now (a claim coordinator's
     /// check of a holder).
@@ -140,11 +148,7 @@ pub(super) async fn cluster_fetcher(
             };
         }
         Some(crate::peers::Claimed::Held { holder, earlier }) => {
-            let mut sources = spread_followers(&me, digest, earlier);
-            sources.truncate(CLAIM_SOURCES);
-            if !sources.iter().any(|p| p.id == holder.id) {
-                sources.push(holder.clone());
-            }
+            let sources = tree_sources(&me, digest, earlier, &holder);
             tracing::debug!(%digest, holder = %holder.id, from = %sources[0].id, "another node holds the claim on this blob; streaming");
             return ClusterFetch {
                 sources,
@@ -202,6 +206,63 @@ pub(super) fn spread_followers(
         h.finish()
     });
     earlier
+}
+
+/// The nodes a follower streams a blob in flight from, in order, given the nodes that
+/// asked for its claim before it (`earlier`, in the order they asked; the holder first):
+/// the followers form a tree of fan-out [`FANOUT`] — the i-th asker streams from asker
+/// (i - 1) / FANOUT — so that no node sends the blob more than FANOUT times while it
+/// arrives and the chain from the holder stays short (a random choice among earlier
+/// nodes gives some nodes more followers than their link carries and chains as long as
+/// e·ln N). After its parent a follower tries the parent's ancestors up to the holder,
+/// then other earlier nodes (spread as in [`spread_followers`]), [`CLAIM_SOURCES`] in all
+/// with the holder always among them. A follower past the coordinator's list of askers
+/// (it keeps [`crate::peers::MAX_ASKERS`]) sees the whole list: it picks its parent among
+/// the list's leaves by hash instead.
+pub(super) fn tree_sources(
+    me: &str,
+    digest: &Digest,
+    earlier: Vec<kagami_p2p::Peer>,
+    holder: &kagami_p2p::Peer,
+) -> Vec<kagami_p2p::Peer> {
+    let k = earlier.len();
+    let mut chain: Vec<usize> = Vec::new();
+    if k > 0 {
+        let mut parent = if k >= crate::peers::MAX_ASKERS {
+            // Past the list: the leaves (no followers of their own in the list).
+            let leaves = (k - 1) / FANOUT + 1;
+            let order = spread_followers(me, digest, earlier[leaves.min(k - 1)..].to_vec());
+            earlier
+                .iter()
+                .position(|p| p.id == order[0].id)
+                .unwrap_or(0)
+        } else {
+            (k - 1) / FANOUT
+        };
+        loop {
+            chain.push(parent);
+            if parent == 0 {
+                break;
+            }
+            parent = (parent - 1) / FANOUT;
+        }
+    }
+    let mut sources: Vec<kagami_p2p::Peer> = chain.iter().map(|&i| earlier[i].clone()).collect();
+    let rest: Vec<kagami_p2p::Peer> = earlier
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !chain.contains(i))
+        .map(|(_, p)| p.clone())
+        .collect();
+    sources.extend(spread_followers(me, digest, rest));
+    sources.truncate(CLAIM_SOURCES);
+    if !sources.iter().any(|p| p.id == holder.id) {
+        if sources.len() == CLAIM_SOURCES {
+            sources.pop();
+        }
+        sources.push(holder.clone());
+    }
+    sources
 }
 
 /// For the node fetching a blob for the cluster: looks at the announcements again after
@@ -426,6 +487,63 @@ impl Sources<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peers(n: usize) -> Vec<kagami_p2p::Peer> {
+        (0..n)
+            .map(|i| kagami_p2p::Peer {
+                id: format!("n{i:03}"),
+                http_addr: "127.0.0.1:9".parse().unwrap(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn followers_form_a_tree_of_bounded_fanout() {
+        let digest = Digest::sha256_from_bytes(&[7; 32]);
+        let all = peers(crate::peers::MAX_ASKERS);
+        let holder = all[0].clone();
+        let mut children = std::collections::HashMap::<String, usize>::new();
+        for k in 1..all.len() {
+            let earlier = all[..k].to_vec();
+            let s = tree_sources(&all[k].id, &digest, earlier, &holder);
+            // The parent first: asker (k - 1) / FANOUT.
+            assert_eq!(s[0].id, all[(k - 1) / FANOUT].id, "asker {k}");
+            assert!(s.len() <= CLAIM_SOURCES, "{s:?}");
+            assert!(
+                s.iter().any(|p| p.id == holder.id),
+                "the holder is a fallback"
+            );
+            let mut ids: Vec<_> = s.iter().map(|p| p.id.clone()).collect();
+            ids.dedup();
+            assert_eq!(ids.len(), s.len(), "no node twice");
+            *children.entry(s[0].id.clone()).or_default() += 1;
+        }
+        assert!(children.values().all(|&c| c <= FANOUT), "{children:?}");
+        // The 32nd asker is three hops from the holder: parent 7, 1, then the holder.
+        let s = tree_sources("x", &digest, all[..31].to_vec(), &holder);
+        let ids: Vec<_> = s.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(&ids[..3], ["n007", "n001", "n000"]);
+    }
+
+    #[test]
+    fn followers_past_the_askers_list_spread_over_its_leaves() {
+        let digest = Digest::sha256_from_bytes(&[9; 32]);
+        let all = peers(crate::peers::MAX_ASKERS);
+        let mut first = std::collections::HashMap::<String, usize>::new();
+        for i in 0..200 {
+            let s = tree_sources(&format!("late{i}"), &digest, all.clone(), &all[0]);
+            let parent: usize = s[0].id[1..].parse().unwrap();
+            assert!(
+                parent >= crate::peers::MAX_ASKERS / FANOUT,
+                "{parent} is not a leaf"
+            );
+            assert!(s.iter().any(|p| p.id == "n000"), "{s:?}");
+            *first.entry(s[0].id.clone()).or_default() += 1;
+        }
+        // 200 late followers over 24 leaves: none takes a large share.
+        assert!(first.len() >= 12, "{first:?}");
+        assert!(first.values().all(|&c| c <= 30), "{first:?}");
+    }
 
     #[test]
     fn followers_spread_over_earlier_nodes() {
