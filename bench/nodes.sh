@@ -26,15 +26,21 @@ stop_nodes() {
   rm -rf "$WORK/nodes"
 }
 members() { curl -s "http://$(ip_of "$1"):5000/p2p/status" | python3 -c 'import json,sys; print(len(json.load(sys.stdin).get("members", [])))' 2>/dev/null || echo 0; }
-# start_network N MODE: N nodes, ready (P2P: each sees at least min(N-1, 3) others).
+# start_network N MODE: N nodes, ready (P2P: each sees at least min(N-1, 3) others, or
+# with WANT_MEMBERS=all every other node, within 60 s; MEMBERS_SEEN is then the fewest
+# members a node saw).
 start_network() {
-  local n=$1 mode=$2 t0; t0=$(now)
+  local n=$1 mode=$2 t0 deadline; t0=$(now)
   for i in $(seq "$n"); do start_node "$i" "$mode"; done
   for i in $(seq "$n"); do wait_http "$(ip_of "$i"):5000"; done
+  MEMBERS_SEEN=$((n - 1))
   if [ "$mode" = p2p ]; then
-    local want=$((n - 1 < 3 ? n - 1 : 3))
+    local want=$((n - 1 < 3 ? n - 1 : 3)) m
+    [ "${WANT_MEMBERS:-3}" = all ] && want=$((n - 1))
+    deadline=$(( $(date +%s) + 60 ))
     for i in $(seq "$n"); do
-      for _ in $(seq 300); do [ "$(members "$i")" -ge "$want" ] && break; sleep 0.1; done
+      while m=$(members "$i"); [ "$m" -lt "$want" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.1; done
+      [ "$m" -lt "$MEMBERS_SEEN" ] && MEMBERS_SEEN=$m
     done
   fi
   CONVERGED=$(since "$t0")

@@ -44,6 +44,9 @@ B_MBIT=${B_MBIT:-400}
 RUNS=${RUNS:-3}
 ONLY=${ONLY:-all rolling batch kill holder}
 MODES=${MODES:-solo p2p}
+# Pulls start once every node knows every other (WANT_MEMBERS=3: once each knows 3): a
+# settled cluster, where nodes agree on each blob's claim coordinator.
+WANT_MEMBERS=${WANT_MEMBERS:-all}
 on() { [[ " $ONLY " == *" $1 "* ]]; }
 [ "$(id -u)" = 0 ] || { echo "p2p-shaped.sh: needs root for tc" >&2; exit 1; }
 for tool in tc docker-registry skopeo umoci curl python3 bc; do
@@ -134,6 +137,7 @@ if on all; then
   for mode in $MODES; do
     for run in $(seq "$RUNS"); do
       start_network "$NODES" "$mode"
+      R[$mode-all-members]+="$MEMBERS_SEEN "
       mark=$(log_mark)
       c0=$(machine_cpu)
       t0=$(now); pids=()
@@ -244,6 +248,7 @@ if on all; then
   row "all at once: peak RSS of the largest node (MiB)" "$(val solo-all-rss)" "$(val p2p-all-rss)"
   row "all at once: CPU seconds per node (median)" "$(val solo-all-cpu)" "$(val p2p-all-cpu)"
   row "all at once: machine CPU busy during the pulls (share)" "$(val solo-all-busy)" "$(val p2p-all-busy)"
+  row "all at once: fewest members a node knew at the start" "-" "$(val p2p-all-members)"
 fi
 if on rolling; then
   row "rolling: later nodes, median time / (image / B)" "$(val solo-roll-p50)" "$(val p2p-roll-p50)"

@@ -266,7 +266,8 @@ pub(super) async fn run_fetch(
             return;
         }
     };
-    let sources = Sources::new(svc, plan, path, digest).await;
+    let mut sources = Sources::new(svc, plan, path, digest).await;
+    sources.state = Some(&fetch.state);
     if sources.providers.is_empty() {
         fetch.state.send_replace(FetchState::ConnectingUpstream);
     }

@@ -331,6 +331,10 @@ pub(super) struct Sources<'a> {
     pub(super) cluster_leader: bool,
     /// This node's part in the blob's claim.
     claim: Mutex<ClaimRole>,
+    /// The fetch's state, moved from `Connecting` to `ConnectingUpstream` when the sources
+    /// come to the endpoints (other nodes streaming from this one then wait for it as for a
+    /// node connecting upstream, not as for one still looking among the nodes).
+    pub(super) state: Option<&'a watch::Sender<FetchState>>,
 }
 
 impl<'a> Sources<'a> {
@@ -368,6 +372,7 @@ impl<'a> Sources<'a> {
             providers,
             cluster_leader,
             claim: Mutex::new(claim),
+            state: None,
         }
     }
 
@@ -407,6 +412,15 @@ impl<'a> Sources<'a> {
             Attempt::Endpoint(i) => i,
             Attempt::Provider(_) => 0,
         };
+        if let Some(state) = self.state {
+            state.send_if_modified(|s| {
+                let connecting = matches!(s, FetchState::Connecting);
+                if connecting {
+                    *s = FetchState::ConnectingUpstream;
+                }
+                connecting
+            });
+        }
         let b = self
             .svc
             .upstream
