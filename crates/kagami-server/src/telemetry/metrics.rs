@@ -126,11 +126,6 @@ pub struct Metrics {
     pub fetches_cancelled: Counter,
     /// Source bodies cut for sending slower than the minimum rate.
     pub slow_sources: Counter,
-    /// Blob fetches started in pieces from several nodes at once.
-    pub pieces_fetches: Counter,
-    /// Blobs fetched in pieces that did not match their digest (fetched again one source
-    /// at a time).
-    pub pieces_mismatches: Counter,
     /// Fetches stopped for exceeding the blob's size (descriptor size or --max-blob-size).
     pub blobs_too_large: Counter,
     /// Memory held by the fetches in flight: chunks received and not yet out of the
@@ -176,8 +171,6 @@ impl Metrics {
             fetches_refused: Counter::default(),
             fetches_cancelled: Counter::default(),
             slow_sources: Counter::default(),
-            pieces_fetches: Counter::default(),
-            pieces_mismatches: Counter::default(),
             blobs_too_large: Counter::default(),
             fetch_memory: Gauge::default(),
             revalidation_timeouts: Counter::default(),
@@ -277,16 +270,6 @@ impl Metrics {
             "slow_sources",
             "Blob bodies cut for arriving slower than the minimum rate",
             m.slow_sources.clone(),
-        );
-        registry.register(
-            "peer_pieces_fetches",
-            "Blob fetches started in pieces from several nodes at once",
-            m.pieces_fetches.clone(),
-        );
-        registry.register(
-            "peer_pieces_mismatches",
-            "Blobs fetched in pieces from several nodes that did not match their digest (fetched again one source at a time)",
-            m.pieces_mismatches.clone(),
         );
         registry.register(
             "blobs_too_large",

@@ -259,7 +259,6 @@ pub(super) async fn run_fetch(
     if let Pass::PiecesMismatch = fetch_pass(svc, plan, path, digest, expected, fetch, true).await
     {
         tracing::warn!(%digest, "the blob fetched in pieces from several nodes did not match its digest; fetching it again one source at a time");
-        svc.telemetry.metrics.pieces_mismatches.inc();
         // Requests that come meanwhile wait for the new write.
         fetch.state.send_replace(FetchState::Connecting);
         fetch_pass(svc, plan, path, digest, expected, fetch, false).await;

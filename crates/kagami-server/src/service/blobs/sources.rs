@@ -418,7 +418,6 @@ impl<'a> Sources<'a> {
             })
             .collect();
         tracing::debug!(digest = %self.digest, size, offset, holders = used.len(), "fetching the blob in pieces from several nodes");
-        self.svc.telemetry.metrics.pieces_fetches.inc();
         let stream = pieces::Pieces::new(
             holders,
             offset,
