@@ -94,9 +94,11 @@ async fn holder(id: &str, data: &[u8], mode: Mode, net: &Arc<MemoryNetwork>) -> 
     // Stored from its own upstream before it joins.
     let (status, _, body, complete) = request(server.addr, "GET", &blob_path(&d), &[]).await;
     assert!(status == 200 && complete && body == data);
-    eventually(Duration::from_secs(10), "the holder stored the blob", async || {
-        server.state.store().blob_size(&d).is_some()
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the holder stored the blob",
+        async || server.state.store().blob_size(&d).is_some(),
+    )
     .await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peer_addr: SocketAddr = listener.local_addr().unwrap();
@@ -141,7 +143,15 @@ async fn setup(data: &[u8], modes: &[Mode]) -> (Server, Vec<Holder>) {
     eventually(
         Duration::from_secs(10),
         "every holder advertised",
-        async || s.state.peers().unwrap().providers(&d.to_string()).await.len() == modes.len(),
+        async || {
+            s.state
+                .peers()
+                .unwrap()
+                .providers(&d.to_string())
+                .await
+                .len()
+                == modes.len()
+        },
     )
     .await;
     (s, holders)
@@ -182,7 +192,10 @@ async fn a_blob_held_by_three_nodes_comes_in_pieces_from_several() {
     for h in &holders {
         assert_eq!(h.faults.whole.load(Ordering::SeqCst), 0, "{}", h.id);
     }
-    assert!(s.fake.blob_calls.lock().unwrap().is_empty(), "no upstream request");
+    assert!(
+        s.fake.blob_calls.lock().unwrap().is_empty(),
+        "no upstream request"
+    );
     // A later request is served from the store.
     let (_, _, again, _) = request(s.addr, "GET", &blob_path(&d), &[]).await;
     assert_eq!(again, data);
@@ -193,11 +206,7 @@ async fn a_holder_dying_mid_piece_gives_its_piece_to_the_others() {
     let data = random(6 * 1024 * 1024, 42);
     let d = digest_of(&data);
     // h1 dies half-way through its first piece.
-    let (s, holders) = setup(
-        &data,
-        &[Mode::Good, Mode::DieAfter(512 * 1024), Mode::Good],
-    )
-    .await;
+    let (s, holders) = setup(&data, &[Mode::Good, Mode::DieAfter(512 * 1024), Mode::Good]).await;
     let (status, _, body, complete) = request(s.addr, "GET", &blob_path(&d), &[]).await;
     assert_eq!(status, 200);
     assert!(complete && body == data);
@@ -209,7 +218,10 @@ async fn a_holder_dying_mid_piece_gives_its_piece_to_the_others() {
         1,
         "a holder that failed is not asked again"
     );
-    assert!(s.fake.blob_calls.lock().unwrap().is_empty(), "no upstream request");
+    assert!(
+        s.fake.blob_calls.lock().unwrap().is_empty(),
+        "no upstream request"
+    );
     let by = received(&s, &holders);
     assert!(by[0] > 0 && by[2] > 0, "{by:?}");
 }
@@ -246,10 +258,14 @@ async fn a_lying_holder_never_gets_wrong_bytes_stored_nor_an_honest_one_banned()
     assert!(
         holders
             .iter()
-            .all(|h| h.faults.requests.load(Ordering::SeqCst) > h.faults.whole.load(Ordering::SeqCst)),
+            .all(|h| h.faults.requests.load(Ordering::SeqCst)
+                > h.faults.whole.load(Ordering::SeqCst)),
         "every holder served pieces"
     );
-    assert!(s.fake.blob_calls.lock().unwrap().is_empty(), "no upstream request");
+    assert!(
+        s.fake.blob_calls.lock().unwrap().is_empty(),
+        "no upstream request"
+    );
     let providers: Vec<String> = s
         .state
         .peers()
@@ -260,7 +276,10 @@ async fn a_lying_holder_never_gets_wrong_bytes_stored_nor_an_honest_one_banned()
         .map(|p| p.id)
         .collect();
     for honest in ["h0", "h2"] {
-        assert!(providers.iter().any(|p| p == honest), "{honest} banned: {providers:?}");
+        assert!(
+            providers.iter().any(|p| p == honest),
+            "{honest} banned: {providers:?}"
+        );
     }
     // The liar is banned exactly when a whole-blob transfer of its own named it.
     let liar_whole = holders[1].faults.whole.load(Ordering::SeqCst) > 0;

@@ -256,8 +256,7 @@ pub(super) async fn run_fetch(
     expected: Option<u64>,
     fetch: &Fetch,
 ) {
-    if let Pass::PiecesMismatch = fetch_pass(svc, plan, path, digest, expected, fetch, true).await
-    {
+    if let Pass::PiecesMismatch = fetch_pass(svc, plan, path, digest, expected, fetch, true).await {
         tracing::warn!(%digest, "the blob fetched in pieces from several nodes did not match its digest; fetching it again one source at a time");
         // Requests that come meanwhile wait for the new write.
         fetch.state.send_replace(FetchState::Connecting);

@@ -35,8 +35,18 @@ pub(super) const HOLDERS: usize = 4;
 pub(super) const LOOKAHEAD: usize = 4;
 
 /// How long a worker with nothing to take waits before it looks again (it is woken as the
-/// frontier moves; this covers room freed in the memory budget by other fetches).
+/// frontier moves; this covers room freed in the memory budget by other fetches and
+/// a frontier piece becoming late).
 const RECHECK: Duration = Duration::from_millis(100);
+
+/// A piece at the frontier is late, and taken over by a worker with nothing else to do,
+/// once its holder has had it for this many times the typical time of a piece...
+const LATE_FACTOR: u32 = 4;
+/// ...and at least this long.
+const LATE_MIN: Duration = Duration::from_secs(1);
+
+/// Pieces whose times make the typical time of a piece (their median).
+const TIMES: usize = 8;
 
 /// One piece's bytes, `start..=end` of the blob, from one holder.
 pub(super) type RangeBody = BoxStream<'static, io::Result<Bytes>>;
@@ -54,6 +64,8 @@ pub(super) struct Holder {
 pub(super) struct Layout {
     pub(super) piece: u64,
     pub(super) lookahead: usize,
+    /// The least time before a frontier piece is late (see [`LATE_MIN`]).
+    pub(super) late_min: Duration,
 }
 
 impl Default for Layout {
@@ -61,6 +73,7 @@ impl Default for Layout {
         Layout {
             piece: PIECE,
             lookahead: LOOKAHEAD,
+            late_min: LATE_MIN,
         }
     }
 }
@@ -74,6 +87,8 @@ struct Slot {
     len: u64,
     /// Its room in the memory budget, taken before it was fetched ahead of the frontier.
     permit: MemoryPermit,
+    /// The worker fetching it, and since when (`None`: nobody).
+    owner: Option<(usize, Instant)>,
 }
 
 struct State {
@@ -98,6 +113,9 @@ struct State {
     peak: u64,
     /// Bytes received from each holder.
     by_holder: Vec<u64>,
+    /// How long the last pieces took, and how many late pieces were taken over.
+    times: VecDeque<Duration>,
+    taken_over: usize,
     waker: Option<std::task::Waker>,
 }
 
@@ -119,6 +137,7 @@ impl State {
                 received: 0,
                 len,
                 permit: MemoryPermit::empty(),
+                owner: None,
             });
         }
         &mut self.slots[k]
@@ -175,6 +194,8 @@ impl Pieces {
                 buffered: 0,
                 peak: 0,
                 by_holder: vec![0; holders.len()],
+                times: VecDeque::new(),
+                taken_over: 0,
                 waker: None,
             }),
             notify: tokio::sync::Notify::new(),
@@ -201,6 +222,12 @@ impl Pieces {
     #[cfg(test)]
     fn by_holder(&self) -> Vec<u64> {
         self.shared.lock().by_holder.clone()
+    }
+
+    /// Late pieces taken over by another holder.
+    #[cfg(test)]
+    fn taken_over(&self) -> usize {
+        self.shared.lock().taken_over
     }
 }
 
@@ -258,13 +285,20 @@ impl Stream for Pieces {
 /// its holder fails (then its piece goes back and the holder is not asked again).
 async fn work(shared: Arc<Shared>, n: usize, holder: Holder, store: Store) {
     loop {
-        let Some((i, from, to)) = take(&shared, &store).await else {
+        let Some((i, from, to)) = take(&shared, n, &store).await else {
             return;
         };
         if let Err(why) = fetch_piece(&shared, n, &holder, i, from, to).await {
             tracing::debug!(holder = %holder.id, piece = i, error = %why, "a node serving pieces failed; its piece goes to another");
             let mut st = shared.lock();
-            st.returned.insert(i);
+            // Back to the queue, unless another worker took it over meanwhile.
+            if i >= st.frontier {
+                let slot = st.slot(i);
+                if slot.owner.is_some_and(|(o, _)| o == n) {
+                    slot.owner = None;
+                    st.returned.insert(i);
+                }
+            }
             st.alive -= 1;
             st.errors.push(why);
             st.wake();
@@ -275,9 +309,10 @@ async fn work(shared: Arc<Shared>, n: usize, holder: Holder, store: Store) {
     }
 }
 
-/// The next piece for a worker and the byte range still missing from it, once the
-/// reorder buffer and the memory budget have room for it; `None` once every piece is in.
-async fn take(shared: &Shared, store: &Store) -> Option<(usize, u64, u64)> {
+/// The next piece for worker `n` and the byte range still missing from it, once the
+/// reorder buffer and the memory budget have room for it; else the frontier piece when it
+/// is late (see [`late`]); `None` once every piece is in.
+async fn take(shared: &Shared, n: usize, store: &Store) -> Option<(usize, u64, u64)> {
     loop {
         let notified = shared.notify.notified();
         tokio::pin!(notified);
@@ -315,6 +350,7 @@ async fn take(shared: &Shared, store: &Store) -> Option<(usize, u64, u64)> {
                 }
                 if room {
                     let received = slot.received;
+                    slot.owner = Some((n, Instant::now()));
                     if !st.returned.remove(&i) {
                         st.next_new += 1;
                     }
@@ -322,12 +358,45 @@ async fn take(shared: &Shared, store: &Store) -> Option<(usize, u64, u64)> {
                     return Some((i, from, st.piece_start(i) + len - 1));
                 }
             }
+            if let Some(late) = late(&mut st, n) {
+                return Some(late);
+            }
         }
         let _ = tokio::time::timeout(RECHECK, notified).await;
     }
 }
 
-/// Fetches bytes `from..=to` of piece `i` into its slot.
+/// The frontier piece, taken over by worker `n`, when another worker has had it for
+/// [`LATE_FACTOR`] times the median time of the last pieces (and at least `late_min`):
+/// a slow holder must not hold the frontier for ever. The holder it had is not counted as
+/// failed (it stops that piece at its next chunk and takes another); the bytes of the
+/// piece received so far are kept.
+fn late(st: &mut State, n: usize) -> Option<(usize, u64, u64)> {
+    let i = st.frontier;
+    if i >= st.count || st.returned.contains(&i) || st.times.is_empty() {
+        return None;
+    }
+    let mut times: Vec<Duration> = st.times.iter().copied().collect();
+    times.sort();
+    let late_after = (times[times.len() / 2] * LATE_FACTOR).max(st.layout.late_min);
+    let start = st.piece_start(i);
+    let slot = st.slot(i);
+    match slot.owner {
+        Some((owner, since)) if owner != n && since.elapsed() > late_after => {}
+        _ => return None,
+    }
+    if slot.received == slot.len {
+        return None;
+    }
+    slot.owner = Some((n, Instant::now()));
+    let (from, to) = (start + slot.received, start + slot.len - 1);
+    st.taken_over += 1;
+    tracing::debug!(piece = i, "a late piece goes to another node");
+    Some((i, from, to))
+}
+
+/// Fetches bytes `from..=to` of piece `i` into its slot; stops early, without error, when
+/// another worker took the piece over (see [`late`]).
 async fn fetch_piece(
     shared: &Shared,
     n: usize,
@@ -340,7 +409,13 @@ async fn fetch_piece(
     while let Some(c) = body.next().await {
         let c = c.map_err(|e| format!("peer {}: {e}", holder.id))?;
         let mut st = shared.lock();
+        if i < st.frontier {
+            return Ok(()); // taken over, and done
+        }
         let slot = st.slot(i);
+        if slot.owner.is_none_or(|(o, _)| o != n) {
+            return Ok(());
+        }
         if slot.received + c.len() as u64 > slot.len {
             return Err(format!(
                 "peer {} sent more than the range {from}-{to}",
@@ -355,16 +430,31 @@ async fn fetch_piece(
         st.wake();
     }
     let mut st = shared.lock();
-    let slot = st.slot(i);
-    if slot.received < slot.len {
-        let at = from + slot.received;
-        return Err(format!(
-            "peer {} ended the range {from}-{to} at byte {at}",
-            holder.id
-        ));
+    if i < st.frontier {
+        return Ok(());
     }
-    st.wake();
-    Ok(())
+    let start = st.piece_start(i);
+    let slot = st.slot(i);
+    match slot.owner {
+        Some((o, since)) if o == n => {
+            if slot.received < slot.len {
+                let at = start + slot.received;
+                return Err(format!(
+                    "peer {} ended the range {from}-{to} at byte {at}",
+                    holder.id
+                ));
+            }
+            slot.owner = None;
+            let took = since.elapsed();
+            if st.times.len() == TIMES {
+                st.times.pop_front();
+            }
+            st.times.push_back(took);
+            st.wake();
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -374,7 +464,10 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn data(n: usize) -> Bytes {
-        (0..n).map(|i| (i * 7 + i / 251) as u8).collect::<Vec<u8>>().into()
+        (0..n)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect::<Vec<u8>>()
+            .into()
     }
 
     /// A holder serving `data` in 16 KiB chunks, each after `delay`; it fails its
@@ -418,7 +511,11 @@ mod tests {
         (dir, store)
     }
 
-    async fn collect(mut p: Pieces, store: &Store, piece: u64) -> (Vec<u8>, Option<String>, Pieces) {
+    async fn collect(
+        mut p: Pieces,
+        store: &Store,
+        piece: u64,
+    ) -> (Vec<u8>, Option<String>, Pieces) {
         let mut out = Vec::new();
         let mut err = None;
         while let Some(c) = tokio::time::timeout(Duration::from_secs(20), p.next())
@@ -445,6 +542,7 @@ mod tests {
         let layout = Layout {
             piece: 64 * 1024,
             lookahead: LOOKAHEAD,
+            late_min: LATE_MIN,
         };
         let holders = vec![
             holder("a", blob.clone(), Duration::from_millis(1), None),
@@ -473,6 +571,7 @@ mod tests {
         let layout = Layout {
             piece: 64 * 1024,
             lookahead: LOOKAHEAD,
+            late_min: LATE_MIN,
         };
         let holders = (0..3)
             .map(|i| holder(&i.to_string(), blob.clone(), Duration::from_millis(1), None))
@@ -481,7 +580,11 @@ mod tests {
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
-        assert!(store.memory_peak() <= 64 * 1024 + 1, "{}", store.memory_peak());
+        assert!(
+            store.memory_peak() <= 64 * 1024 + 1,
+            "{}",
+            store.memory_peak()
+        );
         assert!(p.peak_buffered() <= 2 * layout.piece);
     }
 
@@ -492,6 +595,7 @@ mod tests {
         let layout = Layout {
             piece: 64 * 1024,
             lookahead: LOOKAHEAD,
+            late_min: LATE_MIN,
         };
         let holders = vec![
             holder("good", blob.clone(), Duration::from_millis(1), None),
@@ -506,12 +610,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_late_frontier_piece_is_taken_over_by_a_faster_holder() {
+        let blob = data(12 * 64 * 1024);
+        let (_d, store) = store(None).await;
+        let layout = Layout {
+            piece: 64 * 1024,
+            lookahead: LOOKAHEAD,
+            late_min: Duration::from_millis(20),
+        };
+        // "slow" would need 4 s for one piece; the test's deadline is 20 s, and without
+        // the take-over the frontier would wait on it for every piece it takes.
+        let holders = vec![
+            holder("fast", blob.clone(), Duration::from_millis(1), None),
+            holder("slow", blob.clone(), Duration::from_secs(1), None),
+        ];
+        let p = Pieces::new(holders, 0, blob.len() as u64, layout, store.clone());
+        let (out, err, p) = collect(p, &store, layout.piece).await;
+        assert_eq!(err, None);
+        assert_eq!(out, blob);
+        assert!(p.taken_over() >= 1);
+        // The slow holder never finished a piece: every one it took went to the other.
+        assert!(p.by_holder()[1] < layout.piece, "{:?}", p.by_holder());
+    }
+
+    #[tokio::test]
     async fn when_every_holder_fails_the_body_ends_with_an_error_at_the_frontier() {
         let blob = data(16 * 64 * 1024);
         let (_d, store) = store(None).await;
         let layout = Layout {
             piece: 64 * 1024,
             lookahead: LOOKAHEAD,
+            late_min: LATE_MIN,
         };
         let holders = vec![
             holder("a", blob.clone(), Duration::from_millis(1), Some(0)),
@@ -524,6 +653,9 @@ mod tests {
         assert!(err.contains("every node serving pieces failed"), "{err}");
         // What came is the blob from `start` on, in order, up to the frontier.
         assert_eq!(&out[..], &blob[start as usize..start as usize + out.len()]);
-        assert!(err.contains(&format!("at byte {}", start as usize + out.len())), "{err}");
+        assert!(
+            err.contains(&format!("at byte {}", start as usize + out.len())),
+            "{err}"
+        );
     }
 }

@@ -391,11 +391,8 @@ impl<'a> Sources<'a> {
         }
         let peers = self.svc.cluster.peers()?;
         let used = &self.providers[..self.providers.len().min(pieces::HOLDERS)];
-        let path = crate::peers::Peers::blob_path(
-            &self.path.registry,
-            &self.path.repository,
-            self.digest,
-        );
+        let path =
+            crate::peers::Peers::blob_path(&self.path.registry, &self.path.repository, self.digest);
         let size = match self.expected {
             Some(s) => s,
             None => peers.blob_size(&used[0], &path).await?,
