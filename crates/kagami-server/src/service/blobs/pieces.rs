@@ -34,6 +34,11 @@ pub(super) const HOLDERS: usize = 4;
 /// The most pieces fetched ahead of the frontier piece (the reorder buffer).
 pub(super) const LOOKAHEAD: usize = 4;
 
+/// Pieces ahead are fetched only while the memory budget is at most 1/this used with them
+/// (every fetch's pieces ahead together): the rest is the pumps', which always get room
+/// back from the store's windows, so no fetch waits for room only pieces ahead hold.
+const AHEAD_SHARE: u64 = 2;
+
 /// How long a worker with nothing to take waits before it looks again (it is woken as the
 /// frontier moves; this covers room freed in the memory budget by other fetches and
 /// a frontier piece becoming late).
@@ -339,10 +344,14 @@ async fn take(shared: &Shared, n: usize, store: &Store) -> Option<(usize, u64, u
                 let len = slot.len;
                 // Ahead of the frontier, a piece first takes its room in the budget; when
                 // the budget has none, fewer pieces are fetched ahead (never more memory).
+                // Never past a share of it: the pumps take room for every chunk they pass
+                // on, and pieces ahead go back only as they do (see [`AHEAD_SHARE`]).
                 let mut room = !ahead || slot.permit.bytes() > 0;
                 if !room
                     && held < st_lookahead
-                    && store.memory_limit().is_none_or(|l| len <= l)
+                    && store
+                        .memory_limit()
+                        .is_none_or(|l| store.memory_used() + len <= l / AHEAD_SHARE)
                     && let Some(p) = store.try_reserve_memory(len)
                 {
                     slot.permit = p;
@@ -566,8 +575,8 @@ mod tests {
     #[tokio::test]
     async fn a_short_budget_fetches_fewer_pieces_ahead_never_more_memory() {
         let blob = data(24 * 64 * 1024);
-        // Room for one piece ahead only.
-        let (_d, store) = store(Some(64 * 1024 + 1)).await;
+        // Room for one piece ahead only (half the budget).
+        let (_d, store) = store(Some(3 * 64 * 1024)).await;
         let layout = Layout {
             piece: 64 * 1024,
             lookahead: LOOKAHEAD,
@@ -580,12 +589,66 @@ mod tests {
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
-        assert!(
-            store.memory_peak() <= 64 * 1024 + 1,
-            "{}",
-            store.memory_peak()
-        );
+        assert!(store.memory_peak() <= 64 * 1024, "{}", store.memory_peak());
         assert!(p.peak_buffered() <= 2 * layout.piece);
+    }
+
+    /// The pump takes room in the same budget for every chunk it passes on; what it holds
+    /// the store gives back when someone waits (written chunks leave the window), but
+    /// pieces held ahead go back only as the pump passes them on. So pieces ahead, of
+    /// every fetch together, must never take the whole budget: two fetches here, each of
+    /// which would hold 4 pieces ahead in a budget of 6.
+    #[tokio::test]
+    async fn pieces_ahead_leave_the_consumers_room_in_the_budget() {
+        let piece = 64 * 1024;
+        let blob = data(32 * piece as usize);
+        let (_d, store) = store(Some(6 * piece)).await;
+        let layout = Layout {
+            piece,
+            lookahead: LOOKAHEAD,
+            late_min: LATE_MIN,
+        };
+        let read = |n: usize| {
+            let (blob, store) = (blob.clone(), store.clone());
+            async move {
+                let holders = (0..4)
+                    .map(|i| {
+                        holder(
+                            &format!("{n}.{i}"),
+                            blob.clone(),
+                            Duration::from_millis(1),
+                            None,
+                        )
+                    })
+                    .collect();
+                let mut p = Pieces::new(holders, 0, blob.len() as u64, layout, store.clone());
+                let mut out = Vec::new();
+                // The store's window: what the pump took, given back when someone waits.
+                let mut window: Vec<MemoryPermit> = Vec::new();
+                while let Some(c) = p.next().await {
+                    let c = c.unwrap();
+                    let len = c.len() as u64;
+                    let permit = match store.try_reserve_memory(len) {
+                        Some(p) => p,
+                        None => {
+                            window.clear();
+                            store.reserve_memory(len).await
+                        }
+                    };
+                    window.push(permit);
+                    if window.len() > 8 {
+                        window.remove(0);
+                    }
+                    out.extend_from_slice(&c);
+                }
+                out
+            }
+        };
+        let both = futures_util::future::join(read(0), read(1));
+        let (a, b) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("no fetch waits for room only pieces ahead hold");
+        assert!(a == blob && b == blob);
     }
 
     #[tokio::test]
