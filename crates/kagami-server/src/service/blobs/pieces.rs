@@ -589,7 +589,9 @@ mod tests {
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
-        assert!(store.memory_peak() <= 64 * 1024, "{}", store.memory_peak());
+        // Pieces went ahead, one at a time.
+        let peak = store.memory_peak();
+        assert!(peak > 0 && peak <= 64 * 1024, "{peak}");
         assert!(p.peak_buffered() <= 2 * layout.piece);
     }
 
