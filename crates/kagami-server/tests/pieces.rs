@@ -83,23 +83,25 @@ struct Holder {
     _server: Server,
 }
 
-/// A node with `data` in its store, serving its peer API, a member of `net` as `id`.
-async fn holder(id: &str, data: &[u8], mode: Mode, net: &Arc<MemoryNetwork>) -> Holder {
-    let server = start(
-        Fake::new(vec![BlobMode::Good]).with_blob(data),
-        ServerOptions::default(),
-    )
-    .await;
-    let d = digest_of(data);
+/// A node with `blobs` in its store, serving its peer API, a member of `net` as `id`.
+async fn holder(id: &str, blobs: &[&[u8]], mode: Mode, net: &Arc<MemoryNetwork>) -> Holder {
+    let mut fake = Fake::new(vec![BlobMode::Good]);
+    for b in blobs {
+        fake = fake.with_blob(b);
+    }
+    let server = start(fake, ServerOptions::default()).await;
     // Stored from its own upstream before it joins.
-    let (status, _, body, complete) = request(server.addr, "GET", &blob_path(&d), &[]).await;
-    assert!(status == 200 && complete && body == data);
-    eventually(
-        Duration::from_secs(10),
-        "the holder stored the blob",
-        async || server.state.store().blob_size(&d).is_some(),
-    )
-    .await;
+    for data in blobs {
+        let d = digest_of(data);
+        let (status, _, body, complete) = request(server.addr, "GET", &blob_path(&d), &[]).await;
+        assert!(status == 200 && complete && body == *data);
+        eventually(
+            Duration::from_secs(10),
+            "the holder stored the blob",
+            async || server.state.store().blob_size(&d).is_some(),
+        )
+        .await;
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peer_addr: SocketAddr = listener.local_addr().unwrap();
     let router = MemoryRouter::join(net, id.to_string(), peer_addr);
@@ -132,28 +134,30 @@ async fn holder(id: &str, data: &[u8], mode: Mode, net: &Arc<MemoryNetwork>) -> 
 /// The node under test (no blob upstream: any upstream request is counted and fails) and
 /// holders of `data` in the given modes, `h0`...
 async fn setup(data: &[u8], modes: &[Mode]) -> (Server, Vec<Holder>) {
+    setup_with(&[data], modes, ServerOptions::default()).await
+}
+
+async fn setup_with(
+    blobs: &[&[u8]],
+    modes: &[Mode],
+    options: ServerOptions,
+) -> (Server, Vec<Holder>) {
     let net = MemoryNetwork::new();
     let mut holders = Vec::new();
     for (i, m) in modes.iter().enumerate() {
-        holders.push(holder(&format!("h{i}"), data, *m, &net).await);
+        holders.push(holder(&format!("h{i}"), blobs, *m, &net).await);
     }
-    let s = start(Fake::new(vec![BlobMode::Good]), ServerOptions::default()).await;
+    let s = start(Fake::new(vec![BlobMode::Good]), options).await;
     join_as_me(&s.state, &net);
-    let d = digest_of(data);
-    eventually(
-        Duration::from_secs(10),
-        "every holder advertised",
-        async || {
-            s.state
-                .peers()
-                .unwrap()
-                .providers(&d.to_string())
-                .await
-                .len()
-                == modes.len()
-        },
-    )
-    .await;
+    for data in blobs {
+        let key = digest_of(data).to_string();
+        eventually(
+            Duration::from_secs(10),
+            "every holder advertised",
+            async || s.state.peers().unwrap().providers(&key).await.len() == modes.len(),
+        )
+        .await;
+    }
     (s, holders)
 }
 
@@ -287,5 +291,54 @@ async fn a_lying_holder_never_gets_wrong_bytes_stored_nor_an_honest_one_banned()
         !providers.iter().any(|p| p == "h1"),
         liar_whole,
         "{providers:?}"
+    );
+}
+
+#[tokio::test]
+async fn pieces_fetches_at_once_within_a_small_memory_budget() {
+    // 2 MiB for every fetch: at most one piece ahead among both (half the budget), and
+    // the pumps never wait for room only pieces ahead hold.
+    let budget = 2 * 1024 * 1024;
+    let (x, y) = (
+        random(6 * 1024 * 1024, 44),
+        random(5 * 1024 * 1024 + 77, 45),
+    );
+    let options = ServerOptions {
+        limits: kagami_server::FetchLimits {
+            fetch_memory: budget,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let modes = [Mode::Good, Mode::Good, Mode::Good];
+    let (s, holders) = setup_with(&[&x, &y], &modes, options).await;
+    let (dx, dy) = (digest_of(&x), digest_of(&y));
+    let (px, py) = (blob_path(&dx), blob_path(&dy));
+    let ((sx, _, bx, cx), (sy, _, by, cy)) = tokio::join!(
+        request(s.addr, "GET", &px, &[]),
+        request(s.addr, "GET", &py, &[])
+    );
+    assert!(sx == 200 && cx && bx == x);
+    assert!(sy == 200 && cy && by == y);
+    stored(&s, &dx).await;
+    stored(&s, &dy).await;
+    assert!(s.state.store().memory_peak() <= budget);
+    for h in &holders {
+        assert_eq!(
+            h.faults.whole.load(Ordering::SeqCst),
+            0,
+            "in pieces: ranges only"
+        );
+    }
+    let from = received(&s, &holders);
+    assert_eq!(
+        from.iter().sum::<u64>(),
+        (x.len() + y.len()) as u64,
+        "{from:?}"
+    );
+    assert!(from.iter().filter(|&&n| n > 0).count() >= 2, "{from:?}");
+    assert!(
+        s.fake.blob_calls.lock().unwrap().is_empty(),
+        "no upstream request"
     );
 }
