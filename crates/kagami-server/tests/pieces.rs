@@ -134,20 +134,22 @@ async fn holder(id: &str, blobs: &[&[u8]], mode: Mode, net: &Arc<MemoryNetwork>)
 /// The node under test (no blob upstream: any upstream request is counted and fails) and
 /// holders of `data` in the given modes, `h0`...
 async fn setup(data: &[u8], modes: &[Mode]) -> (Server, Vec<Holder>) {
-    setup_with(&[data], modes, ServerOptions::default()).await
+    let upstream = Fake::new(vec![BlobMode::Good]);
+    setup_with(&[data], modes, ServerOptions::default(), upstream).await
 }
 
 async fn setup_with(
     blobs: &[&[u8]],
     modes: &[Mode],
     options: ServerOptions,
+    upstream: Fake,
 ) -> (Server, Vec<Holder>) {
     let net = MemoryNetwork::new();
     let mut holders = Vec::new();
     for (i, m) in modes.iter().enumerate() {
         holders.push(holder(&format!("h{i}"), blobs, *m, &net).await);
     }
-    let s = start(Fake::new(vec![BlobMode::Good]), options).await;
+    let s = start(upstream, options).await;
     join_as_me(&s.state, &net);
     for data in blobs {
         let key = digest_of(data).to_string();
@@ -311,7 +313,8 @@ async fn pieces_fetches_at_once_within_a_small_memory_budget() {
         ..Default::default()
     };
     let modes = [Mode::Good, Mode::Good, Mode::Good];
-    let (s, holders) = setup_with(&[&x, &y], &modes, options).await;
+    let upstream = Fake::new(vec![BlobMode::Good]);
+    let (s, holders) = setup_with(&[&x, &y], &modes, options, upstream).await;
     let (dx, dy) = (digest_of(&x), digest_of(&y));
     let (px, py) = (blob_path(&dx), blob_path(&dy));
     let ((sx, _, bx, cx), (sy, _, by, cy)) = tokio::join!(
@@ -341,4 +344,23 @@ async fn pieces_fetches_at_once_within_a_small_memory_budget() {
         s.fake.blob_calls.lock().unwrap().is_empty(),
         "no upstream request"
     );
+}
+
+#[tokio::test]
+async fn when_every_holder_fails_the_fetch_continues_upstream_where_the_pieces_stopped() {
+    let data = random(6 * 1024 * 1024, 46);
+    let d = digest_of(&data);
+    let modes = [Mode::DieAfter(1536 * 1024), Mode::DieAfter(1536 * 1024)];
+    let upstream = Fake::new(vec![BlobMode::Good]).with_blob(&data);
+    let (s, holders) = setup_with(&[&data], &modes, ServerOptions::default(), upstream).await;
+    let (status, _, body, complete) = request(s.addr, "GET", &blob_path(&d), &[]).await;
+    assert_eq!(status, 200);
+    assert!(complete && body == data);
+    stored(&s, &d).await;
+    assert!(holders.iter().all(|h| h.faults.dead.load(Ordering::SeqCst)));
+    // One upstream request, from where the in-order bytes stopped (past the first piece:
+    // both holders sent more than one), not from the start.
+    let calls = s.fake.blob_calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].1 >= 1024 * 1024, "{calls:?}");
 }
