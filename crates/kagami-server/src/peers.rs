@@ -304,6 +304,74 @@ impl Peers {
         Some((resp, start))
     }
 
+    /// The peer API path of a blob of `registry/repository`.
+    pub(crate) fn blob_path(registry: &str, repository: &str, digest: &Digest) -> String {
+        format!(
+            "/v2/{repository}/blobs/{digest}?ns={}",
+            crate::path::encode(registry)
+        )
+    }
+
+    /// The size of a blob one peer holds (a HEAD of its peer API), when it answers.
+    pub(crate) async fn blob_size(&self, peer: &Peer, path: &str) -> Option<u64> {
+        let resp = self
+            .request(peer, reqwest::Method::HEAD, path)
+            .send()
+            .await
+            .ok()?;
+        if resp.status() != reqwest::StatusCode::OK {
+            return None;
+        }
+        resp.headers()
+            .get(reqwest::header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()
+    }
+
+    /// Bytes `start..=end` of a blob from one peer (`Range: bytes=start-end`): the body
+    /// when it answers `206` for exactly that range, else an error naming what it did.
+    /// The body counts the bytes received from that peer.
+    pub(crate) async fn blob_range(
+        &self,
+        peer: &Peer,
+        path: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<futures_util::stream::BoxStream<'static, io::Result<Bytes>>, String> {
+        let resp = self
+            .request(peer, reqwest::Method::GET, path)
+            .header(reqwest::header::RANGE, format!("bytes={start}-{end}"))
+            .send()
+            .await
+            .map_err(|e| format!("peer {}: {e}", peer.id))?;
+        if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(format!(
+                "peer {} answered {} to the range {start}-{end}",
+                peer.id,
+                resp.status()
+            ));
+        }
+        let range = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !range.starts_with(&format!("bytes {start}-{end}/")) {
+            return Err(format!(
+                "peer {} answered the range {range:?} for {start}-{end}",
+                peer.id
+            ));
+        }
+        let counter = self.received_counter(&peer.id);
+        Ok(resp
+            .bytes_stream()
+            .map_err(io::Error::other)
+            .inspect_ok(move |c| counter(c.len() as u64))
+            .boxed())
+    }
+
     /// A blob from the providers in `peers[from..]`, hedged: when the first has not
     /// answered within 250 ms the next one is asked too, and the first answer wins.
     pub async fn blob(
@@ -315,10 +383,7 @@ impl Peers {
         digest: &Digest,
         offset: u64,
     ) -> Option<(BlobBody, Origin)> {
-        let path = format!(
-            "/v2/{repository}/blobs/{digest}?ns={}",
-            crate::path::encode(registry)
-        );
+        let path = Peers::blob_path(registry, repository, digest);
         let mut i = from;
         while i < peers.len() {
             let first = self.blob_from(&peers[i], &path, offset);

@@ -23,14 +23,18 @@ enum PeerMode {
     CutAfter(usize),
 }
 
-/// A fake peer API serving one blob; returns its address and a request counter.
+/// A fake peer API serving one blob; returns its address and a counter of its blob
+/// transfers (GETs; a `HEAD` for the size, which a node may send before fetching a blob
+/// in pieces, is not one).
 async fn fake_peer(data: Bytes, mode: PeerMode) -> (SocketAddr, Arc<AtomicUsize>) {
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     let app = axum::Router::new().fallback(move |req: Request| {
         let (data, h) = (data.clone(), h.clone());
         async move {
-            h.fetch_add(1, Ordering::SeqCst);
+            if req.method() == "GET" {
+                h.fetch_add(1, Ordering::SeqCst);
+            }
             let offset = req
                 .headers()
                 .get("range")

@@ -11,6 +11,7 @@ mod containerd;
 mod import;
 mod peer_security;
 mod peers;
+mod pieces;
 mod proxy;
 mod purge;
 mod referrers;

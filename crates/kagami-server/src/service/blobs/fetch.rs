@@ -236,8 +236,18 @@ pub(super) fn rate_guarded(svc: &Blobs, mut body: BlobBody) -> BlobBody {
     body
 }
 
+/// How a pass of [`run_fetch`] ended.
+enum Pass {
+    /// Stored, or failed for good.
+    Ended,
+    /// The blob came in pieces from several nodes and did not match its digest.
+    PiecesMismatch,
+}
+
 /// The leader: fetches the blob from upstream into the store, resuming from the next
-/// attempt at the same offset when an upstream fails mid-blob.
+/// attempt at the same offset when an upstream fails mid-blob. A blob fetched in pieces
+/// from several nodes that does not match its digest is fetched once more, one source at
+/// a time, where a mismatch names the node that sent it (docs/p2p.md, "Pieces").
 pub(super) async fn run_fetch(
     svc: &Blobs,
     plan: &Plan,
@@ -246,6 +256,25 @@ pub(super) async fn run_fetch(
     expected: Option<u64>,
     fetch: &Fetch,
 ) {
+    if let Pass::PiecesMismatch = fetch_pass(svc, plan, path, digest, expected, fetch, true).await {
+        tracing::warn!(%digest, "the blob fetched in pieces from several nodes did not match its digest; fetching it again one source at a time");
+        // Requests that come meanwhile wait for the new write.
+        fetch.state.send_replace(FetchState::Connecting);
+        fetch_pass(svc, plan, path, digest, expected, fetch, false).await;
+    }
+}
+
+/// One pass of [`run_fetch`]: a write from the first byte; `pieces` when the blob may come
+/// in pieces from several nodes.
+async fn fetch_pass(
+    svc: &Blobs,
+    plan: &Plan,
+    path: &OciPath,
+    digest: &Digest,
+    expected: Option<u64>,
+    fetch: &Fetch,
+    pieces: bool,
+) -> Pass {
     let limits = &svc.limits;
     // Its own write, never another registry's write of the same digest.
     let writer = match svc.store.begin_separate(digest, expected) {
@@ -257,16 +286,16 @@ pub(super) async fn run_fetch(
                 size,
                 source: Source::Local,
             }));
-            return;
+            return Pass::Ended;
         }
         Err(e) => {
             tracing::warn!(%digest, error = %e, "content store refused a new blob; passing through uncached");
             mark_store_full(svc);
             fetch.state.send_replace(FetchState::PassThrough);
-            return;
+            return Pass::Ended;
         }
     };
-    let mut sources = Sources::new(svc, plan, path, digest).await;
+    let mut sources = Sources::new(svc, plan, path, digest, expected, pieces).await;
     sources.state = Some(&fetch.state);
     if sources.providers.is_empty() {
         fetch.state.send_replace(FetchState::ConnectingUpstream);
@@ -276,7 +305,7 @@ pub(super) async fn run_fetch(
         Err(e) => {
             svc.telemetry.upstream_failed(plan, &e.message);
             fetch.state.send_replace(FetchState::Failed(e.message));
-            return;
+            return Pass::Ended;
         }
     };
     // Where the blob must end: the size its manifest gave, else the cap.
@@ -286,10 +315,11 @@ pub(super) async fn run_fetch(
     {
         let why = too_large(svc, digest, &body.body.source, s, expected);
         fetch.state.send_replace(FetchState::Failed(why));
-        return;
+        return Pass::Ended;
     }
     let size = expected.or(body.body.size);
     let mut contributors = vec![body.origin.clone()];
+    let mut pieced = body.pieces;
     let follow = writer.follow();
     let mut sink = StoreSink::new(writer, svc.store.clone());
     fetch.state.send_replace(FetchState::Streaming(Streaming {
@@ -347,6 +377,7 @@ pub(super) async fn run_fetch(
                             body: rate_guarded(svc, b),
                             origin,
                             at: body.at,
+                            pieces: false,
                         })
                     }
                     None => sources.open(offset, body.at).await,
@@ -362,18 +393,18 @@ pub(super) async fn run_fetch(
                     |e| e.to_string(),
                 );
                 store_failed(svc, fetch, digest, writer, e);
-                return;
+                return Pass::Ended;
             }
             Pump::Abandoned => {
                 tracing::info!(%digest, written = follow.written(), size, "no client follows this fetch any more and it is not worth finishing; cancelled");
                 svc.telemetry.metrics.fetches_cancelled.inc();
                 ended(fetch, "cancelled: no client followed it");
-                return; // dropping the writer aborts and deletes the temp file
+                return Pass::Ended; // dropping the writer aborts and deletes the temp file
             }
             Pump::TooLarge(n) => {
                 let why = too_large(svc, digest, &body.body.source, n, expected);
                 ended(fetch, &why);
-                return;
+                return Pass::Ended;
             }
             Pump::Done if size.is_none_or(|s| sink.received == s) => break,
             Pump::Done | Pump::UpstreamFailed => {
@@ -394,12 +425,13 @@ pub(super) async fn run_fetch(
                 let (writer, e) = sink.finish().await;
                 let e = e.map_or_else(|| "the store writer stopped".to_string(), |e| e.to_string());
                 store_failed(svc, fetch, digest, writer, e);
-                return;
+                return Pass::Ended;
             }
         };
         match next {
             Ok(b) => {
                 body = b;
+                pieced |= body.pieces;
                 contributors.push(body.origin.clone());
             }
             Err(e) => {
@@ -407,7 +439,7 @@ pub(super) async fn run_fetch(
                 tracing::warn!(%digest, offset, error = %e.message, "no source can continue the blob");
                 svc.telemetry.upstream_failed(plan, &e.message);
                 ended(fetch, &e.message);
-                return; // dropping the writer aborts: followers get an error
+                return Pass::Ended; // dropping the writer aborts: followers get an error
             }
         }
     }
@@ -416,22 +448,27 @@ pub(super) async fn run_fetch(
         (w, None) => w,
         (w, Some(e)) => {
             store_failed(svc, fetch, digest, w, e);
-            return;
+            return Pass::Ended;
         }
     };
     match writer.commit().await {
         Ok(n) => tracing::debug!(%digest, bytes = n, "blob stored"),
         Err(e) => {
             tracing::warn!(%digest, error = %e, "blob not stored");
-            if matches!(e, kagami_store::StoreError::DigestMismatch { .. })
-                && let Some(peers) = svc.cluster.peers()
-            {
+            let mismatch = matches!(e, kagami_store::StoreError::DigestMismatch { .. });
+            // Pieces from several nodes: which one lied is not known, and nobody is
+            // banned for it; the caller fetches again one source at a time.
+            if mismatch && pieced {
+                return Pass::PiecesMismatch;
+            }
+            if mismatch && let Some(peers) = svc.cluster.peers() {
                 for id in contributors.iter().filter_map(Origin::peer) {
                     peers.ban(id);
                 }
             }
         }
     }
+    Pass::Ended
 }
 
 /// A blob went past where it must end: logged, counted, reported on the status page.

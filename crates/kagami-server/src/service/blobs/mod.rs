@@ -31,6 +31,7 @@ use crate::upstream::{BlobBody, Upstream};
 
 mod budget;
 mod fetch;
+mod pieces;
 mod serve;
 mod sink;
 mod sources;

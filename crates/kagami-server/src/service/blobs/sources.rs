@@ -315,6 +315,9 @@ pub(super) struct Opened {
     pub(super) body: BlobBody,
     pub(super) origin: Origin,
     pub(super) at: Attempt,
+    /// The body comes in pieces from several nodes (`pieces`): a digest mismatch names
+    /// no single node.
+    pub(super) pieces: bool,
 }
 
 /// Where a blob can come from, in the plan's order: providers among the other nodes
@@ -335,6 +338,12 @@ pub(super) struct Sources<'a> {
     /// come to the endpoints (other nodes streaming from this one then wait for it as for a
     /// node connecting upstream, not as for one still looking among the nodes).
     pub(super) state: Option<&'a watch::Sender<FetchState>>,
+    /// `providers` hold the whole blob (providers of its digest, not of the blob in flight).
+    whole: bool,
+    /// The blob's size from its manifest, if known.
+    expected: Option<u64>,
+    /// This pass may fetch the blob in pieces from several providers (see `pieces`).
+    pieces: bool,
 }
 
 impl<'a> Sources<'a> {
@@ -343,6 +352,8 @@ impl<'a> Sources<'a> {
         plan: &'a kagami_config::Plan,
         path: &'a OciPath,
         digest: &'a Digest,
+        expected: Option<u64>,
+        pieces: bool,
     ) -> Sources<'a> {
         let wants_peers = plan
             .attempts
@@ -350,6 +361,7 @@ impl<'a> Sources<'a> {
             .any(|a| matches!(a, kagami_config::Attempt::Peers));
         let mut cluster_leader = false;
         let mut claim = ClaimRole::None;
+        let mut whole = false;
         let providers = match svc.cluster.peers() {
             Some(p) if wants_peers => {
                 let holders = p.providers(&digest.to_string()).await;
@@ -359,6 +371,7 @@ impl<'a> Sources<'a> {
                     claim = f.claim;
                     f.sources
                 } else {
+                    whole = true;
                     holders
                 }
             }
@@ -373,6 +386,9 @@ impl<'a> Sources<'a> {
             cluster_leader,
             claim: Mutex::new(claim),
             state: None,
+            whole,
+            expected,
+            pieces,
         }
     }
 
@@ -382,6 +398,11 @@ impl<'a> Sources<'a> {
         offset: u64,
         from: Attempt,
     ) -> Result<Opened, crate::upstream::UpstreamError> {
+        if from == Attempt::Provider(0)
+            && let Some(opened) = self.open_pieces(offset).await
+        {
+            return Ok(opened);
+        }
         if let Attempt::Provider(i) = from
             && i < self.providers.len()
             && let Some(peers) = self.svc.cluster.peers()
@@ -401,6 +422,7 @@ impl<'a> Sources<'a> {
                 body: rate_guarded(self.svc, b),
                 origin,
                 at,
+                pieces: false,
             });
         }
         if let Attempt::Provider(_) = from
@@ -430,6 +452,64 @@ impl<'a> Sources<'a> {
             at: Attempt::Endpoint(b.attempt),
             origin: Origin::Endpoint(b.source.clone()),
             body: rate_guarded(self.svc, b),
+            pieces: false,
+        })
+    }
+
+    /// The blob in pieces from up to [`pieces::HOLDERS`] providers at once, from `offset`
+    /// on: when at least two providers hold it whole and it is at least
+    /// [`pieces::MIN_BLOB`] (its size from its manifest, else from the first provider's
+    /// `HEAD`). Should every one of them fail, the next attempt is the provider after them.
+    async fn open_pieces(&self, offset: u64) -> Option<Opened> {
+        if !self.pieces || !self.whole || self.providers.len() < 2 {
+            return None;
+        }
+        let peers = self.svc.cluster.peers()?;
+        let used = &self.providers[..self.providers.len().min(pieces::HOLDERS)];
+        let path =
+            crate::peers::Peers::blob_path(&self.path.registry, &self.path.repository, self.digest);
+        let size = match self.expected {
+            Some(s) => s,
+            None => peers.blob_size(&used[0], &path).await?,
+        };
+        if size < pieces::MIN_BLOB || offset >= size {
+            return None;
+        }
+        let holders = used
+            .iter()
+            .map(|p| {
+                let (peers, peer, path) = (peers.clone(), p.clone(), path.clone());
+                let range: pieces::RangeFn = Arc::new(move |from, to| {
+                    let (peers, peer, path) = (peers.clone(), peer.clone(), path.clone());
+                    Box::pin(async move { peers.blob_range(&peer, &path, from, to).await })
+                });
+                pieces::Holder {
+                    id: p.id.clone(),
+                    range,
+                }
+            })
+            .collect();
+        tracing::debug!(digest = %self.digest, size, offset, holders = used.len(), "fetching the blob in pieces from several nodes");
+        let stream = pieces::Pieces::new(
+            holders,
+            offset,
+            size,
+            pieces::Layout::default(),
+            self.svc.store.clone(),
+        );
+        let origin = Origin::Peer(used[0].id.clone());
+        let last = used.len() - 1;
+        let body = BlobBody {
+            stream: stream.boxed(),
+            size: Some(size),
+            source: origin.to_string(),
+            attempt: last,
+        };
+        Some(Opened {
+            body: rate_guarded(self.svc, body),
+            origin,
+            at: Attempt::Provider(last),
+            pieces: true,
         })
     }
 }
@@ -492,6 +572,7 @@ impl Sources<'_> {
                     origin,
                     // Past the providers: a failure asks for the claim again.
                     at: Attempt::Provider(self.providers.len()),
+                    pieces: false,
                 });
             }
         }
