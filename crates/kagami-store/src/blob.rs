@@ -47,106 +47,45 @@ pub struct BlobHandle {
 
 impl BlobHandle {
     /// `len` bytes from `offset`, in chunks of at most `chunk` bytes. Each chunk is read
-    /// (positionally, on a blocking thread) only when the stream is polled: nothing is
-    /// read ahead. Without `reuse`, each read has a buffer of its own and none is kept
-    /// between reads, so a response sent slowly holds only the chunk it is sending. With
-    /// `reuse` (one client, large chunks) the stream keeps the buffers of its last two
-    /// chunks and reads into whichever every reader has dropped: no fresh pages (and page
-    /// faults) per read, for at most one more chunk held. The blob stays pinned while the
+    /// (positionally, on a blocking thread) into a buffer of its own only when the stream is
+    /// polled: nothing is read ahead and no buffer is kept between reads, so a response
+    /// sent slowly holds only the chunk it is sending. The blob stays pinned while the
     /// stream lives. A blob shorter than the range ends with an `UnexpectedEof` error.
     pub fn into_stream(
         self,
         offset: u64,
         len: u64,
         chunk: usize,
-        reuse: bool,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let BlobHandle { file, _pin, .. } = self;
         // No operation is in flight on a handle just opened, so this does not fail.
         let file = file.try_into_std().map(Arc::new);
-        let chunk = chunk.max(1);
+        let chunk = chunk.max(1) as u64;
         let end = offset.saturating_add(len);
-        let state = ReadState {
-            file,
-            pos: offset,
-            _pin,
-            failed: false,
-            buffers: Buffers::new(reuse),
-        };
-        futures_util::stream::unfold(state, move |mut st| async move {
-            if st.pos >= end || st.failed {
-                return None;
-            }
-            let f = match &st.file {
-                Ok(f) => f.clone(),
-                Err(_) => {
-                    st.failed = true;
-                    return Some((Err(io::Error::other("blob file busy")), st));
+        futures_util::stream::unfold(
+            (file, offset, _pin, false),
+            move |(file, pos, pin, failed)| async move {
+                if pos >= end || failed {
+                    return None;
                 }
-            };
-            let n = (end - st.pos).min(chunk as u64) as usize;
-            let mut buf = st.buffers.take(n);
-            let pos = st.pos;
-            let r = tokio::task::spawn_blocking(move || {
-                f.read_exact_at(&mut buf[..], pos).map(|()| buf)
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
-            let r = r.map(|buf| st.buffers.give_back(buf));
-            st.failed = r.is_err();
-            st.pos += n as u64;
-            Some((r, st))
-        })
-    }
-}
-
-/// What [`BlobHandle::into_stream`] keeps between reads.
-struct ReadState {
-    file: Result<Arc<File>, tokio::fs::File>,
-    pos: u64,
-    _pin: Pin,
-    failed: bool,
-    buffers: Buffers,
-}
-
-/// The read buffers of one response ([`BlobHandle::into_stream`]): with `reuse`, the
-/// buffers of the last two chunks, each reused once every `Bytes` cut from it has been
-/// dropped (`BytesMut::try_reclaim`), so a read never overwrites bytes still being sent.
-pub(crate) struct Buffers {
-    reuse: bool,
-    kept: std::collections::VecDeque<bytes::BytesMut>,
-}
-
-impl Buffers {
-    pub(crate) fn new(reuse: bool) -> Buffers {
-        Buffers {
-            reuse,
-            kept: Default::default(),
-        }
-    }
-
-    /// A zeroed buffer of `n` bytes to read into: a kept one that nobody uses any more,
-    /// else a new one.
-    pub(crate) fn take(&mut self, n: usize) -> bytes::BytesMut {
-        let mut buf = match self.kept.iter_mut().position(|b| b.try_reclaim(n)) {
-            Some(i) => self.kept.remove(i).expect("an index found"),
-            None => return bytes::BytesMut::zeroed(n),
-        };
-        buf.clear();
-        buf.resize(n, 0);
-        buf
-    }
-
-    /// The chunk read into `buf`, keeping `buf`'s allocation for a later read.
-    pub(crate) fn give_back(&mut self, mut buf: bytes::BytesMut) -> Bytes {
-        let chunk = buf.split().freeze();
-        if self.reuse {
-            self.kept.push_back(buf);
-            while self.kept.len() > 2 {
-                self.kept.pop_front();
-            }
-        }
-        chunk
+                let f = match &file {
+                    Ok(f) => f.clone(),
+                    Err(_) => {
+                        let e = io::Error::other("blob file busy");
+                        return Some((Err(e), (file, pos, pin, true)));
+                    }
+                };
+                let n = (end - pos).min(chunk) as usize;
+                let r = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0; n];
+                    f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                let failed = r.is_err();
+                Some((r, (file, pos + n as u64, pin, failed)))
+            },
+        )
     }
 }
 
@@ -894,65 +833,5 @@ impl Reader {
         .map_err(io::Error::other)??;
         self.pos += n as u64;
         Ok(Bytes::from(buf))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Buffers;
-
-    fn fill(buf: &mut bytes::BytesMut, seed: u8) {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = seed.wrapping_add(i as u8);
-        }
-    }
-
-    #[test]
-    fn buffers_are_reused_only_once_their_chunks_are_dropped() {
-        let mut bufs = Buffers::new(true);
-        let mut a = bufs.take(4096);
-        assert!(a.iter().all(|&b| b == 0), "a new buffer is zeroed");
-        fill(&mut a, 1);
-        let a_ptr = a.as_ptr();
-        let chunk_a = bufs.give_back(a);
-        // Still held (being sent): the next read gets another buffer.
-        let mut b = bufs.take(4096);
-        assert_ne!(b.as_ptr(), a_ptr);
-        fill(&mut b, 2);
-        let chunk_b = bufs.give_back(b);
-        assert!(
-            chunk_a
-                .iter()
-                .enumerate()
-                .all(|(i, &x)| x == 1u8.wrapping_add(i as u8))
-        );
-        // Chunk a dropped: its buffer is read into again, and comes back zeroed.
-        drop(chunk_a);
-        let c = bufs.take(4096);
-        assert_eq!(c.as_ptr(), a_ptr, "the dropped chunk's buffer is reused");
-        assert!(c.iter().all(|&x| x == 0));
-        let chunk_c = bufs.give_back(c);
-        assert!(
-            chunk_b
-                .iter()
-                .enumerate()
-                .all(|(i, &x)| x == 2u8.wrapping_add(i as u8))
-        );
-        drop(chunk_c);
-        // A shorter last read reuses a buffer too.
-        let d = bufs.take(100);
-        assert_eq!(d.len(), 100);
-        assert_eq!(d.as_ptr(), a_ptr);
-    }
-
-    #[test]
-    fn without_reuse_nothing_is_kept() {
-        let mut bufs = Buffers::new(false);
-        let mut a = bufs.take(4096);
-        fill(&mut a, 1);
-        drop(bufs.give_back(a));
-        assert!(bufs.kept.is_empty());
-        let b = bufs.take(4096);
-        assert!(b.iter().all(|&x| x == 0));
     }
 }

@@ -159,7 +159,7 @@ pub(super) async fn serve_local(
         let chunk = if busy { BUSY_CHUNK } else { CHUNK };
         let sending = Sending;
         let stream = handle
-            .into_stream(start, len.unwrap_or(size - start), chunk, !busy)
+            .into_stream(start, len.unwrap_or(size - start), chunk)
             .map(move |c| {
                 let _sending = &sending;
                 c
