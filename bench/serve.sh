@@ -90,11 +90,18 @@ PPID_PROXY=${PIDS[1]}
 rss_peak() { awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
 if [ "${SCENARIO:-all}" = all ]; then
 # Cold: a fresh blob per run, through each mirror.
-declare -A COLD
+# CPU of each mirror per cold byte: utime+stime of its process (/proc/PID/stat) from before
+# the GET to 1 s after it (kagami's commit, docker-registry's post-transfer work included).
+declare -A COLD CPU
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 for who in proxy kagami; do
+  pid=$KPID; [ "$who" = proxy ] && pid=$PPID_PROXY
   for r in $(seq "$RUNS"); do
     d=$(push_blob "library/cold$r$who")
+    t0=$(cpu_ticks "$pid")
     COLD[$who]+="$(get_mbps "$(blob_url "$who" "library/cold$r$who" "$d")") "
+    sleep 1
+    CPU[$who]+="$(awk -v a="$t0" -v b="$(cpu_ticks "$pid")" -v hz="$(getconf CLK_TCK)" -v n=$((SIZE_MB*1048576)) 'BEGIN{printf "%.2f", (b-a)/hz*1e9/n}') "
   done
 done
 WARM_D=$(push_blob library/warm)
@@ -109,6 +116,7 @@ O=$(m "${WARM[origin]}")
 printf '%-44s %10s %10s %10s\n' "blob GET throughput (MB/s)" origin docker-reg kagami
 printf '%-44s %10s %10s %10s\n' "warm" "$O" "$(m "${WARM[proxy]}")" "$(m "${WARM[kagami]}")"
 printf '%-44s %10s %10s %10s\n' "cold" "-" "$(m "${COLD[proxy]}")" "$(m "${COLD[kagami]}")"
+printf '%-44s %10s %10s %10s\n' "cold: CPU of the mirror per byte (ns)" "-" "$(m "${CPU[proxy]}")" "$(m "${CPU[kagami]}")"
 awk -v o="$O" -v p="$(m "${WARM[proxy]}")" -v k="$(m "${WARM[kagami]}")" -v pc="$(m "${COLD[proxy]}")" -v kc="$(m "${COLD[kagami]}")" \
   'BEGIN{printf "ratios to origin: warm docker-registry %.2f, kagami %.2f; cold docker-registry %.2f, kagami %.2f\n", p/o, k/o, pc/o, kc/o}'
 echo

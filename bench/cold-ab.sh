@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Cold blob GETs through docker-registry's pull-through mode and one or more kagami binaries,
+# alternating (run 1: docker-registry, A, B, ...; run 2: the same; ...), on one origin, with
+# a fresh random blob per GET. For each GET: curl's MB/s, the mirror's CPU per byte
+# (utime+stime of its process from before the GET to 1.5 s after it, so a commit's fsync is
+# counted) and its minor page faults. On a shared machine MB/s moves a lot between runs;
+# CPU per byte much less: compare binaries by the medians of many alternating runs.
+#
+#   bench/cold-ab.sh target/release/kagami /path/to/other/kagami
+#   RUNS=7 SIZE_MB=200 bench/cold-ab.sh A B        # defaults: RUNS=5 SIZE_MB=200
+#   PERF=1 bench/cold-ab.sh A   # also `perf record -g` each kagami GET (perf.kN.data here)
+#   WARM=1 bench/cold-ab.sh A   # also a second (warm) GET of each blob, same figures
+#
+# A binary may be a wrapper script (e.g. one that sets GLIBC_TUNABLES and execs kagami).
+# Needs: docker-registry, curl, python3 (and perf for PERF=1). Everything listens on
+# 127.0.0.1 and is stopped at the end.
+set -euo pipefail
+RUNS=${RUNS:-5}; SIZE_MB=${SIZE_MB:-200}
+WORK=$(mktemp -d /tmp/kagami-cold-ab.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/v2/" && return 0; sleep 0.05; done; echo "port $1 never answered" >&2; exit 1; }
+registry() {
+  local dir=$WORK/$1; mkdir -p "$dir"
+  cat >"$dir/config.yml" <<YAML
+version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+http:
+  addr: 127.0.0.1:$2
+health:
+  storagedriver:
+    enabled: false
+YAML
+  if [ -n "${3:-}" ]; then printf 'proxy:\n  remoteurl: http://127.0.0.1:%s\n' "$3" >>"$dir/config.yml"; fi
+  docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+  PIDS+=($!); wait_port "$2"
+}
+ORIGIN=$(port); PROXY=$(port)
+registry origin "$ORIGIN"; registry proxy "$PROXY" "$ORIGIN"
+declare -A PORTOF PIDOF
+PIDOF[proxy]=${PIDS[1]}; PORTOF[proxy]=$PROXY
+printf 'mirrors:\n  docker.io:\n    endpoint: ["http://127.0.0.1:%s"]\n' "$ORIGIN" >"$WORK/registries.yaml"
+WHO=(proxy)
+i=0
+for bin in "$@"; do
+  i=$((i+1)); p=$(port)
+  "$bin" serve --listen 127.0.0.1:$p --data-dir "$WORK/k$i" --config "$WORK/registries.yaml" --disable-default-registry-endpoint 2>"$WORK/k$i.log" &
+  PIDS+=($!); PIDOF[k$i]=$!; PORTOF[k$i]=$p; WHO+=(k$i); wait_port "$p"
+done
+push_blob() {
+  local f=$WORK/blob.bin
+  head -c $((SIZE_MB*1024*1024)) /dev/urandom >"$f"
+  local d="sha256:$(sha256sum "$f" | cut -d' ' -f1)"
+  local loc; loc=$(curl -sSi -X POST "http://127.0.0.1:$ORIGIN/v2/$1/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+  case $loc in http*) ;; *) loc="http://127.0.0.1:$ORIGIN$loc";; esac
+  case $loc in *\?*) loc="$loc&";; *) loc="$loc?";; esac
+  curl -sSf -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$f" "${loc}digest=$d" >/dev/null
+  rm -f "$f"; echo "$d"
+}
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+flt() { awk '{print $10}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+RESULTS=
+for r in $(seq "$RUNS"); do
+  for who in "${WHO[@]}"; do
+    repo=library/c$r$who; d=$(push_blob "$repo"); sync; sleep 0.5
+    url="http://127.0.0.1:${PORTOF[$who]}/v2/$repo/blobs/$d"; [ "$who" != proxy ] && url="$url?ns=docker.io"
+    t0=$(ticks "${PIDOF[$who]}"); f0=$(flt "${PIDOF[$who]}")
+    if [ -n "${PERF:-}" ] && [ "$who" != proxy ]; then perf record ${PERF_EV:--F 2000} -g -o "$PWD/perf.$who.data" -p "${PIDOF[$who]}" 2>/dev/null & PERFPID=$!; sleep 0.3; fi
+    mbps=$(curl -sSf -o /dev/null -w '%{speed_download}' "$url" | awk '{printf "%.0f", $1/1e6}')
+    sleep 1.5 # the commit (fsync) is counted too
+    t1=$(ticks "${PIDOF[$who]}"); f1=$(flt "${PIDOF[$who]}")
+    if [ -n "${PERF:-}" ] && [ "$who" != proxy ]; then kill -INT $PERFPID; wait $PERFPID || true; fi
+    ns=$(awk -v a="$t0" -v b="$t1" -v hz="$HZ" -v s=$((SIZE_MB*1048576)) 'BEGIN{printf "%.2f", (b-a)/hz*1e9/s}')
+    line="run $r $who MBps $mbps nsB $ns faults $((f1-f0))"; echo "$line"; RESULTS+="$line"$'\n'
+    if [ -n "${WARM:-}" ]; then
+      t0=$(ticks "${PIDOF[$who]}"); f0=$(flt "${PIDOF[$who]}")
+      mbps=$(curl -sSf -o /dev/null -w '%{speed_download}' "$url" | awk '{printf "%.0f", $1/1e6}')
+      sleep 0.3
+      t1=$(ticks "${PIDOF[$who]}"); f1=$(flt "${PIDOF[$who]}")
+      ns=$(awk -v a="$t0" -v b="$t1" -v hz="$HZ" -v s=$((SIZE_MB*1048576)) 'BEGIN{printf "%.2f", (b-a)/hz*1e9/s}')
+      echo "warm $r $who MBps $mbps nsB $ns faults $((f1-f0))"
+    fi
+  done
+done
+med() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+echo "medians (proxy = docker-registry, kN = the Nth binary given):"
+for who in "${WHO[@]}"; do
+  col() { echo "$RESULTS" | awk -v w="$who" -v c="$1" '$1=="run" && $3==w {print $c}' | med; }
+  printf '%-6s %6s MB/s %6s ns CPU/byte %8s faults\n' "$who" "$(col 5)" "$(col 7)" "$(col 9)"
+done
