@@ -12,6 +12,13 @@ pub(super) const WRITE_BATCH: usize = 256 * 1024;
 /// Chunks queued between reception and the store writer.
 pub(super) const QUEUE: usize = 16;
 
+/// Room a fetch takes in the memory budget before it reads from its source: the largest
+/// chunk one read of the upstream connection returns (hyper's default read buffer limit,
+/// 8 KiB + 400 KiB, which reqwest does not let us lower). The chunk received is then
+/// counted from the moment it exists, and a fetch that waits for room waits before
+/// reading, holding no chunk the budget does not count.
+pub(super) const READ_AHEAD: u64 = 8192 + 4096 * 100;
+
 pub(super) enum Pump {
     /// Another node with a lower id is fetching the same blob from upstream.
     Yield(kagami_p2p::Peer),
@@ -77,6 +84,27 @@ impl StoreSink {
         Some(self.store.reserve_memory(n).await)
     }
 
+    /// Tops `credit` up to `n` bytes: at once when the budget has room, else after giving
+    /// back what it holds, so that no fetch waits while holding room (fetches waiting with
+    /// part of their room could hold the whole budget between them).
+    async fn top_up(&mut self, credit: &mut MemoryPermit, n: u64, batch: &mut Batch) -> bool {
+        if credit.bytes() >= n {
+            return true;
+        }
+        if let Some(p) = self.store.try_reserve_memory(n - credit.bytes()) {
+            credit.merge(p);
+            return true;
+        }
+        *credit = MemoryPermit::empty();
+        match self.reserve(n, batch).await {
+            Some(p) => {
+                *credit = p;
+                true
+            }
+            None => false,
+        }
+    }
+
     async fn send_batch(&mut self, batch: &mut Batch) -> bool {
         let full = batch.bytes.split().freeze();
         let permit = std::mem::replace(&mut batch.permit, MemoryPermit::empty());
@@ -121,7 +149,12 @@ pub(super) async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) ->
         bytes: bytes::BytesMut::new(),
         permit: MemoryPermit::empty(),
     };
+    // Room taken ahead of the next read (see READ_AHEAD).
+    let mut credit = MemoryPermit::empty();
     loop {
+        if !sink.top_up(&mut credit, READ_AHEAD, &mut batch).await {
+            return Pump::StoreFailed;
+        }
         let next = body.stream.next().await;
         let permit = match &next {
             Some(Ok(c)) => {
@@ -129,10 +162,11 @@ pub(super) async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) ->
                 if total > cap {
                     return Pump::TooLarge(total);
                 }
-                match sink.reserve(c.len() as u64, &mut batch).await {
-                    Some(p) => p,
-                    None => return Pump::StoreFailed,
+                let n = c.len() as u64;
+                if !sink.top_up(&mut credit, n, &mut batch).await {
+                    return Pump::StoreFailed;
                 }
+                credit.split(n)
             }
             _ => MemoryPermit::empty(),
         };
