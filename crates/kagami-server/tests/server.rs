@@ -703,14 +703,18 @@ async fn a_fetch_holds_the_room_of_its_next_read_before_reading() {
     );
     let client = tokio::spawn(async move { request(addr, "GET", &url, &[]).await });
     let ahead = kagami_server::FETCH_READ_AHEAD as f64;
-    eventually(WAIT, "the fetch to hold the room of its next read", async || {
-        let held = s.metric("kagami_fetch_memory_bytes").await;
-        if held >= ahead && held <= budget as f64 {
-            Ok(())
-        } else {
-            Err(format!("{held} bytes held (read ahead {ahead})"))
-        }
-    })
+    eventually(
+        WAIT,
+        "the fetch to hold the room of its next read",
+        async || {
+            let held = s.metric("kagami_fetch_memory_bytes").await;
+            if held >= ahead && held <= budget as f64 {
+                Ok(())
+            } else {
+                Err(format!("{held} bytes held (read ahead {ahead})"))
+            }
+        },
+    )
     .await;
     let (status, ..) = client.await.unwrap();
     assert_eq!(status, 200, "the answer started before the source was cut");

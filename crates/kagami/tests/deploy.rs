@@ -260,7 +260,11 @@ fn daemonset_runs_serve_on_the_host_network_with_real_flags() {
         }
         assert!(known.contains(name), "daemonset.yaml sets unknown {name}");
     }
-    assert_eq!(arenas.as_deref(), Some("2"), "MALLOC_ARENA_MAX in daemonset.yaml");
+    assert_eq!(
+        arenas.as_deref(),
+        Some("2"),
+        "MALLOC_ARENA_MAX in daemonset.yaml"
+    );
 }
 
 #[test]
