@@ -688,7 +688,8 @@ async fn a_fetch_holds_the_room_of_its_next_read_before_reading() {
         },
     )])
     .blob(&blob);
-    let budget = 4 * 1024 * 1024;
+    // At least 8 read-aheads: the whole room of one is taken.
+    let budget = 8 * kagami_server::FETCH_READ_AHEAD;
     // 20 bytes/s: cut after 3 s for being too slow (the only source), which ends the fetch.
     let limits = kagami_server::FetchLimits {
         fetch_memory: budget,

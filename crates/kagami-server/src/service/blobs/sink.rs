@@ -16,8 +16,18 @@ pub(super) const QUEUE: usize = 16;
 /// chunk one read of the upstream connection returns (hyper's default read buffer limit,
 /// 8 KiB + 400 KiB, which reqwest does not let us lower). The chunk received is then
 /// counted from the moment it exists, and a fetch that waits for room waits before
-/// reading, holding no chunk the budget does not count.
+/// reading, holding no chunk the budget does not count. With a budget under 8 times this,
+/// an eighth of the budget (see [`read_ahead`]).
 pub(super) const READ_AHEAD: u64 = 8192 + 4096 * 100;
+
+/// The room taken before each read: [`READ_AHEAD`], or an eighth of a smaller budget, so
+/// that a small `--fetch-memory` still lets 8 fetches read at once (a larger chunk then
+/// takes the rest of its room when it arrives).
+fn read_ahead(store: &Store) -> u64 {
+    store
+        .memory_limit()
+        .map_or(READ_AHEAD, |l| (l / 8).clamp(1, READ_AHEAD))
+}
 
 pub(super) enum Pump {
     /// Another node with a lower id is fetching the same blob from upstream.
@@ -150,9 +160,10 @@ pub(super) async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) ->
         permit: MemoryPermit::empty(),
     };
     // Room taken ahead of the next read (see READ_AHEAD).
+    let ahead = read_ahead(&sink.store);
     let mut credit = MemoryPermit::empty();
     loop {
-        if !sink.top_up(&mut credit, READ_AHEAD, &mut batch).await {
+        if !sink.top_up(&mut credit, ahead, &mut batch).await {
             return Pump::StoreFailed;
         }
         let next = body.stream.next().await;
