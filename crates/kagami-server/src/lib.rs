@@ -67,7 +67,7 @@ pub use http::router;
 pub use http::{listener, peer_api, request_id};
 pub use peer_api::{NodeInfo, peer_router};
 pub use peers::Peers;
-pub use service::blobs::{FETCH_MEMORY_MAX, FetchLimits};
+pub use service::blobs::{FETCH_MEMORY_MAX, FETCH_READ_AHEAD, FetchLimits};
 pub use upstream::{
     BlobBody, BlobHead, FetchedManifest, FetchedReferrers, ManifestHead, Upstream, UpstreamError,
 };

@@ -673,6 +673,62 @@ mod bounds {
 
 use bounds::{Mode, Scripted};
 
+/// A fetch takes the room of its next read before reading: while its source is silent,
+/// the budget already counts the chunk the upstream connection may hand it (up to
+/// FETCH_READ_AHEAD), so the chunk a fetch holds while waiting for room is never outside
+/// the budget. The room is given back when the fetch ends.
+#[tokio::test]
+async fn a_fetch_holds_the_room_of_its_next_read_before_reading() {
+    let blob = random(4 * 1024, 7);
+    let fake = Scripted::new(&[(
+        "trickle.example.test",
+        Mode::Trickle {
+            every: Duration::from_millis(50),
+            wrong: false,
+        },
+    )])
+    .blob(&blob);
+    // At least 8 read-aheads: the whole room of one is taken.
+    let budget = 8 * kagami_server::FETCH_READ_AHEAD;
+    // 20 bytes/s: cut after 3 s for being too slow (the only source), which ends the fetch.
+    let limits = kagami_server::FetchLimits {
+        fetch_memory: budget,
+        min_rate: 1000,
+        rate_window: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let s = bounds::start(fake, limits, Duration::from_secs(300), None).await;
+    let (addr, url) = (
+        s.addr,
+        bounds::blob_url("trickle.example.test", &digest_of(&blob)),
+    );
+    let client = tokio::spawn(async move { request(addr, "GET", &url, &[]).await });
+    let ahead = kagami_server::FETCH_READ_AHEAD as f64;
+    eventually(
+        WAIT,
+        "the fetch to hold the room of its next read",
+        async || {
+            let held = s.metric("kagami_fetch_memory_bytes").await;
+            if held >= ahead && held <= budget as f64 {
+                Ok(())
+            } else {
+                Err(format!("{held} bytes held (read ahead {ahead})"))
+            }
+        },
+    )
+    .await;
+    let (status, ..) = client.await.unwrap();
+    assert_eq!(status, 200, "the answer started before the source was cut");
+    // The source is cut for being too slow: the fetch ends and gives its room back.
+    eventually(WAIT, "the room to be given back", async || {
+        match s.metric("kagami_fetch_memory_bytes").await {
+            0.0 => Ok(()),
+            n => Err(format!("{n} bytes still held")),
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn forty_trickling_blobs_stay_within_the_fetch_budget_and_release_their_sockets() {
     let blobs: Vec<Vec<u8>> = (0..40).map(|i| random(64 * 1024, 100 + i)).collect();

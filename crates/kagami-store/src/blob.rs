@@ -76,8 +76,11 @@ impl BlobHandle {
                     }
                 };
                 let n = (end - pos).min(chunk) as usize;
+                // Allocated here, on a runtime thread, not on the blocking thread: see
+                // `read_buffer`.
+                let mut buf = read_buffer(n);
                 let r = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0; n];
+                    buf.resize(n, 0);
                     f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
                 })
                 .await
@@ -87,6 +90,14 @@ impl BlobHandle {
             },
         )
     }
+}
+
+/// The buffer of one read of a stored or in-flight blob, taken on the runtime thread that
+/// asks (and filled on a blocking thread): glibc gives each thread that allocates an arena
+/// of its own and keeps what is freed in it, so buffers allocated on tokio's many blocking
+/// threads would spread over up to 8 arenas per core, each keeping its own free memory.
+fn read_buffer(n: usize) -> Vec<u8> {
+    Vec::with_capacity(n)
 }
 
 /// Keeps a complete blob from being evicted; released on drop.
@@ -825,8 +836,9 @@ impl Reader {
         };
         self.file = Some(file.clone());
         let pos = self.pos;
+        let mut buf = read_buffer(n);
         let buf = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0; n];
+            buf.resize(n, 0);
             file.read_exact_at(&mut buf, pos).map(|()| buf)
         })
         .await

@@ -48,7 +48,7 @@ impl MemoryPermit {
     }
 
     /// Moves up to `n` bytes of this permit into a new one.
-    pub(crate) fn split(&mut self, n: u64) -> MemoryPermit {
+    pub fn split(&mut self, n: u64) -> MemoryPermit {
         let n = n.min(self.bytes);
         self.bytes -= n;
         MemoryPermit {

@@ -248,12 +248,23 @@ fn daemonset_runs_serve_on_the_host_network_with_real_flags() {
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(sc["capabilities"]["drop"][0], "ALL");
-    // No environment variable the binary does not know (P2P ones stay commented out).
+    // No environment variable the binary does not know (P2P ones stay commented out),
+    // besides glibc's MALLOC_ARENA_MAX, which must be 2 (docs/operations.md, "Memory").
     let known = env_vars("serve");
+    let mut arenas = None;
     for e in c["env"].as_array().into_iter().flatten() {
         let name = e["name"].as_str().unwrap();
+        if name == "MALLOC_ARENA_MAX" {
+            arenas = e["value"].as_str().map(str::to_string);
+            continue;
+        }
         assert!(known.contains(name), "daemonset.yaml sets unknown {name}");
     }
+    assert_eq!(
+        arenas.as_deref(),
+        Some("2"),
+        "MALLOC_ARENA_MAX in daemonset.yaml"
+    );
 }
 
 #[test]
@@ -396,10 +407,12 @@ fn commented_p2p_settings_are_real() {
     let ds = read("deploy/kubernetes/daemonset.yaml");
     let block: String = ds
         .lines()
-        .skip_while(|l| l.trim() != "# env:")
+        .skip_while(|l| l.trim() != "# env (continued):")
+        .skip(1)
         .take_while(|l| l.trim_start().starts_with('#'))
         .map(|l| format!("{}\n", l.trim_start().trim_start_matches("# ")))
         .collect();
+    let block = format!("env:\n{block}");
     let env: Value = serde_saphyr::from_str(&block).unwrap_or_else(|e| panic!("{block}: {e}"));
     let names: Vec<&str> = env["env"]
         .as_array()
@@ -622,6 +635,7 @@ fn systemd_unit_and_env_file_use_real_flags() {
     assert_eq!(words[1], "serve");
     assert_serve_flags("kagami.service", &words[2..]);
     assert_eq!(key("EnvironmentFile"), ["-/etc/default/kagami"]);
+    assert_eq!(key("Environment"), ["MALLOC_ARENA_MAX=2"]);
     assert!(key("ExecReload")[0].contains("-HUP $MAINPID"));
     assert_eq!(key("Restart"), ["on-failure"]);
     assert_eq!(key("ProtectSystem"), ["strict"]);

@@ -126,12 +126,12 @@ pub struct Args {
         long,
         env = "KAGAMI_MAX_FETCHES",
         value_name = "N",
-        default_value_t = 32
+        default_value_t = 16
     )]
     max_fetches: usize,
     /// Memory the blob fetches in flight may hold together, taken per chunk received (a
     /// fetch short of it waits, and its clients read from disk), e.g. 16MiB.
-    #[arg(long, env = "KAGAMI_FETCH_MEMORY", value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    #[arg(long, env = "KAGAMI_FETCH_MEMORY", value_name = "SIZE", default_value = "12MiB", value_parser = parse_size)]
     fetch_memory: u64,
     /// The largest blob fetched when no manifest served by this node gives its size
     /// (a manifest's descriptor size always applies when known), e.g. 16GiB.

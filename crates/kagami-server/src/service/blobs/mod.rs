@@ -125,10 +125,18 @@ impl Blobs {
 }
 
 /// The most memory one fetch holds when the memory budget has room: the store's window
-/// (the last 4 MiB on disk plus the batch being written) and the queue to the writer. All
-/// of it is taken from the memory budget (`FetchLimits::fetch_memory`).
-pub const FETCH_MEMORY_MAX: u64 =
-    kagami_store::WINDOW as u64 + ((QUEUE + 1) * WRITE_BATCH) as u64 + WRITE_BATCH as u64;
+/// (the last 4 MiB on disk plus the batch being written), the queue to the writer and the
+/// room of the next read. All of it is taken from the memory budget
+/// (`FetchLimits::fetch_memory`).
+pub const FETCH_MEMORY_MAX: u64 = kagami_store::WINDOW as u64
+    + ((QUEUE + 1) * WRITE_BATCH) as u64
+    + WRITE_BATCH as u64
+    + READ_AHEAD;
+
+/// Room in the memory budget a fetch takes before each read from its source (the largest
+/// chunk one read of an upstream connection returns): a fetch reading holds at least this
+/// much of the budget.
+pub const FETCH_READ_AHEAD: u64 = READ_AHEAD;
 
 /// Bounds on blob fetches (flags of `kagami serve`; see docs/security.md, "Resource
 /// bounds").
@@ -159,8 +167,8 @@ pub struct FetchLimits {
 impl Default for FetchLimits {
     fn default() -> Self {
         FetchLimits {
-            max_fetches: 32,
-            fetch_memory: 16 * 1024 * 1024,
+            max_fetches: 16,
+            fetch_memory: 12 * 1024 * 1024,
             queue_wait: Duration::from_secs(5),
             max_blob_size: 16 * 1024 * 1024 * 1024,
             min_rate: 16 * 1024,

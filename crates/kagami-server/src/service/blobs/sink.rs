@@ -18,6 +18,23 @@ pub(super) const QUEUE: usize = 16;
 /// full batch would take 26 ms to gather at each hop of a chain of nodes.
 pub(super) const BATCH_DELAY: Duration = Duration::from_millis(5);
 
+/// Room a fetch takes in the memory budget before it reads from its source: the largest
+/// chunk one read of the upstream connection returns (hyper's default read buffer limit,
+/// 8 KiB + 400 KiB, which reqwest does not let us lower). The chunk received is then
+/// counted from the moment it exists, and a fetch that waits for room waits before
+/// reading, holding no chunk the budget does not count. With a budget under 8 times this,
+/// an eighth of the budget (see [`read_ahead`]).
+pub(super) const READ_AHEAD: u64 = 8192 + 4096 * 100;
+
+/// The room taken before each read: [`READ_AHEAD`], or an eighth of a smaller budget, so
+/// that a small `--fetch-memory` still lets 8 fetches read at once (a larger chunk then
+/// takes the rest of its room when it arrives).
+fn read_ahead(store: &Store) -> u64 {
+    store
+        .memory_limit()
+        .map_or(READ_AHEAD, |l| (l / 8).clamp(1, READ_AHEAD))
+}
+
 pub(super) enum Pump {
     /// Another node with a lower id is fetching the same blob from upstream.
     Yield(kagami_p2p::Peer),
@@ -83,6 +100,27 @@ impl StoreSink {
         Some(self.store.reserve_memory(n).await)
     }
 
+    /// Tops `credit` up to `n` bytes: at once when the budget has room, else after giving
+    /// back what it holds, so that no fetch waits while holding room (fetches waiting with
+    /// part of their room could hold the whole budget between them).
+    async fn top_up(&mut self, credit: &mut MemoryPermit, n: u64, batch: &mut Batch) -> bool {
+        if credit.bytes() >= n {
+            return true;
+        }
+        if let Some(p) = self.store.try_reserve_memory(n - credit.bytes()) {
+            credit.merge(p);
+            return true;
+        }
+        *credit = MemoryPermit::empty();
+        match self.reserve(n, batch).await {
+            Some(p) => {
+                *credit = p;
+                true
+            }
+            None => false,
+        }
+    }
+
     async fn send_batch(&mut self, batch: &mut Batch) -> bool {
         let full = batch.bytes.split().freeze();
         let permit = std::mem::replace(&mut batch.permit, MemoryPermit::empty());
@@ -127,8 +165,14 @@ pub(super) async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) ->
         bytes: bytes::BytesMut::new(),
         permit: MemoryPermit::empty(),
     };
+    // Room taken ahead of the next read (see READ_AHEAD).
+    let ahead = read_ahead(&sink.store);
+    let mut credit = MemoryPermit::empty();
     let mut started = tokio::time::Instant::now();
     loop {
+        if !sink.top_up(&mut credit, ahead, &mut batch).await {
+            return Pump::StoreFailed;
+        }
         let next = if batch.bytes.is_empty() {
             let next = body.stream.next().await;
             started = tokio::time::Instant::now();
@@ -152,10 +196,11 @@ pub(super) async fn pump(sink: &mut StoreSink, body: &mut BlobBody, cap: u64) ->
                 if total > cap {
                     return Pump::TooLarge(total);
                 }
-                match sink.reserve(c.len() as u64, &mut batch).await {
-                    Some(p) => p,
-                    None => return Pump::StoreFailed,
+                let n = c.len() as u64;
+                if !sink.top_up(&mut credit, n, &mut batch).await {
+                    return Pump::StoreFailed;
                 }
+                credit.split(n)
             }
             _ => MemoryPermit::empty(),
         };
