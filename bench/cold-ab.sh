@@ -20,31 +20,10 @@ WORK=$(mktemp -d /tmp/kagami-cold-ab.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/v2/" && return 0; sleep 0.05; done; echo "port $1 never answered" >&2; exit 1; }
-registry() {
-  local dir=$WORK/$1; mkdir -p "$dir"
-  cat >"$dir/config.yml" <<YAML
-version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $dir/data
-http:
-  addr: 127.0.0.1:$2
-health:
-  storagedriver:
-    enabled: false
-YAML
-  if [ -n "${3:-}" ]; then printf 'proxy:\n  remoteurl: http://127.0.0.1:%s\n' "$3" >>"$dir/config.yml"; fi
-  docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
-  PIDS+=($!); wait_port "$2"
-}
+. "$(dirname "$0")/lib.sh"
+wait_port() { wait_http "127.0.0.1:$1"; }
 ORIGIN=$(port); PROXY=$(port)
-registry origin "$ORIGIN"; registry proxy "$PROXY" "$ORIGIN"
+start_registry "$WORK/origin" "$ORIGIN" true; start_registry "$WORK/proxy" "$PROXY" true "$ORIGIN"
 declare -A PORTOF PIDOF
 PIDOF[proxy]=${PIDS[1]}; PORTOF[proxy]=$PROXY
 printf 'mirrors:\n  docker.io:\n    endpoint: ["http://127.0.0.1:%s"]\n' "$ORIGIN" >"$WORK/registries.yaml"

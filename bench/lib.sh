@@ -9,10 +9,11 @@ ratio() { echo "scale=2; $1 / $2" | bc; }
 # wait_http HOST:PORT: until /v2/ answers (20 s at most).
 wait_http() { for _ in $(seq 400); do curl -s -o /dev/null "http://$1/v2/" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; exit 1; }
 
-# start_registry DIR PORT ACCESSLOG(true|false): a docker-registry on 127.0.0.1:PORT with
-# its data under DIR; appends its pid to PIDS and waits until it answers.
+# start_registry DIR PORT ACCESSLOG(true|false) [REMOTE_PORT]: a docker-registry on
+# 127.0.0.1:PORT with its data under DIR (in pull-through mode for the registry on
+# 127.0.0.1:REMOTE_PORT when given); appends its pid to PIDS and waits until it answers.
 start_registry() {
-  local dir=$1 port=$2 log=${3:-false}
+  local dir=$1 port=$2 log=${3:-false} remote=${4:-}
   local disabled=true
   [ "$log" = true ] && disabled=false
   mkdir -p "$dir"
@@ -31,6 +32,7 @@ health:
   storagedriver:
     enabled: false
 YAML
+  if [ -n "$remote" ]; then printf 'proxy:\n  remoteurl: http://127.0.0.1:%s\n' "$remote" >>"$dir/config.yml"; fi
   docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && return 0; sleep 0.05; done
