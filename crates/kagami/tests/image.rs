@@ -439,14 +439,14 @@ fn image_runs_as_the_daemonset_and_serves_containerd() {
 }
 
 /// The P2P environment the DaemonSet's comment tells operators to uncomment, as
-/// (name, value): the `env:` block after "Sharing between nodes (P2P)", up to the
+/// (name, value): the commented `env` entries after "Sharing between nodes (P2P)", up to the
 /// containerd part. Read from the YAML so the test and the file cannot drift.
 fn commented_p2p_env() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(repo().join("deploy/kubernetes/daemonset.yaml")).unwrap();
     let mut lines = text
         .lines()
         .map(str::trim)
-        .skip_while(|l| *l != "# env:")
+        .skip_while(|l| *l != "# env (continued):")
         .skip(1)
         .take_while(|l| l.starts_with('#') && !l.contains("Also share"));
     let mut env = Vec::new();
