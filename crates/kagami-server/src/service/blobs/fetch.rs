@@ -295,11 +295,7 @@ async fn fetch_pass(
             return Pass::Ended;
         }
     };
-    let mut sources = Sources::new(svc, plan, path, digest, expected, pieces).await;
-    sources.state = Some(&fetch.state);
-    if sources.providers.is_empty() {
-        fetch.state.send_replace(FetchState::ConnectingUpstream);
-    }
+    let sources = Sources::new(svc, plan, path, digest, expected, pieces, &fetch.state).await;
     let mut body = match sources.open(0, Attempt::Provider(0)).await {
         Ok(b) => b,
         Err(e) => {

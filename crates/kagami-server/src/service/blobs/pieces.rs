@@ -431,11 +431,12 @@ async fn fetch_piece(
                 holder.id
             ));
         }
-        slot.received += c.len() as u64;
-        slot.chunks.push_back(c.clone());
-        st.buffered += c.len() as u64;
+        let len = c.len() as u64;
+        slot.received += len;
+        slot.chunks.push_back(c);
+        st.buffered += len;
         st.peak = st.peak.max(st.buffered);
-        st.by_holder[n] += c.len() as u64;
+        st.by_holder[n] += len;
         st.wake();
     }
     let mut st = shared.lock();

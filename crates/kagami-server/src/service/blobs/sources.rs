@@ -335,9 +335,10 @@ pub(super) struct Sources<'a> {
     /// This node's part in the blob's claim.
     claim: Mutex<ClaimRole>,
     /// The fetch's state, moved from `Connecting` to `ConnectingUpstream` when the sources
-    /// come to the endpoints (other nodes streaming from this one then wait for it as for a
-    /// node connecting upstream, not as for one still looking among the nodes).
-    pub(super) state: Option<&'a watch::Sender<FetchState>>,
+    /// come to the endpoints — at once when no node has the blob, or later when the nodes
+    /// streamed from all failed (other nodes streaming from this one then wait for it as
+    /// for a node connecting upstream, not as for one still looking among the nodes).
+    state: &'a watch::Sender<FetchState>,
     /// `providers` hold the whole blob (providers of its digest, not of the blob in flight).
     whole: bool,
     /// The blob's size from its manifest, if known.
@@ -354,6 +355,7 @@ impl<'a> Sources<'a> {
         digest: &'a Digest,
         expected: Option<u64>,
         pieces: bool,
+        state: &'a watch::Sender<FetchState>,
     ) -> Sources<'a> {
         let wants_peers = plan
             .attempts
@@ -385,7 +387,7 @@ impl<'a> Sources<'a> {
             providers,
             cluster_leader,
             claim: Mutex::new(claim),
-            state: None,
+            state,
             whole,
             expected,
             pieces,
@@ -434,15 +436,13 @@ impl<'a> Sources<'a> {
             Attempt::Endpoint(i) => i,
             Attempt::Provider(_) => 0,
         };
-        if let Some(state) = self.state {
-            state.send_if_modified(|s| {
-                let connecting = matches!(s, FetchState::Connecting);
-                if connecting {
-                    *s = FetchState::ConnectingUpstream;
-                }
-                connecting
-            });
-        }
+        self.state.send_if_modified(|s| {
+            let connecting = matches!(s, FetchState::Connecting);
+            if connecting {
+                *s = FetchState::ConnectingUpstream;
+            }
+            connecting
+        });
         let b = self
             .svc
             .upstream
