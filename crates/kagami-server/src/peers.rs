@@ -29,6 +29,10 @@ const HEDGE_AFTER: Duration = Duration::from_millis(250);
 /// The header carrying the peer token.
 pub const PEER_TOKEN_HEADER: &str = "x-kagami-peer-token";
 
+/// How long a node's peer API waits for a tag it is resolving before it answers `503` with
+/// `Retry-After` (ask again): below the peer client's read timeout (5 s).
+pub const TAG_WAIT: Duration = Duration::from_secs(3);
+
 /// The token every member sends to other members: derived from the pre-shared key, so a
 /// machine without the key can neither join the DHT nor download from a node.
 pub fn peer_token(psk: &[u8; 32]) -> String {
@@ -40,8 +44,8 @@ pub fn peer_token(psk: &[u8; 32]) -> String {
 
 mod claims;
 mod key;
-pub(crate) use claims::{CLAIM_RENEW, Claimed, Full, MAX_ASKERS};
 pub use claims::{ClaimAnswer, ClaimPeer, ClaimRequest, Release, coordinator_order};
+pub(crate) use claims::{ClaimGuard, Claimed, Full, MAX_ASKERS};
 pub use key::{BadKey, ContentKey};
 
 /// (registry, repository, tag).
@@ -454,56 +458,76 @@ impl Peers {
             Some(d) => d.to_string(),
             None => ContentKey::tag(registry, repository, reference).to_string(),
         };
-        let peers = self.providers(&key).await;
+        for peer in self.providers(&key).await {
+            if let Ok(found) = self
+                .manifest_from(&peer, registry, repository, reference)
+                .await
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    /// A manifest (by digest, verified here, or by tag) from one peer. `Err(true)` when
+    /// the peer answered that it is resolving the tag right now (ask again), `Err(false)`
+    /// when it does not have it or did not answer.
+    pub(crate) async fn manifest_from(
+        &self,
+        peer: &Peer,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+    ) -> Result<(FetchedManifest, Origin), bool> {
+        let by_digest: Option<Digest> = reference.parse().ok();
         let path = format!(
             "/v2/{repository}/manifests/{reference}?ns={}",
             crate::path::encode(registry)
         );
-        for peer in peers {
-            let Ok(resp) = self
-                .request(&peer, reqwest::Method::GET, &path)
-                .header(reqwest::header::ACCEPT, "*/*")
-                .send()
-                .await
-            else {
-                continue;
-            };
-            if !resp.status().is_success() {
-                continue;
-            }
-            let media_type = resp
-                .headers()
-                .get(reqwest::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or(kagami_config::oci::OCI_MANIFEST)
-                .to_string();
-            let Some(bytes) = read_bounded(resp, kagami_config::oci::MAX_MANIFEST_SIZE).await
-            else {
-                tracing::debug!(peer = %peer.id, reference, "peer manifest unreadable or over 4 MiB");
-                continue;
-            };
-            // By digest, with that digest's algorithm; by tag, the canonical sha256.
-            let algorithm = by_digest
-                .as_ref()
-                .map_or(Algorithm::Sha256, Digest::algorithm);
-            let actual = Hasher::digest(algorithm, &bytes);
-            if let Some(d) = &by_digest
-                && &actual != d
-            {
-                self.ban(&peer.id);
-                continue;
-            }
-            self.add_received(&peer.id, bytes.len() as u64);
-            let origin = Origin::Peer(peer.id);
-            let manifest = FetchedManifest {
-                bytes: Bytes::from(bytes.to_vec()),
-                media_type,
-                digest: actual,
-                source: origin.to_string(),
-            };
-            return Some((manifest, origin));
+        let resp = self
+            .request(peer, reqwest::Method::GET, &path)
+            .header(reqwest::header::ACCEPT, "*/*")
+            .send()
+            .await
+            .map_err(|_| false)?;
+        if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            && resp.headers().contains_key(reqwest::header::RETRY_AFTER)
+        {
+            return Err(true);
         }
-        None
+        if !resp.status().is_success() {
+            return Err(false);
+        }
+        let media_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(kagami_config::oci::OCI_MANIFEST)
+            .to_string();
+        let Some(bytes) = read_bounded(resp, kagami_config::oci::MAX_MANIFEST_SIZE).await else {
+            tracing::debug!(peer = %peer.id, reference, "peer manifest unreadable or over 4 MiB");
+            return Err(false);
+        };
+        // By digest, with that digest's algorithm; by tag, the canonical sha256.
+        let algorithm = by_digest
+            .as_ref()
+            .map_or(Algorithm::Sha256, Digest::algorithm);
+        let actual = Hasher::digest(algorithm, &bytes);
+        if let Some(d) = &by_digest
+            && &actual != d
+        {
+            self.ban(&peer.id);
+            return Err(false);
+        }
+        self.add_received(&peer.id, bytes.len() as u64);
+        let origin = Origin::Peer(peer.id.clone());
+        let manifest = FetchedManifest {
+            bytes: Bytes::from(bytes),
+            media_type,
+            digest: actual,
+            source: origin.to_string(),
+        };
+        Ok((manifest, origin))
     }
 
     /// Remembers that `tag` resolved to `entry` through a peer (see [`LearntTags`]).

@@ -159,7 +159,7 @@ fn upstream_calls(fake: &Fake) -> Vec<(usize, u64)> {
 /// The coordinator order of `d` over the nodes' ids.
 fn order(nodes: &[Node], d: &Digest) -> Vec<String> {
     let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
-    kagami_server::peers::coordinator_order(d, &ids)
+    kagami_server::peers::coordinator_order(&d.to_string(), &ids)
 }
 
 fn by_id<'a>(nodes: &'a [Node], id: &str) -> &'a Node {
@@ -293,5 +293,75 @@ async fn with_no_coordinator_answering_the_announcements_decide() {
     assert!(
         !calls.is_empty() && calls.len() <= up.len(),
         "upstream blob GETs: {calls:?}"
+    );
+}
+
+const TAGGED: &str =
+    r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
+
+/// An upstream answering `TAGGED` for tag `1` after `delay`.
+fn tag_upstream(delay: Duration) -> (Arc<Fake>, Digest) {
+    let mut fake = Fake::new(vec![BlobMode::Good]);
+    fake.manifest_delay = delay;
+    let d = fake.set_manifest("1", TAGGED);
+    (Arc::new(fake), d)
+}
+
+/// Node `n` GETs tag `1`; it answers `TAGGED` under digest `d`.
+async fn get_tag(n: &Node, d: &Digest) {
+    let path = "/v2/team/app/manifests/1?ns=registry.example.test";
+    let (status, h, body, _) = request(n.server.addr, "GET", path, &[]).await;
+    assert_eq!(status, 200, "{}: {}", n.id, String::from_utf8_lossy(&body));
+    assert_eq!(body, TAGGED.as_bytes(), "{}", n.id);
+    assert_eq!(h["docker-content-digest"], d.to_string(), "{}", n.id);
+}
+
+#[tokio::test]
+async fn a_cold_tag_is_resolved_once_for_the_whole_cluster() {
+    // Every node resolves the tag at once; none has it, and nobody has advertised it yet.
+    let (fake, d) = tag_upstream(Duration::from_millis(400));
+    let net = MemoryNetwork::new();
+    let nodes = cluster(5, &fake, &net).await;
+    futures_util::future::join_all(nodes.iter().map(|n| get_tag(n, &d))).await;
+    assert_eq!(
+        fake.manifest_calls.load(Ordering::SeqCst),
+        1,
+        "upstream manifest GETs"
+    );
+}
+
+#[tokio::test]
+async fn when_the_node_resolving_a_tag_dies_the_next_asker_resolves_it() {
+    let (fake, d) = tag_upstream(Duration::from_millis(600));
+    let net = MemoryNetwork::new();
+    let nodes = cluster(4, &fake, &net).await;
+    // n0 asks first and holds the tag's claim; its peer API dies while it resolves.
+    let first = get_tag(&nodes[0], &d);
+    let rest = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        nodes[0].life.dead.store(true, Ordering::SeqCst);
+        futures_util::future::join_all(nodes[1..].iter().map(|n| get_tag(n, &d))).await;
+    };
+    tokio::join!(first, rest);
+    // n0's own resolution, and one for the three others (not one each).
+    assert_eq!(
+        fake.manifest_calls.load(Ordering::SeqCst),
+        2,
+        "upstream manifest GETs"
+    );
+}
+
+#[tokio::test]
+async fn nodes_wait_for_a_tag_resolution_longer_than_one_peer_request() {
+    // The holder's peer API answers "still resolving" after 3 s; the others ask again
+    // instead of resolving the tag themselves.
+    let (fake, d) = tag_upstream(Duration::from_millis(3500));
+    let net = MemoryNetwork::new();
+    let nodes = cluster(3, &fake, &net).await;
+    futures_util::future::join_all(nodes.iter().map(|n| get_tag(n, &d))).await;
+    assert_eq!(
+        fake.manifest_calls.load(Ordering::SeqCst),
+        1,
+        "upstream manifest GETs"
     );
 }

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use crate::app::AppState;
 use crate::http::reply;
 use crate::path::{self, ManifestRef, Target};
-use crate::peers::PEER_TOKEN_HEADER;
+use crate::peers::{ContentKey, PEER_TOKEN_HEADER, TAG_WAIT};
 use crate::service::error::ApiError;
 use crate::service::reply::{BlobReply, ManifestReply};
 
@@ -27,8 +27,8 @@ pub fn peer_router(state: AppState, info: NodeInfo) -> Router {
                 reply::json(serde_json::to_string(&info).expect("serialisable"))
             }),
         )
-        .route("/p2p/claim/{digest}", post(claim))
-        .route("/p2p/has/{digest}", get(has))
+        .route("/p2p/claim/{key}", post(claim))
+        .route("/p2p/has/{key}", get(has))
         .fallback(serve)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -61,17 +61,22 @@ async fn require_token(
 /// The largest claim request read.
 const MAX_CLAIM_REQUEST: usize = 16 * 1024;
 
-/// `POST /p2p/claim/<digest>`: this node as the coordinator of the blob's claim (see
+/// `POST /p2p/claim/<key>`: this node as the coordinator of the claim on a blob (the key
+/// is its digest) or on a tag (`tag:<registry>/<repository>:<tag>`, percent-encoded; see
 /// `peers::claims`). Answers who holds the claim (`204` for a release); `503` when this
 /// node is not in a P2P network or its claim table is full.
 async fn claim(
     State(state): State<AppState>,
-    axum::extract::Path(digest): axum::extract::Path<String>,
+    axum::extract::Path(key): axum::extract::Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let Ok(digest) = digest.parse::<kagami_config::Digest>() else {
-        return ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "not a digest")
-            .into_response();
+    let Some(key) = claim_key(&key) else {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "KEY_INVALID",
+            "not a digest or a tag key (tag:<registry>/<repository>:<tag>)",
+        )
+        .into_response();
     };
     let req: crate::peers::ClaimRequest = match serde_json::from_slice(&body) {
         Ok(r) if body.len() <= MAX_CLAIM_REQUEST => r,
@@ -88,13 +93,50 @@ async fn claim(
     let (Some(peers), Some(me)) = (node.cluster.peers(), node.cluster.me()) else {
         return unavailable("this node is not in a P2P network");
     };
-    let blobs = state.services().blobs.clone();
-    let d = digest.clone();
-    let local_has = move || blobs.holds_or_fetches(&d);
-    match peers.coordinate(me, &digest, &req, &local_has).await {
+    let (s, k) = (state.clone(), key.clone());
+    let local_has = move || holds(&s, &k);
+    match peers.coordinate(me, &key, &req, &local_has).await {
         Ok(Some(answer)) => reply::json(serde_json::to_string(&answer).expect("serialisable")),
         Ok(None) => StatusCode::NO_CONTENT.into_response(),
         Err(crate::peers::Full) => unavailable("this node coordinates too many claims"),
+    }
+}
+
+/// A key that can be claimed: a digest, or a tag key.
+fn claim_key(s: &str) -> Option<ContentKey> {
+    match s.parse::<ContentKey>().ok()? {
+        ContentKey::Inflight(_) => None,
+        k => Some(k),
+    }
+}
+
+/// Whether this node holds what `key` names or is getting it right now: a blob stored or
+/// being fetched, a tag stored or being resolved.
+fn holds(state: &AppState, key: &ContentKey) -> bool {
+    let services = state.services();
+    match key {
+        ContentKey::Digest(d) => services.blobs.holds_or_fetches(d),
+        ContentKey::Tag {
+            registry,
+            repository,
+            tag,
+        } => services
+            .manifests
+            .holds_or_resolves(registry, repository, tag),
+        ContentKey::Inflight(_) => false,
+    }
+}
+
+/// `503` with `Retry-After: 0`: this node is resolving the tag; ask again (see
+/// `peers::TAG_WAIT`).
+fn still_resolving() -> ApiError {
+    ApiError {
+        retry_after: Some(0),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "this node is resolving the tag right now; ask again",
+        )
     }
 }
 
@@ -102,14 +144,14 @@ fn unavailable(why: &str) -> Response {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", why).into_response()
 }
 
-/// `GET /p2p/has/<digest>`: `200` when this node holds the blob or is fetching it (a
-/// coordinator's check of a claim holder), else `404`.
+/// `GET /p2p/has/<key>`: `200` when this node holds the blob or tag the key names or is
+/// getting it (a coordinator's check of a claim holder), else `404`.
 async fn has(
     State(state): State<AppState>,
-    axum::extract::Path(digest): axum::extract::Path<String>,
+    axum::extract::Path(key): axum::extract::Path<String>,
 ) -> Response {
-    match digest.parse::<kagami_config::Digest>() {
-        Ok(d) if state.services().blobs.holds_or_fetches(&d) => StatusCode::OK.into_response(),
+    match claim_key(&key) {
+        Some(k) if holds(&state, &k) => StatusCode::OK.into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -173,9 +215,18 @@ async fn handle(
                 ManifestRef::Digest(d) => d.clone(),
                 ManifestRef::Tag(t) => match state.store().get_tag(&p.registry, &p.repository, t) {
                     Some(entry) => entry.digest,
-                    None => {
-                        containerd_tag(state, &p.registry, &p.repository, t).ok_or_else(not_here)?
-                    }
+                    // A tag this node is resolving right now (it holds the tag's claim) is
+                    // answered once resolved; it never starts a resolution for a peer.
+                    None => match services
+                        .manifests
+                        .resolving(&p.registry, &p.repository, t, TAG_WAIT)
+                        .await
+                    {
+                        Ok(Some(d)) => d,
+                        Err(()) => return Err(still_resolving()),
+                        Ok(None) => containerd_tag(state, &p.registry, &p.repository, t)
+                            .ok_or_else(not_here)?,
+                    },
                 },
             };
             if let Some(r) = services.manifests.serve_stored(&digest, head).await? {

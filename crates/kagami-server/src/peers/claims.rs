@@ -2,9 +2,10 @@
 //! announcements that may cross (docs/p2p.md, "One upstream fetch per cluster").
 //!
 //! Before a node fetches from upstream a blob no other node holds, it asks the blob's
-//! *coordinator* for the claim on the digest. The coordinator is chosen by rendezvous
-//! hashing: of this node and every member its router knows with an HTTP address, the one
-//! whose `sha256(digest, id)` is highest. Nodes that know the same members agree without
+//! *coordinator* for the claim on the digest; before it resolves a tag no other node has
+//! resolved, it asks for the claim on the tag key (`tag:<registry>/<repository>:<tag>`).
+//! The coordinator is chosen by rendezvous hashing: of this node and every member its
+//! router knows with an HTTP address, the one whose `sha256(key, id)` is highest. Nodes that know the same members agree without
 //! talking; the coordinator grants the first asker and answers every later asker with the
 //! holder and the nodes that asked before it (they stream from those, so transfers form a
 //! tree rooted at the holder). The holder renews its claim while it fetches and releases
@@ -22,11 +23,10 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use kagami_config::Digest;
 use kagami_p2p::Peer;
 use sha2::{Digest as _, Sha256};
 
-use super::Peers;
+use super::{ContentKey, Peers};
 
 /// How long a claim lives without being renewed: a holder renews every [`CLAIM_RENEW`];
 /// one that died stops blocking the cluster after this (or sooner, when an asker reports
@@ -115,7 +115,7 @@ struct Entry {
 
 /// The claims this node coordinates.
 #[derive(Default)]
-pub(crate) struct Claims(Mutex<HashMap<Digest, Entry>>);
+pub(crate) struct Claims(Mutex<HashMap<String, Entry>>);
 
 /// The coordinator's claim table is full.
 #[derive(Debug)]
@@ -127,11 +127,12 @@ enum Step {
 }
 
 impl Claims {
-    /// Answers `req` for `digest`; `check` tells whether a holder reported as failed still
-    /// holds or fetches the blob (called without the lock held, bounded by the caller).
+    /// Answers `req` for `key` (a claim key's text); `check` tells whether a holder
+    /// reported as failed still holds or fetches what the key names (called without the
+    /// lock held, bounded by the caller).
     pub(crate) async fn ask<F, Fut>(
         &self,
-        digest: &Digest,
+        key: &str,
         req: &ClaimRequest,
         check: F,
     ) -> Result<Option<ClaimAnswer>, Full>
@@ -139,12 +140,12 @@ impl Claims {
         F: FnOnce(ClaimPeer) -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        match self.step(digest, req, None)? {
+        match self.step(key, req, None)? {
             Step::Answer(a) => Ok(Some(a)),
             Step::Check(holder) => {
                 let alive = check(holder.clone()).await;
                 let checked = (!alive).then_some(holder.id.as_str());
-                match self.step(digest, req, checked.or(Some("")))? {
+                match self.step(key, req, checked.or(Some("")))? {
                     Step::Answer(a) => Ok(Some(a)),
                     Step::Check(_) => unreachable!("a checked request is answered"),
                 }
@@ -155,18 +156,13 @@ impl Claims {
 
     /// One look at the table. `checked` is `Some` on the second look, after the check:
     /// `Some(id)` when holder `id` failed it.
-    fn step(
-        &self,
-        digest: &Digest,
-        req: &ClaimRequest,
-        checked: Option<&str>,
-    ) -> Result<Step, Full> {
+    fn step(&self, key: &str, req: &ClaimRequest, checked: Option<&str>) -> Result<Step, Full> {
         let now = Instant::now();
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let asker = &req.asker;
-        let grant = |map: &mut HashMap<Digest, Entry>, askers: Vec<ClaimPeer>| {
+        let grant = |map: &mut HashMap<String, Entry>, askers: Vec<ClaimPeer>| {
             map.insert(
-                digest.clone(),
+                key.to_string(),
                 Entry {
                     holder: asker.clone(),
                     expires: now + CLAIM_TTL,
@@ -180,10 +176,10 @@ impl Claims {
                 earlier: Vec::new(),
             })
         };
-        let live = map.get(digest).is_some_and(|e| e.expires > now);
+        let live = map.get(key).is_some_and(|e| e.expires > now);
         if !live {
             if req.release.is_some() {
-                map.remove(digest);
+                map.remove(key);
                 return Ok(Step::Answer(not_granted(asker)));
             }
             if map.len() >= MAX_CLAIMS {
@@ -194,7 +190,7 @@ impl Claims {
             }
             return Ok(grant(&mut map, vec![asker.clone()]));
         }
-        let e = map.get_mut(digest).expect("live");
+        let e = map.get_mut(key).expect("live");
         if e.holder.id == asker.id {
             match req.release {
                 Some(Release::Done) => {
@@ -202,7 +198,7 @@ impl Claims {
                     e.expires = now + DONE_KEEP;
                 }
                 Some(Release::Failed) => {
-                    map.remove(digest);
+                    map.remove(key);
                 }
                 None => e.expires = now + CLAIM_TTL,
             }
@@ -260,21 +256,23 @@ fn grant_again(asker: &ClaimPeer) -> Step {
     })
 }
 
-/// The rendezvous score of node `id` for `digest`: the highest coordinates. SHA-256, not
-/// the standard library's hasher, so that nodes built by different Rust versions agree.
-fn score(digest: &Digest, id: &str) -> [u8; 32] {
+/// The rendezvous score of node `id` for claim key `key`: the highest coordinates.
+/// SHA-256, not the standard library's hasher, so that nodes built by different Rust
+/// versions agree.
+fn score(key: &str, id: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"kagami claim coordinator v1\0");
-    h.update(digest.to_string().as_bytes());
+    h.update(key.as_bytes());
     h.update(b"\0");
     h.update(id.as_bytes());
     h.finalize().into()
 }
 
-/// `ids` in the order nodes ask them to coordinate `digest`: the coordinator first, then
-/// the one asked when it does not answer, and so on.
-pub fn coordinator_order(digest: &Digest, ids: &[&str]) -> Vec<String> {
-    let mut v: Vec<(&str, [u8; 32])> = ids.iter().map(|id| (*id, score(digest, id))).collect();
+/// `ids` in the order nodes ask them to coordinate the claim on `key` (a blob's digest or
+/// a tag key, as text): the coordinator first, then the one asked when it does not
+/// answer, and so on.
+pub fn coordinator_order(key: &str, ids: &[&str]) -> Vec<String> {
+    let mut v: Vec<(&str, [u8; 32])> = ids.iter().map(|id| (*id, score(key, id))).collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     v.dedup_by(|a, b| a.0 == b.0);
     v.into_iter().map(|(id, _)| id.to_string()).collect()
@@ -287,6 +285,59 @@ pub(crate) enum Claimed {
     Granted,
     /// Another node holds it: stream from `earlier` (holder included).
     Held { holder: Peer, earlier: Vec<Peer> },
+}
+
+/// Renews this node's claim on a key while it lives; released when dropped: as done when
+/// `done` says what the key names is here by then (the blob stored, the tag resolved),
+/// else as failed (the next asker gets the claim).
+pub(crate) struct ClaimGuard {
+    renew: tokio::task::JoinHandle<()>,
+    peers: std::sync::Arc<Peers>,
+    me: String,
+    key: ContentKey,
+    done: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl ClaimGuard {
+    pub(crate) fn start(
+        peers: &std::sync::Arc<Peers>,
+        me: &str,
+        key: ContentKey,
+        done: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> ClaimGuard {
+        let (p, m, k) = (peers.clone(), me.to_string(), key.clone());
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CLAIM_RENEW).await;
+                // A renewal never asks for a check: nothing to check locally.
+                p.claim(&m, &k, None, None, &|| true).await;
+            }
+        });
+        ClaimGuard {
+            renew,
+            peers: peers.clone(),
+            me: me.to_string(),
+            key,
+            done: Box::new(done),
+        }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let release = if (self.done)() {
+            Release::Done
+        } else {
+            Release::Failed
+        };
+        let (p, m, k) = (self.peers.clone(), self.me.clone(), self.key.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                p.claim(&m, &k, None, Some(release), &|| true).await;
+            });
+        }
+    }
 }
 
 impl Peers {
@@ -316,15 +367,15 @@ impl Peers {
             .collect()
     }
 
-    /// Asks the coordinators of `digest` (this node included: answered here, without HTTP)
-    /// for the claim; `failed` names a holder this node could not stream from,
-    /// `local_has` tells whether this node holds or fetches the blob (for a check of
-    /// itself). `None` when no coordinator answered: the caller falls back to
+    /// Asks the coordinators of `key` (a blob's digest or a tag key; this node included:
+    /// answered here, without HTTP) for the claim; `failed` names a holder this node could
+    /// not get it from, `local_has` tells whether this node holds or fetches what the key
+    /// names (for a check of itself). `None` when no coordinator answered: the caller falls back to
     /// announcements.
     pub(crate) async fn claim(
         &self,
         me: &str,
-        digest: &Digest,
+        key: &ContentKey,
         failed: Option<&str>,
         release: Option<Release>,
         local_has: &(dyn Fn() -> bool + Send + Sync),
@@ -333,7 +384,7 @@ impl Peers {
         let members = self.member_addrs();
         let mut ids: Vec<&str> = members.keys().map(String::as_str).collect();
         ids.push(me);
-        let order = coordinator_order(digest, &ids);
+        let order = coordinator_order(&key.to_string(), &ids);
         let req = ClaimRequest {
             asker,
             failed: failed.map(str::to_string),
@@ -342,7 +393,7 @@ impl Peers {
         for id in order.iter().take(COORDINATORS_TRIED) {
             let answer = if id == me {
                 // A full table (`Err`) answers nothing: the announcements decide.
-                self.coordinate(me, digest, &req, local_has)
+                self.coordinate(me, key, &req, local_has)
                     .await
                     .ok()
                     .flatten()
@@ -351,10 +402,10 @@ impl Peers {
                     id: id.clone(),
                     http_addr: members[id],
                 };
-                match self.ask_remote(&coordinator, digest, &req).await {
+                match self.ask_remote(&coordinator, key, &req).await {
                     Ok(a) => a,
                     Err(why) => {
-                        tracing::debug!(%digest, coordinator = %id, why, "claim coordinator did not answer; trying the next");
+                        tracing::debug!(%key, coordinator = %id, why, "claim coordinator did not answer; trying the next");
                         continue;
                     }
                 }
@@ -368,7 +419,7 @@ impl Peers {
             }
             let Some(holder) = Self::known(&a.holder, &members) else {
                 // A holder this node cannot reach safely: the announcements decide.
-                tracing::debug!(%digest, holder = %a.holder.id, "the claim holder is not a member this node knows");
+                tracing::debug!(%key, holder = %a.holder.id, "the claim holder is not a member this node knows");
                 return None;
             };
             let mut earlier: Vec<Peer> = a
@@ -391,23 +442,24 @@ impl Peers {
     pub(crate) async fn coordinate(
         &self,
         me: &str,
-        digest: &Digest,
+        key: &ContentKey,
         req: &ClaimRequest,
         local_has: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<Option<ClaimAnswer>, Full> {
         self.claims
-            .ask(digest, req, |holder| async move {
+            .ask(&key.to_string(), req, |holder| async move {
                 if holder.id == me {
                     return local_has();
                 }
-                self.holds(&Peer::from(&holder), digest).await
+                self.holds(&Peer::from(&holder), key).await
             })
             .await
     }
 
-    /// Whether `peer` answers that it holds or fetches `digest` (the coordinator's check).
-    async fn holds(&self, peer: &Peer, digest: &Digest) -> bool {
-        let path = format!("/p2p/has/{digest}");
+    /// Whether `peer` answers that it holds or fetches what `key` names (the
+    /// coordinator's check).
+    async fn holds(&self, peer: &Peer, key: &ContentKey) -> bool {
+        let path = format!("/p2p/has/{}", crate::path::encode(&key.to_string()));
         let r = self
             .request(peer, reqwest::Method::GET, &path)
             .timeout(CHECK_TIMEOUT)
@@ -419,10 +471,10 @@ impl Peers {
     async fn ask_remote(
         &self,
         coordinator: &Peer,
-        digest: &Digest,
+        key: &ContentKey,
         req: &ClaimRequest,
     ) -> Result<Option<ClaimAnswer>, String> {
-        let path = format!("/p2p/claim/{digest}");
+        let path = format!("/p2p/claim/{}", crate::path::encode(&key.to_string()));
         let resp = self
             .request(coordinator, reqwest::Method::POST, &path)
             .timeout(ASK_TIMEOUT)
@@ -448,6 +500,7 @@ impl Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kagami_config::Digest;
 
     fn peer(id: &str) -> ClaimPeer {
         ClaimPeer {
@@ -469,7 +522,7 @@ mod tests {
     }
 
     async fn answer(c: &Claims, req: ClaimRequest, alive: bool) -> ClaimAnswer {
-        c.ask(&d(), &req, |_| async move { alive })
+        c.ask(&d().to_string(), &req, |_| async move { alive })
             .await
             .unwrap()
             .unwrap()
@@ -515,7 +568,7 @@ mod tests {
         let mut rel = ask("a");
         rel.release = Some(Release::Failed);
         assert!(
-            c.ask(&d(), &rel, |_| async { true })
+            c.ask(&d().to_string(), &rel, |_| async { true })
                 .await
                 .unwrap()
                 .is_none()
@@ -523,13 +576,17 @@ mod tests {
         assert!(answer(&c, ask("b"), true).await.granted);
         rel.asker = peer("b");
         rel.release = Some(Release::Done);
-        c.ask(&d(), &rel, |_| async { true }).await.unwrap();
+        c.ask(&d().to_string(), &rel, |_| async { true })
+            .await
+            .unwrap();
         let a = answer(&c, ask("c"), true).await;
         assert_eq!((a.granted, a.holder.id.as_str()), (false, "b"));
         // A release by a node that does not hold the claim changes nothing.
         let mut stray = ask("z");
         stray.release = Some(Release::Failed);
-        c.ask(&d(), &stray, |_| async { true }).await.unwrap();
+        c.ask(&d().to_string(), &stray, |_| async { true })
+            .await
+            .unwrap();
         assert_eq!(answer(&c, ask("c"), true).await.holder.id, "b");
     }
 
@@ -539,10 +596,10 @@ mod tests {
         let mut first = HashMap::new();
         for i in 0..200u32 {
             let digest = Digest::sha256_from_bytes(&Sha256::digest(i.to_be_bytes()));
-            let order = coordinator_order(&digest, &ids);
+            let order = coordinator_order(&digest.to_string(), &ids);
             let mut reversed = ids;
             reversed.reverse();
-            assert_eq!(order, coordinator_order(&digest, &reversed));
+            assert_eq!(order, coordinator_order(&digest.to_string(), &reversed));
             assert_eq!(order.len(), 5);
             *first.entry(order[0].clone()).or_insert(0) += 1;
         }

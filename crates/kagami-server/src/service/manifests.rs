@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::origin::{Origin, Source};
 use crate::path::{ManifestRef, OciPath};
-use crate::peers::{Cluster, TagKey};
+use crate::peers::{ClaimGuard, Claimed, ContentKey, TagKey};
 use crate::service::blobs::Blobs;
 use crate::service::error::ApiError;
 use crate::service::reply::ManifestReply;
@@ -33,7 +33,7 @@ pub(crate) struct Manifests {
     store: Store,
     upstream: Arc<dyn Upstream>,
     telemetry: Arc<Telemetry>,
-    cluster: Cluster,
+    cluster: crate::peers::Cluster,
     /// Told the blob sizes of every manifest served.
     blobs: Arc<Blobs>,
     /// How long a resolved tag is served without asking upstream again (`--tag-ttl`), when
@@ -85,6 +85,52 @@ impl Manifests {
         r: &ManifestRef,
     ) -> Result<ManifestReply, ApiError> {
         get(self, ctx, r).await
+    }
+
+    /// Whether this node holds `tag` in its store or is resolving it right now (a claim
+    /// coordinator's check of the tag's holder).
+    pub(crate) fn holds_or_resolves(&self, registry: &str, repository: &str, tag: &str) -> bool {
+        self.store.get_tag(registry, repository, tag).is_some()
+            || self
+                .revalidations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&(registry.into(), repository.into(), tag.into()))
+    }
+
+    /// For the peer API: the digest `tag` resolved to when this node is resolving it right
+    /// now, once it has; `Ok(None)` when it is not resolving it (or its resolution failed
+    /// or ended elsewhere than in its store: a tag learnt from a peer is not served), and
+    /// `Err(())` when it is still resolving after `wait`.
+    pub(crate) async fn resolving(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        wait: Duration,
+    ) -> Result<Option<Digest>, ()> {
+        let key = (
+            registry.to_string(),
+            repository.to_string(),
+            tag.to_string(),
+        );
+        let Some(pending) = self
+            .revalidations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(wait, pending).await {
+            Err(_) => Err(()),
+            Ok(Revalidation::Current(..)) => Ok(self
+                .store
+                .get_tag(registry, repository, tag)
+                .map(|e| e.digest)),
+            Ok(Revalidation::Failed { .. }) => Ok(None),
+        }
     }
 
     /// A stored manifest, or None when it is not in the store (see [`serve_stored`]).
@@ -322,12 +368,27 @@ async fn resolve_tag(
         let origin = Origin::Endpoint(m.source.clone());
         (m, origin)
     };
-    let fetched = match cached {
+    // A claim this node holds on the tag lives until the tag is stored (or not): it is
+    // released as done or failed when dropped, at the end of this function.
+    let (fetched, _claim) = match cached {
         None => match from_peers(svc, plan, path, tag).await {
-            Some(m) => Ok(m),
-            None => svc.upstream.manifest(plan, tag).await.map(from_endpoints),
+            Some(m) => (Ok(m), None),
+            None => match resolve_for_cluster(svc, plan, path, tag).await {
+                ColdTag::Peer(m) => (Ok(m), None),
+                ColdTag::Holder(guard) => (
+                    svc.upstream.manifest(plan, tag).await.map(from_endpoints),
+                    Some(guard),
+                ),
+                ColdTag::Alone => (
+                    svc.upstream.manifest(plan, tag).await.map(from_endpoints),
+                    None,
+                ),
+            },
         },
-        Some(_) => svc.upstream.manifest(plan, tag).await.map(from_endpoints),
+        Some(_) => (
+            svc.upstream.manifest(plan, tag).await.map(from_endpoints),
+            None,
+        ),
     };
     match &fetched {
         Ok((m, _)) => svc.telemetry.endpoint_ok(&m.source),
@@ -370,6 +431,76 @@ async fn resolve_tag(
     }
 }
 
+/// How a tag nobody has resolved is resolved for the cluster.
+enum ColdTag {
+    /// Another node resolved it for the cluster: its answer.
+    Peer((FetchedManifest, Origin)),
+    /// This node holds the tag's claim: it asks the endpoints, for every node.
+    Holder(ClaimGuard),
+    /// No claim (P2P off, the registry not shared, no coordinator answered, or the holder
+    /// failed twice): this node asks the endpoints for itself.
+    Alone,
+}
+
+/// How many times a node asks for a tag's claim (the second time naming the holder it
+/// could not get the tag from) before it asks the endpoints for itself.
+const TAG_CLAIM_ROUNDS: usize = 2;
+/// How many times a node asks the holder of a tag's claim again while the holder is still
+/// resolving it (each ask waits up to `peers::TAG_WAIT`).
+const TAG_ASKS: usize = 8;
+
+/// One resolution of a cold tag per cluster (docs/p2p.md, "Tags"): like a blob nobody
+/// holds, the tag key is claimed from its coordinator; the first asker resolves it from
+/// the endpoints while every other node asks that one, whose peer API answers once it has
+/// (it waits on its own resolution, never starting one for a peer). The tag is then
+/// learnt from a peer, as when a node that resolved it earlier answers.
+async fn resolve_for_cluster(svc: &Manifests, plan: &Plan, path: &OciPath, tag: &str) -> ColdTag {
+    let (Some(peers), Some(me)) = (svc.cluster.peers(), svc.cluster.me()) else {
+        return ColdTag::Alone;
+    };
+    if !shares(plan) || (tag == "latest" && !peers.resolve_latest) {
+        return ColdTag::Alone;
+    }
+    let key = ContentKey::tag(&path.registry, &path.repository, tag);
+    let has = || svc.holds_or_resolves(&path.registry, &path.repository, tag);
+    let mut failed: Option<String> = None;
+    for _ in 0..TAG_CLAIM_ROUNDS {
+        match peers.claim(me, &key, failed.as_deref(), None, &has).await {
+            None => return ColdTag::Alone,
+            Some(Claimed::Granted) => {
+                let (store, p, t) = (svc.store.clone(), path.clone(), tag.to_string());
+                let guard = ClaimGuard::start(peers, me, key, move || {
+                    store.get_tag(&p.registry, &p.repository, &t).is_some()
+                });
+                tracing::debug!(registry = %path.registry, repository = %path.repository, tag, "tag claim granted; resolving it for the cluster");
+                return ColdTag::Holder(guard);
+            }
+            Some(Claimed::Held { holder, .. }) => {
+                for _ in 0..TAG_ASKS {
+                    match peers
+                        .manifest_from(&holder, &path.registry, &path.repository, tag)
+                        .await
+                    {
+                        Ok(found) => return ColdTag::Peer(found),
+                        Err(true) => continue,
+                        Err(false) => break,
+                    }
+                }
+                tracing::debug!(registry = %path.registry, repository = %path.repository, tag, holder = %holder.id, "the holder of the tag's claim did not answer it");
+                failed = Some(holder.id);
+            }
+        }
+    }
+    ColdTag::Alone
+}
+
+/// Whether the plan asks other nodes (a shared registry with P2P on).
+fn shares(plan: &Plan) -> bool {
+    plan.attempts
+        .iter()
+        .any(|a| matches!(a, kagami_config::Attempt::Peers))
+}
+
 /// A manifest from another node, when the registry is shared and P2P is on.
 async fn from_peers(
     svc: &Manifests,
@@ -378,11 +509,7 @@ async fn from_peers(
     reference: &str,
 ) -> Option<(FetchedManifest, Origin)> {
     let peers = svc.cluster.peers()?;
-    if !plan
-        .attempts
-        .iter()
-        .any(|a| matches!(a, kagami_config::Attempt::Peers))
-    {
+    if !shares(plan) {
         return None;
     }
     peers
@@ -393,10 +520,7 @@ async fn from_peers(
 /// Tells the other nodes this one has resolved `tag` (shared registries only).
 async fn advertise_tag(svc: &Manifests, plan: &Plan, path: &OciPath, tag: &str) {
     if let Some(peers) = svc.cluster.peers()
-        && plan
-            .attempts
-            .iter()
-            .any(|a| matches!(a, kagami_config::Attempt::Peers))
+        && shares(plan)
     {
         peers
             .router

@@ -352,7 +352,8 @@ impl Warmer {
     }
 
     /// Nodes holding the image as far as the P2P network says: the providers of its
-    /// manifest digest (or, not knowing it, of its tag), plus this node when it holds it.
+    /// manifest digest (not knowing it, the digest a node that resolved the tag answers;
+    /// with none, the providers of its tag), plus this node when it holds it.
     async fn copies_seen(&self, key: &str, reference: &Reference) -> u64 {
         let (held, digest) = {
             let l = self.list();
@@ -376,14 +377,20 @@ impl Warmer {
         let Some(peers) = self.cluster.peers() else {
             return me;
         };
-        let key = match digest.or_else(|| reference.digest.clone()) {
+        let tag = reference.tag.as_deref().unwrap_or("latest");
+        let digest = match digest.or_else(|| reference.digest.clone()) {
+            Some(d) => Some(d),
+            // Not knowing the digest, it is asked of a node that resolved the tag: only one
+            // node of those pulling a cold tag at once resolves it (docs/p2p.md), so the
+            // tag's providers are not the nodes holding the image.
+            None => peers
+                .manifest(&reference.registry, &reference.repository, tag)
+                .await
+                .map(|(m, _)| m.digest),
+        };
+        let key = match digest {
             Some(d) => ContentKey::Digest(d).to_string(),
-            None => ContentKey::tag(
-                &reference.registry,
-                &reference.repository,
-                reference.tag.as_deref().unwrap_or("latest"),
-            )
-            .to_string(),
+            None => ContentKey::tag(&reference.registry, &reference.repository, tag).to_string(),
         };
         me + peers.router.lookup(&key, MAX_PROVIDERS).await.len() as u64
     }

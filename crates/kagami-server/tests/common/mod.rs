@@ -53,6 +53,8 @@ pub struct Fake {
     pub head_calls: AtomicUsize,
     pub down: std::sync::atomic::AtomicBool,
     pub chunk_delay: Duration,
+    /// How long a manifest GET takes to answer.
+    pub manifest_delay: Duration,
 }
 
 impl Fake {
@@ -66,6 +68,7 @@ impl Fake {
             head_calls: AtomicUsize::new(0),
             down: false.into(),
             chunk_delay: Duration::ZERO,
+            manifest_delay: Duration::ZERO,
         }
     }
 
@@ -123,6 +126,7 @@ impl Upstream for Fake {
     ) -> BoxFuture<'a, Result<FetchedManifest, UpstreamError>> {
         async move {
             self.manifest_calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.manifest_delay).await;
             if self.down.load(Ordering::SeqCst) {
                 return Err(self.err("upstream down", false));
             }

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::origin::{Origin, Source};
 use crate::path::OciPath;
-use crate::peers::{Cluster, ContentKey};
+use crate::peers::{ClaimGuard, Cluster, ContentKey};
 use crate::service::error::ApiError;
 use crate::service::reply::{BlobReply, Span};
 use crate::service::{Deps, RequestContext};

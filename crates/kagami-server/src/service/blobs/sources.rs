@@ -52,58 +52,6 @@ pub(super) enum ClaimRole {
     },
 }
 
-/// Renews this node's claim on a blob while it lives; released when dropped: as done
-/// when the store has the blob by then, else as failed (the next asker gets it).
-pub(super) struct ClaimGuard {
-    renew: tokio::task::JoinHandle<()>,
-    peers: Arc<crate::peers::Peers>,
-    me: String,
-    digest: Digest,
-    store: Store,
-}
-
-impl ClaimGuard {
-    fn start(
-        peers: &Arc<crate::peers::Peers>,
-        me: &str,
-        digest: &Digest,
-        store: &Store,
-    ) -> ClaimGuard {
-        let (p, m, d) = (peers.clone(), me.to_string(), digest.clone());
-        let renew = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(crate::peers::CLAIM_RENEW).await;
-                // A renewal never asks for a check: nothing to check locally.
-                p.claim(&m, &d, None, None, &|| true).await;
-            }
-        });
-        ClaimGuard {
-            renew,
-            peers: peers.clone(),
-            me: me.to_string(),
-            digest: digest.clone(),
-            store: store.clone(),
-        }
-    }
-}
-
-impl Drop for ClaimGuard {
-    fn drop(&mut self) {
-        self.renew.abort();
-        let release = if self.store.blob_size(&self.digest).is_some() {
-            crate::peers::Release::Done
-        } else {
-            crate::peers::Release::Failed
-        };
-        let (p, m, d) = (self.peers.clone(), self.me.clone(), self.digest.clone());
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                p.claim(&m, &d, None, Some(release), &|| true).await;
-            });
-        }
-    }
-}
-
 /// Who fetches a blob nobody holds, for the cluster: this node when empty.
 pub(super) struct ClusterFetch {
     /// The nodes to stream from.
@@ -143,7 +91,7 @@ pub(super) async fn cluster_fetcher(
             tracing::debug!(%digest, "claim granted; fetching this blob for the cluster");
             return ClusterFetch {
                 sources: Vec::new(),
-                claim: ClaimRole::Holder(ClaimGuard::start(peers, &me, digest, &svc.store)),
+                claim: ClaimRole::Holder(blob_claim_guard(peers, &me, digest, &svc.store)),
                 elected: false,
             };
         }
@@ -176,7 +124,7 @@ pub(super) async fn cluster_fetcher(
     }
 }
 
-/// Asks for the claim (see [`crate::peers::Peers::claim`]).
+/// Asks for the claim on a blob (see [`crate::peers::Peers::claim`]).
 async fn claim(
     peers: &crate::peers::Peers,
     me: &str,
@@ -184,7 +132,21 @@ async fn claim(
     failed: Option<&str>,
     has: &(dyn Fn() -> bool + Send + Sync),
 ) -> Option<crate::peers::Claimed> {
-    peers.claim(me, digest, failed, None, has).await
+    let key = ContentKey::Digest(digest.clone());
+    peers.claim(me, &key, failed, None, has).await
+}
+
+/// Holds this node's claim on a blob: released as done once the store has it.
+fn blob_claim_guard(
+    peers: &Arc<crate::peers::Peers>,
+    me: &str,
+    digest: &Digest,
+    store: &Store,
+) -> ClaimGuard {
+    let (store, d) = (store.clone(), digest.clone());
+    ClaimGuard::start(peers, me, ContentKey::Digest(digest.clone()), move || {
+        store.blob_size(&d).is_some()
+    })
 }
 
 /// The order in which a follower tries the nodes that announced a blob before it: by a
@@ -534,7 +496,7 @@ impl Sources<'_> {
             let holder = match answer {
                 Some(crate::peers::Claimed::Granted) => {
                     tracing::info!(%self.digest, offset, failed = %known.id, "the claim holder failed; this node holds the claim now and continues from upstream");
-                    let guard = ClaimGuard::start(peers, me, self.digest, &self.svc.store);
+                    let guard = blob_claim_guard(peers, me, self.digest, &self.svc.store);
                     *self.claim.lock().unwrap_or_else(PoisonError::into_inner) =
                         ClaimRole::Holder(guard);
                     return None;
