@@ -376,8 +376,13 @@ impl Peers {
             .boxed())
     }
 
-    /// A blob from the providers in `peers[from..]`, hedged: when the first has not
-    /// answered within 250 ms the next one is asked too, and the first answer wins.
+    /// A blob from the providers in `peers[from..]`, in order. With `hedge`, when the
+    /// first has not answered within 250 ms the next one is asked too, and the first answer
+    /// wins: for nodes holding the blob whole, any of which answers at once. Not for nodes
+    /// streaming a blob in flight to each other (a claim's tree): a parent answers only once
+    /// its own source has, which can take longer at every level, and a hedge to the next
+    /// source (an ancestor) would pile the tree's transfers onto the nodes at its root.
+    #[allow(clippy::too_many_arguments)]
     pub async fn blob(
         &self,
         peers: &[Peer],
@@ -386,12 +391,13 @@ impl Peers {
         repository: &str,
         digest: &Digest,
         offset: u64,
+        hedge: bool,
     ) -> Option<(BlobBody, Origin)> {
         let path = Peers::blob_path(registry, repository, digest);
         let mut i = from;
         while i < peers.len() {
             let first = self.blob_from(&peers[i], &path, offset);
-            let (resp, idx) = match peers.get(i + 1) {
+            let (resp, idx) = match peers.get(i + 1).filter(|_| hedge) {
                 None => (first.await.map(|r| (r, i)), i),
                 Some(second) => {
                     let hedge = async {

@@ -49,6 +49,8 @@ impl Upstream for Shared {
 #[derive(Clone, Default)]
 struct Life {
     dead: Arc<AtomicBool>,
+    /// Milliseconds this node's peer API waits before answering a blob request.
+    blob_delay_ms: Arc<AtomicUsize>,
     /// Blob requests this node's peer API received.
     blob_hits: Arc<AtomicUsize>,
 }
@@ -63,6 +65,8 @@ async fn life_layer(
     }
     if req.uri().path().contains("/blobs/") {
         life.blob_hits.fetch_add(1, Ordering::SeqCst);
+        let delay = life.blob_delay_ms.load(Ordering::SeqCst) as u64;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let (parts, body) = next.run(req).await.into_parts();
     let dead = life.dead.clone();
@@ -179,6 +183,40 @@ async fn a_blob_claimed_by_one_node_is_fetched_once_even_when_announcements_arri
     pull_all(&all, &d, &data).await;
     let calls = upstream_calls(&fake);
     assert_eq!(calls, vec![(0, 0)], "upstream blob GETs: {calls:?}");
+}
+
+#[tokio::test]
+async fn nodes_slow_to_answer_do_not_send_their_followers_to_the_holder() {
+    // Nine nodes pull at once; every node but the holder answers peers 400 ms late (a
+    // loaded node whose own source answers late). The followers of the first four askers
+    // wait for them rather than also asking the holder after 250 ms (hedging, which is for
+    // nodes holding a blob whole): the holder sends the blob at most FANOUT (4) times.
+    let (fake, data) = upstream(2 * 1024 * 1024, 46, Duration::from_millis(20));
+    let d = digest_of(&data);
+    let net = MemoryNetwork::new();
+    net.hide_keys("inflight:");
+    let nodes = cluster(9, &fake, &net).await;
+    let path = blob_path(&d);
+    let first = {
+        let (addr, path) = (nodes[0].server.addr, path.clone());
+        tokio::spawn(async move { request(addr, "GET", &path, &[]).await })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the first node fetching from upstream",
+        async || !upstream_calls(&fake).is_empty(),
+    )
+    .await;
+    for n in &nodes[1..] {
+        n.life.blob_delay_ms.store(400, Ordering::SeqCst);
+    }
+    let others: Vec<&Node> = nodes[1..].iter().collect();
+    pull_all(&others, &d, &data).await;
+    let (status, _, body, _) = first.await.unwrap();
+    assert_eq!((status, body.len()), (200, data.len()));
+    assert_eq!(upstream_calls(&fake), vec![(0, 0)]);
+    let sent = nodes[0].life.blob_hits.load(Ordering::SeqCst);
+    assert!(sent <= 4, "the holder answered {sent} blob requests");
 }
 
 #[tokio::test]

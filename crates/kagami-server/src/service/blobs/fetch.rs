@@ -359,6 +359,7 @@ async fn fetch_pass(
                             &path.repository,
                             digest,
                             offset,
+                            false,
                         )
                         .await
                     }

@@ -378,6 +378,7 @@ impl<'a> Sources<'a> {
                     &self.path.repository,
                     self.digest,
                     offset,
+                    self.whole,
                 )
                 .await
         {
@@ -525,6 +526,7 @@ impl Sources<'_> {
                     &self.path.repository,
                     self.digest,
                     offset,
+                    false,
                 )
                 .await
             {
