@@ -114,14 +114,25 @@ cpu_secs() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / t}' 
 machine_cpu() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat; }
 # busy_share "BUSY0 TOTAL0" "BUSY1 TOTAL1": the share of the machine's CPU used in between.
 busy_share() { echo "$1 $2" | awk '{printf "%.2f\n", ($3 - $1) / ($4 - $2)}'; }
-# Most bytes served from upstream: the node fetching from the origin for the cluster.
+# Most bytes served from upstream so far, transfers in progress included (/status.json's
+# series; the served_bytes metric counts a response when it ends, so mid-transfer it names
+# the node that fetched the small config blob): the node fetching the layer from the origin.
 upstream_node() {
-  local best=1 most=-1 n
-  for i in $(seq "$NODES"); do
-    n=$(curl -s "http://$(ip_of "$i"):5000/metrics" | awk '/^kagami_served_bytes_total\{source="upstream"\}/{print int($2)}')
-    if [ "${n:-0}" -gt "$most" ]; then most=${n:-0}; best=$i; fi
-  done
-  echo "$best"
+  python3 - "$NODES" <<'PY'
+import json, sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+def upstream(i):
+    url = f"http://127.0.0.{i + 1}:5000/status.json"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return sum(s["upstream"] for s in json.load(r)["series"]["samples"])
+    except Exception:
+        return -1
+nodes = range(1, int(sys.argv[1]) + 1)
+with ThreadPoolExecutor(len(nodes)) as pool:
+    served = list(pool.map(upstream, nodes))
+print(max(nodes, key=lambda i: served[i - 1]))
+PY
 }
 rss_mib() { awk '/VmHWM/{printf "%.0f\n", $2/1024}' "/proc/$1/status"; }
 spread() { sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f-%.2f (%.2f)", a[1], a[NR], m}'; }
