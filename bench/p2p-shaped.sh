@@ -11,6 +11,8 @@
 #   - the origin registry's upload (127.0.0.1, its port) is limited to U_MBIT: the slow link;
 #   - each node's peer traffic (127.0.0.(i+1):5002, the P2P HTTP API) to B_MBIT: its NIC;
 #   - everything else (a node and the `kagami pull` client on it, the DHT) is not shaped.
+#   The slow link queues in htb's default FIFO, a deep buffer; ORIGIN_QDISC gives it
+#   another queue, e.g. ORIGIN_QDISC="bfifo limit 262144" (256 KiB, ~26 ms at 80 Mbit/s).
 # The physical limit of getting the image into the cluster is image ÷ U: every byte must
 # cross the slow link once.
 #
@@ -31,7 +33,8 @@
 #   rolling: each later node's time ÷ (image ÷ B), median and slowest
 #   batch:   each batch's time ÷ (image ÷ B) after the first
 #   kill:    time added by the kill (ms), against the same pull without it
-#   holder:  time until the other nodes hold ÷ (image ÷ U), bytes the origin sent ÷ image,
+#   holder:  time until the other nodes hold ÷ (image ÷ U), bytes the origin sent ÷ image
+#            (its access log) and bytes across the slow link ÷ image (tc),
 #            and the time added against "all" of the same run (when both ran)
 # Needs root (tc), docker-registry, skopeo, umoci, curl, python3, bc.
 set -euo pipefail
@@ -100,6 +103,13 @@ shape_on() {
     burst 128k cburst 128k quantum 65536
   tc filter add dev lo parent 1: protocol ip prio 1 u32 \
     match ip src 127.0.0.1/32 match ip sport "$ORIGIN" 0xffff flowid 1:10
+  # The slow link's queue: htb's default FIFO (thousands of packets: a deep buffer), or
+  # ORIGIN_QDISC, e.g. "bfifo limit 262144" (a short one) or "fq_codel" where the kernel
+  # has it.
+  if [ -n "${ORIGIN_QDISC:-}" ]; then
+    # shellcheck disable=SC2086 # a qdisc and its parameters
+    tc qdisc add dev lo parent 1:10 handle 10: $ORIGIN_QDISC
+  fi
   for i in $(seq "$NODES"); do
     tc class add dev lo parent 1: classid "1:$((100 + i))" htb rate "${B_MBIT}mbit" \
       ceil "${B_MBIT}mbit" burst 128k cburst 128k quantum 65536
@@ -109,6 +119,9 @@ shape_on() {
 }
 # Bytes node I has sent to peers so far (its class's counter).
 peer_sent() { tc -s class show dev lo classid "1:$((100 + $1))" | awk '/Sent/{print $2; exit}'; }
+# Bytes that crossed the slow link so far (the origin's class). The origin's access log
+# counts what it wrote to its sockets, which includes what a killed node never received.
+link_sent() { tc -s class show dev lo classid 1:10 | awk '/Sent/{print $2; exit}'; }
 cpu_secs() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / t}' "/proc/$1/stat"; }
 # Busy and total jiffies of the whole machine (all cores), from /proc/stat.
 machine_cpu() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat; }
@@ -231,6 +244,7 @@ if on holder && [[ " $MODES " == *" p2p "* ]]; then
   for run in $(seq "$RUNS"); do
     start_network "$NODES" p2p
     mark=$(log_mark)
+    link0=$(link_sent)
     t0=$(now); pids=()
     for i in $(seq "$NODES"); do pull_timed "$i" "$WORK/h-$i" & pids+=($!); done
     sleep "$half"
@@ -242,6 +256,7 @@ if on holder && [[ " $MODES " == *" p2p "* ]]; then
     R[p2p-hold-total]+="$(ratio "$total" "$LIMIT_U") "
     R[p2p-hold-secs]+="$total "
     R[p2p-hold-up]+="$(ratio "$(upstream_bytes "$mark")" "$IMAGE_BYTES") "
+    R[p2p-hold-link]+="$(ratio "$(( $(link_sent) - link0 ))" "$IMAGE_BYTES") "
     R[p2p-hold-done]+="$(for i in $(seq "$NODES"); do [ "$i" != "$victim" ] && [ -s "$WORK/h-$i" ] && echo x; done | wc -l) "
     stop_nodes
   done
@@ -271,7 +286,7 @@ if on batch; then
 fi
 if on holder && [ -n "${R[p2p-hold-total]:-}" ]; then
   echo
-  echo "holder killed at half the limit: the other $((NODES - 1)) nodes hold it after $(val p2p-hold-total) x (image / U); origin sent $(val p2p-hold-up) x the image; nodes that completed (of $((NODES - 1))): $(val p2p-hold-done)"
+  echo "holder killed at half the limit: the other $((NODES - 1)) nodes hold it after $(val p2p-hold-total) x (image / U); origin sent $(val p2p-hold-up) x the image (its log), $(val p2p-hold-link) x crossed the slow link (tc); nodes that completed (of $((NODES - 1))): $(val p2p-hold-done)"
   if [ -n "${R[p2p-all-secs]:-}" ]; then
     base=$(echo "${R[p2p-all-secs]}" | tr ' ' '\n' | grep -v '^$' | median)
     echo "holder killed: time added against all at once without a kill (ms): $(echo "${R[p2p-hold-secs]}" | tr ' ' '\n' | grep -v '^$' | while read -r t; do echo "($t - $base) * 1000" | bc; done | spread)"
