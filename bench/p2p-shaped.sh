@@ -36,6 +36,8 @@
 #   holder:  time until the other nodes hold ÷ (image ÷ U), bytes the origin sent ÷ image
 #            (its access log) and bytes across the slow link ÷ image (tc),
 #            and the time added against "all" of the same run (when both ran)
+# NODE_LOG sets the nodes' log filter (e.g. info,kagami_server=debug); KEEP_LOGS=DIR keeps
+# the nodes' logs (appended across runs), the pull clients' and the origin's access log.
 # Needs root (tc), docker-registry, skopeo, umoci, curl, python3, bc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +71,10 @@ cleanup() {
   shape_off
   for p in "${NODE_PIDS[@]}" "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    mkdir -p "$KEEP_LOGS"
+    cp "$WORK"/node-*.log "$WORK"/pull.log "$WORK"/origin/log "$KEEP_LOGS"/ 2>/dev/null || true
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
