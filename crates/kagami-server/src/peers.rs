@@ -170,6 +170,15 @@ impl LearntTags {
     }
 }
 
+/// Why a peer did not answer a manifest ([`Peers::manifest_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotFromPeer {
+    /// It is resolving the tag right now (it holds the tag's claim): ask again.
+    Resolving,
+    /// It does not have it, did not answer, or sent something else.
+    Missing,
+}
+
 /// The body of `resp` when it is at most `max` bytes, read as it streams (a chunked answer
 /// has no length to check first); `None` when larger or cut.
 async fn read_bounded(resp: reqwest::Response, max: u64) -> Option<Vec<u8>> {
@@ -475,16 +484,14 @@ impl Peers {
         None
     }
 
-    /// A manifest (by digest, verified here, or by tag) from one peer. `Err(true)` when
-    /// the peer answered that it is resolving the tag right now (ask again), `Err(false)`
-    /// when it does not have it or did not answer.
+    /// A manifest (by digest, verified here, or by tag) from one peer.
     pub(crate) async fn manifest_from(
         &self,
         peer: &Peer,
         registry: &str,
         repository: &str,
         reference: &str,
-    ) -> Result<(FetchedManifest, Origin), bool> {
+    ) -> Result<(FetchedManifest, Origin), NotFromPeer> {
         let by_digest: Option<Digest> = reference.parse().ok();
         let path = format!(
             "/v2/{repository}/manifests/{reference}?ns={}",
@@ -495,14 +502,14 @@ impl Peers {
             .header(reqwest::header::ACCEPT, "*/*")
             .send()
             .await
-            .map_err(|_| false)?;
+            .map_err(|_| NotFromPeer::Missing)?;
         if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
             && resp.headers().contains_key(reqwest::header::RETRY_AFTER)
         {
-            return Err(true);
+            return Err(NotFromPeer::Resolving);
         }
         if !resp.status().is_success() {
-            return Err(false);
+            return Err(NotFromPeer::Missing);
         }
         let media_type = resp
             .headers()
@@ -512,7 +519,7 @@ impl Peers {
             .to_string();
         let Some(bytes) = read_bounded(resp, kagami_config::oci::MAX_MANIFEST_SIZE).await else {
             tracing::debug!(peer = %peer.id, reference, "peer manifest unreadable or over 4 MiB");
-            return Err(false);
+            return Err(NotFromPeer::Missing);
         };
         // By digest, with that digest's algorithm; by tag, the canonical sha256.
         let algorithm = by_digest
@@ -523,7 +530,7 @@ impl Peers {
             && &actual != d
         {
             self.ban(&peer.id);
-            return Err(false);
+            return Err(NotFromPeer::Missing);
         }
         self.add_received(&peer.id, bytes.len() as u64);
         let origin = Origin::Peer(peer.id.clone());

@@ -1,7 +1,8 @@
 //! Manifest GET/HEAD and the tag policy: digests never expire; a tag is revalidated
 //! upstream (HEAD, then GET when it moved) after the TTL, revalidations of one tag are
 //! coalesced, and when every upstream attempt fails the cached digest is served
-//! (stale-if-error).
+//! (stale-if-error). A tag no node has resolved is resolved by one node for the cluster
+//! ([`resolve_for_cluster`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -17,7 +18,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::origin::{Origin, Source};
 use crate::path::{ManifestRef, OciPath};
-use crate::peers::{ClaimGuard, Claimed, ContentKey, TagKey};
+use crate::peers::{ClaimGuard, Claimed, ContentKey, NotFromPeer, TagKey};
 use crate::service::blobs::Blobs;
 use crate::service::error::ApiError;
 use crate::service::reply::ManifestReply;
@@ -449,7 +450,8 @@ const TAG_CLAIM_ROUNDS: usize = 2;
 /// resolving it (each ask waits up to `peers::TAG_WAIT`).
 const TAG_ASKS: usize = 8;
 
-/// One resolution of a cold tag per cluster (docs/p2p.md, "Tags"): like a blob nobody
+/// One resolution of a cold tag per cluster (docs/p2p.md, "One resolution of a cold tag
+/// per cluster"): like a blob nobody
 /// holds, the tag key is claimed from its coordinator; the first asker resolves it from
 /// the endpoints while every other node asks that one, whose peer API answers once it has
 /// (it waits on its own resolution, never starting one for a peer). The tag is then
@@ -482,8 +484,8 @@ async fn resolve_for_cluster(svc: &Manifests, plan: &Plan, path: &OciPath, tag: 
                         .await
                     {
                         Ok(found) => return ColdTag::Peer(found),
-                        Err(true) => continue,
-                        Err(false) => break,
+                        Err(NotFromPeer::Resolving) => continue,
+                        Err(NotFromPeer::Missing) => break,
                     }
                 }
                 tracing::debug!(registry = %path.registry, repository = %path.repository, tag, holder = %holder.id, "the holder of the tag's claim did not answer it");
