@@ -36,6 +36,8 @@
 #   holder:  time until the other nodes hold ÷ (image ÷ U), bytes the origin sent ÷ image
 #            (its access log) and bytes across the slow link ÷ image (tc),
 #            and the time added against "all" of the same run (when both ran)
+# PERF_OUT=FILE records the whole machine with `perf record -a -g` during each P2P "all at
+# once" pull (FILE.1, FILE.2, ...: `perf report -i FILE.1 --sort comm,dso`).
 # NODE_LOG sets the nodes' log filter (e.g. info,kagami_server=debug); KEEP_LOGS=DIR keeps
 # the nodes' logs (appended across runs), the pull clients' and the origin's access log.
 # Needs root (tc), docker-registry, skopeo, umoci, curl, python3, bc.
@@ -170,10 +172,16 @@ if on all; then
       R[$mode-all-members]+="$MEMBERS_SEEN "
       mark=$(log_mark)
       c0=$(machine_cpu)
+      perf_pid=
+      if [ -n "${PERF_OUT:-}" ] && [ "$mode" = p2p ]; then
+        perf record -a -g -o "$PERF_OUT.$run" >/dev/null 2>&1 & perf_pid=$!
+        sleep 0.5
+      fi
       t0=$(now); pids=()
       for i in $(seq "$NODES"); do pull_timed "$i" "$WORK/t-$i" & pids+=($!); done
       wait "${pids[@]}"
       total=$(since "$t0")
+      if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
       R[$mode-all-busy]+="$(busy_share "$c0" "$(machine_cpu)") "
       R[$mode-all-secs]+="$total "
       R[$mode-all-total]+="$(ratio "$total" "$LIMIT_U") "
