@@ -292,6 +292,58 @@ async fn ask_claim(coordinator: &Node, d: &Digest) -> serde_json::Value {
 }
 
 #[tokio::test]
+async fn a_node_that_takes_a_claim_over_keeps_its_followers_waiting_while_upstream_answers() {
+    // The registry takes 6.5 s to answer a blob GET. The holder dies (its peer API) before
+    // sending a byte; the next asker takes the claim over and asks the registry too. A
+    // third node then streams from that one: its peer API must wait while the registry
+    // has not answered (the fetch is "connecting upstream": 4 s per request), not give up
+    // after the 1 s it gives a fetch still choosing among nodes. Otherwise the third node's
+    // four requests (1 s each, 0.25, 0.5 and 1 s apart) end before the registry answers,
+    // and it goes to the registry too.
+    let data = random(256 * 1024, 47);
+    let mut fake = Fake::new(vec![BlobMode::Good]).with_blob(&data);
+    fake.blob_open_delay = Duration::from_millis(6500);
+    let fake = Arc::new(fake);
+    let d = digest_of(&data);
+    let net = MemoryNetwork::new();
+    net.hide_keys("inflight:");
+    let nodes = cluster(3, &fake, &net).await;
+    let path = blob_path(&d);
+    let get = |n: &Node| {
+        let (addr, path) = (n.server.addr, path.clone());
+        tokio::spawn(async move { request(addr, "GET", &path, &[]).await })
+    };
+    let calls = || upstream_calls(&fake).len();
+    let holder = get(&nodes[0]);
+    eventually(
+        Duration::from_secs(10),
+        "the holder asking upstream",
+        async || calls() == 1,
+    )
+    .await;
+    nodes[0].life.dead.store(true, Ordering::SeqCst);
+    let taker = get(&nodes[1]);
+    eventually(
+        Duration::from_secs(10),
+        "the second node asking upstream",
+        async || calls() == 2,
+    )
+    .await;
+    let third = get(&nodes[2]);
+    for (name, pull) in [("holder", holder), ("taker", taker), ("third", third)] {
+        let (status, _, body, complete) = pull.await.unwrap();
+        assert_eq!(status, 200, "{name}");
+        assert!(complete && body == data, "{name} got other bytes");
+    }
+    assert_eq!(
+        upstream_calls(&fake),
+        vec![(0, 0), (0, 0)],
+        "the third node streamed from the second"
+    );
+    assert!(nodes[1].life.blob_hits.load(Ordering::SeqCst) >= 1);
+}
+
+#[tokio::test]
 async fn a_coordinator_that_is_down_is_replaced_by_the_next_one() {
     let (fake, data) = upstream(2 * 1024 * 1024, 43, Duration::from_millis(10));
     let d = digest_of(&data);

@@ -55,6 +55,8 @@ pub struct Fake {
     pub chunk_delay: Duration,
     /// How long a manifest GET takes to answer.
     pub manifest_delay: Duration,
+    /// How long a blob GET takes to answer (before its first byte).
+    pub blob_open_delay: Duration,
 }
 
 impl Fake {
@@ -69,6 +71,7 @@ impl Fake {
             down: false.into(),
             chunk_delay: Duration::ZERO,
             manifest_delay: Duration::ZERO,
+            blob_open_delay: Duration::ZERO,
         }
     }
 
@@ -177,6 +180,7 @@ impl Upstream for Fake {
         async move {
             for (i, mode) in self.attempts.iter().enumerate().skip(from) {
                 self.blob_calls.lock().unwrap().push((i, offset));
+                tokio::time::sleep(self.blob_open_delay).await;
                 let Some(data) = self.blobs.get(digest).cloned() else {
                     continue;
                 };
