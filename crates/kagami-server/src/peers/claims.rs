@@ -405,7 +405,7 @@ impl Peers {
                 match self.ask_remote(&coordinator, key, &req).await {
                     Ok(a) => a,
                     Err(why) => {
-                        tracing::debug!(%key, coordinator = %id, why, "claim coordinator did not answer; trying the next");
+                        tracing::warn!(%key, coordinator = %id, why, "claim coordinator did not answer; trying the next");
                         continue;
                     }
                 }
@@ -419,7 +419,7 @@ impl Peers {
             }
             let Some(holder) = Self::known(&a.holder, &members) else {
                 // A holder this node cannot reach safely: the announcements decide.
-                tracing::debug!(%key, holder = %a.holder.id, "the claim holder is not a member this node knows");
+                tracing::warn!(%key, holder = %a.holder.id, "the claim holder is not a member this node knows; the announcements decide");
                 return None;
             };
             let mut earlier: Vec<Peer> = a

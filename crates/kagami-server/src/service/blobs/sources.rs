@@ -104,7 +104,11 @@ pub(super) async fn cluster_fetcher(
                 elected: false,
             };
         }
-        None => {}
+        // Announcements may cross on a loaded machine or a slow network, and then two nodes
+        // fetch: worth a line at the default log level.
+        None => {
+            tracing::warn!(%digest, "no claim coordinator answered; the announcements decide who fetches this blob")
+        }
     }
     tokio::time::sleep(SETTLE).await;
     let earlier: Vec<kagami_p2p::Peer> = peers
