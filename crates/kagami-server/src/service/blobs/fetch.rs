@@ -428,6 +428,7 @@ async fn fetch_pass(
         match next {
             Ok(b) => {
                 body = b;
+                tracing::debug!(%digest, offset = sink.received, source = %body.body.source, "continuing the blob from another source");
                 pieced |= body.pieces;
                 contributors.push(body.origin.clone());
             }
