@@ -397,6 +397,10 @@ fn tag_upstream(delay: Duration) -> (Arc<Fake>, Digest) {
     (Arc::new(fake), d)
 }
 
+fn manifest_calls(fake: &Fake) -> usize {
+    fake.manifest_calls.load(Ordering::SeqCst)
+}
+
 /// Node `n` GETs tag `1`; it answers `TAGGED` under digest `d`.
 async fn get_tag(n: &Node, d: &Digest) {
     let path = "/v2/team/app/manifests/1?ns=registry.example.test";
@@ -413,11 +417,7 @@ async fn a_cold_tag_is_resolved_once_for_the_whole_cluster() {
     let net = MemoryNetwork::new();
     let nodes = cluster(5, &fake, &net).await;
     futures_util::future::join_all(nodes.iter().map(|n| get_tag(n, &d))).await;
-    assert_eq!(
-        fake.manifest_calls.load(Ordering::SeqCst),
-        1,
-        "upstream manifest GETs"
-    );
+    assert_eq!(manifest_calls(&fake), 1, "upstream manifest GETs");
 }
 
 #[tokio::test]
@@ -428,17 +428,16 @@ async fn when_the_node_resolving_a_tag_dies_the_next_asker_resolves_it() {
     // n0 asks first and holds the tag's claim; its peer API dies while it resolves.
     let first = get_tag(&nodes[0], &d);
     let rest = async {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        eventually(Duration::from_secs(10), "n0 asking upstream", async || {
+            manifest_calls(&fake) == 1
+        })
+        .await;
         nodes[0].life.dead.store(true, Ordering::SeqCst);
         futures_util::future::join_all(nodes[1..].iter().map(|n| get_tag(n, &d))).await;
     };
     tokio::join!(first, rest);
     // n0's own resolution, and one for the three others (not one each).
-    assert_eq!(
-        fake.manifest_calls.load(Ordering::SeqCst),
-        2,
-        "upstream manifest GETs"
-    );
+    assert_eq!(manifest_calls(&fake), 2, "upstream manifest GETs");
 }
 
 #[tokio::test]
@@ -449,9 +448,5 @@ async fn nodes_wait_for_a_tag_resolution_longer_than_one_peer_request() {
     let net = MemoryNetwork::new();
     let nodes = cluster(3, &fake, &net).await;
     futures_util::future::join_all(nodes.iter().map(|n| get_tag(n, &d))).await;
-    assert_eq!(
-        fake.manifest_calls.load(Ordering::SeqCst),
-        1,
-        "upstream manifest GETs"
-    );
+    assert_eq!(manifest_calls(&fake), 1, "upstream manifest GETs");
 }
