@@ -114,10 +114,22 @@ impl Registry {
         wait_for_port(&self.addr(), Duration::from_secs(10));
     }
 
-    /// Number of access-log lines for GET requests whose path contains `needle`.
+    /// Number of access-log lines for GET requests whose path contains `needle`, once the
+    /// log has stopped growing: docker-registry writes a request's line after its response
+    /// ends, which can be just after the client read the last byte. Two reads 100 ms apart
+    /// must agree (2 s at most).
     pub fn count_gets(&self, needle: &str) -> usize {
-        self.access_log()
-            .iter()
+        let mut log = self.access_log();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.access_log();
+            let settled = now.len() == log.len();
+            log = now;
+            if settled {
+                break;
+            }
+        }
+        log.iter()
             .filter(|l| l.contains("\"GET ") && l.contains(needle))
             .count()
     }
