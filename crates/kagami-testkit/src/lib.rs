@@ -59,6 +59,34 @@ pub fn wait_for_port(addr: &str, timeout: Duration) {
     });
 }
 
+/// Waits (bounded) until `child`, which logs to `log`, accepts connections on `addr`. When
+/// it exits first, or never listens, the panic says how it ended and shows the end of its
+/// log (a daemon that could not start says why there).
+pub fn wait_for_child_port(child: &mut Child, addr: &str, log: &Path, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || std::time::Instant::now() >= deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "nothing listening on {addr} ({}); the end of {}:\n{}",
+                match exited {
+                    Some(status) => format!("the process exited: {status}"),
+                    None => format!("still running after {timeout:?}"),
+                },
+                log.display(),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// What [`run_bounded`] saw: the exit status (`None` when the command was killed for
 /// running past its limit) and everything it wrote.
 pub struct Bounded {
@@ -205,5 +233,24 @@ mod tests {
         );
         assert!(killed.status.is_none());
         assert_eq!(killed.stdout, "started\n");
+    }
+
+    #[test]
+    fn a_daemon_that_exits_before_listening_is_reported_with_its_log() {
+        let log = std::env::temp_dir().join(format!("testkit-{}.log", std::process::id()));
+        let mut child = Command::new("sh")
+            .args(["-c", "echo cannot bind the port >&2; exit 3"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for_child_port(&mut child, &addr, &log, Duration::from_secs(10))
+        }))
+        .unwrap_err();
+        let _ = std::fs::remove_file(&log);
+        let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.contains("exited"), "{message}");
+        assert!(message.contains("cannot bind the port"), "{message}");
     }
 }

@@ -44,7 +44,7 @@ impl Kagami {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start kagami serve");
-        let k = Kagami {
+        let mut k = Kagami {
             daemon: Daemon {
                 child,
                 name: "kagami",
@@ -53,7 +53,13 @@ impl Kagami {
             data,
             log,
         };
-        wait_for_port(&k.addr(), Duration::from_secs(20));
+        let addr = k.addr();
+        kagami_testkit::wait_for_child_port(
+            &mut k.daemon.child,
+            &addr,
+            &k.log,
+            Duration::from_secs(20),
+        );
         k
     }
 
@@ -992,9 +998,14 @@ fn one_upstream_fetch_per_cluster() {
         if let Some(b) = &first_p2p {
             cmd.args(["--p2p-bootstrap", b]);
         }
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
         let addr = format!("{ip}:{api}");
-        wait_for_port(&addr, Duration::from_secs(20));
+        kagami_testkit::wait_for_child_port(
+            &mut child,
+            &addr,
+            &d.join("kagami.log"),
+            Duration::from_secs(20),
+        );
         first_p2p.get_or_insert(format!("{ip}:{p2p}"));
         nodes.push((
             Daemon {
