@@ -271,7 +271,9 @@ if on holder && [[ " $MODES " == *" p2p "* ]]; then
     R[p2p-hold-secs]+="$total "
     R[p2p-hold-up]+="$(ratio "$(upstream_bytes "$mark")" "$IMAGE_BYTES") "
     R[p2p-hold-link]+="$(ratio "$(( $(link_sent) - link0 ))" "$IMAGE_BYTES") "
-    R[p2p-hold-done]+="$(for i in $(seq "$NODES"); do [ "$i" != "$victim" ] && [ -s "$WORK/h-$i" ] && echo x; done | wc -l) "
+    # (An `if`, not `&&`: with pipefail, a loop whose last test fails, when the victim is
+    # node N, would end the script.)
+    R[p2p-hold-done]+="$(for i in $(seq "$NODES"); do if [ "$i" != "$victim" ] && [ -s "$WORK/h-$i" ]; then echo x; fi; done | wc -l) "
     stop_nodes
   done
 fi

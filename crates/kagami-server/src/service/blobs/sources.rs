@@ -180,11 +180,15 @@ pub(super) fn spread_followers(
 /// (i - 1) / FANOUT — so that no node sends the blob more than FANOUT times while it
 /// arrives and the chain from the holder stays short (a random choice among earlier
 /// nodes gives some nodes more followers than their link carries and chains as long as
-/// e·ln N). After its parent a follower tries the parent's ancestors up to the holder,
-/// then other earlier nodes (spread as in [`spread_followers`]), [`CLAIM_SOURCES`] in all
-/// with the holder always among them. A follower past the coordinator's list of askers
-/// (it keeps [`crate::peers::MAX_ASKERS`]) sees the whole list: it picks its parent among
-/// the list's leaves by hash instead.
+/// e·ln N). After its parent a follower tries the askers just before it, nearest first,
+/// then the parent's ancestors, [`CLAIM_SOURCES`] in all with the holder always among
+/// them: the followers of a parent that dies go on from distinct nodes, each of which
+/// takes one more follower, rather than all from the parent's parent (which feeds FANOUT
+/// already; measured at 20 nodes, the holder's orphaned children all went to the new
+/// holder, which then fed 7 streams on a link for 5). A follower past the coordinator's
+/// list of askers (it keeps [`crate::peers::MAX_ASKERS`]) sees the whole list: it picks
+/// its parent among the list's leaves by hash instead, then its ancestors, then others
+/// spread as in [`spread_followers`].
 pub(super) fn tree_sources(
     me: &str,
     digest: &Digest,
@@ -213,14 +217,24 @@ pub(super) fn tree_sources(
             parent = (parent - 1) / FANOUT;
         }
     }
-    let mut sources: Vec<kagami_p2p::Peer> = chain.iter().map(|&i| earlier[i].clone()).collect();
-    let rest: Vec<kagami_p2p::Peer> = earlier
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !chain.contains(i))
-        .map(|(_, p)| p.clone())
-        .collect();
-    sources.extend(spread_followers(me, digest, rest));
+    let at = |i: &usize| earlier[*i].clone();
+    let others: Vec<usize> = (0..k).filter(|i| !chain.contains(i)).collect();
+    let mut sources: Vec<kagami_p2p::Peer> = chain.first().map(at).into_iter().collect();
+    if k >= crate::peers::MAX_ASKERS {
+        // Every late follower sees the same list: spread them.
+        sources.extend(chain.iter().skip(1).map(at));
+        sources.extend(spread_followers(
+            me,
+            digest,
+            others.iter().map(at).collect(),
+        ));
+    } else {
+        // When the parent dies, its followers go on from the askers just before each of
+        // them, nearest first: they are distinct, so every node takes at most one more
+        // follower (its ancestors, each feeding FANOUT already, would take them all).
+        sources.extend(others.iter().rev().map(at));
+        sources.extend(chain.iter().skip(1).map(at));
+    }
     sources.truncate(CLAIM_SOURCES);
     if !sources.iter().any(|p| p.id == holder.id) {
         if sources.len() == CLAIM_SOURCES {
@@ -582,10 +596,39 @@ mod tests {
             *children.entry(s[0].id.clone()).or_default() += 1;
         }
         assert!(children.values().all(|&c| c <= FANOUT), "{children:?}");
-        // The 32nd asker is three hops from the holder: parent 7, 1, then the holder.
+        // The 32nd asker streams from asker 7, then goes on from the askers just before it,
+        // then the holder (three hops up: 7, 1, 0).
         let s = tree_sources("x", &digest, all[..31].to_vec(), &holder);
         let ids: Vec<_> = s.iter().map(|p| p.id.as_str()).collect();
-        assert_eq!(&ids[..3], ["n007", "n001", "n000"]);
+        assert_eq!(ids, ["n007", "n030", "n029", "n000"]);
+    }
+
+    #[test]
+    fn the_followers_of_a_dead_parent_go_on_from_distinct_nodes() {
+        let digest = Digest::sha256_from_bytes(&[8; 32]);
+        let all = peers(crate::peers::MAX_ASKERS);
+        let holder = all[0].clone();
+        // Every parent dies in turn: where its followers go next.
+        let mut next_of = std::collections::HashMap::<String, Vec<String>>::new();
+        for k in 1..all.len() {
+            let s = tree_sources(&all[k].id, &digest, all[..k].to_vec(), &holder);
+            if let Some(next) = s.get(1) {
+                next_of
+                    .entry(s[0].id.clone())
+                    .or_default()
+                    .push(next.id.clone());
+            }
+        }
+        for (parent, next) in &next_of {
+            let mut distinct = next.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), next.len(), "{parent}'s followers: {next:?}");
+            assert!(!next.contains(parent));
+        }
+        // The holder's children: the second goes on from the first, the third from the
+        // second, and so on (the first has nobody before it but the holder).
+        assert_eq!(next_of["n000"], ["n001", "n002", "n003"]);
     }
 
     #[test]
