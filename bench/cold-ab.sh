@@ -34,16 +34,6 @@ for bin in "$@"; do
   "$bin" serve --listen 127.0.0.1:$p --data-dir "$WORK/k$i" --config "$WORK/registries.yaml" --disable-default-registry-endpoint 2>"$WORK/k$i.log" &
   PIDS+=($!); PIDOF[k$i]=$!; PORTOF[k$i]=$p; WHO+=(k$i); wait_port "$p"
 done
-push_blob() {
-  local f=$WORK/blob.bin
-  head -c $((SIZE_MB*1024*1024)) /dev/urandom >"$f"
-  local d="sha256:$(sha256sum "$f" | cut -d' ' -f1)"
-  local loc; loc=$(curl -sSi -X POST "http://127.0.0.1:$ORIGIN/v2/$1/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
-  case $loc in http*) ;; *) loc="http://127.0.0.1:$ORIGIN$loc";; esac
-  case $loc in *\?*) loc="$loc&";; *) loc="$loc?";; esac
-  curl -sSf -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$f" "${loc}digest=$d" >/dev/null
-  rm -f "$f"; echo "$d"
-}
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 flt() { awk '{print $10}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
@@ -70,9 +60,8 @@ for r in $(seq "$RUNS"); do
     fi
   done
 done
-med() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo "medians (proxy = docker-registry, kN = the Nth binary given):"
 for who in "${WHO[@]}"; do
-  col() { echo "$RESULTS" | awk -v w="$who" -v c="$1" '$1=="run" && $3==w {print $c}' | med; }
+  col() { echo "$RESULTS" | awk -v w="$who" -v c="$1" '$1=="run" && $3==w {print $c}' | median; }
   printf '%-6s %6s MB/s %6s ns CPU/byte %8s faults\n' "$who" "$(col 5)" "$(col 7)" "$(col 9)"
 done

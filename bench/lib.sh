@@ -59,3 +59,16 @@ push_big_image() {
     rm -rf oci
   )
 }
+
+# push_blob REPO [MiB]: a fresh random blob of SIZE_MB (or MiB) pushed to the origin
+# registry at 127.0.0.1:$ORIGIN (monolithic upload); prints its digest. Uses $WORK.
+push_blob() {
+  local f=$WORK/blob.bin
+  head -c $((${2:-$SIZE_MB}*1024*1024)) /dev/urandom >"$f"
+  local d="sha256:$(sha256sum "$f" | cut -d' ' -f1)"
+  local loc; loc=$(curl -sSi -X POST "http://127.0.0.1:$ORIGIN/v2/$1/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+  case $loc in http*) ;; *) loc="http://127.0.0.1:$ORIGIN$loc";; esac
+  case $loc in *\?*) loc="$loc&";; *) loc="$loc?";; esac
+  curl -sSf -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$f" "${loc}digest=$d" >/dev/null
+  rm -f "$f"; echo "$d"
+}

@@ -24,7 +24,8 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh # port, median, pct, push_blob
 wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/v2/" && return 0; sleep 0.05; done; echo "port $1 never answered" >&2; exit 1; }
 registry() { # name port [remote]
   local dir=$WORK/$1; mkdir -p "$dir"
@@ -47,8 +48,6 @@ YAML
   docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
   PIDS+=($!); wait_port "$2"
 }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p/100+0.5); if(i<1)i=1; print a[i]}'; }
 
 ORIGIN=$(port); PROXY=$(port); KPORT=$(port)
 registry origin "$ORIGIN"
@@ -62,16 +61,6 @@ YAML
   --disable-default-registry-endpoint ${KAGAMI_ARGS:-} 2>"$WORK/kagami.log" &
 KPID=$!; PIDS+=($KPID); wait_port "$KPORT"
 
-push_blob() { # repo [MiB] -> digest (a fresh random blob of SIZE_MB, or MiB)
-  local f=$WORK/blob.bin
-  head -c $((${2:-$SIZE_MB}*1024*1024)) /dev/urandom >"$f"
-  local d="sha256:$(sha256sum "$f" | cut -d' ' -f1)"
-  local loc; loc=$(curl -sSi -X POST "http://127.0.0.1:$ORIGIN/v2/$1/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
-  case $loc in http*) ;; *) loc="http://127.0.0.1:$ORIGIN$loc";; esac
-  case $loc in *\?*) loc="$loc&";; *) loc="$loc?";; esac
-  curl -sSf -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$f" "${loc}digest=$d" >/dev/null
-  rm -f "$f"; echo "$d"
-}
 get_mbps() { curl -sSf -o /dev/null -w '%{speed_download}\n' "$1" | awk '{printf "%.0f\n", $1/1e6}'; }
 blob_url() { # where repo digest
   case $1 in

@@ -473,6 +473,15 @@ mod tests {
     use futures_util::FutureExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// Pieces of 64 KiB (tests move a few MiB at most), the default lookahead.
+    fn small(late_min: Duration) -> Layout {
+        Layout {
+            piece: 64 * 1024,
+            lookahead: LOOKAHEAD,
+            late_min,
+        }
+    }
+
     fn data(n: usize) -> Bytes {
         (0..n)
             .map(|i| (i * 7 + i / 251) as u8)
@@ -549,11 +558,7 @@ mod tests {
     async fn pieces_come_in_order_from_every_holder_within_the_lookahead() {
         let blob = data(40 * 64 * 1024 + 123);
         let (_d, store) = store(None).await;
-        let layout = Layout {
-            piece: 64 * 1024,
-            lookahead: LOOKAHEAD,
-            late_min: LATE_MIN,
-        };
+        let layout = small(LATE_MIN);
         let holders = vec![
             holder("a", blob.clone(), Duration::from_millis(1), None),
             holder("b", blob.clone(), Duration::from_millis(1), None),
@@ -578,11 +583,7 @@ mod tests {
         let blob = data(24 * 64 * 1024);
         // Room for one piece ahead only (half the budget).
         let (_d, store) = store(Some(3 * 64 * 1024)).await;
-        let layout = Layout {
-            piece: 64 * 1024,
-            lookahead: LOOKAHEAD,
-            late_min: LATE_MIN,
-        };
+        let layout = small(LATE_MIN);
         let holders = (0..3)
             .map(|i| holder(&i.to_string(), blob.clone(), Duration::from_millis(1), None))
             .collect();
@@ -606,11 +607,7 @@ mod tests {
         let piece = 64 * 1024;
         let blob = data(32 * piece as usize);
         let (_d, store) = store(Some(6 * piece)).await;
-        let layout = Layout {
-            piece,
-            lookahead: LOOKAHEAD,
-            late_min: LATE_MIN,
-        };
+        let layout = small(LATE_MIN);
         let read = |n: usize| {
             let (blob, store) = (blob.clone(), store.clone());
             async move {
@@ -658,11 +655,7 @@ mod tests {
     async fn a_holder_cut_mid_piece_gives_it_back_and_is_not_asked_again() {
         let blob = data(16 * 64 * 1024 + 5);
         let (_d, store) = store(None).await;
-        let layout = Layout {
-            piece: 64 * 1024,
-            lookahead: LOOKAHEAD,
-            late_min: LATE_MIN,
-        };
+        let layout = small(LATE_MIN);
         let holders = vec![
             holder("good", blob.clone(), Duration::from_millis(1), None),
             holder("cut", blob.clone(), Duration::from_millis(1), Some(1)),
@@ -679,11 +672,7 @@ mod tests {
     async fn a_late_frontier_piece_is_taken_over_by_a_faster_holder() {
         let blob = data(12 * 64 * 1024);
         let (_d, store) = store(None).await;
-        let layout = Layout {
-            piece: 64 * 1024,
-            lookahead: LOOKAHEAD,
-            late_min: Duration::from_millis(20),
-        };
+        let layout = small(Duration::from_millis(20));
         // "slow" would need 4 s for one piece; the test's deadline is 20 s, and without
         // the take-over the frontier would wait on it for every piece it takes.
         let holders = vec![
@@ -703,11 +692,7 @@ mod tests {
     async fn when_every_holder_fails_the_body_ends_with_an_error_at_the_frontier() {
         let blob = data(16 * 64 * 1024);
         let (_d, store) = store(None).await;
-        let layout = Layout {
-            piece: 64 * 1024,
-            lookahead: LOOKAHEAD,
-            late_min: LATE_MIN,
-        };
+        let layout = small(LATE_MIN);
         let holders = vec![
             holder("a", blob.clone(), Duration::from_millis(1), Some(0)),
             holder("b", blob.clone(), Duration::from_millis(2), Some(0)),
