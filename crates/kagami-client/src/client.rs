@@ -136,11 +136,15 @@ impl Client {
             return Ok(c.clone());
         }
         let host = origin.split_once("://").map_or(origin, |(_, h)| h);
-        let config =
-            crate::tls::rustls_config(tls.map(|t| &**t)).map_err(|why| Error::TlsSetup {
-                host: host.to_string(),
-                why,
-            })?;
+        let config = if origin.starts_with("http://") {
+            crate::tls::plain_http_config()
+        } else {
+            crate::tls::rustls_config(tls.map(|t| &**t))
+        }
+        .map_err(|why| Error::TlsSetup {
+            host: host.to_string(),
+            why,
+        })?;
         let o = &self.inner.options;
         let mut b = reqwest::Client::builder()
             .tls_backend_preconfigured(config)

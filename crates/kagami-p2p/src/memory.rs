@@ -12,6 +12,8 @@ pub struct MemoryNetwork {
     nodes: Mutex<Nodes>,
     /// Key prefixes no lookup finds (see [`MemoryNetwork::hide_keys`]).
     hidden: Mutex<Vec<String>>,
+    /// Every key advertised, with the node that advertised it, in order.
+    announced: Mutex<Vec<(String, String)>>,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +42,18 @@ impl MemoryNetwork {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(prefix.into());
+    }
+
+    /// A test hook: the ids of the nodes that advertised `key`, once per advertisement,
+    /// in order (withdrawn ones included).
+    pub fn announcers(&self, key: &str) -> Vec<String> {
+        self.announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, k)| k == key)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     fn hidden(&self, key: &str) -> bool {
@@ -146,6 +160,11 @@ impl Router for MemoryRouter {
     }
 
     fn advertise(&self, keys: Vec<String>) -> BoxFuture<'_, ()> {
+        self.net
+            .announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(keys.iter().map(|k| (self.me.id.clone(), k.clone())));
         self.with_me(|node| node.keys.extend(keys));
         Box::pin(async {})
     }

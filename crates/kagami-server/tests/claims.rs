@@ -186,6 +186,30 @@ async fn a_blob_claimed_by_one_node_is_fetched_once_even_when_announcements_arri
 }
 
 #[tokio::test]
+async fn only_the_claim_holder_announces_a_blob_in_flight() {
+    // Announcements are DHT queries; a claim's followers find their sources through the
+    // coordinator, and announcing too only loads the cluster at the start of a pull.
+    let (fake, data) = upstream(2 * 1024 * 1024, 47, Duration::from_millis(10));
+    let d = digest_of(&data);
+    let net = MemoryNetwork::new();
+    let nodes = cluster(5, &fake, &net).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    pull_all(&all, &d, &data).await;
+    assert_eq!(upstream_calls(&fake), vec![(0, 0)]);
+    let announcers = net.announcers(&kagami_server::peers::inflight_key(&d));
+    assert_eq!(
+        announcers.len(),
+        1,
+        "inflight announcements by {announcers:?}"
+    );
+    // Every node still announces the blob once it holds it.
+    let mut holders = net.announcers(&d.to_string());
+    holders.sort();
+    holders.dedup();
+    assert_eq!(holders.len(), 5, "holders announced: {holders:?}");
+}
+
+#[tokio::test]
 async fn nodes_slow_to_answer_do_not_send_their_followers_to_the_holder() {
     // Nine nodes pull at once; every node but the holder answers peers 400 ms late (a
     // loaded node whose own source answers late). The followers of the first four askers

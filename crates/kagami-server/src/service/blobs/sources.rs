@@ -62,12 +62,12 @@ pub(super) struct ClusterFetch {
     pub(super) elected: bool,
 }
 
-/// One upstream fetch per cluster. Every node about to fetch a blob nobody holds
-/// announces `inflight:<digest>` (so that nodes can find the fetching one and each
-/// other), then asks the blob's claim coordinator (`peers::claims`): the first asker
-/// fetches from upstream, every later one streams from the nodes that asked before it,
-/// the holder among them. When no coordinator answers, the announcements decide: the
-/// node waits briefly, looks the key up, and the node with the lowest id fetches while
+/// One upstream fetch per cluster. Every node about to fetch a blob nobody holds asks
+/// the blob's claim coordinator (`peers::claims`): the first asker fetches from upstream,
+/// every later one streams from the nodes that asked before it, the holder among them.
+/// The holder announces `inflight:<digest>`, and so does every node no coordinator
+/// answered: the announcements decide among those. Such a node waits briefly, looks the
+/// key up, and the node with the lowest id fetches while
 /// the others stream from it (its peer API serves blobs in flight). Announcements that
 /// raced past each other degrade to two fetches, never to a failure; a stale
 /// announcement is a provider that answers 404, then skipped.
@@ -84,11 +84,11 @@ pub(super) async fn cluster_fetcher(
         };
     };
     let key = ContentKey::Inflight(digest.clone()).to_string();
-    peers.router.advertise(vec![key.clone()]).await;
     let has = || svc.holds_or_fetches(digest);
     match claim(peers, &me, digest, None, &has).await {
         Some(crate::peers::Claimed::Granted) => {
             tracing::debug!(%digest, "claim granted; fetching this blob for the cluster");
+            announce_fetching(peers, digest).await;
             return ClusterFetch {
                 sources: Vec::new(),
                 claim: ClaimRole::Holder(blob_claim_guard(peers, &me, digest, &svc.store)),
@@ -107,7 +107,8 @@ pub(super) async fn cluster_fetcher(
         // Announcements may cross on a loaded machine or a slow network, and then two nodes
         // fetch: worth a line at the default log level.
         None => {
-            tracing::warn!(%digest, "no claim coordinator answered; the announcements decide who fetches this blob")
+            tracing::warn!(%digest, "no claim coordinator answered; the announcements decide who fetches this blob");
+            announce_fetching(peers, digest).await;
         }
     }
     tokio::time::sleep(SETTLE).await;
@@ -138,6 +139,15 @@ async fn claim(
 ) -> Option<crate::peers::Claimed> {
     let key = ContentKey::Digest(digest.clone());
     peers.claim(me, &key, failed, None, has).await
+}
+
+/// Announces that this node fetches `digest` from upstream (`inflight:<digest>`), for
+/// the nodes that no claim coordinator answers. Followers in a claim's tree do not
+/// announce: every announcement is a DHT query and its stores on other nodes, and at the
+/// start of a cluster-wide pull those compete for CPU with the holder's first bytes.
+async fn announce_fetching(peers: &crate::peers::Peers, digest: &Digest) {
+    let key = ContentKey::Inflight(digest.clone()).to_string();
+    peers.router.advertise(vec![key]).await;
 }
 
 /// Holds this node's claim on a blob: released as done once the store has it.
@@ -515,6 +525,7 @@ impl Sources<'_> {
             let holder = match answer {
                 Some(crate::peers::Claimed::Granted) => {
                     tracing::info!(%self.digest, offset, failed = %known.id, "the claim holder failed; this node holds the claim now and continues from upstream");
+                    announce_fetching(peers, self.digest).await;
                     let guard = blob_claim_guard(peers, me, self.digest, &self.svc.store);
                     *self.claim.lock().unwrap_or_else(PoisonError::into_inner) =
                         ClaimRole::Holder(guard);
