@@ -122,7 +122,28 @@ pub struct Peers {
     learnt: LearntTags,
     /// The claims this node coordinates (see `claims`).
     claims: claims::Claims,
+    /// Blobs this node is getting through a claim, as its holder or a follower, whose
+    /// announcement waits once stored (see [`advertise_store`]), with when they were
+    /// registered.
+    deferred: Mutex<HashMap<Digest, Instant>>,
 }
+
+/// How long the announcement of a blob this node got through a claim waits once the blob is
+/// stored: at least [`DEFER_MIN`], plus a random part of up to [`DEFER_SPREAD`]. Meanwhile
+/// the blob's coordinator still points later askers at the claim's holder and askers
+/// (`claims::DONE_KEEP`), so nobody fetches it again; and the announcements, a DHT query
+/// and its stores each, happen after a cluster-wide pull rather than during it: with every
+/// node announcing the config blob at the start of a pull and the layer at its end, they
+/// competed for CPU with the transfers (docs/p2p.md, "Announcements").
+pub(crate) const DEFER_MIN: Duration = Duration::from_secs(2);
+pub(crate) const DEFER_SPREAD: Duration = Duration::from_secs(4);
+const _: () = assert!(
+    DEFER_MIN.as_millis() + DEFER_SPREAD.as_millis() + 10_000 < claims::DONE_KEEP.as_millis(),
+    "a deferred announcement must be out well before the coordinator forgets the holder"
+);
+
+/// Registrations older than this are dropped (a fetch that failed never stores its blob).
+const DEFERRED_KEEP: Duration = Duration::from_secs(600);
 
 /// The most tags learnt from peers kept at once; beyond it the oldest go first.
 const MAX_LEARNT_TAGS: usize = 10_000;
@@ -222,7 +243,28 @@ impl Peers {
             own_http_addr: std::sync::OnceLock::new(),
             learnt: LearntTags::default(),
             claims: claims::Claims::default(),
+            deferred: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Marks `digest` as being got through a claim: once stored, its announcement waits
+    /// (see [`DEFER_MIN`]).
+    pub(crate) fn defer_announcement(&self, digest: &Digest) {
+        let now = Instant::now();
+        let mut map = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= 1024 {
+            map.retain(|_, at| now.duration_since(*at) < DEFERRED_KEEP);
+        }
+        map.insert(digest.clone(), now);
+    }
+
+    /// Whether `digest`'s announcement waits, forgetting the registration.
+    fn take_deferred(&self, digest: &Digest) -> bool {
+        self.deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(digest)
+            .is_some()
     }
 
     /// Counts into `telemetry` from now on (once; later calls are ignored).
@@ -623,21 +665,59 @@ pub async fn advertise_store(state: crate::AppState) {
     if !tags.is_empty() {
         peers.router.advertise(tags).await;
     }
+    // Blobs got through a claim, stored and not announced yet, and when they will be.
+    let mut waiting: Vec<Digest> = Vec::new();
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
-        match events.recv().await {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = sleep_until_opt(due) => {
+                due = None;
+                let keys = waiting.drain(..).map(|d| d.to_string()).collect();
+                peers.router.advertise(keys).await;
+                continue;
+            }
+        };
+        match event {
             Ok(kagami_store::StoreEvent::Added(d)) => {
-                peers.router.advertise(vec![d.to_string()]).await
+                if peers.take_deferred(&d) {
+                    waiting.push(d);
+                    due.get_or_insert_with(|| tokio::time::Instant::now() + defer_delay());
+                } else {
+                    peers.router.advertise(vec![d.to_string()]).await
+                }
             }
             Ok(kagami_store::StoreEvent::Removed(d)) => {
-                if !containerd_holds(&state, &d) {
+                if let Some(i) = waiting.iter().position(|w| *w == d) {
+                    waiting.swap_remove(i);
+                } else if !containerd_holds(&state, &d) {
                     peers.router.withdraw(vec![d.to_string()]).await
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                waiting.clear();
+                due = None;
                 peers.router.advertise(all(&state)).await
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// [`DEFER_MIN`] plus a random part of [`DEFER_SPREAD`], so that the nodes of a cluster
+/// that stored the same blob at the same moment do not announce it at the same moment.
+fn defer_delay() -> Duration {
+    let r = std::hash::BuildHasher::hash_one(
+        &std::collections::hash_map::RandomState::new(),
+        Instant::now(),
+    );
+    DEFER_MIN + DEFER_SPREAD.mul_f64((r % 1000) as f64 / 1000.0)
+}
+
+async fn sleep_until_opt(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -186,27 +186,38 @@ async fn a_blob_claimed_by_one_node_is_fetched_once_even_when_announcements_arri
 }
 
 #[tokio::test]
-async fn only_the_claim_holder_announces_a_blob_in_flight() {
-    // Announcements are DHT queries; a claim's followers find their sources through the
-    // coordinator, and announcing too only loads the cluster at the start of a pull.
+async fn only_the_claim_holder_announces_a_blob_in_flight_and_the_others_announce_it_later() {
+    // Announcements are DHT queries. A claim's followers find their sources through the
+    // coordinator, and every node that got the blob through the claim announces it a few
+    // seconds after storing it: meanwhile the coordinator still points later askers at
+    // the claim's nodes, so none of them goes upstream.
     let (fake, data) = upstream(2 * 1024 * 1024, 47, Duration::from_millis(10));
     let d = digest_of(&data);
     let net = MemoryNetwork::new();
     let nodes = cluster(5, &fake, &net).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    pull_all(&all, &d, &data).await;
-    assert_eq!(upstream_calls(&fake), vec![(0, 0)]);
-    let announcers = net.announcers(&kagami_server::peers::inflight_key(&d));
-    assert_eq!(
-        announcers.len(),
-        1,
-        "inflight announcements by {announcers:?}"
+    let first: Vec<&Node> = nodes[..4].iter().collect();
+    pull_all(&first, &d, &data).await;
+    let unique = |mut ids: Vec<String>| {
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let announced = unique(net.announcers(&d.to_string()));
+    assert!(
+        announced.len() < 4,
+        "every node announced the blob as soon as it stored it: {announced:?}"
     );
-    // Every node still announces the blob once it holds it.
-    let mut holders = net.announcers(&d.to_string());
-    holders.sort();
-    holders.dedup();
-    assert_eq!(holders.len(), 5, "holders announced: {holders:?}");
+    let inflight = net.announcers(&kagami_server::peers::inflight_key(&d));
+    assert_eq!(inflight.len(), 1, "inflight announcements by {inflight:?}");
+    // A node arriving before the announcements: pointed at the claim's nodes.
+    pull_all(&[&nodes[4]], &d, &data).await;
+    assert_eq!(upstream_calls(&fake), vec![(0, 0)]);
+    eventually(
+        Duration::from_secs(15),
+        "every node announcing the blob",
+        async || unique(net.announcers(&d.to_string())).len() == 5,
+    )
+    .await;
 }
 
 #[tokio::test]

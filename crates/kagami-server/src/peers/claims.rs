@@ -36,7 +36,7 @@ pub(crate) const CLAIM_TTL: Duration = Duration::from_secs(10);
 pub(crate) const CLAIM_RENEW: Duration = Duration::from_secs(3);
 /// After a holder stored the blob, later askers are still pointed at it this long (it
 /// holds the blob; its provider record may not have reached them yet).
-const DONE_KEEP: Duration = Duration::from_secs(30);
+pub(crate) const DONE_KEEP: Duration = Duration::from_secs(30);
 /// The most claims a coordinator keeps; when full (after dropping expired ones) it
 /// refuses, and the asker falls back to announcements.
 const MAX_CLAIMS: usize = 10_000;

@@ -360,6 +360,9 @@ impl<'a> Sources<'a> {
                 if holders.is_empty() {
                     let f = cluster_fetcher(svc, p, digest).await;
                     cluster_leader = f.elected;
+                    if !matches!(f.claim, ClaimRole::None) {
+                        p.defer_announcement(digest);
+                    }
                     claim = f.claim;
                     f.sources
                 } else {
