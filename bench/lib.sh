@@ -3,7 +3,9 @@
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 pct() { sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(NR*p/100+0.5); if(i<1)i=1; print a[i]}'; }
-now() { date +%s.%N; }
+# bash's own clock (microseconds), not date(1): the pull scenarios start dozens of timed
+# clients at once on the cores they measure, and a process per reading is CPU taken from them.
+now() { echo "$EPOCHREALTIME"; }
 since() { echo "$(now) - $1" | bc; }
 ratio() { echo "scale=2; $1 / $2" | bc; }
 # wait_http HOST:PORT: until /v2/ answers (20 s at most).

@@ -46,7 +46,7 @@ start_network() {
   CONVERGED=$(since "$t0")
 }
 pull() { # node -> seconds
-  local out="$WORK/out-$1" t0; rm -rf "$out"; t0=$(now)
+  local out="$WORK/out-$1" t0; if [ -e "$out" ]; then rm -rf "$out"; fi; t0=$EPOCHREALTIME
   "$KAGAMI" pull "$(ip_of "$1"):5000/registry.bench/bench/big:1" --output "$out" >/dev/null 2>>"$WORK/pull.log"
   since "$t0"; rm -rf "$out"
 }

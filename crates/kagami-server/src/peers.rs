@@ -125,7 +125,7 @@ pub struct Peers {
     /// Blobs this node is getting through a claim, as its holder or a follower, whose
     /// announcement waits once stored (see [`advertise_store`]), with when they were
     /// registered.
-    deferred: Mutex<HashMap<Digest, Instant>>,
+    deferred: Mutex<HashMap<Digest, (String, Instant)>>,
 }
 
 /// How long the announcement of a blob this node got through a claim waits once the blob is
@@ -141,6 +141,14 @@ const _: () = assert!(
     DEFER_MIN.as_millis() + DEFER_SPREAD.as_millis() + 10_000 < claims::DONE_KEEP.as_millis(),
     "a deferred announcement must be out well before the coordinator forgets the holder"
 );
+
+/// `peers` in a random order: nodes asking the same list would otherwise all start with
+/// its first entry.
+pub(crate) fn shuffled(mut peers: Vec<Peer>) -> Vec<Peer> {
+    let order = std::collections::hash_map::RandomState::new();
+    peers.sort_by_cached_key(|p| std::hash::BuildHasher::hash_one(&order, &p.id));
+    peers
+}
 
 /// Registrations older than this are dropped (a fetch that failed never stores its blob).
 const DEFERRED_KEEP: Duration = Duration::from_secs(600);
@@ -247,24 +255,24 @@ impl Peers {
         }
     }
 
-    /// Marks `digest` as being got through a claim: once stored, its announcement waits
-    /// (see [`DEFER_MIN`]).
-    pub(crate) fn defer_announcement(&self, digest: &Digest) {
+    /// Marks `digest` as being got through a claim by this node (`me`): once stored, it
+    /// tells the claim's coordinator so, and its announcement waits (see [`DEFER_MIN`]).
+    pub(crate) fn defer_announcement(&self, me: &str, digest: &Digest) {
         let now = Instant::now();
         let mut map = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= 1024 {
-            map.retain(|_, at| now.duration_since(*at) < DEFERRED_KEEP);
+            map.retain(|_, (_, at)| now.duration_since(*at) < DEFERRED_KEEP);
         }
-        map.insert(digest.clone(), now);
+        map.insert(digest.clone(), (me.to_string(), now));
     }
 
-    /// Whether `digest`'s announcement waits, forgetting the registration.
-    fn take_deferred(&self, digest: &Digest) -> bool {
+    /// This node's id when `digest`'s announcement waits, forgetting the registration.
+    fn take_deferred(&self, digest: &Digest) -> Option<String> {
         self.deferred
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(digest)
-            .is_some()
+            .map(|(me, _)| me)
     }
 
     /// Counts into `telemetry` from now on (once; later calls are ignored).
@@ -304,14 +312,14 @@ impl Peers {
         let mut banned = self.banned.lock().unwrap_or_else(PoisonError::into_inner);
         banned.retain(|_, until| *until > now);
         let own = self.own_http_addr.get();
-        let mut found: Vec<Peer> = found
-            .into_iter()
-            .filter(|p| !banned.contains_key(&p.id) && Some(&p.http_addr) != own)
-            .collect();
         // In random order: the DHT returns providers in the same order to everyone, and
         // nodes pulling the same blob would all ask the first one.
-        let order = std::collections::hash_map::RandomState::new();
-        found.sort_by_cached_key(|p| std::hash::BuildHasher::hash_one(&order, &p.id));
+        let found = shuffled(
+            found
+                .into_iter()
+                .filter(|p| !banned.contains_key(&p.id) && Some(&p.http_addr) != own)
+                .collect(),
+        );
         if let Some(t) = self.telemetry.get() {
             t.peer_lookup(took, !found.is_empty());
         }
@@ -680,7 +688,14 @@ pub async fn advertise_store(state: crate::AppState) {
         };
         match event {
             Ok(kagami_store::StoreEvent::Added(d)) => {
-                if peers.take_deferred(&d) {
+                if let Some(me) = peers.take_deferred(&d) {
+                    // Until the announcement is out, the coordinator names this node to
+                    // later askers as one that holds the blob.
+                    let (p, key) = (peers.clone(), ContentKey::Digest(d.clone()));
+                    tokio::spawn(async move {
+                        p.claim(&me, &key, None, Some(claims::Release::Done), &|| true)
+                            .await;
+                    });
                     waiting.push(d);
                     due.get_or_insert_with(|| tokio::time::Instant::now() + defer_delay());
                 } else {

@@ -191,7 +191,8 @@ async fn only_the_claim_holder_announces_a_blob_in_flight_and_the_others_announc
     // coordinator, and every node that got the blob through the claim announces it a few
     // seconds after storing it: meanwhile the coordinator still points later askers at
     // the claim's nodes, so none of them goes upstream.
-    let (fake, data) = upstream(2 * 1024 * 1024, 47, Duration::from_millis(10));
+    // Large enough to be fetched in pieces (4 MiB and more).
+    let (fake, data) = upstream(6 * 1024 * 1024, 47, Duration::from_millis(5));
     let d = digest_of(&data);
     let net = MemoryNetwork::new();
     let nodes = cluster(5, &fake, &net).await;
@@ -209,9 +210,16 @@ async fn only_the_claim_holder_announces_a_blob_in_flight_and_the_others_announc
     );
     let inflight = net.announcers(&kagami_server::peers::inflight_key(&d));
     assert_eq!(inflight.len(), 1, "inflight announcements by {inflight:?}");
-    // A node arriving before the announcements: pointed at the claim's nodes.
+    // A node arriving before the announcements: the coordinator names the nodes that
+    // stored the blob, and it fetches from them as from providers (in pieces, from
+    // several at once).
     pull_all(&[&nodes[4]], &d, &data).await;
     assert_eq!(upstream_calls(&fake), vec![(0, 0)]);
+    let from = nodes[4].server.state.peers().unwrap().received_bytes();
+    assert!(
+        from.len() >= 2,
+        "the late node fetched from one node only: {from:?}"
+    );
     eventually(
         Duration::from_secs(15),
         "every node announcing the blob",

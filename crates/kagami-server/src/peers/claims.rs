@@ -74,7 +74,8 @@ impl From<&ClaimPeer> for Peer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Release {
-    /// The holder stored the blob: later askers stream from it for a while.
+    /// The holder stored the blob: later askers stream from it for a while. From another
+    /// asker: it stored the blob too (it is then named in [`ClaimAnswer::stored`]).
     Done,
     /// The holder's fetch ended without the blob: the next asker gets the claim.
     Failed,
@@ -103,6 +104,11 @@ pub struct ClaimAnswer {
     /// Nodes that asked before this asker (the holder first), to stream from.
     #[serde(default)]
     pub earlier: Vec<ClaimPeer>,
+    /// Nodes that said they stored the whole blob (the holder first, once done): the
+    /// asker fetches from them as from providers, whose announcements may not be out yet.
+    /// Absent from older coordinators' answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stored: Vec<ClaimPeer>,
 }
 
 struct Entry {
@@ -111,6 +117,8 @@ struct Entry {
     done: bool,
     /// In the order they asked, the holder first.
     askers: Vec<ClaimPeer>,
+    /// The nodes that said they stored it, in that order (at most [`MAX_ASKERS`]).
+    stored: Vec<ClaimPeer>,
 }
 
 /// The claims this node coordinates.
@@ -168,12 +176,14 @@ impl Claims {
                     expires: now + CLAIM_TTL,
                     done: false,
                     askers,
+                    stored: Vec::new(),
                 },
             );
             Step::Answer(ClaimAnswer {
                 holder: asker.clone(),
                 granted: true,
                 earlier: Vec::new(),
+                stored: Vec::new(),
             })
         };
         let live = map.get(key).is_some_and(|e| e.expires > now);
@@ -196,6 +206,7 @@ impl Claims {
                 Some(Release::Done) => {
                     e.done = true;
                     e.expires = now + DONE_KEEP;
+                    e.add_stored(asker);
                 }
                 Some(Release::Failed) => {
                     map.remove(key);
@@ -205,6 +216,9 @@ impl Claims {
             return Ok(grant_again(asker));
         }
         if req.release.is_some() {
+            if req.release == Some(Release::Done) {
+                e.add_stored(asker);
+            }
             return Ok(Step::Answer(not_granted(asker)));
         }
         if req.failed.as_deref() == Some(e.holder.id.as_str()) {
@@ -236,7 +250,16 @@ impl Claims {
             holder: e.holder.clone(),
             granted: false,
             earlier,
+            stored: e.stored.clone(),
         }))
+    }
+}
+
+impl Entry {
+    fn add_stored(&mut self, node: &ClaimPeer) {
+        if self.stored.len() < MAX_ASKERS && !self.stored.iter().any(|p| p.id == node.id) {
+            self.stored.push(node.clone());
+        }
     }
 }
 
@@ -245,6 +268,7 @@ fn not_granted(asker: &ClaimPeer) -> ClaimAnswer {
         holder: asker.clone(),
         granted: false,
         earlier: Vec::new(),
+        stored: Vec::new(),
     }
 }
 
@@ -253,6 +277,7 @@ fn grant_again(asker: &ClaimPeer) -> Step {
         holder: asker.clone(),
         granted: true,
         earlier: Vec::new(),
+        stored: Vec::new(),
     })
 }
 
@@ -283,8 +308,13 @@ pub fn coordinator_order(key: &str, ids: &[&str]) -> Vec<String> {
 pub(crate) enum Claimed {
     /// This node holds the claim.
     Granted,
-    /// Another node holds it: stream from `earlier` (holder included).
-    Held { holder: Peer, earlier: Vec<Peer> },
+    /// Another node holds it: stream from `earlier` (holder included), or fetch from
+    /// `stored`, the nodes that hold it whole, when there are any.
+    Held {
+        holder: Peer,
+        earlier: Vec<Peer>,
+        stored: Vec<Peer>,
+    },
 }
 
 /// Renews this node's claim on a key while it lives; released when dropped: as done when
@@ -431,7 +461,17 @@ impl Peers {
             if !earlier.iter().any(|p| p.id == holder.id) {
                 earlier.insert(0, holder.clone());
             }
-            return Some(Claimed::Held { holder, earlier });
+            let stored = a
+                .stored
+                .iter()
+                .filter(|p| p.id != me)
+                .filter_map(|p| Self::known(p, &members))
+                .collect();
+            return Some(Claimed::Held {
+                holder,
+                earlier,
+                stored,
+            });
         }
         None
     }
@@ -588,6 +628,49 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(answer(&c, ask("c"), true).await.holder.id, "b");
+    }
+
+    #[tokio::test]
+    async fn nodes_that_stored_the_blob_are_named_to_later_askers() {
+        let c = Claims::default();
+        answer(&c, ask("a"), true).await;
+        let b = answer(&c, ask("b"), true).await;
+        assert!(b.stored.is_empty(), "nothing stored yet: {b:?}");
+        let done = |id: &str| {
+            let mut r = ask(id);
+            r.release = Some(Release::Done);
+            r
+        };
+        // A follower that stored it before the holder said so (or a stray report) is
+        // named too: it holds the blob whole.
+        assert!(
+            c.ask(&d().to_string(), &done("b"), |_| async { true })
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            c.ask(&d().to_string(), &done("a"), |_| async { true })
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            c.ask(&d().to_string(), &done("b"), |_| async { true })
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let later = answer(&c, ask("c"), true).await;
+        let ids: Vec<&str> = later.stored.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["b", "a"]);
+        assert!(!later.granted);
+        // Older coordinators' answers have no `stored`: they still parse.
+        let old: ClaimAnswer = serde_json::from_str(
+            r#"{"holder":{"id":"a","http_addr":"127.0.0.1:9"},"granted":false,"earlier":[]}"#,
+        )
+        .unwrap();
+        assert!(old.stored.is_empty());
     }
 
     #[test]

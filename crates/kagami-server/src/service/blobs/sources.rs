@@ -60,6 +60,9 @@ pub(super) struct ClusterFetch {
     /// This node fetches, elected by announcements (no coordinator answered): it watches
     /// for a lower id that announced the blob too (see [`lower_fetcher`]).
     pub(super) elected: bool,
+    /// `sources` hold the blob whole (the nodes that told its coordinator they stored it,
+    /// before their announcements are out): fetched from as from providers.
+    pub(super) whole: bool,
 }
 
 /// One upstream fetch per cluster. Every node about to fetch a blob nobody holds asks
@@ -81,6 +84,7 @@ pub(super) async fn cluster_fetcher(
             sources: Vec::new(),
             claim: ClaimRole::None,
             elected: false,
+            whole: false,
         };
     };
     let key = ContentKey::Inflight(digest.clone()).to_string();
@@ -93,15 +97,28 @@ pub(super) async fn cluster_fetcher(
                 sources: Vec::new(),
                 claim: ClaimRole::Holder(blob_claim_guard(peers, &me, digest, &svc.store)),
                 elected: false,
+                whole: false,
             };
         }
-        Some(crate::peers::Claimed::Held { holder, earlier }) => {
+        Some(crate::peers::Claimed::Held { stored, .. }) if !stored.is_empty() => {
+            tracing::debug!(%digest, holders = stored.len(), "nodes of this blob's claim have stored it; fetching from them");
+            return ClusterFetch {
+                sources: crate::peers::shuffled(stored),
+                claim: ClaimRole::None,
+                elected: false,
+                whole: true,
+            };
+        }
+        Some(crate::peers::Claimed::Held {
+            holder, earlier, ..
+        }) => {
             let sources = tree_sources(&me, digest, earlier, &holder);
             tracing::debug!(%digest, holder = %holder.id, from = %sources[0].id, "another node holds the claim on this blob; streaming");
             return ClusterFetch {
                 sources,
                 claim: ClaimRole::Follower { holder, asked: 0 },
                 elected: false,
+                whole: false,
             };
         }
         // Announcements may cross on a loaded machine or a slow network, and then two nodes
@@ -126,6 +143,7 @@ pub(super) async fn cluster_fetcher(
         elected: earlier.is_empty(),
         sources: earlier,
         claim: ClaimRole::None,
+        whole: false,
     }
 }
 
@@ -360,8 +378,11 @@ impl<'a> Sources<'a> {
                 if holders.is_empty() {
                     let f = cluster_fetcher(svc, p, digest).await;
                     cluster_leader = f.elected;
-                    if !matches!(f.claim, ClaimRole::None) {
-                        p.defer_announcement(digest);
+                    whole = f.whole;
+                    if !matches!(f.claim, ClaimRole::None)
+                        && let Some(me) = svc.cluster.me()
+                    {
+                        p.defer_announcement(me, digest);
                     }
                     claim = f.claim;
                     f.sources
