@@ -44,7 +44,7 @@ pub fn peer_token(psk: &[u8; 32]) -> String {
 
 mod claims;
 mod key;
-pub use claims::{ClaimAnswer, ClaimPeer, ClaimRequest, Release, coordinator_order};
+pub use claims::{ClaimAnswer, ClaimPeer, ClaimRequest, Release, StoredAnswer, coordinator_order};
 pub(crate) use claims::{ClaimGuard, Claimed, Full, MAX_ASKERS};
 pub use key::{BadKey, ContentKey};
 
@@ -122,14 +122,14 @@ pub struct Peers {
     learnt: LearntTags,
     /// The claims this node coordinates (see `claims`).
     claims: claims::Claims,
-    /// Blobs this node is getting through a claim, as its holder or a follower, whose
+    /// Blobs this node is getting through a claim (its coordinator answered), whose
     /// announcement waits once stored (see [`advertise_store`]), with when they were
     /// registered.
     deferred: Mutex<HashMap<Digest, (String, Instant)>>,
 }
 
-/// How long the announcement of a blob this node got through a claim waits once the blob is
-/// stored: at least [`DEFER_MIN`], plus a random part of up to [`DEFER_SPREAD`]. Meanwhile
+/// How long the announcement of a blob this node got through a claim waits once the blob
+/// is stored: at least [`DEFER_MIN`], plus a random part of up to [`DEFER_SPREAD`]. Meanwhile
 /// the blob's coordinator still points later askers at the claim's holder and askers
 /// (`claims::DONE_KEEP`), so nobody fetches it again; and the announcements, a DHT query
 /// and its stores each, happen after a cluster-wide pull rather than during it: with every
@@ -255,7 +255,7 @@ impl Peers {
         }
     }
 
-    /// Marks `digest` as being got through a claim by this node (`me`): once stored, it
+    /// Marks `digest` as being got by this node (`me`) through a claim: once stored, it
     /// tells the claim's coordinator so, and its announcement waits (see [`DEFER_MIN`]).
     pub(crate) fn defer_announcement(&self, me: &str, digest: &Digest) {
         let now = Instant::now();

@@ -210,6 +210,32 @@ async fn only_the_claim_holder_announces_a_blob_in_flight_and_the_others_announc
     );
     let inflight = net.announcers(&kagami_server::peers::inflight_key(&d));
     assert_eq!(inflight.len(), 1, "inflight announcements by {inflight:?}");
+    // The coordinator names the nodes that stored it (GET changes nothing); for a blob it
+    // knows nothing of, 404.
+    let coordinator = by_id(&nodes, &order(&nodes, &d)[0]);
+    let stored_ids = async || {
+        let Some(stored) = stored_at(coordinator, &d.to_string()).await else {
+            return Vec::new();
+        };
+        unique(
+            stored["stored"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_str().unwrap().to_string())
+                .collect(),
+        )
+    };
+    // Each node tells the coordinator once it stored the blob (a request of its own,
+    // which may land just after its client has the last byte).
+    eventually(
+        Duration::from_secs(5),
+        "the coordinator knowing the four nodes that stored the blob",
+        async || stored_ids().await == ["n0", "n1", "n2", "n3"],
+    )
+    .await;
+    let unknown = digest_of(b"nobody has this");
+    assert!(stored_at(coordinator, &unknown.to_string()).await.is_none());
     // A node arriving before the announcements: the coordinator names the nodes that
     // stored the blob, and it fetches from them as from providers (in pieces, from
     // several at once).
@@ -315,6 +341,24 @@ async fn when_the_claim_holder_dies_mid_fetch_another_node_takes_the_claim() {
     // died), so it would otherwise hold it still.
     let answer = ask_claim(by_id(&nodes, &order[0]), &d).await;
     assert_ne!(answer["holder"]["id"], holder.id.as_str(), "{answer}");
+}
+
+/// `GET /p2p/claim/<key>` on `coordinator`'s peer API: `None` on a 404.
+async fn stored_at(coordinator: &Node, key: &str) -> Option<serde_json::Value> {
+    let url = format!("http://{}/p2p/claim/{key}", coordinator.peer_addr);
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .await
+        .unwrap();
+    if resp.status() == 404 {
+        return None;
+    }
+    assert_eq!(resp.status(), 200);
+    Some(serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap())
 }
 
 /// Asks `coordinator`'s peer API for the claim on `d` as a node named "probe".

@@ -27,7 +27,7 @@ pub fn peer_router(state: AppState, info: NodeInfo) -> Router {
                 reply::json(serde_json::to_string(&info).expect("serialisable"))
             }),
         )
-        .route("/p2p/claim/{key}", post(claim))
+        .route("/p2p/claim/{key}", post(claim).get(claim_stored))
         .route("/p2p/has/{key}", get(has))
         .fallback(serve)
         .layer(axum::middleware::from_fn_with_state(
@@ -99,6 +99,38 @@ async fn claim(
         Ok(Some(answer)) => reply::json(serde_json::to_string(&answer).expect("serialisable")),
         Ok(None) => StatusCode::NO_CONTENT.into_response(),
         Err(crate::peers::Full) => unavailable("this node coordinates too many claims"),
+    }
+}
+
+/// `GET /p2p/claim/<key>`: the nodes that told this coordinator they stored what the key
+/// names (a recent claim's holder and askers), as `{"stored": [...]}`; `404` when none.
+/// Asking changes nothing (unlike `POST`, which may grant the claim).
+async fn claim_stored(
+    State(state): State<AppState>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+) -> Response {
+    let Some(key) = claim_key(&key) else {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "KEY_INVALID",
+            "not a digest or a tag key (tag:<registry>/<repository>:<tag>)",
+        )
+        .into_response();
+    };
+    let node = state.node();
+    let Some(peers) = node.cluster.peers() else {
+        return unavailable("this node is not in a P2P network");
+    };
+    match peers.stored_here(&key) {
+        Some(stored) => reply::json(
+            serde_json::to_string(&crate::peers::StoredAnswer { stored }).expect("serialisable"),
+        ),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "CLAIM_UNKNOWN",
+            "no node told this coordinator it stored this",
+        )
+        .into_response(),
     }
 }
 

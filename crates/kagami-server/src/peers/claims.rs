@@ -111,6 +111,12 @@ pub struct ClaimAnswer {
     pub stored: Vec<ClaimPeer>,
 }
 
+/// `GET /p2p/claim/<key>` on a coordinator: the nodes that said they stored it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredAnswer {
+    pub stored: Vec<ClaimPeer>,
+}
+
 struct Entry {
     holder: ClaimPeer,
     expires: Instant,
@@ -160,6 +166,15 @@ impl Claims {
             }
         }
         .map(|a| a.filter(|_| req.release.is_none()))
+    }
+
+    /// The nodes that said they stored what `key` names, while its claim lives; `None`
+    /// when none did.
+    pub(crate) fn stored(&self, key: &str) -> Option<Vec<ClaimPeer>> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(key)
+            .filter(|e| e.expires > Instant::now() && !e.stored.is_empty())
+            .map(|e| e.stored.clone())
     }
 
     /// One look at the table. `checked` is `Some` on the second look, after the check:
@@ -494,6 +509,54 @@ impl Peers {
                 self.holds(&Peer::from(&holder), key).await
             })
             .await
+    }
+
+    /// What this node, as a coordinator, was told stored `key` (see [`Claims::stored`]).
+    pub(crate) fn stored_here(&self, key: &ContentKey) -> Option<Vec<ClaimPeer>> {
+        self.claims.stored(&key.to_string())
+    }
+
+    /// The nodes that told `key`'s coordinator (asked as for a claim: this node locally,
+    /// else the first two in the rendezvous order) they stored what it names, minus this
+    /// node and nodes its router does not know. Empty when none answers: a coordinator of
+    /// an older version answers `405`.
+    pub(crate) async fn stored_holders(&self, me: &str, key: &ContentKey) -> Vec<Peer> {
+        let members = self.member_addrs();
+        let mut ids: Vec<&str> = members.keys().map(String::as_str).collect();
+        ids.push(me);
+        let order = coordinator_order(&key.to_string(), &ids);
+        for id in order.iter().take(COORDINATORS_TRIED) {
+            let stored = if id == me {
+                self.stored_here(key).unwrap_or_default()
+            } else {
+                let coordinator = Peer {
+                    id: id.clone(),
+                    http_addr: members[id],
+                };
+                let path = format!("/p2p/claim/{}", crate::path::encode(&key.to_string()));
+                let r = self
+                    .request(&coordinator, reqwest::Method::GET, &path)
+                    .timeout(CHECK_TIMEOUT)
+                    .send()
+                    .await;
+                let Ok(resp) = r else { continue };
+                if resp.status() != reqwest::StatusCode::OK {
+                    return Vec::new();
+                }
+                match super::read_bounded(resp, 64 * 1024).await {
+                    Some(body) => serde_json::from_slice::<StoredAnswer>(&body)
+                        .map(|a| a.stored)
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                }
+            };
+            return stored
+                .iter()
+                .filter(|p| p.id != me)
+                .filter_map(|p| Self::known(p, &members))
+                .collect();
+        }
+        Vec::new()
     }
 
     /// Whether `peer` answers that it holds or fetches what `key` names (the

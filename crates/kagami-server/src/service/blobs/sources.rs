@@ -63,6 +63,8 @@ pub(super) struct ClusterFetch {
     /// `sources` hold the blob whole (the nodes that told its coordinator they stored it,
     /// before their announcements are out): fetched from as from providers.
     pub(super) whole: bool,
+    /// A claim coordinator answered.
+    pub(super) coordinated: bool,
 }
 
 /// One upstream fetch per cluster. Every node about to fetch a blob nobody holds asks
@@ -85,6 +87,7 @@ pub(super) async fn cluster_fetcher(
             claim: ClaimRole::None,
             elected: false,
             whole: false,
+            coordinated: false,
         };
     };
     let key = ContentKey::Inflight(digest.clone()).to_string();
@@ -98,6 +101,7 @@ pub(super) async fn cluster_fetcher(
                 claim: ClaimRole::Holder(blob_claim_guard(peers, &me, digest, &svc.store)),
                 elected: false,
                 whole: false,
+                coordinated: true,
             };
         }
         Some(crate::peers::Claimed::Held { stored, .. }) if !stored.is_empty() => {
@@ -107,6 +111,7 @@ pub(super) async fn cluster_fetcher(
                 claim: ClaimRole::None,
                 elected: false,
                 whole: true,
+                coordinated: true,
             };
         }
         Some(crate::peers::Claimed::Held {
@@ -119,6 +124,7 @@ pub(super) async fn cluster_fetcher(
                 claim: ClaimRole::Follower { holder, asked: 0 },
                 elected: false,
                 whole: false,
+                coordinated: true,
             };
         }
         // Announcements may cross on a loaded machine or a slow network, and then two nodes
@@ -144,7 +150,36 @@ pub(super) async fn cluster_fetcher(
         sources: earlier,
         claim: ClaimRole::None,
         whole: false,
+        coordinated: false,
     }
+}
+
+/// `holders` (providers of the blob, from the DHT) plus, when they are too few to fetch
+/// in pieces from, the nodes that told the blob's claim coordinator they stored it: right
+/// after a cluster-wide pull the DHT names only the nodes whose (deferred) announcements are
+/// out, while the coordinator knows every node that stored it.
+async fn more_holders(
+    svc: &Blobs,
+    peers: &crate::peers::Peers,
+    digest: &Digest,
+    expected: Option<u64>,
+    mut holders: Vec<kagami_p2p::Peer>,
+) -> Vec<kagami_p2p::Peer> {
+    let Some(me) = svc.cluster.me() else {
+        return holders;
+    };
+    if holders.len() >= 2 || expected.is_some_and(|s| s < super::pieces::MIN_BLOB) {
+        return holders;
+    }
+    let stored = peers
+        .stored_holders(me, &ContentKey::Digest(digest.clone()))
+        .await;
+    for p in crate::peers::shuffled(stored) {
+        if !holders.iter().any(|h| h.id == p.id) {
+            holders.push(p);
+        }
+    }
+    holders
 }
 
 /// Asks for the claim on a blob (see [`crate::peers::Peers::claim`]).
@@ -379,7 +414,13 @@ impl<'a> Sources<'a> {
                     let f = cluster_fetcher(svc, p, digest).await;
                     cluster_leader = f.elected;
                     whole = f.whole;
-                    if !matches!(f.claim, ClaimRole::None)
+                    // Every node the claim's coordinator answered defers its announcement
+                    // and reports the blob stored to the coordinator instead, so that later
+                    // askers learn all of them at once, from the coordinator, until the
+                    // announcements are out (had the holder announced at once, a node
+                    // pulling next would find it alone among the providers and fetch from
+                    // it alone).
+                    if f.coordinated
                         && let Some(me) = svc.cluster.me()
                     {
                         p.defer_announcement(me, digest);
@@ -388,7 +429,7 @@ impl<'a> Sources<'a> {
                     f.sources
                 } else {
                     whole = true;
-                    holders
+                    more_holders(svc, p, digest, expected, holders).await
                 }
             }
             _ => Vec::new(),
