@@ -70,13 +70,9 @@ async fn claim(
     axum::extract::Path(key): axum::extract::Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let Some(key) = claim_key(&key) else {
-        return ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "KEY_INVALID",
-            "not a digest or a tag key (tag:<registry>/<repository>:<tag>)",
-        )
-        .into_response();
+    let key = match claim_key_or_400(&key) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
     };
     let req: crate::peers::ClaimRequest = match serde_json::from_slice(&body) {
         Ok(r) if body.len() <= MAX_CLAIM_REQUEST => r,
@@ -109,13 +105,9 @@ async fn claim_stored(
     State(state): State<AppState>,
     axum::extract::Path(key): axum::extract::Path<String>,
 ) -> Response {
-    let Some(key) = claim_key(&key) else {
-        return ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "KEY_INVALID",
-            "not a digest or a tag key (tag:<registry>/<repository>:<tag>)",
-        )
-        .into_response();
+    let key = match claim_key_or_400(&key) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
     };
     let node = state.node();
     let Some(peers) = node.cluster.peers() else {
@@ -132,6 +124,17 @@ async fn claim_stored(
         )
         .into_response(),
     }
+}
+
+/// [`claim_key`], or the `400` that says what a claim key is.
+fn claim_key_or_400(s: &str) -> Result<ContentKey, ApiError> {
+    claim_key(s).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "KEY_INVALID",
+            "not a digest or a tag key (tag:<registry>/<repository>:<tag>)",
+        )
+    })
 }
 
 /// A key that can be claimed: a digest, or a tag key.
