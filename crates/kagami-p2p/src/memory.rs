@@ -14,6 +14,8 @@ pub struct MemoryNetwork {
     hidden: Mutex<Vec<String>>,
     /// Every key advertised, with the node that advertised it, in order.
     announced: Mutex<Vec<(String, String)>>,
+    /// Keys whose lookups find one node at most (see [`MemoryNetwork::show_only`]).
+    only: Mutex<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +56,15 @@ impl MemoryNetwork {
             .filter(|(_, k)| k == key)
             .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// A test hook: from now on a lookup of `key` finds node `id` alone (if it advertised
+    /// the key), as if the other nodes' announcements were still on their way.
+    pub fn show_only(&self, key: impl Into<String>, id: impl Into<String>) {
+        self.only
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.into(), id.into());
     }
 
     fn hidden(&self, key: &str) -> bool {
@@ -144,10 +155,18 @@ impl Router for MemoryRouter {
         if self.net.hidden(key) {
             return Box::pin(async { Vec::new() });
         }
+        let only = self
+            .net
+            .only
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned();
         let found = self.net.with(|nodes| {
             nodes
                 .by_id
                 .iter()
+                .filter(|(id, _)| only.as_ref().is_none_or(|o| o == *id))
                 .filter(|(id, node)| **id != self.me.id && node.keys.contains(key))
                 .take(limit)
                 .map(|(id, node)| Peer {

@@ -255,6 +255,34 @@ async fn only_the_claim_holder_announces_a_blob_in_flight_and_the_others_announc
 }
 
 #[tokio::test]
+async fn a_node_that_finds_one_provider_also_fetches_from_the_others_that_stored_it() {
+    // Right after a cluster-wide pull only some announcements are out (they wait 2-6 s).
+    // A node whose lookup finds a single provider asks the blob's coordinator which nodes
+    // stored it, and fetches in pieces from several instead of all from that one.
+    let (fake, data) = upstream(6 * 1024 * 1024, 48, Duration::from_millis(2));
+    let d = digest_of(&data);
+    let net = MemoryNetwork::new();
+    let nodes = cluster(6, &fake, &net).await;
+    let first: Vec<&Node> = nodes[..4].iter().collect();
+    pull_all(&first, &d, &data).await;
+    // Lookups of the blob find n0 alone, once its announcement is out.
+    net.show_only(d.to_string(), "n0");
+    eventually(
+        Duration::from_secs(15),
+        "n0 announcing the blob",
+        async || net.announcers(&d.to_string()).iter().any(|id| id == "n0"),
+    )
+    .await;
+    pull_all(&[&nodes[5]], &d, &data).await;
+    assert_eq!(upstream_calls(&fake), vec![(0, 0)]);
+    let from = nodes[5].server.state.peers().unwrap().received_bytes();
+    assert!(
+        from.len() >= 2,
+        "the node fetched from its one provider only: {from:?}"
+    );
+}
+
+#[tokio::test]
 async fn nodes_slow_to_answer_do_not_send_their_followers_to_the_holder() {
     // Nine nodes pull at once; every node but the holder answers peers 400 ms late (a
     // loaded node whose own source answers late). The followers of the first four askers
