@@ -122,14 +122,14 @@ pub struct Peers {
     learnt: LearntTags,
     /// The claims this node coordinates (see `claims`).
     claims: claims::Claims,
-    /// Blobs this node is getting through a claim (its coordinator answered), whose
-    /// announcement waits once stored (see [`advertise_store`]), with when they were
+    /// Blobs this node is getting as a follower in a claim's tree, whose announcement
+    /// waits once stored (see [`advertise_store`]), with when they were
     /// registered.
     deferred: Mutex<HashMap<Digest, (String, Instant)>>,
 }
 
-/// How long the announcement of a blob this node got through a claim waits once the blob
-/// is stored: at least [`DEFER_MIN`], plus a random part of up to [`DEFER_SPREAD`]. Meanwhile
+/// How long the announcement of a blob this node got as a follower in a claim's tree waits
+/// once the blob is stored: at least [`DEFER_MIN`], plus a random part of up to [`DEFER_SPREAD`]. Meanwhile
 /// the blob's coordinator still points later askers at the claim's holder and askers
 /// (`claims::DONE_KEEP`), so nobody fetches it again; and the announcements, a DHT query
 /// and its stores each, happen after a cluster-wide pull rather than during it: with every
@@ -255,7 +255,7 @@ impl Peers {
         }
     }
 
-    /// Marks `digest` as being got by this node (`me`) through a claim: once stored, it
+    /// Marks `digest` as being got by this node (`me`) as a claim's follower: once stored, it
     /// tells the claim's coordinator so, and its announcement waits (see [`DEFER_MIN`]).
     pub(crate) fn defer_announcement(&self, me: &str, digest: &Digest) {
         let now = Instant::now();

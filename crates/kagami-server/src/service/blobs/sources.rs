@@ -63,8 +63,6 @@ pub(super) struct ClusterFetch {
     /// `sources` hold the blob whole (the nodes that told its coordinator they stored it,
     /// before their announcements are out): fetched from as from providers.
     pub(super) whole: bool,
-    /// A claim coordinator answered.
-    pub(super) coordinated: bool,
 }
 
 /// One upstream fetch per cluster. Every node about to fetch a blob nobody holds asks
@@ -87,7 +85,6 @@ pub(super) async fn cluster_fetcher(
             claim: ClaimRole::None,
             elected: false,
             whole: false,
-            coordinated: false,
         };
     };
     let key = ContentKey::Inflight(digest.clone()).to_string();
@@ -101,7 +98,6 @@ pub(super) async fn cluster_fetcher(
                 claim: ClaimRole::Holder(blob_claim_guard(peers, &me, digest, &svc.store)),
                 elected: false,
                 whole: false,
-                coordinated: true,
             };
         }
         Some(crate::peers::Claimed::Held { stored, .. }) if !stored.is_empty() => {
@@ -111,7 +107,6 @@ pub(super) async fn cluster_fetcher(
                 claim: ClaimRole::None,
                 elected: false,
                 whole: true,
-                coordinated: true,
             };
         }
         Some(crate::peers::Claimed::Held {
@@ -124,7 +119,6 @@ pub(super) async fn cluster_fetcher(
                 claim: ClaimRole::Follower { holder, asked: 0 },
                 elected: false,
                 whole: false,
-                coordinated: true,
             };
         }
         // Announcements may cross on a loaded machine or a slow network, and then two nodes
@@ -150,7 +144,6 @@ pub(super) async fn cluster_fetcher(
         sources: earlier,
         claim: ClaimRole::None,
         whole: false,
-        coordinated: false,
     }
 }
 
@@ -414,13 +407,13 @@ impl<'a> Sources<'a> {
                     let f = cluster_fetcher(svc, p, digest).await;
                     cluster_leader = f.elected;
                     whole = f.whole;
-                    // Every node the claim's coordinator answered defers its announcement
-                    // and reports the blob stored to the coordinator instead, so that later
-                    // askers learn all of them at once, from the coordinator, until the
-                    // announcements are out (had the holder announced at once, a node
-                    // pulling next would find it alone among the providers and fetch from
-                    // it alone).
-                    if f.coordinated
+                    // A follower in a claim's tree (a cluster-wide pull) defers its
+                    // announcement and reports the blob stored to the coordinator instead.
+                    // The holder announces at once, so that every node finds at least one
+                    // provider whatever coordinator it computes (a node that joined since
+                    // may compute another); a node finding that one alone asks the
+                    // coordinator for the others (`more_holders`).
+                    if matches!(f.claim, ClaimRole::Follower { .. })
                         && let Some(me) = svc.cluster.me()
                     {
                         p.defer_announcement(me, digest);
