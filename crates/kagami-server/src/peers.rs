@@ -135,8 +135,8 @@ pub struct Peers {
 /// and its stores each, happen after a cluster-wide pull rather than during it: with every
 /// node announcing the config blob at the start of a pull and the layer at its end, they
 /// competed for CPU with the transfers (docs/p2p.md, "Announcements").
-pub(crate) const DEFER_MIN: Duration = Duration::from_secs(2);
-pub(crate) const DEFER_SPREAD: Duration = Duration::from_secs(4);
+const DEFER_MIN: Duration = Duration::from_secs(2);
+const DEFER_SPREAD: Duration = Duration::from_secs(4);
 const _: () = assert!(
     DEFER_MIN.as_millis() + DEFER_SPREAD.as_millis() + 10_000 < claims::DONE_KEEP.as_millis(),
     "a deferred announcement must be out well before the coordinator forgets the holder"
@@ -673,13 +673,15 @@ pub async fn advertise_store(state: crate::AppState) {
     if !tags.is_empty() {
         peers.router.advertise(tags).await;
     }
-    // Blobs got through a claim, stored and not announced yet, and when they will be.
+    // Blobs got as a claim's follower, stored and not announced yet, and when they will be.
     let mut waiting: Vec<Digest> = Vec::new();
     let mut due: Option<tokio::time::Instant> = None;
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
-            () = sleep_until_opt(due) => {
+            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)),
+                if due.is_some() =>
+            {
                 due = None;
                 let keys = waiting.drain(..).map(|d| d.to_string()).collect();
                 peers.router.advertise(keys).await;
@@ -727,13 +729,6 @@ fn defer_delay() -> Duration {
         Instant::now(),
     );
     DEFER_MIN + DEFER_SPREAD.mul_f64((r % 1000) as f64 / 1000.0)
-}
-
-async fn sleep_until_opt(due: Option<tokio::time::Instant>) {
-    match due {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The tag keys of the store's tag index whose registry is shared (docs/p2p.md).

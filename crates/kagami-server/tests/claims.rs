@@ -188,9 +188,9 @@ async fn a_blob_claimed_by_one_node_is_fetched_once_even_when_announcements_arri
 #[tokio::test]
 async fn only_the_claim_holder_announces_a_blob_in_flight_and_the_others_announce_it_later() {
     // Announcements are DHT queries. A claim's followers find their sources through the
-    // coordinator, and every node that got the blob through the claim announces it a few
-    // seconds after storing it: meanwhile the coordinator still points later askers at
-    // the claim's nodes, so none of them goes upstream.
+    // coordinator, and announce the blob a few seconds after storing it (the holder at
+    // once): meanwhile the coordinator names the nodes that stored it to later askers, so
+    // none of them goes upstream.
     // Large enough to be fetched in pieces (4 MiB and more).
     let (fake, data) = upstream(6 * 1024 * 1024, 47, Duration::from_millis(5));
     let d = digest_of(&data);

@@ -404,6 +404,34 @@ impl Peers {
         })
     }
 
+    /// `nodes` other than this one (`me`), at the addresses this node's router knows (see
+    /// [`Peers::known`]); nodes it does not know are left out.
+    fn known_others(
+        nodes: &[ClaimPeer],
+        me: &str,
+        members: &HashMap<String, SocketAddr>,
+    ) -> Vec<Peer> {
+        nodes
+            .iter()
+            .filter(|p| p.id != me)
+            .filter_map(|p| Self::known(p, members))
+            .collect()
+    }
+
+    /// The members' peer HTTP addresses, and the ids of `key`'s coordinators in the order
+    /// nodes ask them (this node, `me`, among them).
+    fn coordinators(
+        &self,
+        me: &str,
+        key: &ContentKey,
+    ) -> (HashMap<String, SocketAddr>, Vec<String>) {
+        let members = self.member_addrs();
+        let mut ids: Vec<&str> = members.keys().map(String::as_str).collect();
+        ids.push(me);
+        let order = coordinator_order(&key.to_string(), &ids);
+        (members, order)
+    }
+
     fn member_addrs(&self) -> HashMap<String, SocketAddr> {
         self.router
             .members()
@@ -426,10 +454,7 @@ impl Peers {
         local_has: &(dyn Fn() -> bool + Send + Sync),
     ) -> Option<Claimed> {
         let asker = self.claim_self(me)?;
-        let members = self.member_addrs();
-        let mut ids: Vec<&str> = members.keys().map(String::as_str).collect();
-        ids.push(me);
-        let order = coordinator_order(&key.to_string(), &ids);
+        let (members, order) = self.coordinators(me, key);
         let req = ClaimRequest {
             asker,
             failed: failed.map(str::to_string),
@@ -467,21 +492,11 @@ impl Peers {
                 tracing::warn!(%key, holder = %a.holder.id, "the claim holder is not a member this node knows; the announcements decide");
                 return None;
             };
-            let mut earlier: Vec<Peer> = a
-                .earlier
-                .iter()
-                .filter(|p| p.id != me)
-                .filter_map(|p| Self::known(p, &members))
-                .collect();
+            let mut earlier = Self::known_others(&a.earlier, me, &members);
             if !earlier.iter().any(|p| p.id == holder.id) {
                 earlier.insert(0, holder.clone());
             }
-            let stored = a
-                .stored
-                .iter()
-                .filter(|p| p.id != me)
-                .filter_map(|p| Self::known(p, &members))
-                .collect();
+            let stored = Self::known_others(&a.stored, me, &members);
             return Some(Claimed::Held {
                 holder,
                 earlier,
@@ -521,10 +536,7 @@ impl Peers {
     /// node and nodes its router does not know. Empty when none answers: a coordinator of
     /// an older version answers `405`.
     pub(crate) async fn stored_holders(&self, me: &str, key: &ContentKey) -> Vec<Peer> {
-        let members = self.member_addrs();
-        let mut ids: Vec<&str> = members.keys().map(String::as_str).collect();
-        ids.push(me);
-        let order = coordinator_order(&key.to_string(), &ids);
+        let (members, order) = self.coordinators(me, key);
         for id in order.iter().take(COORDINATORS_TRIED) {
             let stored = if id == me {
                 self.stored_here(key).unwrap_or_default()
@@ -550,11 +562,7 @@ impl Peers {
                     None => Vec::new(),
                 }
             };
-            return stored
-                .iter()
-                .filter(|p| p.id != me)
-                .filter_map(|p| Self::known(p, &members))
-                .collect();
+            return Self::known_others(&stored, me, &members);
         }
         Vec::new()
     }

@@ -87,7 +87,6 @@ pub(super) async fn cluster_fetcher(
             whole: false,
         };
     };
-    let key = ContentKey::Inflight(digest.clone()).to_string();
     let has = || svc.holds_or_fetches(digest);
     match claim(peers, &me, digest, None, &has).await {
         Some(crate::peers::Claimed::Granted) => {
@@ -130,7 +129,7 @@ pub(super) async fn cluster_fetcher(
     }
     tokio::time::sleep(SETTLE).await;
     let earlier: Vec<kagami_p2p::Peer> = peers
-        .providers(&key)
+        .providers(&crate::peers::inflight_key(digest))
         .await
         .into_iter()
         .filter(|p| p.id < me)
@@ -192,7 +191,7 @@ async fn claim(
 /// announce: every announcement is a DHT query and its stores on other nodes, and at the
 /// start of a cluster-wide pull those compete for CPU with the holder's first bytes.
 async fn announce_fetching(peers: &crate::peers::Peers, digest: &Digest) {
-    let key = ContentKey::Inflight(digest.clone()).to_string();
+    let key = crate::peers::inflight_key(digest);
     peers.router.advertise(vec![key]).await;
 }
 
@@ -310,7 +309,7 @@ pub(super) async fn lower_fetcher(
     digest: &Digest,
 ) -> kagami_p2p::Peer {
     if let Some(me) = svc.cluster.me() {
-        let key = ContentKey::Inflight(digest.clone()).to_string();
+        let key = crate::peers::inflight_key(digest);
         for wait in [300, 700, 2000] {
             tokio::time::sleep(Duration::from_millis(wait)).await;
             let lowest = peers
