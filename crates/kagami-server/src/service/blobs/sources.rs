@@ -484,6 +484,17 @@ impl<'a> Sources<'a> {
             Attempt::Endpoint(i) => i,
             Attempt::Provider(_) => 0,
         };
+        if let Attempt::Provider(_) = from
+            && !self.providers.is_empty()
+        {
+            // One upstream fetch per cluster did not hold for this blob: rare, and the
+            // line that tells which node made the second fetch and why.
+            let follower = matches!(
+                *self.claim.lock().unwrap_or_else(PoisonError::into_inner),
+                ClaimRole::Follower { .. }
+            );
+            tracing::info!(%self.digest, offset, nodes = self.providers.len(), follower, "no node that holds or fetches this blob could send it; fetching it from upstream");
+        }
         self.state.send_if_modified(|s| {
             let connecting = matches!(s, FetchState::Connecting);
             if connecting {
