@@ -14,6 +14,9 @@ start_node() {
     args+=(--p2p-listen "$ip:5001" --p2p-http-listen "$ip:5002" --p2p-psk-file "$WORK/psk"
       --p2p-bootstrap "$(ip_of 1):5001")
   fi
+  # NODE_ARGS: more flags for every node (e.g. "--fetch-memory 64MiB"), split on spaces.
+  # shellcheck disable=SC2206
+  [ -n "${NODE_ARGS:-}" ] && args+=($NODE_ARGS)
   mkdir -p "$data"
   KAGAMI_LOG=${NODE_LOG:-warn} "$KAGAMI" "${args[@]}" 2>>"$WORK/node-$i.log" &
   NODE_PIDS[$i]=$!

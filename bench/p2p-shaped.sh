@@ -214,15 +214,19 @@ if on batch; then
   for mode in $MODES; do
     for run in $(seq "$RUNS"); do
       start_network "$NODES" "$mode"
-      first=1; times=()
+      first=1; times=(); nodes_took=()
       while [ "$first" -le "$NODES" ]; do
         last=$((first + size - 1)); [ "$last" -gt "$NODES" ] && last=$NODES
         t0=$(now); pids=()
-        for i in $(seq "$first" "$last"); do pull "$i" >/dev/null & pids+=($!); done
+        for i in $(seq "$first" "$last"); do pull "$i" >"$WORK/b-$i" & pids+=($!); done
         wait "${pids[@]}"
-        [ "$first" -gt 1 ] && times+=("$(since "$t0")")
+        if [ "$first" -gt 1 ]; then
+          times+=("$(since "$t0")")
+          nodes_took+=("[$(for i in $(seq "$first" "$last"); do cat "$WORK/b-$i"; done | xargs)]")
+        fi
         first=$((last + 1))
       done
+      echo "$mode batches, run $run: later batches took ${times[*]} s, their nodes ${nodes_took[*]} s (image / B = $LIMIT_B s)"
       R[$mode-batch]+="$(ratio "$(printf '%s\n' "${times[@]}" | median)" "$LIMIT_B") "
       R[$mode-batch-max]+="$(ratio "$(printf '%s\n' "${times[@]}" | sort -n | tail -1)" "$LIMIT_B") "
       stop_nodes

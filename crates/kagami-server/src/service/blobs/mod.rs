@@ -59,6 +59,8 @@ pub(crate) struct Blobs {
     descriptor_sizes: Mutex<HashMap<(String, Digest), u64>>,
     /// Set while the store refuses writes (disk full): cold blobs pass through uncached.
     store_full_until: Mutex<Option<Instant>>,
+    /// What the pieces of every fetch hold ahead of their frontiers (`pieces`).
+    pieces_ahead: pieces::Ahead,
 }
 
 impl Blobs {
@@ -76,6 +78,7 @@ impl Blobs {
             fetches: Mutex::new(HashMap::new()),
             descriptor_sizes: Mutex::new(HashMap::new()),
             store_full_until: Mutex::new(None),
+            pieces_ahead: pieces::Ahead::default(),
         })
     }
 

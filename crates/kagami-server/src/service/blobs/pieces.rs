@@ -34,10 +34,47 @@ pub(super) const HOLDERS: usize = 4;
 /// The most pieces fetched ahead of the frontier piece (the reorder buffer).
 pub(super) const LOOKAHEAD: usize = 4;
 
-/// Pieces ahead are fetched only while the memory budget is at most 1/this used with them
-/// (every fetch's pieces ahead together): the rest is the pumps', which always get room
-/// back from the store's windows, so no fetch waits for room only pieces ahead hold.
+/// Pieces ahead, every fetch's together, hold at most 1/this of the memory budget: the rest
+/// is the pumps', which always get room back from the store's windows, so no fetch waits
+/// for room only pieces ahead hold. (What the windows hold does not count here: it goes
+/// back as soon as a pump waits. Counting it kept a lone fetch at its frontier piece, one
+/// holder at a time, whenever its window held a third of the default budget.)
 const AHEAD_SHARE: u64 = 2;
+
+/// The bytes held by pieces fetched ahead of their frontier, every fetch of one server
+/// together (see [`AHEAD_SHARE`]).
+#[derive(Clone, Default)]
+pub(super) struct Ahead(Arc<std::sync::atomic::AtomicU64>);
+
+impl Ahead {
+    /// `n` bytes more, when the total stays within `cap`.
+    fn take(&self, n: u64, cap: u64) -> Option<AheadHold> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.0
+            .fetch_update(SeqCst, SeqCst, |held| {
+                held.checked_add(n).filter(|t| *t <= cap)
+            })
+            .ok()?;
+        Some(AheadHold {
+            ahead: self.clone(),
+            bytes: n,
+        })
+    }
+}
+
+/// A piece's share of [`Ahead`], given back on drop.
+struct AheadHold {
+    ahead: Ahead,
+    bytes: u64,
+}
+
+impl Drop for AheadHold {
+    fn drop(&mut self) {
+        self.ahead
+            .0
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// How long a worker with nothing to take waits before it looks again (it is woken as the
 /// frontier moves; this covers room freed in the memory budget by other fetches and
@@ -90,8 +127,10 @@ struct Slot {
     /// Bytes received so far (a retry continues after them).
     received: u64,
     len: u64,
-    /// Its room in the memory budget, taken before it was fetched ahead of the frontier.
+    /// Its room in the memory budget, taken before it was fetched ahead of the frontier,
+    /// and its share of the pieces ahead.
     permit: MemoryPermit,
+    ahead: Option<AheadHold>,
     /// The worker fetching it, and since when (`None`: nobody).
     owner: Option<(usize, Instant)>,
 }
@@ -142,6 +181,7 @@ impl State {
                 received: 0,
                 len,
                 permit: MemoryPermit::empty(),
+                ahead: None,
                 owner: None,
             });
         }
@@ -182,6 +222,7 @@ impl Pieces {
         size: u64,
         layout: Layout,
         store: Store,
+        ahead: Ahead,
     ) -> Pieces {
         let count = (size.saturating_sub(start)).div_ceil(layout.piece) as usize;
         let shared = Arc::new(Shared {
@@ -208,7 +249,10 @@ impl Pieces {
         let tasks = holders
             .into_iter()
             .enumerate()
-            .map(|(n, h)| tokio::spawn(work(shared.clone(), n, h, store.clone())))
+            .map(|(n, h)| {
+                let (shared, store, ahead) = (shared.clone(), store.clone(), ahead.clone());
+                tokio::spawn(work(shared, n, h, store, ahead))
+            })
             .collect();
         Pieces {
             shared,
@@ -288,9 +332,9 @@ impl Stream for Pieces {
 
 /// One holder's worker: takes the next piece and fetches it, until every piece is in or
 /// its holder fails (then its piece goes back and the holder is not asked again).
-async fn work(shared: Arc<Shared>, n: usize, holder: Holder, store: Store) {
+async fn work(shared: Arc<Shared>, n: usize, holder: Holder, store: Store, ahead: Ahead) {
     loop {
-        let Some((i, from, to)) = take(&shared, n, &store).await else {
+        let Some((i, from, to)) = take(&shared, n, &store, &ahead).await else {
             return;
         };
         if let Err(why) = fetch_piece(&shared, n, &holder, i, from, to).await {
@@ -317,7 +361,12 @@ async fn work(shared: Arc<Shared>, n: usize, holder: Holder, store: Store) {
 /// The next piece for worker `n` and the byte range still missing from it, once the
 /// reorder buffer and the memory budget have room for it; else the frontier piece when it
 /// is late (see [`late`]); `None` once every piece is in.
-async fn take(shared: &Shared, n: usize, store: &Store) -> Option<(usize, u64, u64)> {
+async fn take(
+    shared: &Shared,
+    n: usize,
+    store: &Store,
+    ahead: &Ahead,
+) -> Option<(usize, u64, u64)> {
     loop {
         let notified = shared.notify.notified();
         tokio::pin!(notified);
@@ -335,7 +384,7 @@ async fn take(shared: &Shared, n: usize, store: &Store) -> Option<(usize, u64, u
             if let Some(i) = next
                 && i <= st.frontier + st.layout.lookahead
             {
-                let ahead = i != st.frontier;
+                let is_ahead = i != st.frontier;
                 let st_lookahead = st.layout.lookahead;
                 // Pieces fetched ahead keep their room until yielded, at the frontier too:
                 // never more than the lookahead's worth at once.
@@ -346,15 +395,17 @@ async fn take(shared: &Shared, n: usize, store: &Store) -> Option<(usize, u64, u
                 // the budget has none, fewer pieces are fetched ahead (never more memory).
                 // Never past a share of it: the pumps take room for every chunk they pass
                 // on, and pieces ahead go back only as they do (see [`AHEAD_SHARE`]).
-                let mut room = !ahead || slot.permit.bytes() > 0;
+                let mut room = !is_ahead || slot.permit.bytes() > 0;
                 if !room
                     && held < st_lookahead
-                    && store
-                        .memory_limit()
-                        .is_none_or(|l| store.memory_used() + len <= l / AHEAD_SHARE)
+                    && let Some(hold) = match store.memory_limit() {
+                        Some(l) => ahead.take(len, l / AHEAD_SHARE).map(Some),
+                        None => Some(None),
+                    }
                     && let Some(p) = store.try_reserve_memory(len)
                 {
                     slot.permit = p;
+                    slot.ahead = hold;
                     room = true;
                 }
                 if room {
@@ -564,7 +615,14 @@ mod tests {
             holder("b", blob.clone(), Duration::from_millis(1), None),
             holder("c", blob.clone(), Duration::from_millis(3), None),
         ];
-        let p = Pieces::new(holders, 0, blob.len() as u64, layout, store.clone());
+        let p = Pieces::new(
+            holders,
+            0,
+            blob.len() as u64,
+            layout,
+            store.clone(),
+            Ahead::default(),
+        );
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
@@ -587,7 +645,14 @@ mod tests {
         let holders = (0..3)
             .map(|i| holder(&i.to_string(), blob.clone(), Duration::from_millis(1), None))
             .collect();
-        let p = Pieces::new(holders, 0, blob.len() as u64, layout, store.clone());
+        let p = Pieces::new(
+            holders,
+            0,
+            blob.len() as u64,
+            layout,
+            store.clone(),
+            Ahead::default(),
+        );
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
@@ -602,14 +667,82 @@ mod tests {
     /// pieces held ahead go back only as the pump passes them on. So pieces ahead, of
     /// every fetch together, must never take the whole budget: two fetches here, each of
     /// which would hold 4 pieces ahead in a budget of 6.
+    ///
+    /// What the store's windows hold does not stop pieces ahead: a lone fetch whose window
+    /// holds half of a budget of 12 pieces still fetches from several holders at once
+    /// (when it counted, the fetch took only its frontier piece, one holder at a time).
+    #[tokio::test]
+    async fn pieces_go_ahead_while_the_windows_hold_part_of_the_budget() {
+        let piece = 64 * 1024;
+        let blob = data(16 * piece as usize);
+        let (_d, store) = store(Some(12 * piece)).await;
+        let window = store.try_reserve_memory(6 * piece).unwrap();
+        // Range requests open at once, counted until their body is dropped.
+        struct Open(Arc<AtomicUsize>);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let holders = (0..4)
+            .map(|i| {
+                let h = holder(&i.to_string(), blob.clone(), Duration::from_millis(2), None);
+                let (inner, open, most) = (h.range, open.clone(), most.clone());
+                let range: RangeFn = Arc::new(move |from, to| {
+                    let (inner, open, most) = (inner.clone(), open.clone(), most.clone());
+                    Box::pin(async move {
+                        most.fetch_max(open.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                        let guard = Open(open);
+                        let body = inner(from, to).await?;
+                        Ok(body
+                            .map(move |c| {
+                                let _open = &guard;
+                                c
+                            })
+                            .boxed())
+                    })
+                });
+                Holder { id: h.id, range }
+            })
+            .collect();
+        let layout = small(LATE_MIN);
+        let mut p = Pieces::new(
+            holders,
+            0,
+            blob.len() as u64,
+            layout,
+            store.clone(),
+            Ahead::default(),
+        );
+        let mut out = Vec::new();
+        while let Some(c) = tokio::time::timeout(Duration::from_secs(20), p.next())
+            .await
+            .expect("pieces within 20 s")
+        {
+            out.extend_from_slice(&c.unwrap());
+            assert!(store.memory_used() <= (6 + LOOKAHEAD as u64) * piece);
+        }
+        assert!(out == blob);
+        assert!(
+            most.load(Ordering::SeqCst) > 1,
+            "one piece at a time: none was fetched ahead of the frontier"
+        );
+        assert!(p.by_holder().iter().filter(|b| **b > 0).count() > 1);
+        drop(window);
+        assert_eq!(store.memory_used(), 0, "every permit given back");
+    }
+
     #[tokio::test]
     async fn pieces_ahead_leave_the_consumers_room_in_the_budget() {
         let piece = 64 * 1024;
         let blob = data(32 * piece as usize);
         let (_d, store) = store(Some(6 * piece)).await;
         let layout = small(LATE_MIN);
+        // One server's fetches share their pieces ahead.
+        let ahead = Ahead::default();
         let read = |n: usize| {
-            let (blob, store) = (blob.clone(), store.clone());
+            let (blob, store, ahead) = (blob.clone(), store.clone(), ahead.clone());
             async move {
                 let holders = (0..4)
                     .map(|i| {
@@ -621,7 +754,8 @@ mod tests {
                         )
                     })
                     .collect();
-                let mut p = Pieces::new(holders, 0, blob.len() as u64, layout, store.clone());
+                let mut p =
+                    Pieces::new(holders, 0, blob.len() as u64, layout, store.clone(), ahead);
                 let mut out = Vec::new();
                 // The store's window: what the pump took, given back when someone waits.
                 let mut window: Vec<MemoryPermit> = Vec::new();
@@ -660,7 +794,14 @@ mod tests {
             holder("good", blob.clone(), Duration::from_millis(1), None),
             holder("cut", blob.clone(), Duration::from_millis(1), Some(1)),
         ];
-        let p = Pieces::new(holders, 0, blob.len() as u64, layout, store.clone());
+        let p = Pieces::new(
+            holders,
+            0,
+            blob.len() as u64,
+            layout,
+            store.clone(),
+            Ahead::default(),
+        );
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
@@ -679,7 +820,14 @@ mod tests {
             holder("fast", blob.clone(), Duration::from_millis(1), None),
             holder("slow", blob.clone(), Duration::from_secs(1), None),
         ];
-        let p = Pieces::new(holders, 0, blob.len() as u64, layout, store.clone());
+        let p = Pieces::new(
+            holders,
+            0,
+            blob.len() as u64,
+            layout,
+            store.clone(),
+            Ahead::default(),
+        );
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
@@ -698,7 +846,14 @@ mod tests {
             holder("b", blob.clone(), Duration::from_millis(2), Some(0)),
         ];
         let start = 3 * 1024;
-        let p = Pieces::new(holders, start, blob.len() as u64, layout, store.clone());
+        let p = Pieces::new(
+            holders,
+            start,
+            blob.len() as u64,
+            layout,
+            store.clone(),
+            Ahead::default(),
+        );
         let (out, err, _p) = collect(p, &store, layout.piece).await;
         let err = err.expect("an error at the end");
         assert!(err.contains("every node serving pieces failed"), "{err}");

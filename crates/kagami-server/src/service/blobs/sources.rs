@@ -555,6 +555,7 @@ impl<'a> Sources<'a> {
             size,
             pieces::Layout::default(),
             self.svc.store.clone(),
+            self.svc.pieces_ahead.clone(),
         );
         let origin = Origin::Peer(used[0].id.clone());
         let last = used.len() - 1;
