@@ -572,6 +572,24 @@ mod tests {
         }
     }
 
+    /// `blob` from `start` on, fetched from `holders`, with a server's pieces ahead of its own.
+    fn fetch(
+        holders: Vec<Holder>,
+        start: u64,
+        blob: &Bytes,
+        layout: Layout,
+        store: &Store,
+    ) -> Pieces {
+        Pieces::new(
+            holders,
+            start,
+            blob.len() as u64,
+            layout,
+            store.clone(),
+            Ahead::default(),
+        )
+    }
+
     async fn store(limit: Option<u64>) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("s"), Default::default())
@@ -615,14 +633,7 @@ mod tests {
             holder("b", blob.clone(), Duration::from_millis(1), None),
             holder("c", blob.clone(), Duration::from_millis(3), None),
         ];
-        let p = Pieces::new(
-            holders,
-            0,
-            blob.len() as u64,
-            layout,
-            store.clone(),
-            Ahead::default(),
-        );
+        let p = fetch(holders, 0, &blob, layout, &store);
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
@@ -645,14 +656,7 @@ mod tests {
         let holders = (0..3)
             .map(|i| holder(&i.to_string(), blob.clone(), Duration::from_millis(1), None))
             .collect();
-        let p = Pieces::new(
-            holders,
-            0,
-            blob.len() as u64,
-            layout,
-            store.clone(),
-            Ahead::default(),
-        );
+        let p = fetch(holders, 0, &blob, layout, &store);
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
@@ -707,14 +711,7 @@ mod tests {
             })
             .collect();
         let layout = small(LATE_MIN);
-        let mut p = Pieces::new(
-            holders,
-            0,
-            blob.len() as u64,
-            layout,
-            store.clone(),
-            Ahead::default(),
-        );
+        let mut p = fetch(holders, 0, &blob, layout, &store);
         let mut out = Vec::new();
         while let Some(c) = tokio::time::timeout(Duration::from_secs(20), p.next())
             .await
@@ -794,14 +791,7 @@ mod tests {
             holder("good", blob.clone(), Duration::from_millis(1), None),
             holder("cut", blob.clone(), Duration::from_millis(1), Some(1)),
         ];
-        let p = Pieces::new(
-            holders,
-            0,
-            blob.len() as u64,
-            layout,
-            store.clone(),
-            Ahead::default(),
-        );
+        let p = fetch(holders, 0, &blob, layout, &store);
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
@@ -820,14 +810,7 @@ mod tests {
             holder("fast", blob.clone(), Duration::from_millis(1), None),
             holder("slow", blob.clone(), Duration::from_secs(1), None),
         ];
-        let p = Pieces::new(
-            holders,
-            0,
-            blob.len() as u64,
-            layout,
-            store.clone(),
-            Ahead::default(),
-        );
+        let p = fetch(holders, 0, &blob, layout, &store);
         let (out, err, p) = collect(p, &store, layout.piece).await;
         assert_eq!(err, None);
         assert_eq!(out, blob);
@@ -846,14 +829,7 @@ mod tests {
             holder("b", blob.clone(), Duration::from_millis(2), Some(0)),
         ];
         let start = 3 * 1024;
-        let p = Pieces::new(
-            holders,
-            start,
-            blob.len() as u64,
-            layout,
-            store.clone(),
-            Ahead::default(),
-        );
+        let p = fetch(holders, start, &blob, layout, &store);
         let (out, err, _p) = collect(p, &store, layout.piece).await;
         let err = err.expect("an error at the end");
         assert!(err.contains("every node serving pieces failed"), "{err}");
