@@ -63,25 +63,39 @@ pub fn wait_for_port(addr: &str, timeout: Duration) {
 /// it exits first, or never listens, the panic says how it ended and shows the end of its
 /// log (a daemon that could not start says why there).
 pub fn wait_for_child_port(child: &mut Child, addr: &str, log: &Path, timeout: Duration) {
+    if let Err(exited) = child_listening(child, addr, timeout) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "nothing listening on {addr} ({}); the end of {}:\n{}",
+            match exited {
+                Some(status) => format!("the process exited: {status}"),
+                None => format!("still running after {timeout:?}"),
+            },
+            log.display(),
+            tail.join("\n")
+        );
+    }
+}
+
+/// Waits (bounded) until `child` accepts connections on `addr`: `Err` with its exit status
+/// when it exits first, `Err(None)` when it is still not listening after `timeout`.
+pub fn child_listening(
+    child: &mut Child,
+    addr: &str,
+    timeout: Duration,
+) -> Result<(), Option<ExitStatus>> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if TcpStream::connect(addr).is_ok() {
-            return;
+            return Ok(());
         }
-        let exited = child.try_wait().ok().flatten();
-        if exited.is_some() || std::time::Instant::now() >= deadline {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            panic!(
-                "nothing listening on {addr} ({}); the end of {}:\n{}",
-                match exited {
-                    Some(status) => format!("the process exited: {status}"),
-                    None => format!("still running after {timeout:?}"),
-                },
-                log.display(),
-                tail.join("\n")
-            );
+        if let Some(status) = child.try_wait().ok().flatten() {
+            return Err(Some(status));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(None);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -32,42 +32,56 @@ impl Node {
         let psk = dir.join("psk");
         std::fs::write(&psk, PSK).unwrap();
         private(&psk);
-        let (api, p2p, http) = (free_port(), free_port(), free_port());
         let log = dir.join("kagami.log");
-        let mut cmd = kagami();
-        cmd.arg("serve")
-            .args(["--listen", &format!("{ip}:{api}")])
-            .args(["--p2p-listen", &format!("{ip}:{p2p}")])
-            .args(["--p2p-http-listen", &format!("{ip}:{http}")])
-            .arg("--p2p-psk-file")
-            .arg(&psk)
-            .arg("--disable-default-registry-endpoint")
-            .args(["--log-format", "json"])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--config")
-            .arg(&config)
-            .args(extra);
-        if let Some(b) = bootstrap {
-            cmd.args(["--p2p-bootstrap", b]);
+        // Ports are picked free on 127.0.0.1 and given up before the node binds them on
+        // `ip`, where another test's process may hold one: a node that exits before it
+        // listens starts again on other ports (3 times at most); the last failure shows
+        // its log.
+        for attempt in 1..=3 {
+            let (api, p2p, http) = (free_port(), free_port(), free_port());
+            let mut cmd = kagami();
+            cmd.arg("serve")
+                .args(["--listen", &format!("{ip}:{api}")])
+                .args(["--p2p-listen", &format!("{ip}:{p2p}")])
+                .args(["--p2p-http-listen", &format!("{ip}:{http}")])
+                .arg("--p2p-psk-file")
+                .arg(&psk)
+                .arg("--disable-default-registry-endpoint")
+                .args(["--log-format", "json"])
+                .arg("--data-dir")
+                .arg(dir.join("data"))
+                .arg("--config")
+                .arg(&config)
+                .args(extra);
+            if let Some(b) = bootstrap {
+                cmd.args(["--p2p-bootstrap", b]);
+            }
+            let mut child = cmd
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("start kagami serve");
+            let api = format!("{ip}:{api}");
+            match kagami_testkit::child_listening(&mut child, &api, Duration::from_secs(20)) {
+                Ok(()) => {}
+                Err(Some(_)) if attempt < 3 => continue,
+                // Panics, with how it ended and the end of its log.
+                Err(_) => {
+                    kagami_testkit::wait_for_child_port(&mut child, &api, &log, Duration::ZERO)
+                }
+            }
+            return Node {
+                daemon: Daemon {
+                    child,
+                    name: "kagami",
+                },
+                api,
+                p2p: format!("{ip}:{p2p}"),
+                log,
+                dir: dir.to_path_buf(),
+            };
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start kagami serve");
-        let api = format!("{ip}:{api}");
-        super::wait_for_port(&api, Duration::from_secs(20));
-        Node {
-            daemon: Daemon {
-                child,
-                name: "kagami",
-            },
-            api,
-            p2p: format!("{ip}:{p2p}"),
-            log,
-            dir: dir.to_path_buf(),
-        }
+        unreachable!("the third attempt returns or panics")
     }
 
     pub fn log_text(&self) -> String {
