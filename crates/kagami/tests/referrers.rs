@@ -7,13 +7,11 @@
 //! sets no `artifactType`, so the part under test would be written by hand anyway.)
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{
-    Daemon, Registry, build_image, eventually_sync, free_port, http_get, kagami, private, run,
-    sha256_hex,
-};
+use crate::support::node::Node;
+use crate::support::{Registry, build_image, eventually_sync, http_get, private, run, sha256_hex};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -92,51 +90,6 @@ fn put_manifest(
 }
 
 /// A `kagami serve` with P2P on `ip`, configured by `config`.
-struct PeerNode {
-    _daemon: Daemon,
-    api: String,
-    p2p: String,
-    log: std::path::PathBuf,
-}
-
-fn node(dir: &Path, ip: &str, config: &Path, psk: &Path, bootstrap: Option<&str>) -> PeerNode {
-    std::fs::create_dir_all(dir).unwrap();
-    let (api, p2p, http) = (free_port(), free_port(), free_port());
-    let log = dir.join("kagami.log");
-    let mut cmd = kagami();
-    cmd.arg("serve")
-        .args(["--listen", &format!("{ip}:{api}")])
-        .args(["--p2p-listen", &format!("{ip}:{p2p}")])
-        .args(["--p2p-http-listen", &format!("{ip}:{http}")])
-        .arg("--p2p-psk-file")
-        .arg(psk)
-        .arg("--disable-default-registry-endpoint")
-        .args(["--log-format", "json"])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--config")
-        .arg(config);
-    if let Some(b) = bootstrap {
-        cmd.args(["--p2p-bootstrap", b]);
-    }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start kagami serve");
-    let api = format!("{ip}:{api}");
-    crate::support::wait_for_port(&api, Duration::from_secs(20));
-    PeerNode {
-        _daemon: Daemon {
-            child,
-            name: "kagami",
-        },
-        api,
-        p2p: format!("{ip}:{p2p}"),
-        log,
-    }
-}
-
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
@@ -233,7 +186,7 @@ fn referrers_from_the_tag_schema_reach_a_second_node_with_the_registry_stopped()
         format!("mirrors:\n  registry.example.test:\n    endpoint: [\"http://{reg}\"]\n"),
     )
     .unwrap();
-    let a = node(&dir.path().join("a"), "127.0.0.2", &config, &psk, None);
+    let a = Node::start_configured(&dir.path().join("a"), "127.0.0.2", &config, &psk, None, &[]);
     let path = format!("/v2/registry.example.test/team/app/referrers/{subject}");
     let (status, head, body) = http_get(&a.api, &path);
     assert_eq!(status, 200, "{head}\n{}", String::from_utf8_lossy(&body));
@@ -282,12 +235,13 @@ fn referrers_from_the_tag_schema_reach_a_second_node_with_the_registry_stopped()
     assert_eq!((status, body.as_slice()), (200, &sbom[..]));
 
     // A second node joins; the registry goes away.
-    let b = node(
+    let b = Node::start_configured(
         &dir.path().join("b"),
         "127.0.0.3",
         &config,
         &psk,
         Some(&a.p2p),
+        &[],
     );
     drop(registry);
     // Provider records take a moment to spread: asked again until the answer comes.

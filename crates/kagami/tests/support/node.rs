@@ -32,6 +32,19 @@ impl Node {
         let psk = dir.join("psk");
         std::fs::write(&psk, PSK).unwrap();
         private(&psk);
+        Self::start_configured(dir, ip, &config, &psk, bootstrap, extra)
+    }
+
+    /// A node with its own `registries.yaml` and pre-shared key file.
+    pub fn start_configured(
+        dir: &Path,
+        ip: &str,
+        config: &Path,
+        psk: &Path,
+        bootstrap: Option<&str>,
+        extra: &[&str],
+    ) -> Node {
+        std::fs::create_dir_all(dir).unwrap();
         let log = dir.join("kagami.log");
         // Ports are picked free on 127.0.0.1 and given up before the node binds them on
         // `ip`, where another test's process may hold one: a node that exits before it
@@ -45,13 +58,13 @@ impl Node {
                 .args(["--p2p-listen", &format!("{ip}:{p2p}")])
                 .args(["--p2p-http-listen", &format!("{ip}:{http}")])
                 .arg("--p2p-psk-file")
-                .arg(&psk)
+                .arg(psk)
                 .arg("--disable-default-registry-endpoint")
                 .args(["--log-format", "json"])
                 .arg("--data-dir")
                 .arg(dir.join("data"))
                 .arg("--config")
-                .arg(&config)
+                .arg(config)
                 .args(extra);
             if let Some(b) = bootstrap {
                 cmd.args(["--p2p-bootstrap", b]);
