@@ -241,11 +241,7 @@ async fn only_the_claim_holder_announces_a_blob_in_flight_and_the_others_announc
     // several at once).
     pull_all(&[&nodes[4]], &d, &data).await;
     assert_eq!(upstream_calls(&fake), vec![(0, 0)]);
-    let from = nodes[4].server.state.peers().unwrap().received_bytes();
-    assert!(
-        from.len() >= 2,
-        "the late node fetched from one node only: {from:?}"
-    );
+    assert_fetched_from_several(&nodes[4]);
     eventually(
         Duration::from_secs(15),
         "every node announcing the blob",
@@ -275,11 +271,7 @@ async fn a_node_that_finds_one_provider_also_fetches_from_the_others_that_stored
     .await;
     pull_all(&[&nodes[5]], &d, &data).await;
     assert_eq!(upstream_calls(&fake), vec![(0, 0)]);
-    let from = nodes[5].server.state.peers().unwrap().received_bytes();
-    assert!(
-        from.len() >= 2,
-        "the node fetched from its one provider only: {from:?}"
-    );
+    assert_fetched_from_several(&nodes[5]);
 }
 
 #[tokio::test]
@@ -371,17 +363,20 @@ async fn when_the_claim_holder_dies_mid_fetch_another_node_takes_the_claim() {
     assert_ne!(answer["holder"]["id"], holder.id.as_str(), "{answer}");
 }
 
+/// `node` received bytes from at least two other nodes (in pieces, from several at once).
+fn assert_fetched_from_several(node: &Node) {
+    let from = node.server.state.peers().unwrap().received_bytes();
+    assert!(
+        from.len() >= 2,
+        "{} fetched from one node only: {from:?}",
+        node.id
+    );
+}
+
 /// `GET /p2p/claim/<key>` on `coordinator`'s peer API: `None` on a 404.
 async fn stored_at(coordinator: &Node, key: &str) -> Option<serde_json::Value> {
     let url = format!("http://{}/p2p/claim/{key}", coordinator.peer_addr);
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(url)
-        .send()
-        .await
-        .unwrap();
+    let resp = http_client().get(url).send().await.unwrap();
     if resp.status() == 404 {
         return None;
     }
@@ -393,10 +388,7 @@ async fn stored_at(coordinator: &Node, key: &str) -> Option<serde_json::Value> {
 async fn ask_claim(coordinator: &Node, d: &Digest) -> serde_json::Value {
     let url = format!("http://{}/p2p/claim/{d}", coordinator.peer_addr);
     let body = serde_json::json!({"asker": {"id": "probe", "http_addr": "127.0.0.1:9"}});
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let resp = http_client()
         .post(url)
         .body(body.to_string())
         .send()

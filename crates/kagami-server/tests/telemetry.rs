@@ -31,7 +31,7 @@ use kagami_store::{Store, StoreOptions};
 const REGISTRY: &str = "registry.example.test";
 const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
-use crate::common::digest_of;
+use crate::common::{digest_of, http_client};
 use kagami_testkit::random;
 
 // ---------------------------------------------------------------------------------------
@@ -272,14 +272,6 @@ async fn join(node: &Node, net: &Arc<MemoryNetwork>, id: &str) -> Arc<dyn Router
     r
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 fn url(node: &Node, path: &str) -> String {
     format!("http://{}{path}", node.addr)
 }
@@ -294,7 +286,7 @@ fn manifest_path(reference: &str) -> String {
 
 /// GET `path`: status and body; a body cut by the server is what arrived of it.
 async fn get(node: &Node, path: &str) -> (u16, Vec<u8>) {
-    let resp = client().get(url(node, path)).send().await.unwrap();
+    let resp = http_client().get(url(node, path)).send().await.unwrap();
     let status = resp.status().as_u16();
     let mut body = Vec::new();
     let mut stream = resp.bytes_stream();
@@ -660,7 +652,7 @@ async fn every_documented_metric_moves_and_status_reads_the_same_numbers() {
     idle(&c).await; // one fetch at a time
     // A fetch in flight holds the budget's one place: seen in the gauges, and the next
     // cold blob is refused (503); when its client leaves, it is cancelled.
-    let resp = client()
+    let resp = http_client()
         .get(url(&c, &blob_path(&digest_of(&hang))))
         .send()
         .await

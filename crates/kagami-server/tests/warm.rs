@@ -14,7 +14,7 @@ use kagami_server::{AppState, NodeInfo, Peers, ServerOptions, peer_router, route
 use kagami_store::{Store, StoreOptions};
 use kagami_testkit::{Registry, eventually, random};
 
-use crate::common::digest_of;
+use crate::common::{digest_of, http_client};
 
 /// A router that can be cut off the network (a node that died): afterwards it knows
 /// nobody and nobody sees it.
@@ -129,7 +129,7 @@ async fn node(id: &str, net: &Arc<MemoryNetwork>, yaml: &str) -> Node {
 /// through the registry's HTTP API; returns the digests of its blobs.
 pub async fn push_image(registry: &Registry, repo: &str, tag: &str, layers: usize) -> Vec<String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = http_client();
     let base = format!("http://{}", registry.addr());
     let config =
         br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
@@ -402,7 +402,7 @@ async fn the_admin_route_checks_the_token_and_every_reference() {
     .await;
     let (addr, _task) = serve(router(n.state.clone())).await;
     let url = format!("http://{addr}/kagami/warm");
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = http_client();
     let post = |token: Option<&str>, body: &str| {
         let mut r = http.post(&url).body(body.to_string());
         if let Some(t) = token {

@@ -21,6 +21,16 @@ use kagami_store::{Store, StoreOptions};
 pub use kagami_testkit::{eventually, random};
 use sha2::{Digest as _, Sha256};
 
+/// An HTTP client for the servers under test: no proxy from the environment, 30 s at most
+/// per request.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
 /// The API path of blob `d` in the test repository of `registry.example.test`.
 pub fn blob_path(d: &Digest) -> String {
     format!("/v2/team/app/blobs/{d}?ns=registry.example.test")
