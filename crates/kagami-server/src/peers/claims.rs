@@ -484,6 +484,7 @@ impl Peers {
                 // A release (no answer needed), or a full table: nothing more to ask.
                 return None;
             };
+            tracing::debug!(%key, coordinator = %id, members = members.len(), granted = a.granted, holder = %a.holder.id, "claim answered");
             if a.granted {
                 return Some(Claimed::Granted);
             }
