@@ -28,7 +28,9 @@ stop_nodes() {
   NODE_PIDS=()
   rm -rf "$WORK/nodes"
 }
-members() { curl -s "http://$(ip_of "$1"):5000/p2p/status" | python3 -c 'import json,sys; print(len(json.load(sys.stdin).get("members", [])))' 2>/dev/null || echo 0; }
+# members I: how many members node I knows with an HTTP address (what claims and lookups
+# use; a member whose address is not proven yet is listed without one).
+members() { curl -s "http://$(ip_of "$1"):5000/p2p/status" | python3 -c 'import json,sys; print(sum(1 for m in json.load(sys.stdin).get("members", []) if m.get("http_addr")))' 2>/dev/null || echo 0; }
 # start_network N MODE: N nodes, ready (P2P: each sees at least min(N-1, 3) others, or
 # with WANT_MEMBERS=all every other node, within 60 s; MEMBERS_SEEN is then the fewest
 # members a node saw).

@@ -16,6 +16,9 @@ pub struct MemoryNetwork {
     announced: Mutex<Vec<(String, String)>>,
     /// Keys whose lookups find one node at most (see [`MemoryNetwork::show_only`]).
     only: Mutex<BTreeMap<String, String>>,
+    /// (viewer, member): `viewer` lists `member` without an HTTP address (see
+    /// [`MemoryNetwork::unprove`]).
+    unproven: Mutex<BTreeSet<(String, String)>>,
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +47,24 @@ impl MemoryNetwork {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(prefix.into());
+    }
+
+    /// A test hook: node `viewer` lists node `member` without an HTTP address, as a libp2p
+    /// node lists a member whose address it has not proven yet, until [`MemoryNetwork::prove`].
+    /// Lookups are not affected.
+    pub fn unprove(&self, viewer: impl Into<String>, member: impl Into<String>) {
+        self.unproven
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((viewer.into(), member.into()));
+    }
+
+    /// A test hook: undoes [`MemoryNetwork::unprove`].
+    pub fn prove(&self, viewer: &str, member: &str) {
+        self.unproven
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(viewer.to_owned(), member.to_owned()));
     }
 
     /// A test hook: the ids of the nodes that advertised `key`, once per advertisement,
@@ -198,6 +219,12 @@ impl Router for MemoryRouter {
     }
 
     fn members(&self) -> Vec<Member> {
+        let unproven = self
+            .net
+            .unproven
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         self.net.with(|nodes| {
             nodes
                 .by_id
@@ -205,7 +232,8 @@ impl Router for MemoryRouter {
                 .filter(|(id, _)| **id != self.me.id)
                 .map(|(id, node)| Member {
                     id: id.clone(),
-                    http_addr: Some(node.http_addr),
+                    http_addr: (!unproven.contains(&(self.me.id.clone(), id.clone())))
+                        .then_some(node.http_addr),
                     addrs: Vec::new(),
                 })
                 .collect()

@@ -53,6 +53,12 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// How many coordinators, in rendezvous order, are asked before falling back.
 const COORDINATORS_TRIED: usize = 2;
+/// How long an asker waits for the HTTP address of a claim holder its router lists
+/// without one (not proven yet: the router dials it again every 2 s) before the
+/// announcements decide, which would likely be a second upstream fetch.
+const HOLDER_WAIT: Duration = Duration::from_secs(3);
+/// How often it looks while it waits.
+const HOLDER_POLL: Duration = Duration::from_millis(100);
 
 /// A node as claims name it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -432,6 +438,34 @@ impl Peers {
         (members, order)
     }
 
+    /// The claim holder at the address this node's router proved for it; when the router
+    /// lists it without one yet, waits up to [`HOLDER_WAIT`] for it (refreshing `members`).
+    /// The address the coordinator passed on is never used: any member could have put it
+    /// there.
+    async fn holder_known(
+        &self,
+        key: &ContentKey,
+        holder: &ClaimPeer,
+        members: &mut HashMap<String, SocketAddr>,
+    ) -> Option<Peer> {
+        if let Some(p) = Self::known(holder, members) {
+            return Some(p);
+        }
+        if !self.router.members().iter().any(|m| m.id == holder.id) {
+            return None;
+        }
+        tracing::info!(%key, holder = %holder.id, "the claim holder's HTTP address is not proven yet; waiting for it");
+        let deadline = Instant::now() + HOLDER_WAIT;
+        while Instant::now() < deadline {
+            tokio::time::sleep(HOLDER_POLL).await;
+            *members = self.member_addrs();
+            if let Some(p) = Self::known(holder, members) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
     fn member_addrs(&self) -> HashMap<String, SocketAddr> {
         self.router
             .members()
@@ -454,7 +488,7 @@ impl Peers {
         local_has: &(dyn Fn() -> bool + Send + Sync),
     ) -> Option<Claimed> {
         let asker = self.claim_self(me)?;
-        let (members, order) = self.coordinators(me, key);
+        let (mut members, order) = self.coordinators(me, key);
         let req = ClaimRequest {
             asker,
             failed: failed.map(str::to_string),
@@ -488,9 +522,10 @@ impl Peers {
             if a.granted {
                 return Some(Claimed::Granted);
             }
-            let Some(holder) = Self::known(&a.holder, &members) else {
+            let Some(holder) = self.holder_known(key, &a.holder, &mut members).await else {
                 // A holder this node cannot reach safely: the announcements decide.
-                tracing::warn!(%key, holder = %a.holder.id, "the claim holder is not a member this node knows; the announcements decide");
+                let routed = self.router.members().iter().any(|m| m.id == a.holder.id);
+                tracing::warn!(%key, holder = %a.holder.id, in_routing_table = routed, claimed = %a.holder.http_addr, "the claim holder is not a member this node knows an HTTP address of; the announcements decide");
                 return None;
             };
             let mut earlier = Self::known_others(&a.earlier, me, &members);
