@@ -15,9 +15,10 @@
 //!   (`0.0.0.0:port`) is taken as the peer's proven IP with that port.
 //! - A member whose HTTP address is not proven yet is dialled on its claimed IP, from a new
 //!   port (a dial from the listen port can collide with a connection of a node that
-//!   restarted at the same address and fail), again every [`PROOF_RETRY`] until it is; one
-//!   whose address never came (identify lost on a loaded node) has its node record looked
-//!   up every [`RECORD_RETRY`]. Until then the member is known but unusable: the claims of
+//!   restarted at the same address and fail), again after [`PROOF_RETRY`] until it is,
+//!   each wait twice the last (at most [`RETRY_CAP`]); one whose address never came
+//!   (identify lost on a loaded node) has its node record looked up the same way from
+//!   [`RECORD_RETRY`] on. Until then the member is known but unusable: the claims of
 //!   `kagami-server` leave it out, and a node missing the member that holds a claim would
 //!   fetch from upstream itself.
 //! - The swarm lives in one tokio task; the [`Router`] methods talk to it over a channel, and it
@@ -266,33 +267,49 @@ fn split_peer(mut addr: Multiaddr) -> (Multiaddr, Option<PeerId>) {
 /// The most IPs remembered per peer as proven.
 const MAX_PROVEN_IPS: usize = 8;
 
-/// How often a member whose HTTP address is claimed but not proven is dialled again to
-/// prove it.
+/// How long after a failed proof of a member's HTTP address it is dialled again; the
+/// wait doubles with each retry, up to [`RETRY_CAP`].
 const PROOF_RETRY: Duration = Duration::from_secs(2);
-/// How often the node record of a member that never said its HTTP address is looked up.
+/// The same for a node-record lookup of a member that never said its HTTP address.
 const RECORD_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait between two retries of one member.
+const RETRY_CAP: Duration = Duration::from_secs(120);
 
-/// When each peer was last tried (a proof dial, a record lookup), so that retries keep
-/// their interval.
+/// When each peer was last tried (a proof dial, a record lookup) and how many retries it
+/// had, so that retries keep their interval and back off: a member that stays unreachable
+/// on the IP it claims is not dialled every few seconds for ever.
 #[derive(Default)]
-struct Retries(HashMap<PeerId, Instant>);
+struct Retries(HashMap<PeerId, (Instant, u32)>);
 
 impl Retries {
-    /// Whether `peer` is due (never tried, or last tried `every` ago or longer); when it
-    /// is, records `now` as its last try.
+    /// Whether `peer` is due: never tried, or last tried `every` × 2^retries ago or longer
+    /// (at most [`RETRY_CAP`]); when it is, records `now` as its last try.
     fn due(&mut self, peer: PeerId, now: Instant, every: Duration) -> bool {
-        match self.0.get(&peer) {
-            Some(last) if now.duration_since(*last) < every => false,
-            _ => {
-                self.0.insert(peer, now);
+        match self.0.get_mut(&peer) {
+            None => {
+                self.0.insert(peer, (now, 0));
+                true
+            }
+            Some((last, retries)) => {
+                let wait = every.saturating_mul(1 << (*retries).min(16)).min(RETRY_CAP);
+                if now.duration_since(*last) < wait {
+                    return false;
+                }
+                *last = now;
+                *retries += 1;
                 true
             }
         }
     }
 
-    /// Records a try of `peer` at `now`; whether it is the first.
+    /// Records a first try of `peer` at `now` unless it was tried before; whether it is
+    /// the first.
     fn tried(&mut self, peer: PeerId, now: Instant) -> bool {
-        self.0.insert(peer, now).is_none()
+        if self.0.contains_key(&peer) {
+            return false;
+        }
+        self.0.insert(peer, (now, 0));
+        true
     }
 
     /// Forgets every peer `keep` rejects (proven, or no longer a member).
@@ -1195,25 +1212,28 @@ mod tests {
     fn unproven_members_are_retried_at_their_interval() {
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let every = Duration::from_secs(2);
         let mut r = Retries::default();
-        assert!(r.due(a, t0, every), "never tried: due");
-        assert!(!r.due(a, t0 + Duration::from_millis(1999), every));
-        assert!(
-            r.due(b, t0 + Duration::from_secs(1), every),
-            "b has its own clock"
-        );
-        assert!(r.due(a, t0 + every, every), "due again after the interval");
-        assert!(!r.due(a, t0 + Duration::from_secs(3), every));
-        assert!(
-            !r.tried(b, t0 + Duration::from_secs(3)),
-            "b was tried before"
-        );
+        assert!(r.due(a, at(0), every), "never tried: due");
+        assert!(!r.due(a, at(1_999), every));
+        assert!(r.due(b, at(1_000), every), "b has its own clock");
+        assert!(r.due(a, at(2_000), every), "due again after the interval");
+        assert!(!r.due(a, at(5_999), every), "then after twice the interval");
+        assert!(r.due(a, at(6_000), every));
+        assert!(!r.due(a, at(13_999), every));
+        assert!(r.due(a, at(14_000), every));
+        assert!(!r.tried(b, at(3_000)), "b was tried before");
+        // Backing off stops at the cap.
+        let cap = RETRY_CAP.as_millis() as u64;
+        let mut t = 14_000;
+        for _ in 0..20 {
+            t += cap;
+            assert!(r.due(a, at(t), every));
+        }
+        assert!(!r.due(a, at(t + cap - 1), every));
         r.retain(|p| *p != a);
-        assert!(
-            r.due(a, t0 + Duration::from_secs(3), every),
-            "forgotten: due at once"
-        );
+        assert!(r.due(a, at(t + 1), every), "forgotten: due at once");
         assert!(r.tried(PeerId::random(), t0), "a new peer's first try");
     }
 

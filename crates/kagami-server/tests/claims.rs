@@ -186,7 +186,7 @@ async fn a_blob_claimed_by_one_node_is_fetched_once_even_when_announcements_arri
 }
 
 /// A node whose router lists the claim holder without an HTTP address (a libp2p router
-/// that has not proven it yet, and dials it again every 2 s) waits for the address rather
+/// that has not proven it yet, and dials it again 2 s after a failure) waits for the address rather
 /// than letting the announcements decide, which here means fetching from upstream itself:
 /// in 40 runs of 50 nodes on a shaped network that happened once, and the image crossed
 /// the slow link twice.

@@ -54,7 +54,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// How many coordinators, in rendezvous order, are asked before falling back.
 const COORDINATORS_TRIED: usize = 2;
 /// How long an asker waits for the HTTP address of a claim holder its router lists
-/// without one (not proven yet: the router dials it again every 2 s) before the
+/// without one (not proven yet: the router dials it again 2 s after a failure) before the
 /// announcements decide, which would likely be a second upstream fetch.
 const HOLDER_WAIT: Duration = Duration::from_secs(3);
 /// How often it looks while it waits.
