@@ -131,7 +131,13 @@ pub(super) async fn join_or_start(
     tokio::spawn(crate::request_id::within(id, async move {
         let _permit = permit;
         svc.telemetry.metrics.inflight.inc();
-        run_fetch(&svc, &plan, &path, &digest, expected, &f).await;
+        let want = Wanted {
+            plan: &plan,
+            path: &path,
+            digest: &digest,
+            expected,
+        };
+        run_fetch(&svc, want, &f).await;
         if let Some(p) = svc.cluster.peers() {
             p.router
                 .withdraw(vec![crate::peers::inflight_key(&digest)])
@@ -248,33 +254,34 @@ enum Pass {
 /// attempt at the same offset when an upstream fails mid-blob. A blob fetched in pieces
 /// from several nodes that does not match its digest is fetched once more, one source at
 /// a time, where a mismatch names the node that sent it (docs/p2p.md, "Pieces").
-pub(super) async fn run_fetch(
-    svc: &Blobs,
-    plan: &Plan,
-    path: &OciPath,
-    digest: &Digest,
-    expected: Option<u64>,
-    fetch: &Fetch,
-) {
-    if let Pass::PiecesMismatch = fetch_pass(svc, plan, path, digest, expected, fetch, true).await {
-        tracing::warn!(%digest, "the blob fetched in pieces from several nodes did not match its digest; fetching it again one source at a time");
+pub(super) async fn run_fetch(svc: &Blobs, want: Wanted<'_>, fetch: &Fetch) {
+    if let Pass::PiecesMismatch = fetch_pass(svc, want, fetch, true).await {
+        tracing::warn!(digest = %want.digest, "the blob fetched in pieces from several nodes did not match its digest; fetching it again one source at a time");
         // Requests that come meanwhile wait for the new write.
         fetch.state.send_replace(FetchState::Connecting);
-        fetch_pass(svc, plan, path, digest, expected, fetch, false).await;
+        fetch_pass(svc, want, fetch, false).await;
     }
+}
+
+/// What a fetch is after: one blob, through the plan of the request that started it.
+#[derive(Clone, Copy)]
+pub(super) struct Wanted<'a> {
+    pub(super) plan: &'a Plan,
+    pub(super) path: &'a OciPath,
+    pub(super) digest: &'a Digest,
+    /// Its size from a manifest this node served, if any.
+    pub(super) expected: Option<u64>,
 }
 
 /// One pass of [`run_fetch`]: a write from the first byte; `pieces` when the blob may come
 /// in pieces from several nodes.
-async fn fetch_pass(
-    svc: &Blobs,
-    plan: &Plan,
-    path: &OciPath,
-    digest: &Digest,
-    expected: Option<u64>,
-    fetch: &Fetch,
-    pieces: bool,
-) -> Pass {
+async fn fetch_pass(svc: &Blobs, want: Wanted<'_>, fetch: &Fetch, pieces: bool) -> Pass {
+    let Wanted {
+        plan,
+        path,
+        digest,
+        expected,
+    } = want;
     let limits = &svc.limits;
     // Its own write, never another registry's write of the same digest.
     let writer = match svc.store.begin_separate(digest, expected) {
@@ -295,7 +302,7 @@ async fn fetch_pass(
             return Pass::Ended;
         }
     };
-    let sources = Sources::new(svc, plan, path, digest, expected, pieces, &fetch.state).await;
+    let sources = Sources::new(svc, want, pieces, &fetch.state).await;
     let mut body = match sources.open(0, Attempt::Provider(0)).await {
         Ok(b) => b,
         Err(e) => {

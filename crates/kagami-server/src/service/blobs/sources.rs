@@ -385,13 +385,16 @@ pub(super) struct Sources<'a> {
 impl<'a> Sources<'a> {
     pub(super) async fn new(
         svc: &'a Blobs,
-        plan: &'a kagami_config::Plan,
-        path: &'a OciPath,
-        digest: &'a Digest,
-        expected: Option<u64>,
+        want: Wanted<'a>,
         pieces: bool,
         state: &'a watch::Sender<FetchState>,
     ) -> Sources<'a> {
+        let Wanted {
+            plan,
+            path,
+            digest,
+            expected,
+        } = want;
         let wants_peers = plan
             .attempts
             .iter()
