@@ -389,12 +389,7 @@ impl<'a> Sources<'a> {
         pieces: bool,
         state: &'a watch::Sender<FetchState>,
     ) -> Sources<'a> {
-        let Wanted {
-            plan,
-            path,
-            digest,
-            expected,
-        } = want;
+        let (plan, path, digest, expected) = (want.plan, want.path, want.digest, want.expected);
         let wants_peers = plan
             .attempts
             .iter()
