@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::{Daemon, eventually_sync, free_port, require, run, wait_for_port};
+use crate::{Daemon, eventually_sync, require, run, wait_for_port};
 
 /// A real docker-registry (CNCF distribution) on a loopback port.
 pub struct Registry {
@@ -66,24 +66,28 @@ impl Registry {
 
     pub fn start_with(dir: &Path, opts: RegistryOptions) -> Registry {
         require(&["docker-registry"]);
-        let port = free_port();
         std::fs::create_dir_all(dir.join("storage")).unwrap();
-        let config = dir.join("registry.yml");
-        std::fs::write(&config, opts.config(dir, port)).unwrap();
-        let log = dir.join("registry.log");
-        let daemon = Daemon::spawn(
-            "docker-registry",
-            Command::new("docker-registry").arg("serve").arg(&config),
-            &log,
-        );
-        let reg = Registry {
-            daemon,
-            port,
-            dir: dir.to_path_buf(),
-            log,
-        };
-        wait_for_port(&reg.addr(), Duration::from_secs(10));
-        reg
+        crate::on_a_free_port(
+            Duration::from_secs(10),
+            |port| {
+                let config = dir.join("registry.yml");
+                std::fs::write(&config, opts.config(dir, port)).unwrap();
+                let log = dir.join("registry.log");
+                let daemon = Daemon::spawn(
+                    "docker-registry",
+                    Command::new("docker-registry").arg("serve").arg(&config),
+                    &log,
+                );
+                let reg = Registry {
+                    daemon,
+                    port,
+                    dir: dir.to_path_buf(),
+                    log: log.clone(),
+                };
+                (reg, log)
+            },
+            |reg| &mut reg.daemon.child,
+        )
     }
 
     pub fn addr(&self) -> String {

@@ -64,19 +64,54 @@ pub fn wait_for_port(addr: &str, timeout: Duration) {
 /// log (a daemon that could not start says why there).
 pub fn wait_for_child_port(child: &mut Child, addr: &str, log: &Path, timeout: Duration) {
     if let Err(exited) = child_listening(child, addr, timeout) {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        panic!(
-            "nothing listening on {addr} ({}); the end of {}:\n{}",
-            match exited {
-                Some(status) => format!("the process exited: {status}"),
-                None => format!("still running after {timeout:?}"),
-            },
-            log.display(),
-            tail.join("\n")
-        );
+        not_listening(addr, exited, log, timeout);
     }
+}
+
+fn not_listening(addr: &str, exited: Option<ExitStatus>, log: &Path, timeout: Duration) -> ! {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    panic!(
+        "nothing listening on {addr} ({}); the end of {}:\n{}",
+        match exited {
+            Some(status) => format!("the process exited: {status}"),
+            None => format!("still running after {timeout:?}"),
+        },
+        log.display(),
+        tail.join("\n")
+    );
+}
+
+/// How many times [`on_a_free_port`] starts a daemon that exits before it listens.
+const PORT_ATTEMPTS: usize = 3;
+
+/// Starts a daemon on a free loopback port and waits (bounded) until it listens there:
+/// `start(port)` starts it and returns it with its log's path, `child` reaches its
+/// process. A free port can be taken by another test between the pick and the daemon's
+/// bind; a daemon that exits before it listens is started again on another port (3 times
+/// at most). One that never listens fails with the end of its log.
+pub fn on_a_free_port<T>(
+    timeout: Duration,
+    mut start: impl FnMut(u16) -> (T, std::path::PathBuf),
+    child: impl Fn(&mut T) -> &mut Child,
+) -> T {
+    for attempt in 1..=PORT_ATTEMPTS {
+        let port = free_port();
+        let (mut started, log) = start(port);
+        let addr = format!("127.0.0.1:{port}");
+        match child_listening(child(&mut started), &addr, timeout) {
+            Ok(()) => return started,
+            Err(Some(status)) if attempt < PORT_ATTEMPTS => {
+                eprintln!(
+                    "exited before listening on {addr} ({status}; log {}): starting it on another port",
+                    log.display()
+                );
+            }
+            Err(exited) => not_listening(&addr, exited, &log, timeout),
+        }
+    }
+    unreachable!("the last attempt returns or panics")
 }
 
 /// Waits (bounded) until `child` accepts connections on `addr`: `Err` with its exit status
@@ -247,6 +282,43 @@ mod tests {
         );
         assert!(killed.status.is_none());
         assert_eq!(killed.stdout, "started\n");
+    }
+
+    /// A daemon that exits before it listens (its port taken meanwhile) is started again
+    /// on another port; the first one that listens is returned.
+    #[test]
+    fn a_daemon_that_cannot_bind_is_started_again_on_another_port() {
+        require(&["busybox"]);
+        let dir = std::env::temp_dir().join(format!("testkit-ports-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ports = Vec::new();
+        let mut listening = on_a_free_port(
+            Duration::from_secs(10),
+            |port| {
+                ports.push(port);
+                let log = dir.join(format!("{port}.log"));
+                // The first start fails as a daemon whose port was taken does.
+                let script = if ports.len() == 1 {
+                    "echo address already in use >&2; exit 1".to_owned()
+                } else {
+                    format!(
+                        "exec busybox httpd -f -p 127.0.0.1:{port} -h {}",
+                        dir.display()
+                    )
+                };
+                let d = Daemon::spawn("listener", Command::new("sh").args(["-c", &script]), &log);
+                (d, log)
+            },
+            |d| &mut d.child,
+        );
+        assert_eq!(ports.len(), 2, "started twice: {ports:?}");
+        assert!(
+            listening.child.try_wait().unwrap().is_none(),
+            "the second one runs"
+        );
+        assert!(TcpStream::connect(("127.0.0.1", ports[1])).is_ok());
+        listening.stop();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

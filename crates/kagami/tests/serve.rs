@@ -20,11 +20,32 @@ pub struct Kagami {
 }
 
 impl Kagami {
+    /// On a free port (another one if the first was taken before kagami bound it).
     pub fn start(dir: &Path, config: &Path, extra: &[&str]) -> Kagami {
-        Self::start_on(dir, config, free_port(), extra)
+        kagami_testkit::on_a_free_port(
+            Duration::from_secs(20),
+            |port| {
+                let k = Self::spawn_on(dir, config, port, extra);
+                let log = k.log.clone();
+                (k, log)
+            },
+            |k| &mut k.daemon.child,
+        )
     }
 
     pub fn start_on(dir: &Path, config: &Path, port: u16, extra: &[&str]) -> Kagami {
+        let mut k = Self::spawn_on(dir, config, port, extra);
+        let addr = k.addr();
+        kagami_testkit::wait_for_child_port(
+            &mut k.daemon.child,
+            &addr,
+            &k.log,
+            Duration::from_secs(20),
+        );
+        k
+    }
+
+    fn spawn_on(dir: &Path, config: &Path, port: u16, extra: &[&str]) -> Kagami {
         let data = dir.join("kagami-data");
         let log = dir.join(format!("kagami-{port}.log"));
         let child = kagami()
@@ -44,7 +65,7 @@ impl Kagami {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start kagami serve");
-        let mut k = Kagami {
+        Kagami {
             daemon: Daemon {
                 child,
                 name: "kagami",
@@ -52,15 +73,7 @@ impl Kagami {
             port,
             data,
             log,
-        };
-        let addr = k.addr();
-        kagami_testkit::wait_for_child_port(
-            &mut k.daemon.child,
-            &addr,
-            &k.log,
-            Duration::from_secs(20),
-        );
-        k
+        }
     }
 
     pub fn addr(&self) -> String {
