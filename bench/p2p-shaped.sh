@@ -294,7 +294,7 @@ if on all; then
   row "all at once: peak RSS of the largest node (MiB)" "$(val solo-all-rss)" "$(val p2p-all-rss)"
   row "all at once: CPU seconds per node (median)" "$(val solo-all-cpu)" "$(val p2p-all-cpu)"
   row "all at once: machine CPU busy during the pulls (share)" "$(val solo-all-busy)" "$(val p2p-all-busy)"
-  row "all at once: fewest members a node knew at the start" "-" "$(val p2p-all-members)"
+  row "all at once: fewest members a node knew (with an address) at the start" "-" "$(val p2p-all-members)"
 fi
 if on rolling; then
   row "rolling: later nodes, median time / (image / B)" "$(val solo-roll-p50)" "$(val p2p-roll-p50)"
