@@ -67,9 +67,10 @@ impl Registry {
     pub fn start_with(dir: &Path, opts: RegistryOptions) -> Registry {
         require(&["docker-registry"]);
         std::fs::create_dir_all(dir.join("storage")).unwrap();
-        crate::on_a_free_port(
+        crate::start_on_free_ports(
             Duration::from_secs(10),
-            |port| {
+            || {
+                let port = crate::free_port();
                 let config = dir.join("registry.yml");
                 std::fs::write(&config, opts.config(dir, port)).unwrap();
                 let log = dir.join("registry.log");
@@ -84,7 +85,7 @@ impl Registry {
                     dir: dir.to_path_buf(),
                     log: log.clone(),
                 };
-                (reg, log)
+                (reg, format!("127.0.0.1:{port}"), log)
             },
             |reg| &mut reg.daemon.child,
         )

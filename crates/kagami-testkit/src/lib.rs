@@ -83,28 +83,27 @@ fn not_listening(addr: &str, exited: Option<ExitStatus>, log: &Path, timeout: Du
     );
 }
 
-/// How many times [`on_a_free_port`] starts a daemon that exits before it listens.
+/// How many times [`start_on_free_ports`] starts a daemon that exits before it listens.
 const PORT_ATTEMPTS: usize = 3;
 
-/// Starts a daemon on a free loopback port and waits (bounded) until it listens there:
-/// `start(port)` starts it and returns it with its log's path, `child` reaches its
-/// process. A free port can be taken by another test between the pick and the daemon's
-/// bind; a daemon that exits before it listens is started again on another port (3 times
-/// at most). One that never listens fails with the end of its log.
-pub fn on_a_free_port<T>(
+/// Starts a daemon on ports picked free and waits (bounded) until it listens:
+/// `start()` picks its ports ([`free_port`]), starts it and returns it with the address to
+/// wait for and its log's path; `child` reaches its process. A free port can be taken by
+/// another test between the pick and the daemon's bind: a daemon that exits before it
+/// listens is started again on other ports (3 times at most). One that never listens
+/// fails with the end of its log.
+pub fn start_on_free_ports<T>(
     timeout: Duration,
-    mut start: impl FnMut(u16) -> (T, std::path::PathBuf),
+    mut start: impl FnMut() -> (T, String, std::path::PathBuf),
     child: impl Fn(&mut T) -> &mut Child,
 ) -> T {
     for attempt in 1..=PORT_ATTEMPTS {
-        let port = free_port();
-        let (mut started, log) = start(port);
-        let addr = format!("127.0.0.1:{port}");
+        let (mut started, addr, log) = start();
         match child_listening(child(&mut started), &addr, timeout) {
             Ok(()) => return started,
             Err(Some(status)) if attempt < PORT_ATTEMPTS => {
                 eprintln!(
-                    "exited before listening on {addr} ({status}; log {}): starting it on another port",
+                    "exited before listening on {addr} ({status}; log {}): starting it on other ports",
                     log.display()
                 );
             }
@@ -292,9 +291,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("testkit-ports-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut ports = Vec::new();
-        let mut listening = on_a_free_port(
+        let mut listening = start_on_free_ports(
             Duration::from_secs(10),
-            |port| {
+            || {
+                let port = free_port();
                 ports.push(port);
                 let log = dir.join(format!("{port}.log"));
                 // The first start fails as a daemon whose port was taken does.
@@ -307,7 +307,7 @@ mod tests {
                     )
                 };
                 let d = Daemon::spawn("listener", Command::new("sh").args(["-c", &script]), &log);
-                (d, log)
+                (d, format!("127.0.0.1:{port}"), log)
             },
             |d| &mut d.child,
         );

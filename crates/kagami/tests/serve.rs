@@ -22,12 +22,12 @@ pub struct Kagami {
 impl Kagami {
     /// On a free port (another one if the first was taken before kagami bound it).
     pub fn start(dir: &Path, config: &Path, extra: &[&str]) -> Kagami {
-        kagami_testkit::on_a_free_port(
+        kagami_testkit::start_on_free_ports(
             Duration::from_secs(20),
-            |port| {
-                let k = Self::spawn_on(dir, config, port, extra);
-                let log = k.log.clone();
-                (k, log)
+            || {
+                let k = Self::spawn_on(dir, config, free_port(), extra);
+                let (addr, log) = (k.addr(), k.log.clone());
+                (k, addr, log)
             },
             |k| &mut k.daemon.child,
         )

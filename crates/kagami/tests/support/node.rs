@@ -47,54 +47,48 @@ impl Node {
         std::fs::create_dir_all(dir).unwrap();
         let log = dir.join("kagami.log");
         // Ports are picked free on 127.0.0.1 and given up before the node binds them on
-        // `ip`, where another test's process may hold one: a node that exits before it
-        // listens starts again on other ports (3 times at most); the last failure shows
-        // its log.
-        for attempt in 1..=3 {
-            let (api, p2p, http) = (free_port(), free_port(), free_port());
-            let mut cmd = kagami();
-            cmd.arg("serve")
-                .args(["--listen", &format!("{ip}:{api}")])
-                .args(["--p2p-listen", &format!("{ip}:{p2p}")])
-                .args(["--p2p-http-listen", &format!("{ip}:{http}")])
-                .arg("--p2p-psk-file")
-                .arg(psk)
-                .arg("--disable-default-registry-endpoint")
-                .args(["--log-format", "json"])
-                .arg("--data-dir")
-                .arg(dir.join("data"))
-                .arg("--config")
-                .arg(config)
-                .args(extra);
-            if let Some(b) = bootstrap {
-                cmd.args(["--p2p-bootstrap", b]);
-            }
-            let mut child = cmd
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .expect("start kagami serve");
-            let api = format!("{ip}:{api}");
-            match kagami_testkit::child_listening(&mut child, &api, Duration::from_secs(20)) {
-                Ok(()) => {}
-                Err(Some(_)) if attempt < 3 => continue,
-                // Panics, with how it ended and the end of its log.
-                Err(_) => {
-                    kagami_testkit::wait_for_child_port(&mut child, &api, &log, Duration::ZERO)
+        // `ip`, where another test's process may hold one (started again on other ports).
+        kagami_testkit::start_on_free_ports(
+            Duration::from_secs(20),
+            || {
+                let (api, p2p, http) = (free_port(), free_port(), free_port());
+                let mut cmd = kagami();
+                cmd.arg("serve")
+                    .args(["--listen", &format!("{ip}:{api}")])
+                    .args(["--p2p-listen", &format!("{ip}:{p2p}")])
+                    .args(["--p2p-http-listen", &format!("{ip}:{http}")])
+                    .arg("--p2p-psk-file")
+                    .arg(psk)
+                    .arg("--disable-default-registry-endpoint")
+                    .args(["--log-format", "json"])
+                    .arg("--data-dir")
+                    .arg(dir.join("data"))
+                    .arg("--config")
+                    .arg(config)
+                    .args(extra);
+                if let Some(b) = bootstrap {
+                    cmd.args(["--p2p-bootstrap", b]);
                 }
-            }
-            return Node {
-                daemon: Daemon {
-                    child,
-                    name: "kagami",
-                },
-                api,
-                p2p: format!("{ip}:{p2p}"),
-                log,
-                dir: dir.to_path_buf(),
-            };
-        }
-        unreachable!("the third attempt returns or panics")
+                let child = cmd
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .expect("start kagami serve");
+                let api = format!("{ip}:{api}");
+                let node = Node {
+                    daemon: Daemon {
+                        child,
+                        name: "kagami",
+                    },
+                    api: api.clone(),
+                    p2p: format!("{ip}:{p2p}"),
+                    log: log.clone(),
+                    dir: dir.to_path_buf(),
+                };
+                (node, api, log.clone())
+            },
+            |n| &mut n.daemon.child,
+        )
     }
 
     pub fn log_text(&self) -> String {
